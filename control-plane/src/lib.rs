@@ -1,0 +1,448 @@
+//! The control plane: root of trust. It owns the root CA (key sealed at rest),
+//! the one-time join tokens, the registry of enrolled caches and their signing
+//! keys, and serves the `ControlPlane` (caches) and `Admin` (operators) APIs.
+
+pub mod join;
+mod service;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lattice_shared::clock::{SharedClock, past_half_life, unix_secs};
+use lattice_shared::id::{Role, SpiffeId, TrustDomain};
+use lattice_shared::net::AuthGuardLayer;
+use lattice_shared::pki::{Authority, CertInfo, PkiError, PrivateKey, Profile, TrustBundle};
+use lattice_shared::proto::admin_server::AdminServer;
+use lattice_shared::proto::control_plane_server::ControlPlaneServer;
+use lattice_shared::seal::{KeyVault, SealError};
+use lattice_shared::store::{SharedStore, StoreError, Write};
+use lattice_shared::tls::ReloadableCert;
+use lattice_shared::{limits, pem};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Key-encoding version of the control plane's store.
+pub const SCHEMA_VERSION: u32 = 1;
+const T_IDENTITY: &str = "identity";
+const T_CACHES: &str = "caches";
+
+/// Control-plane configuration (TOML, `LATTICE_CP_*` environment overrides).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub trust_domain: String,
+    /// Name in `spiffe://TD/cp/NAME`.
+    pub name: String,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub root_ttl_days: u64,
+    /// Lifetime of a cache's intermediate CA, TLS and signing certificates.
+    pub cache_cert_ttl_hours: u64,
+    pub join_token_default_ttl_secs: u64,
+    pub join_token_max_ttl_secs: u64,
+    pub admin_cert_ttl_days: u64,
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            trust_domain: "lattice.local".into(),
+            name: "main".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            data_dir: PathBuf::from("./data/cp"),
+            root_ttl_days: 3650,
+            cache_cert_ttl_hours: 24,
+            join_token_default_ttl_secs: 600,
+            join_token_max_ttl_secs: 86400,
+            admin_cert_ttl_days: 30,
+            metrics_listen: None,
+            log_json: false,
+        }
+    }
+}
+
+impl Config {
+    /// Checks what serde cannot; called before any port is bound.
+    pub fn validate(&self) -> Result<(), String> {
+        TrustDomain::new(&self.trust_domain).map_err(|e| format!("trust_domain: {e}"))?;
+        SpiffeId::new(
+            &TrustDomain::new(&self.trust_domain).map_err(|e| e.to_string())?,
+            Role::ControlPlane,
+            None,
+            &self.name,
+        )
+        .map_err(|e| format!("name: {e}"))?;
+        if self.cache_cert_ttl_hours == 0 || self.cache_cert_ttl_hours > 24 * 30 {
+            return Err("cache_cert_ttl_hours must be within 1..=720".into());
+        }
+        if self.join_token_default_ttl_secs == 0
+            || self.join_token_default_ttl_secs > self.join_token_max_ttl_secs
+        {
+            return Err("join_token_default_ttl_secs must be within 1..=join_token_max_ttl_secs".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// What the control plane is given from outside.
+#[derive(Debug)]
+pub struct Deps {
+    pub clock: SharedClock,
+    pub store: SharedStore,
+    pub vault: Arc<dyn KeyVault>,
+    pub listener: TcpListener,
+}
+
+/// An enrolled cache as the control plane records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheRecord {
+    pub id: SpiffeId,
+    pub enrolled_at_unix: i64,
+    #[serde(with = "b64")]
+    pub ca_cert: Vec<u8>,
+    #[serde(with = "b64")]
+    pub tls_cert: Vec<u8>,
+    /// Signing certificates still valid, newest last; older ones stay in the
+    /// JWKS until they expire so tokens they signed remain verifiable.
+    #[serde(with = "b64_vec")]
+    pub signing_certs: Vec<Vec<u8>>,
+}
+
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+mod b64_vec {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for x in v {
+            seq.serialize_element(&base64::engine::general_purpose::STANDARD.encode(x))?;
+        }
+        seq.end()
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .into_iter()
+            .map(|s| base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// Shared state behind every handler.
+#[derive(Debug)]
+pub struct State {
+    pub cfg: Config,
+    pub td: TrustDomain,
+    pub id: SpiffeId,
+    pub clock: SharedClock,
+    pub store: SharedStore,
+    pub root: Authority,
+    pub bundle: Arc<TrustBundle>,
+    tls_cert: Arc<ReloadableCert>,
+    tls_info: std::sync::Mutex<CertInfo>,
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct App {
+    pub state: Arc<State>,
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    renewer: JoinHandle<()>,
+}
+
+/// Files an operator needs: the root certificate and the bootstrap admin
+/// credential (written once, mode 0600 for the key).
+#[derive(Debug, Clone)]
+pub struct AdminFiles {
+    pub dir: PathBuf,
+    pub root_pem: PathBuf,
+    pub cert_pem: PathBuf,
+    pub key_pem: PathBuf,
+}
+
+impl AdminFiles {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            root_pem: dir.join("root.crt"),
+            cert_pem: dir.join("admin.crt"),
+            key_pem: dir.join("admin.key"),
+        }
+    }
+}
+
+fn load_or_create_root(
+    cfg: &Config,
+    td: &TrustDomain,
+    clock: &SharedClock,
+    store: &SharedStore,
+    vault: &Arc<dyn KeyVault>,
+) -> Result<Authority, Error> {
+    const AAD: &str = "cp/root-key";
+    match (store.get(T_IDENTITY, b"root_cert")?, store.get(T_IDENTITY, b"root_key")?) {
+        (Some(cert), Some(sealed)) => {
+            let key = PrivateKey::from_pkcs8(&vault.open(&sealed, AAD)?)?;
+            Ok(Authority::from_parts(cert, key)?)
+        }
+        (None, None) => {
+            let key = PrivateKey::generate_p256()?;
+            let sealed = vault.seal(&key.pkcs8_der(), AAD)?;
+            let root = Authority::new_root(
+                td,
+                key,
+                clock.now(),
+                Duration::from_secs(cfg.root_ttl_days * 86400),
+            )?;
+            store.apply(vec![
+                Write { tree: T_IDENTITY, key: b"root_cert".to_vec(), value: Some(root.cert_der().to_vec()) },
+                Write { tree: T_IDENTITY, key: b"root_key".to_vec(), value: Some(sealed) },
+            ])?;
+            tracing::info!(serial = %root.info().serial_hex, "created root CA");
+            Ok(root)
+        }
+        _ => Err(Error::Corrupt("root certificate and key are not both present".into())),
+    }
+}
+
+impl App {
+    pub async fn build(cfg: Config, deps: Deps) -> Result<App, Error> {
+        cfg.validate().map_err(Error::Config)?;
+        let td = TrustDomain::new(&cfg.trust_domain).map_err(|e| Error::Config(e.to_string()))?;
+        let id = SpiffeId::new(&td, Role::ControlPlane, None, &cfg.name)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        lattice_shared::store::check_schema(&*deps.store, "control-plane", SCHEMA_VERSION)?;
+        let root = load_or_create_root(&cfg, &td, &deps.clock, &deps.store, &deps.vault)?;
+        let bundle = Arc::new(TrustBundle::new(td.clone(), root.cert_der().to_vec())?);
+
+        // The control plane's own TLS certificate: issued afresh at each start
+        // and renewed at half-life; its key never touches the disk.
+        let tls_cert = ReloadableCert::empty();
+        let tls_info = issue_own_tls(&root, &id, &deps.clock, &tls_cert)?;
+
+        let state = Arc::new(State {
+            cfg,
+            td,
+            id,
+            clock: deps.clock.clone(),
+            store: deps.store,
+            root,
+            bundle: bundle.clone(),
+            tls_cert: tls_cert.clone(),
+            tls_info: std::sync::Mutex::new(tls_info),
+        });
+        std::fs::create_dir_all(&state.cfg.data_dir)?;
+        let root_pem = state.cfg.data_dir.join("root.crt");
+        std::fs::write(&root_pem, pem::encode("CERTIFICATE", state.root.cert_der()))?;
+        state.ensure_admin_files(&AdminFiles::in_dir(&state.cfg.data_dir.join("admin")))?;
+
+        let tls = lattice_shared::tls::server_config(bundle, deps.clock.clone(), tls_cert)?;
+        let addr = deps.listener.local_addr()?;
+        let (shutdown, mut rx) = watch::channel(false);
+        let incoming = lattice_shared::net::tls_incoming(deps.listener, tls);
+        let svc = service::Service { state: state.clone() };
+        let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
+            .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
+            .timeout(limits::RPC_TIMEOUT)
+            .layer(AuthGuardLayer::new(service::OPEN_PATHS))
+            .add_service(
+                ControlPlaneServer::new(svc.clone())
+                    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+            )
+            .add_service(AdminServer::new(svc).max_decoding_message_size(limits::MAX_MESSAGE_BYTES));
+        let server = tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "control-plane server failed");
+            }
+        });
+        let renewer = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = state.renew_own_tls_if_due() {
+                        tracing::error!(error = %e, "renewing the control plane's TLS certificate failed");
+                    }
+                }
+            })
+        };
+        tracing::info!(%addr, id = %state.id, "control plane listening");
+        Ok(App { state, addr, shutdown, server, renewer })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+    pub fn root_pem_path(&self) -> PathBuf {
+        self.state.cfg.data_dir.join("root.crt")
+    }
+    pub fn admin_files(&self) -> AdminFiles {
+        AdminFiles::in_dir(&self.state.cfg.data_dir.join("admin"))
+    }
+
+    /// Creates a one-time join token (the in-process form of the Admin call).
+    pub fn create_join_token(&self, id: &SpiffeId, ttl: Option<Duration>) -> Result<join::NewJoinToken, Error> {
+        join::create(&self.state, id, ttl)
+    }
+
+    /// Stops serving and waits for the server task to end.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.renewer.abort();
+        let _ = self.server.await;
+    }
+}
+
+fn issue_own_tls(
+    root: &Authority,
+    id: &SpiffeId,
+    clock: &SharedClock,
+    cert: &ReloadableCert,
+) -> Result<CertInfo, Error> {
+    let key = PrivateKey::generate_p256()?;
+    let der = root.issue(&key.csr_der()?, id, Profile::TlsServerClient, clock.now(), Duration::from_secs(86400))?;
+    let info = lattice_shared::pki::inspect(&der)?;
+    cert.replace(vec![der], &key)?;
+    Ok(info)
+}
+
+impl State {
+    fn renew_own_tls_if_due(&self) -> Result<(), Error> {
+        let due = {
+            let info = self.tls_info.lock().unwrap_or_else(|p| p.into_inner());
+            past_half_life(self.clock.now(), info.not_before, info.not_after)
+        };
+        if due {
+            let info = issue_own_tls(&self.root, &self.id, &self.clock, &self.tls_cert)?;
+            *self.tls_info.lock().unwrap_or_else(|p| p.into_inner()) = info;
+        }
+        Ok(())
+    }
+
+    /// Writes the root certificate and a bootstrap admin credential to `files`
+    /// unless a credential still in the first half of its life is there.
+    pub fn ensure_admin_files(&self, files: &AdminFiles) -> Result<(), Error> {
+        if let Ok(certs) = pem::read_certs(&files.cert_pem) {
+            if let Some(info) = certs.first().and_then(|c| lattice_shared::pki::inspect(c).ok()) {
+                if !past_half_life(self.clock.now(), info.not_before, info.not_after) {
+                    return Ok(());
+                }
+            }
+        }
+        std::fs::create_dir_all(&files.dir)?;
+        let admin_id = SpiffeId::new(&self.td, Role::Admin, None, "bootstrap")
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let key = PrivateKey::generate_p256()?;
+        let cert = self.root.issue(
+            &key.csr_der()?,
+            &admin_id,
+            Profile::TlsClient,
+            self.clock.now(),
+            Duration::from_secs(self.cfg.admin_cert_ttl_days * 86400),
+        )?;
+        for p in [&files.key_pem, &files.cert_pem, &files.root_pem] {
+            let _ = std::fs::remove_file(p);
+        }
+        let key_pem = zeroize::Zeroizing::new(pem::encode("PRIVATE KEY", &key.pkcs8_der()));
+        lattice_shared::seal::write_private_file(&files.key_pem, key_pem.as_bytes())?;
+        std::fs::write(&files.cert_pem, pem::encode("CERTIFICATE", &cert))?;
+        std::fs::write(&files.root_pem, pem::encode("CERTIFICATE", self.root.cert_der()))?;
+        tracing::info!(dir = %files.dir.display(), id = %admin_id, "wrote bootstrap admin credential");
+        Ok(())
+    }
+
+    pub fn cache_record(&self, id: &SpiffeId) -> Result<Option<CacheRecord>, Error> {
+        match self.store.get(T_CACHES, id.as_str().as_bytes())? {
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| Error::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    pub fn caches(&self) -> Result<Vec<CacheRecord>, Error> {
+        self.store
+            .scan_prefix(T_CACHES, b"", 100_000)?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| Error::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Issues a cache's three certificates and records them durably.
+    pub fn certify_cache(
+        &self,
+        cache_id: &SpiffeId,
+        csrs: &lattice_shared::proto::CacheCsrs,
+    ) -> Result<CacheRecord, Error> {
+        let now = self.clock.now();
+        let ttl = Duration::from_secs(self.cfg.cache_cert_ttl_hours * 3600);
+        let ca_cert = self.root.issue(&csrs.ca_csr, cache_id, Profile::IntermediateCa, now, ttl)?;
+        let tls_cert = self.root.issue(&csrs.tls_csr, cache_id, Profile::TlsServerClient, now, ttl)?;
+        let signing = self.root.issue(&csrs.signing_csr, cache_id, Profile::JwtSigning, now, ttl)?;
+        let previous = self.cache_record(cache_id)?;
+        let mut signing_certs: Vec<Vec<u8>> = previous
+            .as_ref()
+            .map(|r| r.signing_certs.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| lattice_shared::pki::inspect(c).map(|i| i.not_after > now).unwrap_or(false))
+            .collect();
+        signing_certs.push(signing);
+        let record = CacheRecord {
+            id: cache_id.clone(),
+            enrolled_at_unix: previous.map(|p| p.enrolled_at_unix).unwrap_or_else(|| unix_secs(now)),
+            ca_cert,
+            tls_cert,
+            signing_certs,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
+        self.store.put(T_CACHES, cache_id.as_str().as_bytes(), &bytes)?;
+        metrics::counter!("lattice_cp_cache_certifications_total").increment(1);
+        Ok(record)
+    }
+}

@@ -1,0 +1,138 @@
+//! Injected time. Expiry, renewal at half-life and staleness are functions of
+//! `Clock::now()`, so tests advance a [`FakeClock`] instead of sleeping.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// Wall-clock time, used for certificate and token validity.
+    fn now(&self) -> SystemTime;
+    /// Monotonic time since an arbitrary origin, used for staleness.
+    fn monotonic(&self) -> Duration;
+
+    fn now_unix(&self) -> i64 {
+        unix_secs(self.now())
+    }
+}
+
+pub type SharedClock = Arc<dyn Clock>;
+
+pub fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+pub fn from_unix_secs(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// The real clock.
+#[derive(Debug)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl SystemClock {
+    pub fn shared() -> SharedClock {
+        Arc::new(SystemClock { origin: Instant::now() })
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+    fn monotonic(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
+/// A clock that moves only when told to. Starts at the real current time so
+/// certificates it dates are also acceptable to code that reads the real clock.
+#[derive(Debug, Clone)]
+pub struct FakeClock {
+    inner: Arc<Mutex<(SystemTime, Duration)>>,
+}
+
+impl Default for FakeClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeClock {
+    pub fn new() -> Self {
+        Self::at(SystemTime::now())
+    }
+    pub fn at(t: SystemTime) -> Self {
+        Self { inner: Arc::new(Mutex::new((t, Duration::ZERO))) }
+    }
+    pub fn advance(&self, d: Duration) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += d;
+        g.1 += d;
+    }
+    pub fn shared(&self) -> SharedClock {
+        Arc::new(self.clone())
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> SystemTime {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+    fn monotonic(&self) -> Duration {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+}
+
+/// True once `now` has passed the middle of `[not_before, not_after]`:
+/// certificates are renewed at half-life.
+pub fn past_half_life(now: SystemTime, not_before: SystemTime, not_after: SystemTime) -> bool {
+    let Ok(lifetime) = not_after.duration_since(not_before) else {
+        return true;
+    };
+    now >= not_before + lifetime / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_clock_moves_only_when_advanced() {
+        let c = FakeClock::new();
+        let t0 = c.now();
+        let m0 = c.monotonic();
+        assert_eq!(c.now(), t0);
+        c.advance(Duration::from_secs(90));
+        assert_eq!(c.now(), t0 + Duration::from_secs(90));
+        assert_eq!(c.monotonic(), m0 + Duration::from_secs(90));
+        let shared = c.shared();
+        c.advance(Duration::from_secs(10));
+        assert_eq!(shared.now(), t0 + Duration::from_secs(100));
+    }
+
+    #[test]
+    fn half_life() {
+        let nb = UNIX_EPOCH + Duration::from_secs(1000);
+        let na = nb + Duration::from_secs(100);
+        assert!(!past_half_life(nb + Duration::from_secs(49), nb, na));
+        assert!(past_half_life(nb + Duration::from_secs(50), nb, na));
+        assert!(past_half_life(nb, na, nb), "inverted validity renews at once");
+    }
+
+    #[test]
+    fn unix_round_trip() {
+        for s in [-5, 0, 1_700_000_000] {
+            assert_eq!(unix_secs(from_unix_secs(s)), s);
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Common ground of every Lattice component: ids, clock, storage, PKI, TLS, tokens, wire code.
+pub mod proto {
+    //! Generated wire types (`proto/lattice/v1`). Only the wire layer touches these.
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("lattice.v1");
+}
+
+pub mod clock;
+pub mod id;
+pub mod limits;
+pub mod net;
+pub mod pki;
+pub mod seal;
+pub mod store;
+pub mod tls;
+pub mod config;
+pub mod telemetry;
+pub mod token;
+pub mod pem;

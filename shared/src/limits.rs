@@ -1,0 +1,22 @@
+//! Limits on everything a peer can influence: sizes, counts, durations.
+
+use std::time::Duration;
+
+/// Largest decoded gRPC message a server accepts.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest join token accepted.
+pub const MAX_JOIN_TOKEN_LEN: usize = 128;
+/// Audience length and count of scopes in a token request.
+pub const MAX_AUDIENCE_LEN: usize = 256;
+pub const MAX_SCOPES: usize = 16;
+pub const MAX_SCOPE_LEN: usize = 128;
+/// Largest echo payload of `Ping`.
+pub const MAX_PING_PAYLOAD: usize = 4096;
+
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);
+pub const MAX_CONNECTIONS: usize = 4096;
+pub const ACCEPT_QUEUE: usize = 128;
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;

@@ -1,0 +1,270 @@
+//! Serving and dialling gRPC over our own TLS: the accept loop (handshake
+//! timeout, connection cap, TCP_NODELAY), the per-connection [`PeerInfo`]
+//! that handlers read the caller's identity from, the guard that refuses
+//! unauthenticated calls, and the client connector.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::clock::SharedClock;
+use crate::id::SpiffeId;
+use crate::limits;
+use crate::pki::{CertInfo, inspect};
+
+/// The verified identity of a peer, read once per connection.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    pub id: SpiffeId,
+    pub cert: CertInfo,
+}
+
+/// What handlers know about the connection a call came on.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    /// `Some` only when the peer presented a certificate that the TLS layer
+    /// verified against the trust bundle and the scope rules.
+    pub identity: Option<Arc<PeerIdentity>>,
+}
+
+/// The caller's verified identity, or `Unauthenticated`. Also refuses a
+/// certificate that expired after the connection was made.
+#[allow(clippy::result_large_err)]
+pub fn authenticated<T>(
+    req: &tonic::Request<T>,
+    clock: &SharedClock,
+) -> Result<Arc<PeerIdentity>, tonic::Status> {
+    let ident = req
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.identity.clone())
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    let now: SystemTime = clock.now();
+    if now > ident.cert.not_after {
+        return Err(tonic::Status::unauthenticated(format!(
+            "client certificate of {} has expired; renew or re-enrol",
+            ident.id
+        )));
+    }
+    Ok(ident)
+}
+
+pub fn peer_addr<T>(req: &tonic::Request<T>) -> Option<SocketAddr> {
+    req.extensions().get::<PeerInfo>().and_then(|p| p.remote)
+}
+
+/// A TLS connection with its peer info, handed to tonic.
+pub struct PeerStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+    /// Counts this connection against the cap until tonic drops it.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+fn identity_of(conn: &rustls::ServerConnection) -> Option<Arc<PeerIdentity>> {
+    let leaf = conn.peer_certificates()?.first()?;
+    // The verifier already checked this certificate; this only reads it.
+    let cert = inspect(leaf).ok()?;
+    let id = cert.id.clone()?;
+    Some(Arc::new(PeerIdentity { id, cert }))
+}
+
+/// Accepts TCP connections, runs TLS handshakes off the accept loop (bounded
+/// in time and number) and yields ready connections.
+pub fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(limits::ACCEPT_QUEUE);
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    // Typically EMFILE: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                metrics::counter!("lattice_connections_refused_total", "reason" => "limit")
+                    .increment(1);
+                continue; // drop: over the connection cap
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let hs = tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let tls = match hs {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %remote, error = %e, "TLS handshake failed");
+                        metrics::counter!("lattice_tls_handshake_failures_total").increment(1);
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %remote, "TLS handshake timed out");
+                        metrics::counter!("lattice_tls_handshake_failures_total").increment(1);
+                        return;
+                    }
+                };
+                let identity = identity_of(tls.get_ref().1);
+                let info = PeerInfo { remote: Some(remote), identity };
+                let _ = tx.send(Ok(PeerStream { inner: tls, info, _permit: permit })).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+// ---------------------------------------------------------------------------
+
+/// Refuses every call without a verified client certificate, except the
+/// paths listed as open (enrolment, the public JWKS document). A handler can
+/// therefore never run for an anonymous caller by forgetting a check.
+#[derive(Debug, Clone)]
+pub struct AuthGuardLayer {
+    open_paths: &'static [&'static str],
+}
+
+impl AuthGuardLayer {
+    pub fn new(open_paths: &'static [&'static str]) -> Self {
+        Self { open_paths }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthGuardLayer {
+    type Service = AuthGuard<S>;
+    fn layer(&self, inner: S) -> AuthGuard<S> {
+        AuthGuard { inner, open_paths: self.open_paths }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthGuard<S> {
+    inner: S,
+    open_paths: &'static [&'static str],
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for AuthGuard<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Default + Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let open = self.open_paths.contains(&req.uri().path());
+        let authed = req
+            .extensions()
+            .get::<PeerInfo>()
+            .is_some_and(|p| p.identity.is_some());
+        if open || authed {
+            Box::pin(self.inner.call(req))
+        } else {
+            metrics::counter!("lattice_rpc_refused_total", "reason" => "unauthenticated")
+                .increment(1);
+            let resp = tonic::Status::unauthenticated(
+                "a client certificate is required (only enrolment is open)",
+            )
+            .into_http::<RB>();
+            Box::pin(async move { Ok(resp) })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// A gRPC channel to `addr` over TLS with `tls`. It dials lazily (and again
+/// after a failure), so a peer that is down now does not fail the caller's
+/// start-up; calls fail with `Unavailable` meanwhile.
+pub fn channel(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let connector = TlsConnector::from(tls);
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(limits::CONNECT_TIMEOUT)
+        .timeout(limits::RPC_TIMEOUT)
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri: http::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                // The name is not checked: servers are identified by their
+                // SPIFFE id (see `tls::ExpectedServer`).
+                let name = ServerName::try_from("lattice.invalid")
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        })))
+}

@@ -1,0 +1,638 @@
+//! Identity PKI: root CA at the control plane, one intermediate CA per cache
+//! (path length 0), leaf certificates from CSRs. Certificates are made with
+//! rcgen and read with x509-parser; chains are verified with rustls-webpki.
+//!
+//! rcgen cannot encode URI name constraints, so a cache's intermediate is not
+//! constrained in the certificate. Instead every verifier runs
+//! [`check_issuance_scope`]: a leaf signed by a cache's intermediate must be an
+//! agent id in that cache's region and trust domain, and the root signs no
+//! agent leaves at all.
+
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, UnixTime};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::id::{Role, SpiffeId, TrustDomain};
+
+/// Certificates are dated this much before `now` so that peers whose clocks
+/// lag slightly still accept them.
+pub const BACKDATE: Duration = Duration::from_secs(60);
+/// Largest certificate or CSR accepted from a peer.
+pub const MAX_DER_LEN: usize = 8 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate request is malformed or its signature is invalid")]
+    BadCsr,
+    #[error("certificate request uses an unsupported key type (want ECDSA P-256 or Ed25519)")]
+    UnsupportedKey,
+    #[error("certificate or request is larger than {MAX_DER_LEN} bytes")]
+    TooLarge,
+    #[error("certificate is malformed: {0}")]
+    BadCert(String),
+    #[error("certificate carries no valid SPIFFE id: {0}")]
+    NoIdentity(String),
+    #[error("certificate chain does not verify: {0}")]
+    Untrusted(String),
+    #[error("certificate issuance scope violated: {0}")]
+    Scope(String),
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+}
+
+impl From<rcgen::Error> for PkiError {
+    fn from(e: rcgen::Error) -> Self {
+        PkiError::Generate(e.to_string())
+    }
+}
+
+/// A private key that is zeroized on drop. Its `Debug` shows nothing secret.
+pub struct PrivateKey(KeyPair);
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PrivateKey({:?}, <redacted>)", self.0.algorithm())
+    }
+}
+
+impl Drop for PrivateKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl PrivateKey {
+    /// ECDSA P-256: CA, TLS and agent keys.
+    pub fn generate_p256() -> Result<Self, PkiError> {
+        Ok(Self(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?))
+    }
+    /// Ed25519: JWT signing keys.
+    pub fn generate_ed25519() -> Result<Self, PkiError> {
+        Ok(Self(KeyPair::generate_for(&rcgen::PKCS_ED25519)?))
+    }
+    pub fn from_pkcs8(der: &[u8]) -> Result<Self, PkiError> {
+        Ok(Self(KeyPair::try_from(der)?))
+    }
+    pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.0.serialize_der())
+    }
+    pub fn key_pair(&self) -> &KeyPair {
+        &self.0
+    }
+    /// The raw public key (for Ed25519, the 32 bytes a JWK's `x` carries).
+    pub fn public_key_raw(&self) -> &[u8] {
+        self.0.public_key_raw()
+    }
+    /// A PKCS#10 request proving possession of this key. The subject is a
+    /// hint only: issuers take the identity from the attested enrolment.
+    pub fn csr_der(&self) -> Result<Vec<u8>, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "lattice csr");
+        Ok(params.serialize_request(&self.0)?.der().to_vec())
+    }
+}
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// A cache's CA: signs its region's agent leaves; path length 0.
+    IntermediateCa,
+    /// A TLS server that is also a client (cache, control plane).
+    TlsServerClient,
+    /// A TLS client only (agent, admin).
+    TlsClient,
+    /// A JWT signing key: digital signature only, no TLS use.
+    JwtSigning,
+}
+
+/// What we need to know about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub id: Option<SpiffeId>,
+    pub serial_hex: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub is_ca: bool,
+    /// SHA-256 of the DER encoding (the RFC 8705 `x5t#S256` thumbprint).
+    pub sha256: [u8; 32],
+    /// Explicit extended key usages.
+    pub eku_client_auth: bool,
+    pub eku_server_auth: bool,
+}
+
+impl CertInfo {
+    pub fn thumbprint_b64(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.sha256)
+    }
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Reads a certificate: validity, serial, CA flag and the SPIFFE id in its URI
+/// SAN (at most one URI SAN is allowed).
+pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
+    if der.len() > MAX_DER_LEN {
+        return Err(PkiError::TooLarge);
+    }
+    let (rest, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCert(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(PkiError::BadCert("trailing data".into()));
+    }
+    let mut uris = Vec::new();
+    if let Some(san) =
+        cert.subject_alternative_name().map_err(|e| PkiError::BadCert(e.to_string()))?
+    {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = name {
+                uris.push(*u);
+            }
+        }
+    }
+    let id = match uris.as_slice() {
+        [] => None,
+        [one] => Some(SpiffeId::parse(one).map_err(|e| PkiError::NoIdentity(e.to_string()))?),
+        _ => return Err(PkiError::NoIdentity("more than one URI name".into())),
+    };
+    let validity = cert.validity();
+    let eku = cert.extended_key_usage().map_err(|e| PkiError::BadCert(e.to_string()))?;
+    Ok(CertInfo {
+        eku_client_auth: eku.as_ref().is_some_and(|e| e.value.client_auth),
+        eku_server_auth: eku.as_ref().is_some_and(|e| e.value.server_auth),
+        id,
+        serial_hex: hex::encode(cert.tbs_certificate.raw_serial()),
+        not_before: crate::clock::from_unix_secs(validity.not_before.timestamp()),
+        not_after: crate::clock::from_unix_secs(validity.not_after.timestamp()),
+        is_ca: cert.is_ca(),
+        sha256: sha256(der),
+    })
+}
+
+fn random_serial() -> Result<SerialNumber, PkiError> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new().fill(&mut bytes).map_err(|_| PkiError::Generate("rng".into()))?;
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x01; // no leading zero byte to strip
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn to_offset(t: SystemTime) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(crate::clock::unix_secs(t))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+fn common_name(id: &SpiffeId) -> String {
+    let mut cn = format!("lattice {} {}", id.role(), id.name());
+    cn.truncate(64);
+    cn
+}
+
+/// A certificate authority: the root at the control plane or a cache's
+/// intermediate.
+pub struct Authority {
+    cert: CertificateDer<'static>,
+    info: CertInfo,
+    issuer: Issuer<'static, PrivateKey>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl rcgen::PublicKeyData for PrivateKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.der_bytes()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        rcgen::PublicKeyData::algorithm(&self.0)
+    }
+}
+
+impl rcgen::SigningKey for PrivateKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0.sign(msg)
+    }
+}
+
+impl Authority {
+    /// A new self-signed root for `td`.
+    pub fn new_root(
+        td: &TrustDomain,
+        key: PrivateKey,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, td.as_str());
+        params.distinguished_name.push(DnType::CommonName, "lattice root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = to_offset(now - BACKDATE);
+        params.not_after = to_offset(now + ttl);
+        params.serial_number = Some(random_serial()?);
+        let cert = params.self_signed(&key)?;
+        Self::from_parts(cert.der().to_vec(), key)
+    }
+
+    /// An authority from its certificate and key (e.g. unsealed from disk).
+    pub fn from_parts(cert_der: Vec<u8>, key: PrivateKey) -> Result<Self, PkiError> {
+        let info = inspect(&cert_der)?;
+        if !info.is_ca {
+            return Err(PkiError::BadCert("not a CA certificate".into()));
+        }
+        let cert = CertificateDer::from(cert_der);
+        let issuer = Issuer::from_ca_cert_der(&cert, key)?;
+        Ok(Self { cert, info, issuer })
+    }
+
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert
+    }
+    pub fn info(&self) -> &CertInfo {
+        &self.info
+    }
+
+    /// Issues a certificate for the key in `csr_der` (whose signature proves
+    /// possession) with identity `id`. Nothing else is taken from the request.
+    /// The certificate never outlives this authority.
+    pub fn issue(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        profile: Profile,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, PkiError> {
+        if csr_der.len() > MAX_DER_LEN {
+            return Err(PkiError::TooLarge);
+        }
+        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
+            csr_der,
+        ))
+        .map_err(|_| PkiError::BadCsr)?;
+        let alg = csr.public_key.algorithm();
+        if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
+            return Err(PkiError::UnsupportedKey);
+        }
+        // The issuer's own scope rule, applied before signing as well as at
+        // every verifier.
+        let issuer_scope = if self.info.id.is_some() { Some(&self.info) } else { None };
+        check_issuance_scope(id, issuer_scope)?;
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, id.trust_domain().as_str());
+        params.distinguished_name.push(DnType::CommonName, common_name(id));
+        params.not_before = to_offset(now - BACKDATE);
+        params.not_after = to_offset((now + ttl).min(self.info.not_after));
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        params.subject_alt_names = vec![SanType::URI(
+            id.as_str().try_into().map_err(|_| PkiError::NoIdentity(id.to_string()))?,
+        )];
+        match profile {
+            Profile::IntermediateCa => {
+                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+                params.key_usages = vec![
+                    KeyUsagePurpose::KeyCertSign,
+                    KeyUsagePurpose::CrlSign,
+                    KeyUsagePurpose::DigitalSignature,
+                ];
+            }
+            Profile::TlsServerClient | Profile::TlsClient | Profile::JwtSigning => {
+                params.is_ca = IsCa::ExplicitNoCa;
+                params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+                params.extended_key_usages = match profile {
+                    Profile::TlsServerClient => vec![
+                        ExtendedKeyUsagePurpose::ServerAuth,
+                        ExtendedKeyUsagePurpose::ClientAuth,
+                    ],
+                    Profile::TlsClient => vec![ExtendedKeyUsagePurpose::ClientAuth],
+                    // No TLS EKU: our TLS verifiers demand one explicitly, so a
+                    // JWT signing key can never authenticate a TLS peer.
+                    _ => vec![],
+                };
+            }
+        }
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.der().to_vec())
+    }
+}
+
+/// The scope rule every verifier applies: `issuer` is the CA that signed the
+/// leaf (`None`: the root).
+pub fn check_issuance_scope(leaf_id: &SpiffeId, issuer: Option<&CertInfo>) -> Result<(), PkiError> {
+    match issuer {
+        None => {
+            if leaf_id.role() == Role::Agent {
+                return Err(PkiError::Scope(format!(
+                    "{leaf_id}: agent certificates must be issued by a cache of their region"
+                )));
+            }
+            Ok(())
+        }
+        Some(ca) => {
+            let ca_id = ca
+                .id
+                .as_ref()
+                .ok_or_else(|| PkiError::Scope("intermediate CA carries no cache id".into()))?;
+            if ca_id.role() != Role::Cache {
+                return Err(PkiError::Scope(format!("{ca_id} is not a cache")));
+            }
+            if leaf_id.role() != Role::Agent {
+                return Err(PkiError::Scope(format!(
+                    "{leaf_id}: a cache CA may only certify agents"
+                )));
+            }
+            if leaf_id.trust_domain() != ca_id.trust_domain() || leaf_id.region() != ca_id.region()
+            {
+                return Err(PkiError::Scope(format!(
+                    "{leaf_id} lies outside the region of its issuer {ca_id}"
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// EKU OIDs (DER content) demanded explicitly by TLS verifiers.
+const EKU_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
+const EKU_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
+
+/// What the verified leaf will be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    TlsClient,
+    TlsServer,
+    /// A JWT signing key certificate in a JWKS `x5c`.
+    JwtSigning,
+}
+
+static SIG_ALGS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] =
+    &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ED25519];
+
+/// The trust bundle: the root CA of one trust domain.
+#[derive(Debug, Clone)]
+pub struct TrustBundle {
+    td: TrustDomain,
+    root_der: CertificateDer<'static>,
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
+}
+
+impl TrustBundle {
+    pub fn new(td: TrustDomain, root_der: Vec<u8>) -> Result<Self, PkiError> {
+        let root_der = CertificateDer::from(root_der);
+        let anchor = webpki::anchor_from_trusted_cert(&root_der)
+            .map_err(|e| PkiError::BadCert(format!("root: {e}")))?
+            .to_owned();
+        Ok(Self { td, root_der, anchors: vec![anchor] })
+    }
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.td
+    }
+    pub fn root_der(&self) -> &[u8] {
+        &self.root_der
+    }
+
+    /// Verifies `leaf` (with optional intermediates) to the root at time `now`
+    /// with rustls-webpki, then applies the SPIFFE id and scope rules. Returns
+    /// the leaf's details; its `id` is always `Some`.
+    pub fn verify(
+        &self,
+        leaf: &[u8],
+        intermediates: &[CertificateDer<'_>],
+        now: SystemTime,
+        usage: Usage,
+    ) -> Result<CertInfo, PkiError> {
+        if leaf.len() > MAX_DER_LEN || intermediates.len() > 1 {
+            return Err(PkiError::Untrusted("chain too long or too large".into()));
+        }
+        let leaf_der = CertificateDer::from(leaf);
+        let ee = webpki::EndEntityCert::try_from(&leaf_der)
+            .map_err(|e| PkiError::BadCert(e.to_string()))?;
+        // webpki applies the EKU rule to every certificate of the path (our CAs
+        // carry none), so the leaf's explicit TLS EKU is demanded below.
+        let eku = match usage {
+            Usage::TlsClient | Usage::JwtSigning => webpki::KeyUsage::required_if_present(EKU_CLIENT_AUTH),
+            Usage::TlsServer => webpki::KeyUsage::required_if_present(EKU_SERVER_AUTH),
+        };
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_err(|_| PkiError::Untrusted("clock before 1970".into()))?;
+        let path = ee
+            .verify_for_usage(
+                SIG_ALGS,
+                &self.anchors,
+                intermediates,
+                UnixTime::since_unix_epoch(secs),
+                eku,
+                None,
+                None,
+            )
+            .map_err(|e| PkiError::Untrusted(e.to_string()))?;
+        let info = inspect(leaf)?;
+        let id = info
+            .id
+            .as_ref()
+            .ok_or_else(|| PkiError::NoIdentity("no URI name".into()))?;
+        if id.trust_domain() != &self.td {
+            return Err(PkiError::Scope(format!("{id} is not in trust domain {}", self.td)));
+        }
+        let eku_ok = match usage {
+            Usage::TlsClient => info.eku_client_auth,
+            Usage::TlsServer => info.eku_server_auth,
+            Usage::JwtSigning => !info.eku_client_auth && !info.eku_server_auth,
+        };
+        if !eku_ok {
+            return Err(PkiError::Untrusted(format!("certificate is not meant for {usage:?}")));
+        }
+        if usage == Usage::JwtSigning && id.role() != Role::Cache {
+            return Err(PkiError::Scope(format!("{id}: only caches sign tokens")));
+        }
+        let issuer = match path.intermediate_certificates().next() {
+            Some(ca) => Some(inspect(&ca.der())?),
+            None => None,
+        };
+        check_issuance_scope(id, issuer.as_ref())?;
+        Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("lattice.local").expect("valid")
+    }
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).expect("valid id")
+    }
+
+    struct Pki {
+        root: Authority,
+        cache_ca: Authority,
+        bundle: TrustBundle,
+        now: SystemTime,
+    }
+
+    fn pki() -> Pki {
+        let now = SystemTime::now();
+        let root = Authority::new_root(
+            &td(),
+            PrivateKey::generate_p256().expect("key"),
+            now,
+            Duration::from_secs(86400 * 365),
+        )
+        .expect("root");
+        let ca_key = PrivateKey::generate_p256().expect("key");
+        let ca_cert = root
+            .issue(
+                &ca_key.csr_der().expect("csr"),
+                &id("spiffe://lattice.local/cache/eu/c1"),
+                Profile::IntermediateCa,
+                now,
+                Duration::from_secs(86400),
+            )
+            .expect("intermediate");
+        let cache_ca = Authority::from_parts(ca_cert, ca_key).expect("authority");
+        let bundle = TrustBundle::new(td(), root.cert_der().to_vec()).expect("bundle");
+        Pki { root, cache_ca, bundle, now }
+    }
+
+    fn agent_leaf(p: &Pki, agent: &str) -> Result<Vec<u8>, PkiError> {
+        let key = PrivateKey::generate_p256()?;
+        p.cache_ca.issue(&key.csr_der()?, &id(agent), Profile::TlsClient, p.now, Duration::from_secs(3600))
+    }
+
+    fn chain(p: &Pki) -> [CertificateDer<'static>; 1] {
+        [CertificateDer::from(p.cache_ca.cert_der().to_vec())]
+    }
+
+    #[test]
+    fn agent_chain_verifies_with_webpki() {
+        let p = pki();
+        let leaf = agent_leaf(&p, "spiffe://lattice.local/agent/eu/bot").expect("leaf");
+        let info = p.bundle.verify(&leaf, &chain(&p), p.now, Usage::TlsClient).expect("verifies");
+        assert_eq!(info.id, Some(id("spiffe://lattice.local/agent/eu/bot")));
+        assert!(!info.is_ca);
+        let ca = inspect(p.cache_ca.cert_der()).expect("ca");
+        assert!(ca.is_ca);
+        // Not valid as a server certificate: agents have the client EKU only.
+        assert!(p.bundle.verify(&leaf, &chain(&p), p.now, Usage::TlsServer).is_err());
+    }
+
+    #[test]
+    fn expired_leaf_is_rejected() {
+        let p = pki();
+        let leaf = agent_leaf(&p, "spiffe://lattice.local/agent/eu/bot").expect("leaf");
+        let later = p.now + Duration::from_secs(3601);
+        let err = p.bundle.verify(&leaf, &chain(&p), later, Usage::TlsClient).expect_err("expired");
+        assert!(err.to_string().contains("Expired"), "{err}");
+    }
+
+    #[test]
+    fn issuer_refuses_other_region_and_verifier_rejects_forged_leaf() {
+        let p = pki();
+        // The issuing code refuses outright.
+        let err = agent_leaf(&p, "spiffe://lattice.local/agent/us/bot").expect_err("refused");
+        assert!(matches!(err, PkiError::Scope(_)), "{err}");
+
+        // A leaf forged with the cache's CA key (bypassing `issue`) is rejected
+        // by the verifier's scope check although its signature is valid.
+        let key = PrivateKey::generate_p256().expect("key");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names =
+            vec![SanType::URI("spiffe://lattice.local/agent/us/bot".try_into().expect("uri"))];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = to_offset(p.now - BACKDATE);
+        params.not_after = to_offset(p.now + Duration::from_secs(600));
+        let forged = params.signed_by(&key, &p.cache_ca.issuer).expect("forge");
+        let err = p
+            .bundle
+            .verify(forged.der(), &chain(&p), p.now, Usage::TlsClient)
+            .expect_err("rejected");
+        assert!(matches!(err, PkiError::Scope(_)), "{err}");
+    }
+
+    #[test]
+    fn root_never_signs_agents_and_cache_ca_signs_only_agents() {
+        let p = pki();
+        let key = PrivateKey::generate_p256().expect("key");
+        let csr = key.csr_der().expect("csr");
+        assert!(matches!(
+            p.root.issue(&csr, &id("spiffe://lattice.local/agent/eu/x"), Profile::TlsClient, p.now, Duration::from_secs(60)),
+            Err(PkiError::Scope(_))
+        ));
+        assert!(matches!(
+            p.cache_ca.issue(&csr, &id("spiffe://lattice.local/cache/eu/c2"), Profile::TlsServerClient, p.now, Duration::from_secs(60)),
+            Err(PkiError::Scope(_))
+        ));
+    }
+
+    #[test]
+    fn foreign_root_is_untrusted() {
+        let p = pki();
+        let other = pki();
+        let leaf = agent_leaf(&other, "spiffe://lattice.local/agent/eu/bot").expect("leaf");
+        let err = p.bundle.verify(&leaf, &chain(&other), p.now, Usage::TlsClient).expect_err("foreign");
+        assert!(matches!(err, PkiError::Untrusted(_)), "{err}");
+    }
+
+    #[test]
+    fn jwt_signing_cert_cannot_authenticate_tls() {
+        let p = pki();
+        let key = PrivateKey::generate_ed25519().expect("key");
+        let cert = p
+            .root
+            .issue(&key.csr_der().expect("csr"), &id("spiffe://lattice.local/cache/eu/c1"), Profile::JwtSigning, p.now, Duration::from_secs(600))
+            .expect("signing cert");
+        p.bundle.verify(&cert, &[], p.now, Usage::JwtSigning).expect("valid for JWT signing");
+        assert!(p.bundle.verify(&cert, &[], p.now, Usage::TlsClient).is_err());
+        assert!(p.bundle.verify(&cert, &[], p.now, Usage::TlsServer).is_err());
+    }
+
+    #[test]
+    fn issued_cert_never_outlives_its_issuer() {
+        let p = pki();
+        let key = PrivateKey::generate_p256().expect("key");
+        let cert = p
+            .cache_ca
+            .issue(&key.csr_der().expect("csr"), &id("spiffe://lattice.local/agent/eu/a"), Profile::TlsClient, p.now, Duration::from_secs(86400 * 30))
+            .expect("leaf");
+        assert!(inspect(&cert).expect("info").not_after <= p.cache_ca.info().not_after);
+    }
+
+    #[test]
+    fn bad_csr_is_rejected() {
+        let p = pki();
+        let key = PrivateKey::generate_p256().expect("key");
+        let mut csr = key.csr_der().expect("csr");
+        let n = csr.len();
+        csr[n - 5] ^= 0x55; // breaks the signature
+        assert!(matches!(
+            p.cache_ca.issue(&csr, &id("spiffe://lattice.local/agent/eu/a"), Profile::TlsClient, p.now, Duration::from_secs(60)),
+            Err(PkiError::BadCsr)
+        ));
+        assert!(matches!(
+            p.cache_ca.issue(&[0u8; 10_000], &id("spiffe://lattice.local/agent/eu/a"), Profile::TlsClient, p.now, Duration::from_secs(60)),
+            Err(PkiError::TooLarge)
+        ));
+    }
+}

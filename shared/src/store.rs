@@ -1,0 +1,416 @@
+//! Durable key-value storage behind the [`Store`] trait.
+//!
+//! Every mutating call returns only once the write is on disk: the sled
+//! implementation flushes sled and then `fsync`s its files, because sled's own
+//! flush is `sync_file_range`, which neither empties the disk cache nor writes
+//! metadata. Concurrent writers are group-committed: one fsync covers every
+//! write applied before it started.
+//!
+//! Keys are namespaced by tree; components version their key encoding
+//! ([`SCHEMA_KEY`]) so that data can outlive a change of backend.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage backend: {0}")]
+    Backend(String),
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("injected storage fault")]
+    Injected,
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// Key under tree `meta` that holds the key-encoding version of a component.
+pub const SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// One write of an atomic batch: `None` deletes.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub tree: &'static str,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Applies every write atomically; durable on return.
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    /// Replaces `expected` (`None`: absent) by `new` (`None`: delete) atomically.
+    /// `Ok(false)` when the current value is not `expected`. Durable on `Ok(true)`.
+    fn compare_and_swap(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError>;
+    /// Entries whose key starts with `prefix`, in key order, at most `limit`.
+    fn scan_prefix(&self, tree: &str, prefix: &[u8], limit: usize) -> Result<Entries, StoreError>;
+
+    fn put(&self, tree: &'static str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.apply(vec![Write { tree, key: key.to_vec(), value: Some(value.to_vec()) }])
+    }
+    fn delete(&self, tree: &'static str, key: &[u8]) -> Result<(), StoreError> {
+        self.apply(vec![Write { tree, key: key.to_vec(), value: None }])
+    }
+}
+
+pub type SharedStore = Arc<dyn Store>;
+
+/// Checks or records the key-encoding version of a component's data.
+pub fn check_schema(store: &dyn Store, component: &str, version: u32) -> Result<(), StoreError> {
+    match store.get("meta", SCHEMA_KEY)? {
+        None => store.apply(vec![Write {
+            tree: "meta",
+            key: SCHEMA_KEY.to_vec(),
+            value: Some(format!("{component}:{version}").into_bytes()),
+        }]),
+        Some(v) if v == format!("{component}:{version}").as_bytes() => Ok(()),
+        Some(v) => Err(StoreError::Corrupt(format!(
+            "data directory holds {:?}, this binary reads {component}:{version}",
+            String::from_utf8_lossy(&v)
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// sled, made durable by flush + fsync with group commit.
+pub struct SledStore {
+    db: sled::Db,
+    dir: PathBuf,
+    /// Incremented after each write is applied to sled.
+    applied: AtomicU64,
+    /// Held while syncing; holds the highest `applied` value known durable.
+    synced: Mutex<u64>,
+    fsyncs: AtomicU64,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").field("dir", &self.dir).finish()
+    }
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        Ok(Arc::new(Self {
+            db,
+            dir: dir.to_owned(),
+            applied: AtomicU64::new(0),
+            synced: Mutex::new(0),
+            fsyncs: AtomicU64::new(0),
+        }))
+    }
+
+    /// How many fsync rounds ran (group commit makes this lower than writes).
+    pub fn fsync_count(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
+    }
+
+    fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// Makes every write applied so far durable, sharing one fsync among the
+    /// writers that wait here at the same time.
+    fn make_durable(&self) -> Result<(), StoreError> {
+        let mine = self.applied.load(Ordering::SeqCst);
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced >= mine {
+            return Ok(());
+        }
+        let target = self.applied.load(Ordering::SeqCst);
+        self.db.flush()?;
+        sync_dir_files(&self.dir)?;
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        *synced = target;
+        Ok(())
+    }
+}
+
+/// fsyncs every regular file below `dir` (sled keeps a handful), then the
+/// directories themselves so that new files' entries are durable too.
+fn sync_dir_files(dir: &Path) -> Result<(), StoreError> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        if ty.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        } else if ty.is_dir() {
+            sync_dir_files(&entry.path())?;
+        }
+    }
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+impl Store for SledStore {
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree(tree)?.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        use sled::Transactional;
+        let mut names: Vec<&'static str> = writes.iter().map(|w| w.tree).collect();
+        names.sort_unstable();
+        names.dedup();
+        let trees: Vec<sled::Tree> =
+            names.iter().map(|n| self.tree(n)).collect::<Result<_, _>>()?;
+        let result: sled::transaction::TransactionResult<(), ()> =
+            trees.as_slice().transaction(|txs| {
+                for w in &writes {
+                    // `names` holds every tree named in `writes`.
+                    let idx = names.binary_search(&w.tree).unwrap_or(0);
+                    match &w.value {
+                        Some(v) => {
+                            txs[idx].insert(w.key.as_slice(), v.as_slice())?;
+                        }
+                        None => {
+                            txs[idx].remove(w.key.as_slice())?;
+                        }
+                    }
+                }
+                Ok(())
+            });
+        result.map_err(|e| StoreError::Backend(format!("{e:?}")))?;
+        self.applied.fetch_add(1, Ordering::SeqCst);
+        self.make_durable()
+    }
+
+    fn compare_and_swap(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let swapped = self.tree(tree)?.compare_and_swap(key, expected, new)?.is_ok();
+        if swapped {
+            self.applied.fetch_add(1, Ordering::SeqCst);
+            self.make_durable()?;
+        }
+        Ok(swapped)
+    }
+
+    fn scan_prefix(&self, tree: &str, prefix: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(tree)?.scan_prefix(prefix).take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// In-memory store for unit tests.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    trees: Mutex<BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>>,
+}
+
+impl MemStore {
+    pub fn shared() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+}
+
+impl Store for MemStore {
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let g = self.trees.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(g.get(tree).and_then(|t| t.get(key)).cloned())
+    }
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let mut g = self.trees.lock().unwrap_or_else(|p| p.into_inner());
+        for w in writes {
+            let t = g.entry(w.tree.to_owned()).or_default();
+            match w.value {
+                Some(v) => t.insert(w.key, v),
+                None => t.remove(&w.key),
+            };
+        }
+        Ok(())
+    }
+    fn compare_and_swap(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let mut g = self.trees.lock().unwrap_or_else(|p| p.into_inner());
+        let t = g.entry(tree.to_owned()).or_default();
+        if t.get(key).map(Vec::as_slice) != expected {
+            return Ok(false);
+        }
+        match new {
+            Some(v) => t.insert(key.to_vec(), v.to_vec()),
+            None => t.remove(key),
+        };
+        Ok(true)
+    }
+    fn scan_prefix(&self, tree: &str, prefix: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        let g = self.trees.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(g.get(tree)
+            .map(|t| {
+                t.range(prefix.to_vec()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .take(limit)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// Wraps a real store and fails the next write on demand, to test error paths.
+#[derive(Debug)]
+pub struct FaultStore<S: Store> {
+    inner: Arc<S>,
+    fail_next: AtomicBool,
+}
+
+impl<S: Store> FaultStore<S> {
+    pub fn new(inner: Arc<S>) -> Arc<Self> {
+        Arc::new(Self { inner, fail_next: AtomicBool::new(false) })
+    }
+    /// The next mutating call fails with [`StoreError::Injected`] and writes nothing.
+    pub fn fail_next(&self) {
+        self.fail_next.store(true, Ordering::SeqCst);
+    }
+    fn check(&self) -> Result<(), StoreError> {
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            Err(StoreError::Injected)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<S: Store> Store for FaultStore<S> {
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(tree, key)
+    }
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.apply(writes)
+    }
+    fn compare_and_swap(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.compare_and_swap(tree, key, expected, new)
+    }
+    fn scan_prefix(&self, tree: &str, prefix: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        self.inner.scan_prefix(tree, prefix, limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(store: &dyn Store) {
+        store.put("t", b"a", b"1").expect("put");
+        store.put("t", b"ab", b"2").expect("put");
+        store.put("u", b"a", b"3").expect("put");
+        assert_eq!(store.get("t", b"a").expect("get"), Some(b"1".to_vec()));
+        assert_eq!(store.get("t", b"zz").expect("get"), None);
+        let scanned = store.scan_prefix("t", b"a", 10).expect("scan");
+        assert_eq!(scanned.len(), 2);
+        assert_eq!(store.scan_prefix("t", b"a", 1).expect("scan").len(), 1);
+        assert!(!store.compare_and_swap("t", b"a", Some(b"9"), Some(b"x")).expect("cas"));
+        assert!(store.compare_and_swap("t", b"a", Some(b"1"), Some(b"x")).expect("cas"));
+        assert!(store.compare_and_swap("t", b"new", None, Some(b"n")).expect("cas"));
+        assert!(!store.compare_and_swap("t", b"new", None, Some(b"n")).expect("cas"));
+        store
+            .apply(vec![
+                Write { tree: "t", key: b"a".to_vec(), value: None },
+                Write { tree: "u", key: b"b".to_vec(), value: Some(b"4".to_vec()) },
+            ])
+            .expect("apply");
+        assert_eq!(store.get("t", b"a").expect("get"), None);
+        assert_eq!(store.get("u", b"b").expect("get"), Some(b"4".to_vec()));
+    }
+
+    #[test]
+    fn mem_store_semantics() {
+        exercise(&*MemStore::shared());
+    }
+
+    #[test]
+    fn sled_store_semantics_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = SledStore::open(dir.path()).expect("open");
+            exercise(&*s);
+            assert!(s.fsync_count() > 0, "durable writes must fsync");
+        }
+        let s = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.get("u", b"b").expect("get"), Some(b"4".to_vec()));
+        assert_eq!(s.get("t", b"new").expect("get"), Some(b"n".to_vec()));
+    }
+
+    #[test]
+    fn concurrent_writers_share_fsyncs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SledStore::open(dir.path()).expect("open");
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25u32 {
+                        s.put("t", format!("{t}-{i}").as_bytes(), b"v").expect("put");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("writer thread");
+        }
+        assert_eq!(s.scan_prefix("t", b"", 1000).expect("scan").len(), 200);
+        assert!(s.fsync_count() <= 200);
+    }
+
+    #[test]
+    fn fault_store_fails_once_and_writes_nothing() {
+        let f = FaultStore::new(MemStore::shared());
+        f.fail_next();
+        assert!(matches!(f.put("t", b"k", b"v"), Err(StoreError::Injected)));
+        assert_eq!(f.get("t", b"k").expect("get"), None);
+        f.put("t", b"k", b"v").expect("second write succeeds");
+    }
+
+    #[test]
+    fn schema_version_is_checked() {
+        let s = MemStore::shared();
+        check_schema(&*s, "cache", 1).expect("first records");
+        check_schema(&*s, "cache", 1).expect("same passes");
+        assert!(matches!(check_schema(&*s, "cache", 2), Err(StoreError::Corrupt(_))));
+    }
+}

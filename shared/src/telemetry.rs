@@ -1,0 +1,29 @@
+//! Structured logs (`tracing`) and Prometheus metrics, set up once per process.
+
+use std::net::SocketAddr;
+
+/// Field names used across components, so that logs can be queried.
+pub mod fields {
+    pub const PEER_ID: &str = "peer_id";
+    pub const CACHE_ID: &str = "cache_id";
+    pub const REGION: &str = "region";
+}
+
+/// Installs the global subscriber. `RUST_LOG` filters; `json` selects JSON lines.
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.compact().try_init() };
+}
+
+/// Serves Prometheus metrics on `listen` (path `/metrics`). Only the first
+/// call in a process installs the recorder.
+pub fn install_metrics(listen: Option<SocketAddr>) -> Result<(), String> {
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    let builder = match listen {
+        Some(addr) => builder.with_http_listener(addr),
+        None => return Ok(()),
+    };
+    builder.install().map_err(|e| e.to_string())
+}

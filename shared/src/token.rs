@@ -1,0 +1,222 @@
+//! Access tokens: compact JWS (EdDSA) minted by caches, the JWKS that lists
+//! every valid cache signing key, and an offline verifier.
+//!
+//! Signing uses ring's Ed25519 with the key parsed once and held in memory;
+//! only the compact serialisation (base64url of header and claims) is done
+//! here. Verification uses the `jsonwebtoken` crate, as any service would,
+//! with expiry checked against the injected clock.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, CommonParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm,
+    OctetKeyPairParameters, OctetKeyPairType, PublicKeyUse,
+};
+use ring::signature::{Ed25519KeyPair, KeyPair as _};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{SharedClock, unix_secs};
+use crate::id::SpiffeId;
+use crate::pki::{TrustBundle, Usage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("signing key is malformed")]
+    BadKey,
+    #[error("token is malformed: {0}")]
+    Malformed(String),
+    #[error("token signed by unknown key {0:?}")]
+    UnknownKey(String),
+    #[error("token signature or claims are invalid: {0}")]
+    Invalid(String),
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not yet valid")]
+    NotYetValid,
+    #[error("token issuer {iss} does not match the certificate of key {kid}")]
+    WrongIssuer { iss: String, kid: String },
+}
+
+/// RFC 8705 confirmation: the SHA-256 thumbprint of the agent's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    /// Space-separated, as in OAuth 2.0.
+    pub scope: String,
+    pub jti: String,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cnf: Option<Confirmation>,
+}
+
+/// RFC 7638 thumbprint of an Ed25519 public key: the `kid` of its JWK.
+pub fn ed25519_kid(public_raw: &[u8]) -> String {
+    let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, B64.encode(public_raw));
+    B64.encode(crate::pki::sha256(canonical.as_bytes()))
+}
+
+/// A cache's token signer.
+pub struct TokenSigner {
+    key: Ed25519KeyPair,
+    kid: String,
+    header_b64: String,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSigner").field("kid", &self.kid).finish_non_exhaustive()
+    }
+}
+
+impl TokenSigner {
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, TokenError> {
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).map_err(|_| TokenError::BadKey)?;
+        let kid = ed25519_kid(key.public_key().as_ref());
+        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": kid});
+        let header_b64 = B64.encode(header.to_string());
+        Ok(Self { key, kid, header_b64 })
+    }
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+    pub fn public_key_raw(&self) -> &[u8] {
+        self.key.public_key().as_ref()
+    }
+    pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
+        let body = serde_json::to_vec(claims).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let mut out = String::with_capacity(self.header_b64.len() + body.len() * 4 / 3 + 100);
+        out.push_str(&self.header_b64);
+        out.push('.');
+        B64.encode_string(&body, &mut out);
+        let sig = self.key.sign(out.as_bytes());
+        out.push('.');
+        B64.encode_string(sig.as_ref(), &mut out);
+        Ok(out)
+    }
+}
+
+/// The JWK of a cache signing key, with its certificate in `x5c` so that a
+/// verifier can check that the control plane certified it.
+pub fn signing_jwk(public_raw: &[u8], cert_der: &[u8]) -> Jwk {
+    let std_b64 = base64::engine::general_purpose::STANDARD;
+    Jwk {
+        common: CommonParameters {
+            public_key_use: Some(PublicKeyUse::Signature),
+            key_algorithm: Some(KeyAlgorithm::EdDSA),
+            key_id: Some(ed25519_kid(public_raw)),
+            x509_chain: Some(vec![std_b64.encode(cert_der)]),
+            ..Default::default()
+        },
+        algorithm: AlgorithmParameters::OctetKeyPair(OctetKeyPairParameters {
+            key_type: OctetKeyPairType::OctetKeyPair,
+            curve: EllipticCurve::Ed25519,
+            x: B64.encode(public_raw),
+        }),
+    }
+}
+
+/// The raw Ed25519 public key inside a signing certificate.
+pub fn public_key_of_cert(cert_der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(cert.public_key().subject_public_key.data.to_vec())
+}
+
+/// Builds a JWKS from signing certificates, keeping those valid at `now`
+/// (deduplicated by `kid`).
+pub fn jwks_from_certs<'a>(certs: impl IntoIterator<Item = &'a [u8]>, now: SystemTime) -> JwkSet {
+    let mut keys: Vec<Jwk> = Vec::new();
+    for der in certs {
+        let Ok(info) = crate::pki::inspect(der) else { continue };
+        if now < info.not_before || now > info.not_after {
+            continue;
+        }
+        let Some(raw) = public_key_of_cert(der) else { continue };
+        let jwk = signing_jwk(&raw, der);
+        if !keys.iter().any(|k| k.common.key_id == jwk.common.key_id) {
+            keys.push(jwk);
+        }
+    }
+    JwkSet { keys }
+}
+
+/// Verifies lattice tokens offline against a JWKS. Each key's `x5c`
+/// certificate must chain to the trust bundle's root and name the token's
+/// issuer.
+#[derive(Debug, Clone)]
+pub struct TokenVerifier {
+    jwks: JwkSet,
+    bundle: Arc<TrustBundle>,
+    clock: SharedClock,
+}
+
+impl TokenVerifier {
+    pub fn new(jwks: JwkSet, bundle: Arc<TrustBundle>, clock: SharedClock) -> Self {
+        Self { jwks, bundle, clock }
+    }
+
+    pub fn verify(&self, token: &str, audience: &str) -> Result<Claims, TokenError> {
+        if token.len() > 8 * 1024 {
+            return Err(TokenError::Malformed("token too long".into()));
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let kid = header.kid.ok_or_else(|| TokenError::Malformed("no kid".into()))?;
+        let jwk = self.jwks.find(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+        let key = jsonwebtoken::DecodingKey::from_jwk(jwk)
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        validation.set_audience(&[audience]);
+        validation.validate_exp = false; // checked below with the injected clock
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let claims = data.claims;
+
+        let now = self.clock.now();
+        let now_s = unix_secs(now);
+        if now_s >= claims.exp {
+            return Err(TokenError::Expired);
+        }
+        if now_s < claims.nbf {
+            return Err(TokenError::NotYetValid);
+        }
+        // The key must be certified by the root for the cache named in `iss`.
+        let cert_b64 = jwk
+            .common
+            .x509_chain
+            .as_ref()
+            .and_then(|c| c.first())
+            .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+        let cert = base64::engine::general_purpose::STANDARD
+            .decode(cert_b64)
+            .map_err(|_| TokenError::UnknownKey(kid.clone()))?;
+        let info = self
+            .bundle
+            .verify(&cert, &[], now, Usage::JwtSigning)
+            .map_err(|e| TokenError::Invalid(format!("signing key certificate: {e}")))?;
+        let iss_ok = SpiffeId::parse(&claims.iss).ok().as_ref() == info.id.as_ref();
+        let key_ok = public_key_of_cert(&cert).map(|k| B64.encode(k))
+            == match &jwk.algorithm {
+                AlgorithmParameters::OctetKeyPair(p) => Some(p.x.clone()),
+                _ => None,
+            };
+        if !iss_ok || !key_ok {
+            return Err(TokenError::WrongIssuer { iss: claims.iss.clone(), kid });
+        }
+        Ok(claims)
+    }
+}
