@@ -1,1 +1,72 @@
-fn main() {}
+//! `lattice-cp`: the control plane as a standalone process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use lattice_control_plane::{App, Config, Deps};
+use lattice_shared::config::EXIT_BAD_CONFIG;
+
+/// Lattice control plane: root CA, join tokens, cache registry.
+///
+/// Configuration comes from defaults, then the TOML file, then environment
+/// variables prefixed LATTICE_CP_ (e.g. LATTICE_CP_LISTEN=0.0.0.0:7443).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file (see deploy/control-plane.toml).
+    #[arg(long, short, env = "LATTICE_CP_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg: Config = match lattice_shared::config::load(cli.config.as_deref(), "LATTICE_CP_") {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lattice-cp: bad configuration: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    if let Err(e) = cfg.validate() {
+        eprintln!("lattice-cp: bad configuration: {e}");
+        return ExitCode::from(EXIT_BAD_CONFIG as u8);
+    }
+    lattice_shared::telemetry::init_tracing(cfg.log_json);
+    lattice_shared::tls::install_crypto_provider();
+    match run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "control plane stopped");
+            eprintln!("lattice-cp: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    lattice_shared::telemetry::install_metrics(cfg.metrics_listen).map_err(anyhow::Error::msg)?;
+    let store = lattice_shared::store::SledStore::open(&cfg.data_dir.join("db"))?;
+    let vault = lattice_shared::seal::LocalKeyFile::open_or_create(&cfg.data_dir.join("kek.key"))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let app = App::build(
+        cfg,
+        Deps {
+            clock: lattice_shared::clock::SystemClock::shared(),
+            store,
+            vault: std::sync::Arc::new(vault),
+            listener,
+        },
+    )
+    .await?;
+    eprintln!(
+        "lattice-cp listening on {}; root certificate {}; admin credential in {}",
+        app.local_addr(),
+        app.root_pem_path().display(),
+        app.admin_files().dir.display()
+    );
+    tokio::signal::ctrl_c().await?;
+    app.shutdown().await;
+    Ok(())
+}

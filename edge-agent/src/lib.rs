@@ -1,1 +1,329 @@
-//! placeholder
+//! The edge agent: a device identity whose private key is generated here and
+//! never leaves; enrolment at the regional cache with a one-time join token;
+//! certificate renewal at half-life; tokens for local AI-agent processes.
+//!
+//! The agent talks only to caches of its own region, never to the control
+//! plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lattice_shared::clock::{SharedClock, past_half_life};
+use lattice_shared::id::{RegionId, Role, SpiffeId};
+use lattice_shared::pki::{CertInfo, PkiError, PrivateKey, TrustBundle, Usage};
+use lattice_shared::proto::{self as pb, cache_client::CacheClient};
+use lattice_shared::seal::{KeyVault, SealError};
+use lattice_shared::store::{SharedStore, StoreError, Write};
+use lattice_shared::tls::{ExpectedServer, ReloadableCert};
+use lattice_shared::pem;
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+
+pub const SCHEMA_VERSION: u32 = 1;
+const T_IDENTITY: &str = "identity";
+const AAD_KEY: &str = "agent/key";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `spiffe://TD/agent/REGION/NAME`.
+    pub id: String,
+    /// The cache of this agent's region.
+    pub cache: SocketAddr,
+    pub data_dir: PathBuf,
+    /// PEM file with the root CA certificate.
+    pub root_ca: PathBuf,
+    /// One-time join token for the first start (LATTICE_AGENT_JOIN_TOKEN).
+    pub join_token: Option<String>,
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            id: "spiffe://lattice.local/agent/eu/agent-1".into(),
+            cache: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            data_dir: PathBuf::from("./data/agent"),
+            root_ca: PathBuf::from("./data/cp/root.crt"),
+            join_token: None,
+            log_json: false,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<SpiffeId, String> {
+        let id = SpiffeId::parse(&self.id).map_err(|e| format!("id: {e}"))?;
+        if id.role() != Role::Agent {
+            return Err(format!("id: {id} is not an agent id (spiffe://TD/agent/REGION/NAME)"));
+        }
+        Ok(id)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cache refused: {message} ({code:?})")]
+    Refused { code: tonic::Code, message: String },
+    #[error("cache unreachable: {0}")]
+    Transport(String),
+    #[error("stored identity is corrupt: {0}")]
+    Corrupt(String),
+    #[error(
+        "this agent is not enrolled and has no join token: set LATTICE_AGENT_JOIN_TOKEN (from `lattice join-token create --id ...`)"
+    )]
+    NeedsJoinToken,
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Refused { code: s.code(), message: s.message().to_owned() }
+    }
+}
+
+#[derive(Debug)]
+pub struct Deps {
+    pub clock: SharedClock,
+    pub store: SharedStore,
+    pub vault: Arc<dyn KeyVault>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredChain {
+    leaf: String,
+    intermediate: String,
+}
+
+/// The agent's certificate chain (DER) and what it says.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    pub leaf: Vec<u8>,
+    pub intermediate: Vec<u8>,
+    pub root: Vec<u8>,
+    pub info: CertInfo,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub id: SpiffeId,
+    pub region: RegionId,
+    cfg: Config,
+    clock: SharedClock,
+    store: SharedStore,
+    vault: Arc<dyn KeyVault>,
+    bundle: Arc<TrustBundle>,
+    cert: Arc<ReloadableCert>,
+    chain: RwLock<Chain>,
+    client: RwLock<CacheClient<Channel>>,
+}
+
+fn b64(d: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(d)
+}
+fn unb64(s: &str) -> Result<Vec<u8>, Error> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+impl Agent {
+    /// Loads the stored identity or enrols with the join token.
+    pub async fn start(cfg: Config, deps: Deps) -> Result<Agent, Error> {
+        let id = cfg.validate().map_err(Error::Config)?;
+        let region = id.region().cloned().ok_or_else(|| Error::Config("agent id has no region".into()))?;
+        let root = pem::read_certs(&cfg.root_ca)
+            .map_err(Error::Config)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Config("root_ca holds no certificate".into()))?;
+        let bundle = Arc::new(TrustBundle::new(id.trust_domain().clone(), root)?);
+        lattice_shared::store::check_schema(&*deps.store, "edge-agent", SCHEMA_VERSION)?;
+
+        let loaded = match (deps.store.get(T_IDENTITY, b"key")?, deps.store.get(T_IDENTITY, b"chain")?) {
+            (Some(sealed), Some(chain)) => {
+                let key = PrivateKey::from_pkcs8(&deps.vault.open(&sealed, AAD_KEY)?)?;
+                let stored: StoredChain =
+                    serde_json::from_slice(&chain).map_err(|e| Error::Corrupt(e.to_string()))?;
+                let chain = verify_chain(&bundle, &id, &deps.clock, unb64(&stored.leaf)?, unb64(&stored.intermediate)?);
+                match chain {
+                    Ok(chain) => Some((key, chain)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stored certificate is no longer valid; enrolling again");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (key, chain) = match loaded {
+            Some(x) => x,
+            None => {
+                let token = cfg.join_token.clone().ok_or(Error::NeedsJoinToken)?;
+                let key = PrivateKey::generate_p256()?;
+                let tls = lattice_shared::tls::client_config(
+                    bundle.clone(),
+                    deps.clock.clone(),
+                    ExpectedServer::CacheIn(region.clone()),
+                    None,
+                )?;
+                let ch = lattice_shared::net::channel(cfg.cache, tls).map_err(|e| Error::Transport(e.to_string()))?;
+                let resp = CacheClient::new(ch)
+                    .enrol(pb::EnrolAgentRequest { join_token: token, requested_id: id.to_string(), csr: key.csr_der()? })
+                    .await?
+                    .into_inner();
+                let c = resp.chain.ok_or_else(|| Error::Corrupt("no chain in response".into()))?;
+                let chain = verify_chain(&bundle, &id, &deps.clock, c.leaf, c.intermediate)?;
+                persist(&deps.store, &deps.vault, Some(&key), &chain)?;
+                tracing::info!(agent_id = %id, "enrolled at the cache");
+                (key, chain)
+            }
+        };
+        let cert = ReloadableCert::new(vec![chain.leaf.clone(), chain.intermediate.clone()], &key)?;
+        let client = new_client(&cfg, &bundle, &deps.clock, &region, &cert)?;
+        Ok(Agent {
+            id,
+            region,
+            cfg,
+            clock: deps.clock,
+            store: deps.store,
+            vault: deps.vault,
+            bundle,
+            cert,
+            chain: RwLock::new(chain),
+            client: RwLock::new(client),
+        })
+    }
+
+    pub fn chain(&self) -> Chain {
+        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn client(&self) -> CacheClient<Channel> {
+        self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub async fn mint(&self, audience: &str, scopes: &[String], ttl: Option<Duration>) -> Result<pb::MintTokenResponse, Error> {
+        Ok(self
+            .client()
+            .mint_token(pb::MintTokenRequest {
+                audience: audience.to_owned(),
+                scopes: scopes.to_vec(),
+                ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn jwks(&self) -> Result<String, Error> {
+        Ok(self.client().jwks(pb::JwksRequest {}).await?.into_inner().jwks_json)
+    }
+
+    /// A client for raw calls (benchmarks, tests).
+    pub fn cache_client(&self) -> CacheClient<Channel> {
+        self.client()
+    }
+
+    /// Renews the certificate with a fresh key once it is past half-life.
+    pub async fn renew_if_due(&self) -> Result<bool, Error> {
+        let info = self.chain().info;
+        if !past_half_life(self.clock.now(), info.not_before, info.not_after) {
+            return Ok(false);
+        }
+        let key = PrivateKey::generate_p256()?;
+        let resp = self
+            .client()
+            .issue_certificate(pb::IssueCertificateRequest { csr: key.csr_der()? })
+            .await?
+            .into_inner();
+        let c = resp.chain.ok_or_else(|| Error::Corrupt("no chain in response".into()))?;
+        let chain = verify_chain(&self.bundle, &self.id, &self.clock, c.leaf, c.intermediate)?;
+        persist(&self.store, &self.vault, Some(&key), &chain)?;
+        self.cert.replace(vec![chain.leaf.clone(), chain.intermediate.clone()], &key)?;
+        // New connections present the new certificate.
+        let client = new_client(&self.cfg, &self.bundle, &self.clock, &self.region, &self.cert)?;
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        tracing::info!(agent_id = %self.id, not_after = ?chain.info.not_after, "certificate renewed");
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = chain;
+        Ok(true)
+    }
+
+    /// Keeps the certificate fresh until `stop` resolves.
+    pub async fn run_until(&self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.renew_if_due().await {
+                        tracing::warn!(error = %e, "renewal failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+
+    /// When the current certificate expires.
+    pub fn not_after_unix(&self) -> i64 {
+        lattice_shared::clock::unix_secs(self.chain().info.not_after)
+    }
+}
+
+fn new_client(
+    cfg: &Config,
+    bundle: &Arc<TrustBundle>,
+    clock: &SharedClock,
+    region: &RegionId,
+    cert: &Arc<ReloadableCert>,
+) -> Result<CacheClient<Channel>, Error> {
+    let tls = lattice_shared::tls::client_config(
+        bundle.clone(),
+        clock.clone(),
+        ExpectedServer::CacheIn(region.clone()),
+        Some(cert.clone()),
+    )?;
+    let ch = lattice_shared::net::channel(cfg.cache, tls).map_err(|e| Error::Transport(e.to_string()))?;
+    Ok(CacheClient::new(ch))
+}
+
+/// Checks a chain from the cache with the standard verifier before use.
+fn verify_chain(
+    bundle: &TrustBundle,
+    id: &SpiffeId,
+    clock: &SharedClock,
+    leaf: Vec<u8>,
+    intermediate: Vec<u8>,
+) -> Result<Chain, Error> {
+    let info = bundle.verify(&leaf, &[CertificateDer::from(intermediate.as_slice())], clock.now(), Usage::TlsClient)?;
+    if info.id.as_ref() != Some(id) {
+        return Err(Error::Corrupt(format!("certificate names {:?}, not {id}", info.id)));
+    }
+    Ok(Chain { leaf, intermediate, root: bundle.root_der().to_vec(), info })
+}
+
+fn persist(store: &SharedStore, vault: &Arc<dyn KeyVault>, key: Option<&PrivateKey>, chain: &Chain) -> Result<(), Error> {
+    let stored = StoredChain { leaf: b64(&chain.leaf), intermediate: b64(&chain.intermediate) };
+    let mut writes = vec![Write {
+        tree: T_IDENTITY,
+        key: b"chain".to_vec(),
+        value: Some(serde_json::to_vec(&stored).map_err(|e| Error::Corrupt(e.to_string()))?),
+    }];
+    if let Some(k) = key {
+        writes.push(Write { tree: T_IDENTITY, key: b"key".to_vec(), value: Some(vault.seal(&k.pkcs8_der(), AAD_KEY)?) });
+    }
+    store.apply(writes)?;
+    Ok(())
+}

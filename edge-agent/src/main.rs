@@ -1,1 +1,97 @@
-fn main() {}
+//! `lattice-agent`: the edge agent as a command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use lattice_edge_agent::{Agent, Config, Deps};
+use lattice_shared::config::EXIT_BAD_CONFIG;
+
+/// Lattice edge agent: device identity and short-lived credentials.
+///
+/// Configuration comes from defaults, then the TOML file, then environment
+/// variables prefixed LATTICE_AGENT_ (e.g. LATTICE_AGENT_JOIN_TOKEN=ljt_...).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file (see deploy/edge-agent.toml).
+    #[arg(long, short, global = true, env = "LATTICE_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enrol (if needed) and print the agent's identity.
+    Enrol,
+    /// Print a fresh token on stdout, for scripts.
+    Token {
+        /// Audience of the token (`aud`).
+        #[arg(long)]
+        audience: String,
+        /// Scope to request; repeat for several.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Lifetime in seconds (default: the cache's default).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
+    /// Keep the identity fresh until interrupted.
+    Run,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg: Config = match lattice_shared::config::load(cli.config.as_deref(), "LATTICE_AGENT_") {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lattice-agent: bad configuration: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    if let Err(e) = cfg.validate() {
+        eprintln!("lattice-agent: bad configuration: {e}");
+        return ExitCode::from(EXIT_BAD_CONFIG as u8);
+    }
+    lattice_shared::telemetry::init_tracing(cfg.log_json);
+    lattice_shared::tls::install_crypto_provider();
+    match run(cfg, cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lattice-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config, command: Command) -> anyhow::Result<()> {
+    let store = lattice_shared::store::SledStore::open(&cfg.data_dir.join("db"))?;
+    let vault = lattice_shared::seal::LocalKeyFile::open_or_create(&cfg.data_dir.join("kek.key"))?;
+    let agent = Agent::start(
+        cfg,
+        Deps { clock: lattice_shared::clock::SystemClock::shared(), store, vault: std::sync::Arc::new(vault) },
+    )
+    .await?;
+    match command {
+        Command::Enrol => {
+            println!("{} (certificate valid until unix {})", agent.id, agent.not_after_unix());
+        }
+        Command::Token { audience, scopes, ttl_secs } => {
+            agent.renew_if_due().await?;
+            let t = agent.mint(&audience, &scopes, ttl_secs.map(Duration::from_secs)).await?;
+            println!("{}", t.token);
+        }
+        Command::Run => {
+            eprintln!("lattice-agent {} running; Ctrl-C to stop", agent.id);
+            agent
+                .run_until(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await;
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,523 @@
-//! placeholder
+//! The regional cache: near the agents. It holds an intermediate CA for its
+//! region and a JWT signing key (both certified by the control plane, both
+//! generated here and sealed at rest), enrols agents, renews their
+//! certificates and mints short-lived, scope-limited tokens.
+
+pub mod authz;
+mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lattice_shared::clock::{SharedClock, past_half_life};
+use lattice_shared::id::{RegionId, Role, SpiffeId};
+use lattice_shared::net::AuthGuardLayer;
+use lattice_shared::pki::{Authority, CertInfo, PkiError, PrivateKey, TrustBundle, Usage, inspect};
+use lattice_shared::proto::{self as pb, control_plane_client::ControlPlaneClient};
+use lattice_shared::seal::{KeyVault, SealError};
+use lattice_shared::store::{SharedStore, StoreError, Write};
+use lattice_shared::tls::{ExpectedServer, ReloadableCert};
+use lattice_shared::token::{TokenSigner, jwks_from_certs};
+use lattice_shared::{limits, pem};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::authz::{AudienceRule, Authorizer, BuiltinAuthorizer};
+
+pub const SCHEMA_VERSION: u32 = 1;
+const T_IDENTITY: &str = "identity";
+
+/// Cache configuration (TOML, `LATTICE_CACHE_*` environment overrides).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `spiffe://TD/cache/REGION/NAME`.
+    pub id: String,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub control_plane: SocketAddr,
+    /// PEM file with the root CA certificate (`root.crt` of the control plane).
+    pub root_ca: PathBuf,
+    /// One-time join token, needed only for the first start. Prefer the
+    /// environment (LATTICE_CACHE_JOIN_TOKEN) to a file.
+    pub join_token: Option<String>,
+    pub agent_cert_ttl_secs: u64,
+    pub token_default_ttl_secs: u64,
+    pub token_max_ttl_secs: u64,
+    /// Audiences agents may mint tokens for (built-in authorizer).
+    pub audiences: Vec<AudienceRule>,
+    pub jwks_refresh_secs: u64,
+    pub renew_check_secs: u64,
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            id: "spiffe://lattice.local/cache/eu/cache-1".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            data_dir: PathBuf::from("./data/cache"),
+            control_plane: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            root_ca: PathBuf::from("./data/cp/root.crt"),
+            join_token: None,
+            agent_cert_ttl_secs: 3600,
+            token_default_ttl_secs: 300,
+            token_max_ttl_secs: 900,
+            audiences: vec![AudienceRule {
+                name: "https://api.example.com".into(),
+                scopes: vec!["read".into(), "write".into()],
+            }],
+            jwks_refresh_secs: 30,
+            renew_check_secs: 60,
+            metrics_listen: None,
+            log_json: false,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<SpiffeId, String> {
+        let id = SpiffeId::parse(&self.id).map_err(|e| format!("id: {e}"))?;
+        if id.role() != Role::Cache {
+            return Err(format!("id: {id} is not a cache id (spiffe://TD/cache/REGION/NAME)"));
+        }
+        if self.token_default_ttl_secs == 0 || self.token_default_ttl_secs > self.token_max_ttl_secs {
+            return Err("token_default_ttl_secs must be within 1..=token_max_ttl_secs".into());
+        }
+        if self.token_max_ttl_secs > 3600 {
+            return Err("token_max_ttl_secs may not exceed 3600: tokens are short-lived".into());
+        }
+        if self.agent_cert_ttl_secs < 60 || self.agent_cert_ttl_secs > 86400 {
+            return Err("agent_cert_ttl_secs must be within 60..=86400".into());
+        }
+        if self.jwks_refresh_secs == 0 || self.renew_check_secs == 0 {
+            return Err("jwks_refresh_secs and renew_check_secs must be positive".into());
+        }
+        Ok(id)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("token signing key: {0}")]
+    Token(#[from] lattice_shared::token::TokenError),
+    #[error("control plane: {0}")]
+    ControlPlane(String),
+    #[error("stored identity is corrupt: {0}")]
+    Corrupt(String),
+    #[error(
+        "this cache is not enrolled and has no join token: set LATTICE_CACHE_JOIN_TOKEN (from `lattice join-token create --id ...`)"
+    )]
+    NeedsJoinToken,
+}
+
+#[derive(Debug)]
+pub struct Deps {
+    pub clock: SharedClock,
+    pub store: SharedStore,
+    pub vault: Arc<dyn KeyVault>,
+    pub listener: TcpListener,
+    /// `None`: the built-in audience rule from the configuration.
+    pub authorizer: Option<Arc<dyn Authorizer>>,
+}
+
+/// Certificates as stored (keys are sealed separately).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredCerts {
+    ca_cert: String,
+    tls_cert: String,
+    signing_cert: String,
+}
+
+/// The cache's current keys and certificates; replaced whole on renewal.
+pub struct Identity {
+    pub ca: Authority,
+    pub signer: TokenSigner,
+    pub signing_cert: Vec<u8>,
+    pub tls: CertInfo,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("ca", self.ca.info())
+            .field("kid", &self.signer.kid())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+pub struct State {
+    pub cfg: Config,
+    pub id: SpiffeId,
+    pub region: RegionId,
+    pub clock: SharedClock,
+    pub store: SharedStore,
+    vault: Arc<dyn KeyVault>,
+    pub bundle: Arc<TrustBundle>,
+    identity: RwLock<Arc<Identity>>,
+    tls_cert: Arc<ReloadableCert>,
+    /// Signing certificates of every cache, as last fetched from the control plane.
+    cp_signing: RwLock<Vec<Vec<u8>>>,
+    /// Our own signing certificates still valid (the current one last).
+    own_signing: RwLock<Vec<Vec<u8>>>,
+    jwks_json: RwLock<Arc<String>>,
+    cp: ControlPlaneClient<Channel>,
+    pub authorizer: Arc<dyn Authorizer>,
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub state: Arc<State>,
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    background: JoinHandle<()>,
+}
+
+struct Keys {
+    ca: PrivateKey,
+    tls: PrivateKey,
+    signing: PrivateKey,
+}
+
+const AAD_CA: &str = "cache/ca-key";
+const AAD_TLS: &str = "cache/tls-key";
+const AAD_SIGNING: &str = "cache/signing-key";
+
+fn new_keys() -> Result<(Keys, pb::CacheCsrs), Error> {
+    let keys = Keys {
+        ca: PrivateKey::generate_p256()?,
+        tls: PrivateKey::generate_p256()?,
+        signing: PrivateKey::generate_ed25519()?,
+    };
+    let csrs = pb::CacheCsrs {
+        ca_csr: keys.ca.csr_der()?,
+        tls_csr: keys.tls.csr_der()?,
+        signing_csr: keys.signing.csr_der()?,
+    };
+    Ok((keys, csrs))
+}
+
+fn b64(d: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(d)
+}
+fn unb64(s: &str) -> Result<Vec<u8>, Error> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+fn status_to_error(what: &str, s: tonic::Status) -> Error {
+    Error::ControlPlane(format!("{what}: {} ({:?})", s.message(), s.code()))
+}
+
+impl State {
+    /// Checks the certificates the control plane returned against our keys
+    /// and the root, persists keys (sealed) and certificates in one durable
+    /// batch, and builds the identity.
+    fn accept_certificates(
+        id: &SpiffeId,
+        bundle: &TrustBundle,
+        clock: &SharedClock,
+        store: &SharedStore,
+        vault: &Arc<dyn KeyVault>,
+        keys: Keys,
+        certs: &pb::CacheCertificates,
+    ) -> Result<(Identity, Vec<u8>, PrivateKey), Error> {
+        let now = clock.now();
+        let tls_info = bundle.verify(&certs.tls_cert, &[], now, Usage::TlsServer)?;
+        let signing_info = bundle.verify(&certs.signing_cert, &[], now, Usage::JwtSigning)?;
+        let ca_info = inspect(&certs.ca_cert)?;
+        for (what, info) in [("TLS", &tls_info), ("signing", &signing_info), ("CA", &ca_info)] {
+            if info.id.as_ref() != Some(id) {
+                return Err(Error::ControlPlane(format!("{what} certificate names {:?}, not {id}", info.id)));
+            }
+        }
+        let signer = TokenSigner::from_pkcs8(&keys.signing.pkcs8_der())?;
+        if lattice_shared::token::public_key_of_cert(&certs.signing_cert).as_deref()
+            != Some(signer.public_key_raw())
+        {
+            return Err(Error::ControlPlane("signing certificate does not carry our key".into()));
+        }
+        let stored = StoredCerts {
+            ca_cert: b64(&certs.ca_cert),
+            tls_cert: b64(&certs.tls_cert),
+            signing_cert: b64(&certs.signing_cert),
+        };
+        let json = serde_json::to_vec(&stored).map_err(|e| Error::Corrupt(e.to_string()))?;
+        store.apply(vec![
+            Write { tree: T_IDENTITY, key: b"ca_key".to_vec(), value: Some(vault.seal(&keys.ca.pkcs8_der(), AAD_CA)?) },
+            Write { tree: T_IDENTITY, key: b"tls_key".to_vec(), value: Some(vault.seal(&keys.tls.pkcs8_der(), AAD_TLS)?) },
+            Write {
+                tree: T_IDENTITY,
+                key: b"signing_key".to_vec(),
+                value: Some(vault.seal(&keys.signing.pkcs8_der(), AAD_SIGNING)?),
+            },
+            Write { tree: T_IDENTITY, key: b"certs".to_vec(), value: Some(json) },
+        ])?;
+        // The signing key lives on inside `signer`; this copy is zeroized on drop.
+        let Keys { ca, tls, signing: _ } = keys;
+        let authority = Authority::from_parts(certs.ca_cert.clone(), ca)?;
+        Ok((
+            Identity { ca: authority, signer, signing_cert: certs.signing_cert.clone(), tls: tls_info },
+            certs.tls_cert.clone(),
+            tls,
+        ))
+    }
+
+    fn load_identity(
+        store: &SharedStore,
+        vault: &Arc<dyn KeyVault>,
+    ) -> Result<Option<(Identity, Vec<u8>, PrivateKey)>, Error> {
+        let Some(json) = store.get(T_IDENTITY, b"certs")? else { return Ok(None) };
+        let stored: StoredCerts = serde_json::from_slice(&json).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let get = |k: &[u8], aad: &str| -> Result<PrivateKey, Error> {
+            let sealed = store.get(T_IDENTITY, k)?.ok_or_else(|| Error::Corrupt("missing key".into()))?;
+            Ok(PrivateKey::from_pkcs8(&vault.open(&sealed, aad)?)?)
+        };
+        let ca = Authority::from_parts(unb64(&stored.ca_cert)?, get(b"ca_key", AAD_CA)?)?;
+        let tls_key = get(b"tls_key", AAD_TLS)?;
+        let signing_key = get(b"signing_key", AAD_SIGNING)?;
+        let signer = TokenSigner::from_pkcs8(&signing_key.pkcs8_der())?;
+        let tls_cert = unb64(&stored.tls_cert)?;
+        let tls = inspect(&tls_cert)?;
+        Ok(Some((Identity { ca, signer, signing_cert: unb64(&stored.signing_cert)?, tls }, tls_cert, tls_key)))
+    }
+
+    pub fn identity(&self) -> Arc<Identity> {
+        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn jwks_json(&self) -> Arc<String> {
+        self.jwks_json.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn rebuild_jwks(&self) {
+        let now = self.clock.now();
+        let own = self.own_signing.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let cp = self.cp_signing.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let set = jwks_from_certs(own.iter().chain(cp.iter()).map(Vec::as_slice), now);
+        let json = serde_json::to_string(&set).unwrap_or_else(|_| "{\"keys\":[]}".into());
+        *self.jwks_json.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(json);
+    }
+
+    /// Fetches every cache's signing keys from the control plane.
+    pub async fn refresh_jwks(&self) -> Result<(), Error> {
+        let resp = self
+            .cp
+            .clone()
+            .jwks(pb::JwksRequest {})
+            .await
+            .map_err(|s| status_to_error("fetching the JWKS", s))?
+            .into_inner();
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_str(&resp.jwks_json).map_err(|e| Error::ControlPlane(e.to_string()))?;
+        let now = self.clock.now();
+        let mut certs = Vec::new();
+        for jwk in &set.keys {
+            use base64::Engine;
+            let Some(c) = jwk.common.x509_chain.as_ref().and_then(|c| c.first()) else { continue };
+            let Ok(der) = base64::engine::general_purpose::STANDARD.decode(c) else { continue };
+            // Only keys the root certified for a cache enter our JWKS.
+            if self.bundle.verify(&der, &[], now, Usage::JwtSigning).is_ok() {
+                certs.push(der);
+            }
+        }
+        *self.cp_signing.write().unwrap_or_else(|p| p.into_inner()) = certs;
+        self.rebuild_jwks();
+        Ok(())
+    }
+
+    /// Renews the CA, TLS and signing certificates (with fresh keys) once the
+    /// CA has passed half its life. Returns whether it renewed.
+    pub async fn renew_if_due(&self) -> Result<bool, Error> {
+        let ident = self.identity();
+        let info = ident.ca.info();
+        if !past_half_life(self.clock.now(), info.not_before, info.not_after) {
+            return Ok(false);
+        }
+        let (keys, csrs) = new_keys()?;
+        let resp = self
+            .cp
+            .clone()
+            .renew_ca(pb::RenewCaRequest { csrs: Some(csrs) })
+            .await
+            .map_err(|s| status_to_error("renewing certificates", s))?
+            .into_inner();
+        let certs = resp.certificates.ok_or_else(|| Error::ControlPlane("no certificates".into()))?;
+        let (store, vault, clock, bundle, id) =
+            (self.store.clone(), self.vault.clone(), self.clock.clone(), self.bundle.clone(), self.id.clone());
+        let (ident, tls_cert, tls_key) = tokio::task::spawn_blocking(move || {
+            Self::accept_certificates(&id, &bundle, &clock, &store, &vault, keys, &certs)
+        })
+        .await
+        .map_err(|_| Error::Corrupt("worker failed".into()))??;
+        self.tls_cert.replace(vec![tls_cert], &tls_key)?;
+        self.own_signing
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ident.signing_cert.clone());
+        tracing::info!(cache_id = %self.id, serial = %ident.ca.info().serial_hex, "renewed cache certificates");
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ident);
+        self.rebuild_jwks();
+        metrics::counter!("lattice_cache_renewals_total").increment(1);
+        Ok(true)
+    }
+}
+
+impl App {
+    pub async fn build(cfg: Config, deps: Deps) -> Result<App, Error> {
+        let id = cfg.validate().map_err(Error::Config)?;
+        let region = id.region().cloned().ok_or_else(|| Error::Config("cache id has no region".into()))?;
+        let root_der = pem::read_certs(&cfg.root_ca)
+            .map_err(Error::Config)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Config("root_ca holds no certificate".into()))?;
+        let bundle = Arc::new(TrustBundle::new(id.trust_domain().clone(), root_der)?);
+        lattice_shared::store::check_schema(&*deps.store, "regional-cache", SCHEMA_VERSION)?;
+
+        let tls_cert = ReloadableCert::empty();
+        let (identity, tls_der, tls_key) = match State::load_identity(&deps.store, &deps.vault)? {
+            Some(loaded) => loaded,
+            None => {
+                let token = cfg.join_token.clone().ok_or(Error::NeedsJoinToken)?;
+                let (keys, csrs) = new_keys()?;
+                // Enrolment: server-auth TLS, the control plane proven by the root.
+                let tls = lattice_shared::tls::client_config(
+                    bundle.clone(),
+                    deps.clock.clone(),
+                    ExpectedServer::ControlPlane,
+                    None,
+                )?;
+                let ch = lattice_shared::net::channel(cfg.control_plane, tls)
+                    .map_err(|e| Error::ControlPlane(e.to_string()))?;
+                let resp = ControlPlaneClient::new(ch)
+                    .enrol(pb::EnrolCacheRequest { join_token: token, requested_id: id.to_string(), csrs: Some(csrs) })
+                    .await
+                    .map_err(|s| status_to_error("enrolment refused", s))?
+                    .into_inner();
+                let certs = resp.certificates.ok_or_else(|| Error::ControlPlane("no certificates".into()))?;
+                let accepted =
+                    State::accept_certificates(&id, &bundle, &deps.clock, &deps.store, &deps.vault, keys, &certs)?;
+                tracing::info!(cache_id = %id, "enrolled at the control plane");
+                accepted
+            }
+        };
+        if deps.clock.now() > identity.tls.not_after {
+            return Err(Error::Config(format!(
+                "the stored certificates of {id} expired at {:?}; re-enrol with a new join token (remove {})",
+                identity.tls.not_after,
+                cfg.data_dir.display()
+            )));
+        }
+        tls_cert.replace(vec![tls_der], &tls_key)?;
+        drop(tls_key);
+
+        let cp_tls = lattice_shared::tls::client_config(
+            bundle.clone(),
+            deps.clock.clone(),
+            ExpectedServer::ControlPlane,
+            Some(tls_cert.clone()),
+        )?;
+        let cp = ControlPlaneClient::new(
+            lattice_shared::net::channel(cfg.control_plane, cp_tls).map_err(|e| Error::ControlPlane(e.to_string()))?,
+        );
+        let authorizer = deps.authorizer.unwrap_or_else(|| Arc::new(BuiltinAuthorizer::new(&cfg.audiences)));
+        let own_signing = vec![identity.signing_cert.clone()];
+        let state = Arc::new(State {
+            cfg,
+            id,
+            region,
+            clock: deps.clock.clone(),
+            store: deps.store,
+            vault: deps.vault,
+            bundle: bundle.clone(),
+            identity: RwLock::new(Arc::new(identity)),
+            tls_cert: tls_cert.clone(),
+            cp_signing: RwLock::new(Vec::new()),
+            own_signing: RwLock::new(own_signing),
+            jwks_json: RwLock::new(Arc::new(String::new())),
+            cp,
+            authorizer,
+        });
+        state.rebuild_jwks();
+        if let Err(e) = state.refresh_jwks().await {
+            // Not fatal: the cache serves its own keys and retries.
+            tracing::warn!(error = %e, "could not fetch the JWKS from the control plane");
+        }
+
+        let tls = lattice_shared::tls::server_config(bundle, deps.clock.clone(), tls_cert)?;
+        let addr = deps.listener.local_addr()?;
+        let (shutdown, mut rx) = watch::channel(false);
+        let incoming = lattice_shared::net::tls_incoming(deps.listener, tls);
+        let routes = service::routes(state.clone());
+        let server = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
+            .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
+            .timeout(limits::RPC_TIMEOUT)
+            .layer(AuthGuardLayer::new(service::OPEN_PATHS))
+            .add_routes(routes);
+        let server = tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "cache server failed");
+            }
+        });
+        let background = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut renew = tokio::time::interval(Duration::from_secs(state.cfg.renew_check_secs));
+                let mut jwks = tokio::time::interval(Duration::from_secs(state.cfg.jwks_refresh_secs));
+                loop {
+                    tokio::select! {
+                        _ = renew.tick() => {
+                            if let Err(e) = state.renew_if_due().await {
+                                tracing::warn!(error = %e, "certificate renewal failed; will retry");
+                            }
+                        }
+                        _ = jwks.tick() => {
+                            if let Err(e) = state.refresh_jwks().await {
+                                tracing::debug!(error = %e, "JWKS refresh failed; will retry");
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        tracing::info!(%addr, cache_id = %state.id, "cache listening");
+        Ok(App { state, addr, shutdown, server, background })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.background.abort();
+        let _ = self.server.await;
+    }
+}

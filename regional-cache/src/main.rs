@@ -1,1 +1,73 @@
-fn main() {}
+//! `lattice-cache`: a regional cache as a standalone process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use lattice_regional_cache::{App, Config, Deps};
+use lattice_shared::config::EXIT_BAD_CONFIG;
+
+/// Lattice regional cache: enrols agents of its region, renews their
+/// certificates and mints short-lived tokens.
+///
+/// Configuration comes from defaults, then the TOML file, then environment
+/// variables prefixed LATTICE_CACHE_ (e.g. LATTICE_CACHE_JOIN_TOKEN=ljt_...).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file (see deploy/regional-cache.toml).
+    #[arg(long, short, env = "LATTICE_CACHE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg: Config = match lattice_shared::config::load(cli.config.as_deref(), "LATTICE_CACHE_") {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lattice-cache: bad configuration: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    if let Err(e) = cfg.validate() {
+        eprintln!("lattice-cache: bad configuration: {e}");
+        return ExitCode::from(EXIT_BAD_CONFIG as u8);
+    }
+    lattice_shared::telemetry::init_tracing(cfg.log_json);
+    lattice_shared::tls::install_crypto_provider();
+    match run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lattice-cache: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    lattice_shared::telemetry::install_metrics(cfg.metrics_listen).map_err(anyhow::Error::msg)?;
+    let store = lattice_shared::store::SledStore::open(&cfg.data_dir.join("db"))?;
+    let vault = lattice_shared::seal::LocalKeyFile::open_or_create(&cfg.data_dir.join("kek.key"))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let app = App::build(
+        cfg,
+        Deps {
+            clock: lattice_shared::clock::SystemClock::shared(),
+            store,
+            vault: std::sync::Arc::new(vault),
+            listener,
+            authorizer: None,
+        },
+    )
+    .await?;
+    eprintln!(
+        "lattice-cache {} listening on {} (JWKS at https://{}/.well-known/jwks.json)",
+        app.state.id,
+        app.local_addr(),
+        app.local_addr()
+    );
+    tokio::signal::ctrl_c().await?;
+    app.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! gRPC handlers of the `ControlPlane` (for caches) and `Admin` (for
+//! operators) services. Callers are identified only by their verified
+//! certificate; the `Enrol` call alone is open.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lattice_shared::clock::unix_secs;
+use lattice_shared::id::{Role, SpiffeId};
+use lattice_shared::limits;
+use lattice_shared::net::{PeerIdentity, authenticated};
+use lattice_shared::pki::{MAX_DER_LEN, PkiError, inspect};
+use lattice_shared::proto::{self as pb, admin_server::Admin, control_plane_server::ControlPlane};
+use tonic::{Request, Response, Status};
+
+use crate::join::{self, Redemption};
+use crate::{CacheRecord, Error, State};
+
+/// Paths served without a client certificate.
+pub(crate) const OPEN_PATHS: &[&str] = &["/lattice.v1.ControlPlane/Enrol"];
+
+#[derive(Debug, Clone)]
+pub(crate) struct Service {
+    pub state: Arc<State>,
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        match e {
+            Error::Denied(m) => Status::permission_denied(m),
+            Error::Unauthenticated(m) => Status::unauthenticated(m),
+            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::NotFound(m) => Status::not_found(m),
+            Error::Pki(
+                e @ (PkiError::BadCsr | PkiError::UnsupportedKey | PkiError::TooLarge | PkiError::Scope(_)),
+            ) => Status::invalid_argument(e.to_string()),
+            other => {
+                // Internals stay in our logs, not in the peer's hands.
+                tracing::error!(error = %other, "control-plane request failed");
+                Status::internal("internal error; see control-plane logs")
+            }
+        }
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn require_role<T>(
+    state: &State,
+    req: &Request<T>,
+    role: Role,
+) -> Result<Arc<PeerIdentity>, Status> {
+    let peer = authenticated(req, &state.clock)?;
+    if peer.id.role() != role {
+        return Err(Status::permission_denied(format!(
+            "{} may not call this; it is for a {role}",
+            peer.id
+        )));
+    }
+    Ok(peer)
+}
+
+#[allow(clippy::result_large_err)]
+fn check_csrs(csrs: Option<&pb::CacheCsrs>) -> Result<&pb::CacheCsrs, Status> {
+    let csrs = csrs.ok_or_else(|| Status::invalid_argument("csrs are required"))?;
+    for (name, c) in [("ca_csr", &csrs.ca_csr), ("tls_csr", &csrs.tls_csr), ("signing_csr", &csrs.signing_csr)] {
+        if c.is_empty() || c.len() > MAX_DER_LEN {
+            return Err(Status::invalid_argument(format!("{name} must be 1..={MAX_DER_LEN} bytes")));
+        }
+    }
+    Ok(csrs)
+}
+
+fn certificates(state: &State, r: &CacheRecord) -> pb::CacheCertificates {
+    pb::CacheCertificates {
+        ca_cert: r.ca_cert.clone(),
+        tls_cert: r.tls_cert.clone(),
+        signing_cert: r.signing_certs.last().cloned().unwrap_or_default(),
+        root_cert: state.root.cert_der().to_vec(),
+        cache_id: r.id.to_string(),
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn optional_id(s: &str) -> Result<Option<SpiffeId>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    SpiffeId::parse(s)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("requested_id: {e}")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("worker failed"))?
+        .map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl ControlPlane for Service {
+    async fn enrol(
+        &self,
+        req: Request<pb::EnrolCacheRequest>,
+    ) -> Result<Response<pb::EnrolCacheResponse>, Status> {
+        let r = req.into_inner();
+        if r.join_token.is_empty() || r.join_token.len() > limits::MAX_JOIN_TOKEN_LEN {
+            return Err(Status::invalid_argument("join_token is missing or too long"));
+        }
+        let requested = optional_id(&r.requested_id)?;
+        let csrs = check_csrs(r.csrs.as_ref())?.clone();
+        let state = self.state.clone();
+        let token_hash = join::token_hash(&r.join_token);
+        let record = blocking(move || {
+            let id = join::redeem(
+                &state,
+                Redemption { token_hash, role: Role::Cache, region: None, requested_id: requested.as_ref() },
+            )?;
+            let record = state.certify_cache(&id, &csrs)?;
+            tracing::info!(cache_id = %id, "cache enrolled");
+            Ok(record)
+        })
+        .await?;
+        Ok(Response::new(pb::EnrolCacheResponse {
+            certificates: Some(certificates(&self.state, &record)),
+        }))
+    }
+
+    async fn renew_ca(
+        &self,
+        req: Request<pb::RenewCaRequest>,
+    ) -> Result<Response<pb::RenewCaResponse>, Status> {
+        let peer = require_role(&self.state, &req, Role::Cache)?;
+        let csrs = check_csrs(req.get_ref().csrs.as_ref())?.clone();
+        let state = self.state.clone();
+        let record = blocking(move || {
+            if state.cache_record(&peer.id)?.is_none() {
+                return Err(Error::NotFound(format!("{} is not enrolled", peer.id)));
+            }
+            state.certify_cache(&peer.id, &csrs)
+        })
+        .await?;
+        tracing::info!(cache_id = %record.id, "cache certificates renewed");
+        Ok(Response::new(pb::RenewCaResponse { certificates: Some(certificates(&self.state, &record)) }))
+    }
+
+    async fn redeem_join_token(
+        &self,
+        req: Request<pb::RedeemJoinTokenRequest>,
+    ) -> Result<Response<pb::RedeemJoinTokenResponse>, Status> {
+        let peer = require_role(&self.state, &req, Role::Cache)?;
+        let r = req.into_inner();
+        let token_hash: [u8; 32] = r
+            .token_sha256
+            .as_slice()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("token_sha256 must be 32 bytes"))?;
+        let requested = optional_id(&r.requested_id)?;
+        let state = self.state.clone();
+        let id = blocking(move || {
+            let region = peer.id.region().cloned();
+            join::redeem(
+                &state,
+                Redemption { token_hash, role: Role::Agent, region: region.as_ref(), requested_id: requested.as_ref() },
+            )
+        })
+        .await?;
+        Ok(Response::new(pb::RedeemJoinTokenResponse { agent_id: id.to_string() }))
+    }
+
+    async fn jwks(&self, req: Request<pb::JwksRequest>) -> Result<Response<pb::JwksResponse>, Status> {
+        require_role(&self.state, &req, Role::Cache)?;
+        let state = self.state.clone();
+        let json = blocking(move || {
+            let caches = state.caches()?;
+            let set = lattice_shared::token::jwks_from_certs(
+                caches.iter().flat_map(|c| c.signing_certs.iter().map(Vec::as_slice)),
+                state.clock.now(),
+            );
+            serde_json::to_string(&set).map_err(|e| Error::Corrupt(e.to_string()))
+        })
+        .await?;
+        Ok(Response::new(pb::JwksResponse { jwks_json: json }))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Service {
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let admin = require_role(&self.state, &req, Role::Admin)?;
+        let r = req.into_inner();
+        let id = SpiffeId::parse(&r.id).map_err(|e| Status::invalid_argument(format!("id: {e}")))?;
+        let ttl = (r.ttl_secs > 0).then(|| Duration::from_secs(r.ttl_secs));
+        let state = self.state.clone();
+        let created = blocking(move || join::create(&state, &id, ttl)).await?;
+        tracing::info!(admin = %admin.id, id = %created.record.id, "admin created a join token");
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token: created.token.to_string(),
+            id: created.record.id.to_string(),
+            region: created.record.id.region().map(|r| r.to_string()).unwrap_or_default(),
+            expires_at_unix: created.record.expires_at_unix,
+        }))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        require_role(&self.state, &req, Role::Admin)?;
+        let state = self.state.clone();
+        let (caches, outstanding) =
+            blocking(move || Ok((state.caches()?, join::outstanding(&state)?))).await?;
+        let caches = caches
+            .iter()
+            .map(|c| {
+                let ca = inspect(&c.ca_cert).ok();
+                pb::CacheStatus {
+                    cache_id: c.id.to_string(),
+                    region: c.id.region().map(|r| r.to_string()).unwrap_or_default(),
+                    enrolled_at_unix: c.enrolled_at_unix,
+                    ca_not_after_unix: ca.as_ref().map(|i| unix_secs(i.not_after)).unwrap_or(0),
+                    ca_serial: ca.map(|i| i.serial_hex).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            trust_domain: self.state.td.to_string(),
+            caches,
+            join_tokens_outstanding: outstanding,
+        }))
+    }
+}

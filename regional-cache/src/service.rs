@@ -1,0 +1,248 @@
+//! gRPC handlers of the `Cache` service, plus the public JWKS document at
+//! `/.well-known/jwks.json` on the same port (HTTP/1.1 or HTTP/2).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use lattice_shared::clock::unix_secs;
+use lattice_shared::id::{Role, SpiffeId};
+use lattice_shared::limits;
+use lattice_shared::net::{PeerIdentity, authenticated};
+use lattice_shared::pki::{MAX_DER_LEN, PkiError, Profile, inspect, sha256};
+use lattice_shared::proto::{self as pb, cache_server::Cache};
+use lattice_shared::token::{Claims, Confirmation};
+use ring::rand::{SecureRandom, SystemRandom};
+use tonic::{Request, Response, Status};
+
+use crate::State;
+use crate::authz::{Decision, MintRequest};
+
+pub(crate) const OPEN_PATHS: &[&str] = &["/lattice.v1.Cache/Enrol", "/.well-known/jwks.json"];
+
+#[derive(Debug, Clone)]
+pub(crate) struct Service {
+    state: Arc<State>,
+    rng: SystemRandom,
+}
+
+pub(crate) fn routes(state: Arc<State>) -> tonic::service::Routes {
+    let svc = Service { state: state.clone(), rng: SystemRandom::new() };
+    let grpc = tonic::service::Routes::new(
+        pb::cache_server::CacheServer::new(svc).max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+    );
+    let router = grpc.into_axum_router().route(
+        "/.well-known/jwks.json",
+        axum::routing::get(move || {
+            let state = state.clone();
+            async move {
+                (
+                    [(http::header::CONTENT_TYPE, "application/jwk-set+json"), (http::header::CACHE_CONTROL, "max-age=30")],
+                    state.jwks_json().as_str().to_owned(),
+                )
+            }
+        }),
+    );
+    tonic::service::Routes::from(router)
+}
+
+fn pki_status(e: PkiError) -> Status {
+    match e {
+        PkiError::BadCsr | PkiError::UnsupportedKey | PkiError::TooLarge => Status::invalid_argument(e.to_string()),
+        PkiError::Scope(m) => Status::permission_denied(m),
+        other => {
+            tracing::error!(error = %other, "certificate issuance failed");
+            Status::internal("certificate issuance failed; see cache logs")
+        }
+    }
+}
+
+#[allow(clippy::result_large_err)]
+impl Service {
+    /// The caller must be an agent of this cache's region.
+    fn require_agent<T>(&self, req: &Request<T>) -> Result<Arc<PeerIdentity>, Status> {
+        let peer = authenticated(req, &self.state.clock)?;
+        if peer.id.role() != Role::Agent {
+            return Err(Status::permission_denied(format!("{} is not an agent", peer.id)));
+        }
+        if peer.id.region() != Some(&self.state.region) {
+            metrics::counter!("lattice_cache_refusals_total", "reason" => "wrong_region").increment(1);
+            return Err(Status::permission_denied(format!(
+                "{} belongs to another region; this cache serves region {}",
+                peer.id, self.state.region
+            )));
+        }
+        Ok(peer)
+    }
+
+    fn issue_agent_cert(&self, agent: &SpiffeId, csr: &[u8]) -> Result<pb::CertificateChain, Status> {
+        if csr.is_empty() || csr.len() > MAX_DER_LEN {
+            return Err(Status::invalid_argument(format!("csr must be 1..={MAX_DER_LEN} bytes")));
+        }
+        let ident = self.state.identity();
+        let leaf = ident
+            .ca
+            .issue(
+                csr,
+                agent,
+                Profile::TlsClient,
+                self.state.clock.now(),
+                Duration::from_secs(self.state.cfg.agent_cert_ttl_secs),
+            )
+            .map_err(pki_status)?;
+        let not_after = inspect(&leaf).map(|i| unix_secs(i.not_after)).unwrap_or(0);
+        metrics::counter!("lattice_cache_certificates_issued_total").increment(1);
+        Ok(pb::CertificateChain {
+            leaf,
+            intermediate: ident.ca.cert_der().to_vec(),
+            root: self.state.bundle.root_der().to_vec(),
+            not_after_unix: not_after,
+        })
+    }
+
+    fn random_id(&self) -> Result<String, Status> {
+        let mut b = [0u8; 16];
+        self.rng.fill(&mut b).map_err(|_| Status::internal("random number generator failed"))?;
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+    }
+}
+
+fn valid_scope(s: &str) -> bool {
+    !s.is_empty() && s.len() <= limits::MAX_SCOPE_LEN && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+#[tonic::async_trait]
+impl Cache for Service {
+    async fn enrol(&self, req: Request<pb::EnrolAgentRequest>) -> Result<Response<pb::EnrolAgentResponse>, Status> {
+        let r = req.into_inner();
+        if r.join_token.is_empty() || r.join_token.len() > limits::MAX_JOIN_TOKEN_LEN {
+            return Err(Status::invalid_argument("join_token is missing or too long"));
+        }
+        if r.csr.is_empty() || r.csr.len() > MAX_DER_LEN {
+            return Err(Status::invalid_argument(format!("csr must be 1..={MAX_DER_LEN} bytes")));
+        }
+        if !r.requested_id.is_empty() {
+            let want = SpiffeId::parse(&r.requested_id)
+                .map_err(|e| Status::invalid_argument(format!("requested_id: {e}")))?;
+            if want.region() != Some(&self.state.region) || want.role() != Role::Agent {
+                return Err(Status::permission_denied(format!(
+                    "{want} cannot enrol here: this cache enrols agents of region {}",
+                    self.state.region
+                )));
+            }
+        }
+        // The token is redeemed at the control plane (exactly once, bound to
+        // this cache's region); only its hash leaves this process.
+        let resp = self
+            .state
+            .cp
+            .clone()
+            .redeem_join_token(pb::RedeemJoinTokenRequest {
+                token_sha256: sha256(r.join_token.as_bytes()).to_vec(),
+                requested_id: r.requested_id.clone(),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+                | tonic::Code::InvalidArgument => Status::new(s.code(), s.message().to_owned()),
+                _ => {
+                    tracing::warn!(error = %s, "control plane unreachable for enrolment");
+                    Status::unavailable("the control plane is unreachable; enrolment needs it, retry later")
+                }
+            })?
+            .into_inner();
+        let agent = SpiffeId::parse(&resp.agent_id)
+            .map_err(|_| Status::internal("control plane returned a malformed id"))?;
+        let chain = self.issue_agent_cert(&agent, &r.csr)?;
+        tracing::info!(agent_id = %agent, "agent enrolled");
+        Ok(Response::new(pb::EnrolAgentResponse { agent_id: agent.to_string(), chain: Some(chain) }))
+    }
+
+    async fn issue_certificate(
+        &self,
+        req: Request<pb::IssueCertificateRequest>,
+    ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
+        let peer = self.require_agent(&req)?;
+        let chain = self.issue_agent_cert(&peer.id, &req.get_ref().csr)?;
+        tracing::debug!(agent_id = %peer.id, "agent certificate renewed");
+        Ok(Response::new(pb::IssueCertificateResponse { chain: Some(chain) }))
+    }
+
+    async fn mint_token(&self, req: Request<pb::MintTokenRequest>) -> Result<Response<pb::MintTokenResponse>, Status> {
+        let started = Instant::now();
+        let peer = self.require_agent(&req)?;
+        let r = req.into_inner();
+        let cfg = &self.state.cfg;
+        if r.audience.is_empty() || r.audience.len() > limits::MAX_AUDIENCE_LEN || !valid_scope(&r.audience) {
+            return Err(Status::invalid_argument(format!(
+                "audience must be 1..={} printable characters without spaces",
+                limits::MAX_AUDIENCE_LEN
+            )));
+        }
+        if r.scopes.len() > limits::MAX_SCOPES || !r.scopes.iter().all(|s| valid_scope(s)) {
+            return Err(Status::invalid_argument(format!(
+                "at most {} scopes of 1..={} printable characters without spaces",
+                limits::MAX_SCOPES,
+                limits::MAX_SCOPE_LEN
+            )));
+        }
+        let ttl_secs = if r.ttl_secs == 0 { cfg.token_default_ttl_secs } else { r.ttl_secs };
+        if ttl_secs > cfg.token_max_ttl_secs {
+            return Err(Status::invalid_argument(format!(
+                "requested ttl {ttl_secs}s exceeds this cache's maximum of {}s",
+                cfg.token_max_ttl_secs
+            )));
+        }
+        let decision = self.state.authorizer.authorize_mint(&MintRequest {
+            agent: &peer.id,
+            audience: &r.audience,
+            scopes: &r.scopes,
+            ttl: Duration::from_secs(ttl_secs),
+        });
+        if let Decision::Deny(reason) = decision {
+            metrics::counter!("lattice_cache_mint_total", "outcome" => "denied").increment(1);
+            tracing::info!(agent_id = %peer.id, audience = %r.audience, %reason, "mint denied");
+            return Err(Status::permission_denied(reason));
+        }
+        let now = unix_secs(self.state.clock.now());
+        // A token never outlives the certificate it is bound to.
+        let exp = (now + i64::try_from(ttl_secs).unwrap_or(0)).min(unix_secs(peer.cert.not_after));
+        let jti = self.random_id()?;
+        let ident = self.state.identity();
+        let claims = Claims {
+            iss: self.state.id.to_string(),
+            sub: peer.id.to_string(),
+            aud: r.audience,
+            scope: r.scopes.join(" "),
+            jti: jti.clone(),
+            iat: now,
+            nbf: now,
+            exp,
+            cnf: Some(Confirmation { x5t_s256: peer.cert.thumbprint_b64() }),
+        };
+        let token = ident.signer.sign(&claims).map_err(|_| Status::internal("token signing failed"))?;
+        metrics::counter!("lattice_cache_mint_total", "outcome" => "issued").increment(1);
+        metrics::histogram!("lattice_cache_mint_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Response::new(pb::MintTokenResponse {
+            token,
+            jti,
+            expires_at_unix: exp,
+            kid: ident.signer.kid().to_owned(),
+        }))
+    }
+
+    async fn jwks(&self, req: Request<pb::JwksRequest>) -> Result<Response<pb::JwksResponse>, Status> {
+        authenticated(&req, &self.state.clock)?;
+        Ok(Response::new(pb::JwksResponse { jwks_json: self.state.jwks_json().as_str().to_owned() }))
+    }
+
+    async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingResponse>, Status> {
+        authenticated(&req, &self.state.clock)?;
+        let r = req.into_inner();
+        if r.payload.len() > limits::MAX_PING_PAYLOAD {
+            return Err(Status::invalid_argument("payload too large"));
+        }
+        Ok(Response::new(pb::PingResponse { payload: r.payload }))
+    }
+}
