@@ -33,7 +33,7 @@ async fn main() -> ExitCode {
         eprintln!("lattice-cp: bad configuration: {e}");
         return ExitCode::from(EXIT_BAD_CONFIG as u8);
     }
-    lattice_shared::telemetry::init_tracing(cfg.log_json);
+    lattice_shared::telemetry::init_tracing(cfg.log_json, "info");
     lattice_shared::tls::install_crypto_provider();
     match run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

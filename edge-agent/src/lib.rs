@@ -231,9 +231,14 @@ impl Agent {
         Ok(self.client().jwks(pb::JwksRequest {}).await?.into_inner().jwks_json)
     }
 
-    /// A client for raw calls (benchmarks, tests).
+    /// A client for raw calls (benchmarks, tests) on the shared connection.
     pub fn cache_client(&self) -> CacheClient<Channel> {
         self.client()
+    }
+
+    /// A client on a new connection of its own.
+    pub fn new_cache_client(&self) -> Result<CacheClient<Channel>, Error> {
+        new_client(&self.cfg, &self.bundle, &self.clock, &self.region, &self.cert)
     }
 
     /// Renews the certificate with a fresh key once it is past half-life.

@@ -135,7 +135,12 @@ pub fn tls_incoming(
     let permits = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            // Stop (and free the port) once the server has gone away.
+            let accepted = tokio::select! {
+                _ = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

@@ -9,10 +9,11 @@ pub mod fields {
     pub const REGION: &str = "region";
 }
 
-/// Installs the global subscriber. `RUST_LOG` filters; `json` selects JSON lines.
-pub fn init_tracing(json: bool) {
+/// Installs the global subscriber. `RUST_LOG` filters (default `default_level`);
+/// `json` selects JSON lines.
+pub fn init_tracing(json: bool, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json { builder.json().try_init() } else { builder.compact().try_init() };
 }

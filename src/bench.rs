@@ -1,0 +1,127 @@
+//! `lattice bench mint`: MintToken at one cache over mTLS with many requests
+//! in flight, next to the bare `Ping` echo of the same server stack measured
+//! in the same run, so the ratio shows what minting itself costs.
+
+use std::time::{Duration, Instant};
+
+use lattice_shared::clock::SystemClock;
+use lattice_shared::proto as pb;
+
+use crate::harness::{Lattice, Spec};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub concurrency: usize,
+    pub connections: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub name: &'static str,
+    pub requests: usize,
+    pub errors: usize,
+    pub rps: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<6} {:>9.0} rpc/s  p50 {:>6} µs  p99 {:>6} µs  ({} requests, {} errors)",
+            self.name, self.rps, self.p50_us, self.p99_us, self.requests, self.errors
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Call {
+    Echo,
+    Mint,
+}
+
+async fn load(
+    clients: &[pb::cache_client::CacheClient<tonic::transport::Channel>],
+    call: Call,
+    opts: &Options,
+    measure: bool,
+) -> Stats {
+    let duration = if measure { opts.duration } else { opts.warmup };
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..opts.concurrency {
+        let mut c = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            let mut errors = 0usize;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let ok = match call {
+                    Call::Echo => c.ping(pb::PingRequest { payload: vec![0u8; 16] }).await.is_ok(),
+                    Call::Mint => c
+                        .mint_token(pb::MintTokenRequest {
+                            audience: "https://api.example.com".into(),
+                            scopes: vec!["read".into()],
+                            ttl_secs: 0,
+                        })
+                        .await
+                        .is_ok(),
+                };
+                if ok {
+                    lat.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+                } else {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    Stats {
+        name: match call {
+            Call::Echo => "echo",
+            Call::Mint => "mint",
+        },
+        requests: all.len(),
+        errors,
+        rps: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+/// Runs echo then mint against one cache of an in-process lattice.
+pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
+    let spec = Spec { caches: vec![("eu".into(), "bench".into())], agents: vec![("eu".into(), "bench".into())], ..Spec::default() };
+    let lattice = Lattice::start(spec, SystemClock::shared()).await?;
+    let agent = &lattice.agents[0];
+    let clients: Vec<_> = (0..opts.connections.max(1))
+        .map(|_| agent.new_cache_client())
+        .collect::<Result<_, _>>()?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.set_message("warming up");
+    load(&clients, Call::Echo, &opts, false).await;
+    load(&clients, Call::Mint, &opts, false).await;
+    bar.set_message(format!("echo for {:?}", opts.duration));
+    let echo = load(&clients, Call::Echo, &opts, true).await;
+    bar.set_message(format!("mint for {:?}", opts.duration));
+    let mint = load(&clients, Call::Mint, &opts, true).await;
+    bar.finish_and_clear();
+    lattice.shutdown().await;
+    Ok((echo, mint))
+}

@@ -1,0 +1,321 @@
+//! The in-process lattice: a control plane, N regional caches and M edge
+//! agents on 127.0.0.1 with ephemeral ports, sled stores in one directory and
+//! one shared clock. `lattice dev`, the integration tests and the benchmarks
+//! all build the same thing through the same `App::build` calls the binaries
+//! use.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use lattice_control_plane as cp;
+use lattice_edge_agent as agent;
+use lattice_regional_cache as cache;
+use lattice_shared::clock::SharedClock;
+use lattice_shared::id::SpiffeId;
+use lattice_shared::seal::LocalKeyFile;
+use lattice_shared::store::{SharedStore, SledStore};
+use tokio::net::TcpListener;
+
+pub const TRUST_DOMAIN: &str = "lattice.local";
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// (region, name) of each cache.
+    pub caches: Vec<(String, String)>,
+    /// (region, name) of each agent; an agent enrols at the first cache of
+    /// its region.
+    pub agents: Vec<(String, String)>,
+    pub audiences: Vec<cache::authz::AudienceRule>,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Self {
+            caches: vec![("eu".into(), "cache-1".into()), ("us".into(), "cache-1".into())],
+            agents: vec![("eu".into(), "agent-1".into())],
+            audiences: cache::Config::default().audiences,
+        }
+    }
+}
+
+fn open_store(dir: &Path) -> anyhow::Result<(SharedStore, Arc<LocalKeyFile>)> {
+    let store = SledStore::open(&dir.join("db")).with_context(|| format!("opening {}", dir.display()))?;
+    let vault = Arc::new(LocalKeyFile::open_or_create(&dir.join("kek.key"))?);
+    Ok((store, vault))
+}
+
+async fn listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    // Rebinding the port of a process that just stopped can race its close.
+    let mut tries = 0;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if tries < 50 && addr.port() != 0 => {
+                tries += 1;
+                tracing::debug!(error = %e, "port busy, retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits until nothing else holds `store` (its tasks have ended), so that
+/// sled's lock is free for a restart.
+async fn release(store: SharedStore) -> anyhow::Result<()> {
+    let weak = Arc::downgrade(&store);
+    drop(store);
+    for _ in 0..500 {
+        if weak.strong_count() == 0 {
+            return Ok(());
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(anyhow!("store still in use after shutdown"))
+}
+
+pub struct CacheNode {
+    pub cfg: cache::Config,
+    pub app: Option<cache::App>,
+    store: Option<SharedStore>,
+}
+
+impl CacheNode {
+    pub fn app(&self) -> &cache::App {
+        self.app.as_ref().expect("cache is running") // tests only call this on running caches
+    }
+    pub fn addr(&self) -> SocketAddr {
+        self.cfg.listen
+    }
+    pub fn id(&self) -> SpiffeId {
+        SpiffeId::parse(&self.cfg.id).expect("validated at start")
+    }
+}
+
+pub struct Lattice {
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub clock: SharedClock,
+    pub cp_cfg: cp::Config,
+    pub cp: Option<cp::App>,
+    cp_store: Option<SharedStore>,
+    pub caches: Vec<CacheNode>,
+    pub agents: Vec<agent::Agent>,
+    spec: Spec,
+}
+
+impl Lattice {
+    /// Starts the whole lattice in a fresh temporary directory.
+    pub async fn start(spec: Spec, clock: SharedClock) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("lattice-").tempdir()?;
+        let dir = tmp.path().to_owned();
+        let mut l = Self::start_in(&dir, spec, clock).await?;
+        l._tmp = Some(tmp);
+        Ok(l)
+    }
+
+    /// Starts the whole lattice with its data under `dir`.
+    pub async fn start_in(dir: &Path, spec: Spec, clock: SharedClock) -> anyhow::Result<Self> {
+        lattice_shared::tls::install_crypto_provider();
+        let cp_cfg = cp::Config {
+            trust_domain: TRUST_DOMAIN.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.join("cp"),
+            ..cp::Config::default()
+        };
+        let mut l = Lattice {
+            dir: dir.to_owned(),
+            _tmp: None,
+            clock,
+            cp_cfg,
+            cp: None,
+            cp_store: None,
+            caches: Vec::new(),
+            agents: Vec::new(),
+            spec: spec.clone(),
+        };
+        l.start_cp().await?;
+        for (region, name) in &spec.caches {
+            l.add_cache(region, name).await?;
+        }
+        l.refresh_jwks().await?;
+        for (region, name) in &spec.agents {
+            l.add_agent(region, name).await?;
+        }
+        Ok(l)
+    }
+
+    pub fn cp(&self) -> &cp::App {
+        self.cp.as_ref().expect("control plane is running") // tests only call this while it runs
+    }
+
+    pub fn root_pem(&self) -> PathBuf {
+        self.cp_cfg.data_dir.join("root.crt")
+    }
+
+    async fn start_cp(&mut self) -> anyhow::Result<()> {
+        let (store, vault) = open_store(&self.cp_cfg.data_dir)?;
+        let l = listener(self.cp_cfg.listen).await?;
+        // Keep the port across restarts.
+        self.cp_cfg.listen = l.local_addr()?;
+        let app = cp::App::build(
+            self.cp_cfg.clone(),
+            cp::Deps { clock: self.clock.clone(), store: store.clone(), vault, listener: l },
+        )
+        .await?;
+        self.cp = Some(app);
+        self.cp_store = Some(store);
+        Ok(())
+    }
+
+    pub async fn stop_cp(&mut self) -> anyhow::Result<()> {
+        if let Some(app) = self.cp.take() {
+            app.shutdown().await;
+        }
+        if let Some(s) = self.cp_store.take() {
+            release(s).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops and starts the control plane on the same port and data.
+    pub async fn restart_cp(&mut self) -> anyhow::Result<()> {
+        self.stop_cp().await?;
+        self.start_cp().await
+    }
+
+    pub fn join_token(&self, id: &str, ttl: Option<Duration>) -> anyhow::Result<String> {
+        let id = SpiffeId::parse(id)?;
+        Ok(self.cp().create_join_token(&id, ttl)?.token.to_string())
+    }
+
+    pub fn cache_id(region: &str, name: &str) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/cache/{region}/{name}")
+    }
+    pub fn agent_id(region: &str, name: &str) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/agent/{region}/{name}")
+    }
+
+    /// Enrols and starts a new cache.
+    pub async fn add_cache(&mut self, region: &str, name: &str) -> anyhow::Result<usize> {
+        let id = Self::cache_id(region, name);
+        let token = self.join_token(&id, None)?;
+        let cfg = cache::Config {
+            id,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: self.dir.join(format!("cache-{region}-{name}")),
+            control_plane: self.cp_cfg.listen,
+            root_ca: self.root_pem(),
+            join_token: Some(token),
+            audiences: self.spec.audiences.clone(),
+            ..cache::Config::default()
+        };
+        let mut node = CacheNode { cfg, app: None, store: None };
+        self.start_cache_node(&mut node).await?;
+        self.caches.push(node);
+        Ok(self.caches.len() - 1)
+    }
+
+    async fn start_cache_node(&self, node: &mut CacheNode) -> anyhow::Result<()> {
+        let (store, vault) = open_store(&node.cfg.data_dir)?;
+        let l = listener(node.cfg.listen).await?;
+        node.cfg.listen = l.local_addr()?;
+        let app = cache::App::build(
+            node.cfg.clone(),
+            cache::Deps { clock: self.clock.clone(), store: store.clone(), vault, listener: l, authorizer: None },
+        )
+        .await?;
+        node.app = Some(app);
+        node.store = Some(store);
+        Ok(())
+    }
+
+    /// Has every running cache fetch the JWKS (all caches' keys) now.
+    pub async fn refresh_jwks(&self) -> anyhow::Result<()> {
+        for c in &self.caches {
+            if let Some(app) = &c.app {
+                app.state.refresh_jwks().await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn stop_cache(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &mut self.caches[i];
+        if let Some(app) = node.app.take() {
+            app.shutdown().await;
+        }
+        if let Some(s) = node.store.take() {
+            release(s).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops and starts cache `i` on the same port and data (no join token
+    /// is needed the second time).
+    pub async fn restart_cache(&mut self, i: usize) -> anyhow::Result<()> {
+        self.stop_cache(i).await?;
+        let mut node = std::mem::replace(
+            &mut self.caches[i],
+            CacheNode { cfg: cache::Config::default(), app: None, store: None },
+        );
+        node.cfg.join_token = None;
+        let r = self.start_cache_node(&mut node).await;
+        self.caches[i] = node;
+        r
+    }
+
+    pub fn cache_in(&self, region: &str) -> anyhow::Result<&CacheNode> {
+        self.caches
+            .iter()
+            .find(|c| c.id().region().map(|r| r.as_str()) == Some(region))
+            .ok_or_else(|| anyhow!("no cache in region {region}"))
+    }
+
+    /// The configuration an agent of `region` would use (not started).
+    pub fn agent_config(&self, region: &str, name: &str, cache_addr: SocketAddr) -> agent::Config {
+        agent::Config {
+            id: Self::agent_id(region, name),
+            cache: cache_addr,
+            data_dir: self.dir.join(format!("agent-{region}-{name}")),
+            root_ca: self.root_pem(),
+            join_token: None,
+            log_json: false,
+        }
+    }
+
+    pub async fn start_agent(&self, cfg: agent::Config) -> Result<agent::Agent, agent::Error> {
+        let (store, vault) = open_store(&cfg.data_dir).map_err(|e| agent::Error::Config(e.to_string()))?;
+        agent::Agent::start(cfg, agent::Deps { clock: self.clock.clone(), store, vault }).await
+    }
+
+    /// Creates a join token, enrols and starts an agent at its region's cache.
+    pub async fn add_agent(&mut self, region: &str, name: &str) -> anyhow::Result<usize> {
+        let token = self.join_token(&Self::agent_id(region, name), None)?;
+        self.add_agent_with_token(region, name, token).await
+    }
+
+    /// Enrols and starts an agent at its region's cache with `token`.
+    pub async fn add_agent_with_token(&mut self, region: &str, name: &str, token: String) -> anyhow::Result<usize> {
+        let cache_addr = self.cache_in(region)?.addr();
+        let mut cfg = self.agent_config(region, name, cache_addr);
+        cfg.join_token = Some(token);
+        let a = self.start_agent(cfg).await?;
+        self.agents.push(a);
+        Ok(self.agents.len() - 1)
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(mut self) {
+        self.agents.clear();
+        for i in 0..self.caches.len() {
+            let _ = self.stop_cache(i).await;
+        }
+        let _ = self.stop_cp().await;
+    }
+}
