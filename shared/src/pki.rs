@@ -269,6 +269,28 @@ impl Authority {
         &self.info
     }
 
+    /// Issues a certificate without the issuer's scope check, to test that
+    /// verifiers catch what a compromised or buggy issuer could sign.
+    #[cfg(feature = "dangerous-test-util")]
+    pub fn dangerous_issue_unchecked(
+        &self,
+        public_key: &PrivateKey,
+        id: &SpiffeId,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, PkiError> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            id.as_str().try_into().map_err(|_| PkiError::NoIdentity(id.to_string()))?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = to_offset(now - BACKDATE);
+        params.not_after = to_offset(now + ttl);
+        params.serial_number = Some(random_serial()?);
+        Ok(params.signed_by(public_key, &self.issuer)?.der().to_vec())
+    }
+
     /// Issues a certificate for the key in `csr_der` (whose signature proves
     /// possession) with identity `id`. Nothing else is taken from the request.
     /// The certificate never outlives this authority.

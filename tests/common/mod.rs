@@ -1,0 +1,59 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lattice::harness::{Lattice, Spec, TRUST_DOMAIN};
+use lattice_shared::clock::{FakeClock, SharedClock};
+use lattice_shared::id::{RegionId, TrustDomain};
+use lattice_shared::pki::{PrivateKey, TrustBundle};
+use lattice_shared::proto as pb;
+use lattice_shared::proto::cache_client::CacheClient;
+use lattice_shared::tls::{ExpectedServer, ReloadableCert};
+use tonic::transport::Channel;
+
+pub const AUDIENCE: &str = "https://api.example.com";
+
+pub async fn lattice_with(spec: Spec) -> (Lattice, FakeClock) {
+    let clock = FakeClock::new();
+    let l = Lattice::start(spec, clock.shared()).await.expect("lattice starts");
+    (l, clock)
+}
+
+/// Control plane, caches in eu and us, one agent in eu.
+pub async fn lattice() -> (Lattice, FakeClock) {
+    lattice_with(Spec::default()).await
+}
+
+pub fn bundle(l: &Lattice) -> Arc<TrustBundle> {
+    let root = lattice_shared::pem::read_certs(&l.root_pem()).expect("root pem");
+    Arc::new(TrustBundle::new(TrustDomain::new(TRUST_DOMAIN).expect("td"), root[0].clone()).expect("bundle"))
+}
+
+/// A client to the cache at `addr` that presents `cert` (chain and key), or
+/// nothing, and trusts the lattice's root.
+pub fn raw_cache_client(
+    l: &Lattice,
+    clock: &SharedClock,
+    addr: SocketAddr,
+    region: &str,
+    cert: Option<(Vec<Vec<u8>>, &PrivateKey)>,
+) -> CacheClient<Channel> {
+    let cert = cert.map(|(chain, key)| ReloadableCert::new(chain, key).expect("cert"));
+    let tls = lattice_shared::tls::client_config(
+        bundle(l),
+        clock.clone(),
+        ExpectedServer::CacheIn(RegionId::new(region).expect("region")),
+        cert,
+    )
+    .expect("tls");
+    CacheClient::new(lattice_shared::net::channel(addr, tls).expect("channel"))
+}
+
+pub fn mint_req(audience: &str) -> pb::MintTokenRequest {
+    pb::MintTokenRequest { audience: audience.into(), scopes: vec!["read".into()], ttl_secs: 0 }
+}
+
+pub const HOUR: Duration = Duration::from_secs(3600);
