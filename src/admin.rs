@@ -20,10 +20,20 @@ pub fn connect(addr: SocketAddr, dir: &Path) -> anyhow::Result<AdminClient<Chann
     let certs = lattice_shared::pem::read_certs(&dir.join("admin.crt")).map_err(|e| anyhow!(e))?;
     let key = lattice_shared::pem::read_key(&dir.join("admin.key")).map_err(|e| anyhow!(e))?;
     let info = inspect(&certs[0]).context("admin certificate")?;
-    let id = info.id.ok_or_else(|| anyhow!("admin certificate carries no id"))?;
-    let bundle = Arc::new(TrustBundle::new(id.trust_domain().clone(), root[0].clone())?);
+    let id = info
+        .id
+        .ok_or_else(|| anyhow!("admin certificate carries no id"))?;
+    let bundle = Arc::new(TrustBundle::new(
+        id.trust_domain().clone(),
+        root[0].clone(),
+    )?);
     let key = PrivateKey::from_pkcs8(&key)?;
     let cert = ReloadableCert::new(certs, &key)?;
-    let tls = lattice_shared::tls::client_config(bundle, SystemClock::shared(), ExpectedServer::ControlPlane, Some(cert))?;
+    let tls = lattice_shared::tls::client_config(
+        bundle,
+        SystemClock::shared(),
+        ExpectedServer::ControlPlane,
+        Some(cert),
+    )?;
     Ok(AdminClient::new(lattice_shared::net::channel(addr, tls)?))
 }

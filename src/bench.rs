@@ -61,7 +61,12 @@ async fn load(
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let ok = match call {
-                    Call::Echo => c.ping(pb::PingRequest { payload: vec![0u8; 16] }).await.is_ok(),
+                    Call::Echo => c
+                        .ping(pb::PingRequest {
+                            payload: vec![0u8; 16],
+                        })
+                        .await
+                        .is_ok(),
                     Call::Mint => c
                         .mint_token(pb::MintTokenRequest {
                             audience: "https://api.example.com".into(),
@@ -90,7 +95,11 @@ async fn load(
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     Stats {
         name: match call {
             Call::Echo => "echo",
@@ -106,7 +115,11 @@ async fn load(
 
 /// Runs echo then mint against one cache of an in-process lattice.
 pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
-    let spec = Spec { caches: vec![("eu".into(), "bench".into())], agents: vec![("eu".into(), "bench".into())], ..Spec::default() };
+    let spec = Spec {
+        caches: vec![("eu".into(), "bench".into())],
+        agents: vec![("eu".into(), "bench".into())],
+        ..Spec::default()
+    };
     let lattice = Lattice::start(spec, SystemClock::shared()).await?;
     let agent = &lattice.agents[0];
     let clients: Vec<_> = (0..opts.connections.max(1))

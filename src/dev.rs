@@ -25,20 +25,38 @@ fn step(n: usize, text: &str) {
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let clock = SystemClock::shared();
     let started = Instant::now();
-    println!("Lattice dev: control plane, two regional caches (eu, us) and one edge agent on 127.0.0.1");
-    let spec = Spec { agents: vec![], ..Spec::default() };
+    println!(
+        "Lattice dev: control plane, two regional caches (eu, us) and one edge agent on 127.0.0.1"
+    );
+    let spec = Spec {
+        agents: vec![],
+        ..Spec::default()
+    };
     let mut lattice = match &opts.data_dir {
         Some(d) => Lattice::start_in(d, spec, clock.clone()).await?,
         None => Lattice::start(spec, clock.clone()).await?,
     };
     println!("data directory: {}", lattice.dir.display());
 
-    step(1, "control plane up: root CA created, its key sealed under a local key-encryption key");
-    println!("    control plane   https://{}  ({})", lattice.cp().local_addr(), lattice.cp().state.id);
+    step(
+        1,
+        "control plane up: root CA created, its key sealed under a local key-encryption key",
+    );
+    println!(
+        "    control plane   https://{}  ({})",
+        lattice.cp().local_addr(),
+        lattice.cp().state.id
+    );
     println!("    root CA         {}", lattice.root_pem().display());
-    println!("    admin identity  {}", lattice.cp().admin_files().dir.display());
+    println!(
+        "    admin identity  {}",
+        lattice.cp().admin_files().dir.display()
+    );
 
-    step(2, "caches enrolled with one-time join tokens; each got an intermediate CA, a TLS and a JWT signing certificate");
+    step(
+        2,
+        "caches enrolled with one-time join tokens; each got an intermediate CA, a TLS and a JWT signing certificate",
+    );
     for c in &lattice.caches {
         let ident = c.app().state.identity();
         println!(
@@ -48,49 +66,96 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             &ident.ca.info().serial_hex[..16],
             ident.signer.kid()
         );
-        println!("    {:<42} JWKS https://{}/.well-known/jwks.json", "", c.addr());
+        println!(
+            "    {:<42} JWKS https://{}/.well-known/jwks.json",
+            "",
+            c.addr()
+        );
     }
 
-    step(3, "join token for the edge agent (bound to its id and region, shown once, stored as a hash)");
+    step(
+        3,
+        "join token for the edge agent (bound to its id and region, shown once, stored as a hash)",
+    );
     let agent_id = Lattice::agent_id("eu", "agent-1");
     let token = lattice.join_token(&agent_id, None)?;
     println!("    {agent_id}: {}…", &token[..12]);
 
-    step(4, "agent generates its key locally and enrols at the eu cache with a CSR");
+    step(
+        4,
+        "agent generates its key locally and enrols at the eu cache with a CSR",
+    );
     let t = Instant::now();
-    lattice.add_agent_with_token("eu", "agent-1", token).await.context("agent enrolment")?;
+    lattice
+        .add_agent_with_token("eu", "agent-1", token)
+        .await
+        .context("agent enrolment")?;
     let agent = &lattice.agents[0];
     let chain = agent.chain();
-    println!("    enrolled in {:.1} ms; certificate valid until unix {}", t.elapsed().as_secs_f64() * 1e3, agent.not_after_unix());
+    println!(
+        "    enrolled in {:.1} ms; certificate valid until unix {}",
+        t.elapsed().as_secs_f64() * 1e3,
+        agent.not_after_unix()
+    );
     let pem_dir = lattice.dir.join("agent-eu-agent-1");
     std::fs::create_dir_all(&pem_dir)?;
     let chain_path = pem_dir.join("chain.pem");
     std::fs::write(
         &chain_path,
-        lattice_shared::pem::encode_certs([chain.leaf.as_slice(), chain.intermediate.as_slice(), chain.root.as_slice()]),
+        lattice_shared::pem::encode_certs([
+            chain.leaf.as_slice(),
+            chain.intermediate.as_slice(),
+            chain.root.as_slice(),
+        ]),
     )?;
-    println!("    certificate chain (leaf, eu intermediate, root): {}", chain_path.display());
+    println!(
+        "    certificate chain (leaf, eu intermediate, root): {}",
+        chain_path.display()
+    );
     let bundle = Arc::new(TrustBundle::new(
         lattice_shared::id::TrustDomain::new(crate::harness::TRUST_DOMAIN)?,
         chain.root.clone(),
     )?);
-    bundle.verify(&chain.leaf, &[CertificateDer::from(chain.intermediate.as_slice())], clock.now(), Usage::TlsClient)?;
+    bundle.verify(
+        &chain.leaf,
+        &[CertificateDer::from(chain.intermediate.as_slice())],
+        clock.now(),
+        Usage::TlsClient,
+    )?;
     println!("    chain verified to the root with rustls-webpki");
 
     step(5, "agent mints a token over mTLS");
     let audience = "https://api.example.com";
     let t = Instant::now();
     let minted = agent.mint(audience, &["read".to_string()], None).await?;
-    println!("    minted in {:.2} ms, expires at unix {}", t.elapsed().as_secs_f64() * 1e3, minted.expires_at_unix);
+    println!(
+        "    minted in {:.2} ms, expires at unix {}",
+        t.elapsed().as_secs_f64() * 1e3,
+        minted.expires_at_unix
+    );
     println!("    token: {}", minted.token);
     let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&agent.jwks().await?)?;
-    let claims = TokenVerifier::new(jwks.clone(), bundle.clone(), clock.clone()).verify(&minted.token, audience)?;
-    println!("    claims: {}", serde_json::to_string_pretty(&claims)?.replace('\n', "\n    "));
+    let claims = TokenVerifier::new(jwks.clone(), bundle.clone(), clock.clone())
+        .verify(&minted.token, audience)?;
+    println!(
+        "    claims: {}",
+        serde_json::to_string_pretty(&claims)?.replace('\n', "\n    ")
+    );
 
-    step(6, "token verified offline against the JWKS (kid → key certified by the root for the issuing cache)");
-    println!("    JWKS holds {} keys (one per cache); issuer {} matches the key's certificate", jwks.keys.len(), claims.iss);
+    step(
+        6,
+        "token verified offline against the JWKS (kid → key certified by the root for the issuing cache)",
+    );
+    println!(
+        "    JWKS holds {} keys (one per cache); issuer {} matches the key's certificate",
+        jwks.keys.len(),
+        claims.iss
+    );
 
-    println!("\nWalkthrough done in {:.2} s.", started.elapsed().as_secs_f64());
+    println!(
+        "\nWalkthrough done in {:.2} s.",
+        started.elapsed().as_secs_f64()
+    );
     print_endpoints(&lattice, &lattice.dir);
     if opts.exit_after_demo {
         lattice.shutdown().await;

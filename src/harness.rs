@@ -35,7 +35,10 @@ pub struct Spec {
 impl Default for Spec {
     fn default() -> Self {
         Self {
-            caches: vec![("eu".into(), "cache-1".into()), ("us".into(), "cache-1".into())],
+            caches: vec![
+                ("eu".into(), "cache-1".into()),
+                ("us".into(), "cache-1".into()),
+            ],
             agents: vec![("eu".into(), "agent-1".into())],
             audiences: cache::Config::default().audiences,
         }
@@ -43,7 +46,8 @@ impl Default for Spec {
 }
 
 fn open_store(dir: &Path) -> anyhow::Result<(SharedStore, Arc<LocalKeyFile>)> {
-    let store = SledStore::open(&dir.join("db")).with_context(|| format!("opening {}", dir.display()))?;
+    let store =
+        SledStore::open(&dir.join("db")).with_context(|| format!("opening {}", dir.display()))?;
     let vault = Arc::new(LocalKeyFile::open_or_create(&dir.join("kek.key"))?);
     Ok((store, vault))
 }
@@ -165,7 +169,12 @@ impl Lattice {
         self.cp_cfg.listen = l.local_addr()?;
         let app = cp::App::build(
             self.cp_cfg.clone(),
-            cp::Deps { clock: self.clock.clone(), store: store.clone(), vault, listener: l },
+            cp::Deps {
+                clock: self.clock.clone(),
+                store: store.clone(),
+                vault,
+                listener: l,
+            },
         )
         .await?;
         self.cp = Some(app);
@@ -215,7 +224,11 @@ impl Lattice {
             audiences: self.spec.audiences.clone(),
             ..cache::Config::default()
         };
-        let mut node = CacheNode { cfg, app: None, store: None };
+        let mut node = CacheNode {
+            cfg,
+            app: None,
+            store: None,
+        };
         self.start_cache_node(&mut node).await?;
         self.caches.push(node);
         Ok(self.caches.len() - 1)
@@ -227,7 +240,13 @@ impl Lattice {
         node.cfg.listen = l.local_addr()?;
         let app = cache::App::build(
             node.cfg.clone(),
-            cache::Deps { clock: self.clock.clone(), store: store.clone(), vault, listener: l, authorizer: None },
+            cache::Deps {
+                clock: self.clock.clone(),
+                store: store.clone(),
+                vault,
+                listener: l,
+                authorizer: None,
+            },
         )
         .await?;
         node.app = Some(app);
@@ -262,7 +281,11 @@ impl Lattice {
         self.stop_cache(i).await?;
         let mut node = std::mem::replace(
             &mut self.caches[i],
-            CacheNode { cfg: cache::Config::default(), app: None, store: None },
+            CacheNode {
+                cfg: cache::Config::default(),
+                app: None,
+                store: None,
+            },
         );
         node.cfg.join_token = None;
         let r = self.start_cache_node(&mut node).await;
@@ -290,8 +313,17 @@ impl Lattice {
     }
 
     pub async fn start_agent(&self, cfg: agent::Config) -> Result<agent::Agent, agent::Error> {
-        let (store, vault) = open_store(&cfg.data_dir).map_err(|e| agent::Error::Config(e.to_string()))?;
-        agent::Agent::start(cfg, agent::Deps { clock: self.clock.clone(), store, vault }).await
+        let (store, vault) =
+            open_store(&cfg.data_dir).map_err(|e| agent::Error::Config(e.to_string()))?;
+        agent::Agent::start(
+            cfg,
+            agent::Deps {
+                clock: self.clock.clone(),
+                store,
+                vault,
+            },
+        )
+        .await
     }
 
     /// Creates a join token, enrols and starts an agent at its region's cache.
@@ -301,7 +333,12 @@ impl Lattice {
     }
 
     /// Enrols and starts an agent at its region's cache with `token`.
-    pub async fn add_agent_with_token(&mut self, region: &str, name: &str, token: String) -> anyhow::Result<usize> {
+    pub async fn add_agent_with_token(
+        &mut self,
+        region: &str,
+        name: &str,
+        token: String,
+    ) -> anyhow::Result<usize> {
         let cache_addr = self.cache_in(region)?.addr();
         let mut cfg = self.agent_config(region, name, cache_addr);
         cfg.join_token = Some(token);

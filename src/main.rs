@@ -116,10 +116,19 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev { exit_after_demo, data_dir } => {
-            lattice::dev::run(lattice::dev::Options { exit_after_demo, data_dir }).await
+        Command::Dev {
+            exit_after_demo,
+            data_dir,
+        } => {
+            lattice::dev::run(lattice::dev::Options {
+                exit_after_demo,
+                data_dir,
+            })
+            .await
         }
-        Command::JoinToken { command: JoinTokenCommand::Create { id, ttl, admin } } => {
+        Command::JoinToken {
+            command: JoinTokenCommand::Create { id, ttl, admin },
+        } => {
             let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
             let r = client
                 .create_join_token(pb::CreateJoinTokenRequest {
@@ -129,7 +138,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
                 .into_inner();
-            eprintln!("join token for {} (region {}), expires at unix {}; shown once:", r.id, r.region, r.expires_at_unix);
+            eprintln!(
+                "join token for {} (region {}), expires at unix {}; shown once:",
+                r.id, r.region, r.expires_at_unix
+            );
             println!("{}", r.token);
             Ok(())
         }
@@ -140,24 +152,45 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
                 .into_inner();
-            println!("trust domain {}; {} outstanding join tokens", r.trust_domain, r.join_tokens_outstanding);
-            println!("{:<44} {:<8} {:>12} {:>14}", "cache", "region", "enrolled", "CA not after");
+            println!(
+                "trust domain {}; {} outstanding join tokens",
+                r.trust_domain, r.join_tokens_outstanding
+            );
+            println!(
+                "{:<44} {:<8} {:>12} {:>14}",
+                "cache", "region", "enrolled", "CA not after"
+            );
             for c in r.caches {
-                println!("{:<44} {:<8} {:>12} {:>14}", c.cache_id, c.region, c.enrolled_at_unix, c.ca_not_after_unix);
+                println!(
+                    "{:<44} {:<8} {:>12} {:>14}",
+                    c.cache_id, c.region, c.enrolled_at_unix, c.ca_not_after_unix
+                );
             }
             Ok(())
         }
-        Command::Bench { command: BenchCommand::Mint { concurrency, connections, duration } } => {
+        Command::Bench {
+            command:
+                BenchCommand::Mint {
+                    concurrency,
+                    connections,
+                    duration,
+                },
+        } => {
             let opts = lattice::bench::Options {
                 concurrency,
                 connections,
                 duration: duration.into(),
                 warmup: Duration::from_secs(2),
             };
-            println!("bench mint: {concurrency} in flight over {connections} mTLS connections, {duration} per phase");
+            println!(
+                "bench mint: {concurrency} in flight over {connections} mTLS connections, {duration} per phase"
+            );
             let (echo, mint) = lattice::bench::mint(opts).await?;
             println!("{echo}\n{mint}");
-            println!("mint/echo throughput ratio: {:.2}", mint.rps / echo.rps.max(1.0));
+            println!(
+                "mint/echo throughput ratio: {:.2}",
+                mint.rps / echo.rps.max(1.0)
+            );
             Ok(())
         }
     }

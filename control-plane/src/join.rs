@@ -34,7 +34,9 @@ pub struct NewJoinToken {
 
 impl std::fmt::Debug for NewJoinToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewJoinToken").field("record", &self.record).finish_non_exhaustive()
+        f.debug_struct("NewJoinToken")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
     }
 }
 
@@ -43,7 +45,11 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     sha256(token.as_bytes())
 }
 
-pub(crate) fn create(state: &State, id: &SpiffeId, ttl: Option<Duration>) -> Result<NewJoinToken, Error> {
+pub(crate) fn create(
+    state: &State,
+    id: &SpiffeId,
+    ttl: Option<Duration>,
+) -> Result<NewJoinToken, Error> {
     if id.trust_domain() != &state.td {
         return Err(Error::InvalidArgument(format!(
             "{id} is not in this trust domain ({})",
@@ -56,7 +62,9 @@ pub(crate) fn create(state: &State, id: &SpiffeId, ttl: Option<Duration>) -> Res
             id.role()
         )));
     }
-    let ttl_secs = ttl.map(|t| t.as_secs()).unwrap_or(state.cfg.join_token_default_ttl_secs);
+    let ttl_secs = ttl
+        .map(|t| t.as_secs())
+        .unwrap_or(state.cfg.join_token_default_ttl_secs);
     if ttl_secs == 0 || ttl_secs > state.cfg.join_token_max_ttl_secs {
         return Err(Error::InvalidArgument(format!(
             "ttl must be between 1s and {}s",
@@ -107,7 +115,9 @@ pub(crate) fn redeem(state: &State, r: Redemption<'_>) -> Result<SpiffeId, Error
         return Err(Error::Denied("join token has already been used".into()));
     }
     if now >= record.expires_at_unix {
-        return Err(Error::Unauthenticated("join token has expired; ask for a new one".into()));
+        return Err(Error::Unauthenticated(
+            "join token has expired; ask for a new one".into(),
+        ));
     }
     if record.id.role() != r.role {
         return Err(Error::Denied(format!(
@@ -116,24 +126,27 @@ pub(crate) fn redeem(state: &State, r: Redemption<'_>) -> Result<SpiffeId, Error
             r.role
         )));
     }
-    if let Some(region) = r.region {
-        if record.id.region() != Some(region) {
-            return Err(Error::Denied(format!(
-                "join token is bound to region {}; this cache serves region {region}",
-                record.id.region().map(RegionId::as_str).unwrap_or("-")
-            )));
-        }
+    if let Some(region) = r.region
+        && record.id.region() != Some(region)
+    {
+        return Err(Error::Denied(format!(
+            "join token is bound to region {}; this cache serves region {region}",
+            record.id.region().map(RegionId::as_str).unwrap_or("-")
+        )));
     }
-    if let Some(want) = r.requested_id {
-        if want != &record.id {
-            return Err(Error::Denied(format!(
-                "join token is bound to another id than {want}"
-            )));
-        }
+    if let Some(want) = r.requested_id
+        && want != &record.id
+    {
+        return Err(Error::Denied(format!(
+            "join token is bound to another id than {want}"
+        )));
     }
     record.used_at_unix = Some(now);
     let new = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
-    if !state.store.compare_and_swap(T_JOIN, &r.token_hash, Some(&old), Some(&new))? {
+    if !state
+        .store
+        .compare_and_swap(T_JOIN, &r.token_hash, Some(&old), Some(&new))?
+    {
         return Err(Error::Denied("join token has already been used".into()));
     }
     metrics::counter!("lattice_cp_join_tokens_redeemed_total").increment(1);
@@ -146,7 +159,8 @@ pub(crate) fn outstanding(state: &State) -> Result<u64, Error> {
     let now = unix_secs(state.clock.now());
     let mut n = 0;
     for (_, v) in state.store.scan_prefix(T_JOIN, b"", 1_000_000)? {
-        let r: JoinTokenRecord = serde_json::from_slice(&v).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let r: JoinTokenRecord =
+            serde_json::from_slice(&v).map_err(|e| Error::Corrupt(e.to_string()))?;
         if r.used_at_unix.is_none() && now < r.expires_at_unix {
             n += 1;
         }

@@ -84,7 +84,9 @@ impl Config {
         if self.join_token_default_ttl_secs == 0
             || self.join_token_default_ttl_secs > self.join_token_max_ttl_secs
         {
-            return Err("join_token_default_ttl_secs must be within 1..=join_token_max_ttl_secs".into());
+            return Err(
+                "join_token_default_ttl_secs must be within 1..=join_token_max_ttl_secs".into(),
+            );
         }
         Ok(())
     }
@@ -148,7 +150,9 @@ mod b64 {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
     }
 }
 mod b64_vec {
@@ -164,7 +168,11 @@ mod b64_vec {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
         Vec::<String>::deserialize(d)?
             .into_iter()
-            .map(|s| base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .map(|s| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(serde::de::Error::custom)
+            })
             .collect()
     }
 }
@@ -222,7 +230,10 @@ fn load_or_create_root(
     vault: &Arc<dyn KeyVault>,
 ) -> Result<Authority, Error> {
     const AAD: &str = "cp/root-key";
-    match (store.get(T_IDENTITY, b"root_cert")?, store.get(T_IDENTITY, b"root_key")?) {
+    match (
+        store.get(T_IDENTITY, b"root_cert")?,
+        store.get(T_IDENTITY, b"root_key")?,
+    ) {
         (Some(cert), Some(sealed)) => {
             let key = PrivateKey::from_pkcs8(&vault.open(&sealed, AAD)?)?;
             Ok(Authority::from_parts(cert, key)?)
@@ -237,13 +248,23 @@ fn load_or_create_root(
                 Duration::from_secs(cfg.root_ttl_days * 86400),
             )?;
             store.apply(vec![
-                Write { tree: T_IDENTITY, key: b"root_cert".to_vec(), value: Some(root.cert_der().to_vec()) },
-                Write { tree: T_IDENTITY, key: b"root_key".to_vec(), value: Some(sealed) },
+                Write {
+                    tree: T_IDENTITY,
+                    key: b"root_cert".to_vec(),
+                    value: Some(root.cert_der().to_vec()),
+                },
+                Write {
+                    tree: T_IDENTITY,
+                    key: b"root_key".to_vec(),
+                    value: Some(sealed),
+                },
             ])?;
             tracing::info!(serial = %root.info().serial_hex, "created root CA");
             Ok(root)
         }
-        _ => Err(Error::Corrupt("root certificate and key are not both present".into())),
+        _ => Err(Error::Corrupt(
+            "root certificate and key are not both present".into(),
+        )),
     }
 }
 
@@ -282,7 +303,9 @@ impl App {
         let addr = deps.listener.local_addr()?;
         let (shutdown, mut rx) = watch::channel(false);
         let incoming = lattice_shared::net::tls_incoming(deps.listener, tls);
-        let svc = service::Service { state: state.clone() };
+        let svc = service::Service {
+            state: state.clone(),
+        };
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
             .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
@@ -292,7 +315,9 @@ impl App {
                 ControlPlaneServer::new(svc.clone())
                     .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
             )
-            .add_service(AdminServer::new(svc).max_decoding_message_size(limits::MAX_MESSAGE_BYTES));
+            .add_service(
+                AdminServer::new(svc).max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+            );
         let server = tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
@@ -314,7 +339,13 @@ impl App {
             })
         };
         tracing::info!(%addr, id = %state.id, "control plane listening");
-        Ok(App { state, addr, shutdown, server, renewer })
+        Ok(App {
+            state,
+            addr,
+            shutdown,
+            server,
+            renewer,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -328,7 +359,11 @@ impl App {
     }
 
     /// Creates a one-time join token (the in-process form of the Admin call).
-    pub fn create_join_token(&self, id: &SpiffeId, ttl: Option<Duration>) -> Result<join::NewJoinToken, Error> {
+    pub fn create_join_token(
+        &self,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<join::NewJoinToken, Error> {
         join::create(&self.state, id, ttl)
     }
 
@@ -347,7 +382,13 @@ fn issue_own_tls(
     cert: &ReloadableCert,
 ) -> Result<CertInfo, Error> {
     let key = PrivateKey::generate_p256()?;
-    let der = root.issue(&key.csr_der()?, id, Profile::TlsServerClient, clock.now(), Duration::from_secs(86400))?;
+    let der = root.issue(
+        &key.csr_der()?,
+        id,
+        Profile::TlsServerClient,
+        clock.now(),
+        Duration::from_secs(86400),
+    )?;
     let info = lattice_shared::pki::inspect(&der)?;
     cert.replace(vec![der], &key)?;
     Ok(info)
@@ -369,12 +410,13 @@ impl State {
     /// Writes the root certificate and a bootstrap admin credential to `files`
     /// unless a credential still in the first half of its life is there.
     pub fn ensure_admin_files(&self, files: &AdminFiles) -> Result<(), Error> {
-        if let Ok(certs) = pem::read_certs(&files.cert_pem) {
-            if let Some(info) = certs.first().and_then(|c| lattice_shared::pki::inspect(c).ok()) {
-                if !past_half_life(self.clock.now(), info.not_before, info.not_after) {
-                    return Ok(());
-                }
-            }
+        if let Ok(certs) = pem::read_certs(&files.cert_pem)
+            && let Some(info) = certs
+                .first()
+                .and_then(|c| lattice_shared::pki::inspect(c).ok())
+            && !past_half_life(self.clock.now(), info.not_before, info.not_after)
+        {
+            return Ok(());
         }
         std::fs::create_dir_all(&files.dir)?;
         let admin_id = SpiffeId::new(&self.td, Role::Admin, None, "bootstrap")
@@ -393,14 +435,19 @@ impl State {
         let key_pem = zeroize::Zeroizing::new(pem::encode("PRIVATE KEY", &key.pkcs8_der()));
         lattice_shared::seal::write_private_file(&files.key_pem, key_pem.as_bytes())?;
         std::fs::write(&files.cert_pem, pem::encode("CERTIFICATE", &cert))?;
-        std::fs::write(&files.root_pem, pem::encode("CERTIFICATE", self.root.cert_der()))?;
+        std::fs::write(
+            &files.root_pem,
+            pem::encode("CERTIFICATE", self.root.cert_der()),
+        )?;
         tracing::info!(dir = %files.dir.display(), id = %admin_id, "wrote bootstrap admin credential");
         Ok(())
     }
 
     pub fn cache_record(&self, id: &SpiffeId) -> Result<Option<CacheRecord>, Error> {
         match self.store.get(T_CACHES, id.as_str().as_bytes())? {
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| Error::Corrupt(e.to_string())),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(e.to_string())),
             None => Ok(None),
         }
     }
@@ -421,27 +468,40 @@ impl State {
     ) -> Result<CacheRecord, Error> {
         let now = self.clock.now();
         let ttl = Duration::from_secs(self.cfg.cache_cert_ttl_hours * 3600);
-        let ca_cert = self.root.issue(&csrs.ca_csr, cache_id, Profile::IntermediateCa, now, ttl)?;
-        let tls_cert = self.root.issue(&csrs.tls_csr, cache_id, Profile::TlsServerClient, now, ttl)?;
-        let signing = self.root.issue(&csrs.signing_csr, cache_id, Profile::JwtSigning, now, ttl)?;
+        let ca_cert = self
+            .root
+            .issue(&csrs.ca_csr, cache_id, Profile::IntermediateCa, now, ttl)?;
+        let tls_cert =
+            self.root
+                .issue(&csrs.tls_csr, cache_id, Profile::TlsServerClient, now, ttl)?;
+        let signing =
+            self.root
+                .issue(&csrs.signing_csr, cache_id, Profile::JwtSigning, now, ttl)?;
         let previous = self.cache_record(cache_id)?;
         let mut signing_certs: Vec<Vec<u8>> = previous
             .as_ref()
             .map(|r| r.signing_certs.clone())
             .unwrap_or_default()
             .into_iter()
-            .filter(|c| lattice_shared::pki::inspect(c).map(|i| i.not_after > now).unwrap_or(false))
+            .filter(|c| {
+                lattice_shared::pki::inspect(c)
+                    .map(|i| i.not_after > now)
+                    .unwrap_or(false)
+            })
             .collect();
         signing_certs.push(signing);
         let record = CacheRecord {
             id: cache_id.clone(),
-            enrolled_at_unix: previous.map(|p| p.enrolled_at_unix).unwrap_or_else(|| unix_secs(now)),
+            enrolled_at_unix: previous
+                .map(|p| p.enrolled_at_unix)
+                .unwrap_or_else(|| unix_secs(now)),
             ca_cert,
             tls_cert,
             signing_certs,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
-        self.store.put(T_CACHES, cache_id.as_str().as_bytes(), &bytes)?;
+        self.store
+            .put(T_CACHES, cache_id.as_str().as_bytes(), &bytes)?;
         metrics::counter!("lattice_cp_cache_certifications_total").increment(1);
         Ok(record)
     }

@@ -32,7 +32,10 @@ impl From<Error> for Status {
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::NotFound(m) => Status::not_found(m),
             Error::Pki(
-                e @ (PkiError::BadCsr | PkiError::UnsupportedKey | PkiError::TooLarge | PkiError::Scope(_)),
+                e @ (PkiError::BadCsr
+                | PkiError::UnsupportedKey
+                | PkiError::TooLarge
+                | PkiError::Scope(_)),
             ) => Status::invalid_argument(e.to_string()),
             other => {
                 // Internals stay in our logs, not in the peer's hands.
@@ -62,9 +65,15 @@ fn require_role<T>(
 #[allow(clippy::result_large_err)]
 fn check_csrs(csrs: Option<&pb::CacheCsrs>) -> Result<&pb::CacheCsrs, Status> {
     let csrs = csrs.ok_or_else(|| Status::invalid_argument("csrs are required"))?;
-    for (name, c) in [("ca_csr", &csrs.ca_csr), ("tls_csr", &csrs.tls_csr), ("signing_csr", &csrs.signing_csr)] {
+    for (name, c) in [
+        ("ca_csr", &csrs.ca_csr),
+        ("tls_csr", &csrs.tls_csr),
+        ("signing_csr", &csrs.signing_csr),
+    ] {
         if c.is_empty() || c.len() > MAX_DER_LEN {
-            return Err(Status::invalid_argument(format!("{name} must be 1..={MAX_DER_LEN} bytes")));
+            return Err(Status::invalid_argument(format!(
+                "{name} must be 1..={MAX_DER_LEN} bytes"
+            )));
         }
     }
     Ok(csrs)
@@ -107,7 +116,9 @@ impl ControlPlane for Service {
     ) -> Result<Response<pb::EnrolCacheResponse>, Status> {
         let r = req.into_inner();
         if r.join_token.is_empty() || r.join_token.len() > limits::MAX_JOIN_TOKEN_LEN {
-            return Err(Status::invalid_argument("join_token is missing or too long"));
+            return Err(Status::invalid_argument(
+                "join_token is missing or too long",
+            ));
         }
         let requested = optional_id(&r.requested_id)?;
         let csrs = check_csrs(r.csrs.as_ref())?.clone();
@@ -116,7 +127,12 @@ impl ControlPlane for Service {
         let record = blocking(move || {
             let id = join::redeem(
                 &state,
-                Redemption { token_hash, role: Role::Cache, region: None, requested_id: requested.as_ref() },
+                Redemption {
+                    token_hash,
+                    role: Role::Cache,
+                    region: None,
+                    requested_id: requested.as_ref(),
+                },
             )?;
             let record = state.certify_cache(&id, &csrs)?;
             tracing::info!(cache_id = %id, "cache enrolled");
@@ -143,7 +159,9 @@ impl ControlPlane for Service {
         })
         .await?;
         tracing::info!(cache_id = %record.id, "cache certificates renewed");
-        Ok(Response::new(pb::RenewCaResponse { certificates: Some(certificates(&self.state, &record)) }))
+        Ok(Response::new(pb::RenewCaResponse {
+            certificates: Some(certificates(&self.state, &record)),
+        }))
     }
 
     async fn redeem_join_token(
@@ -163,20 +181,32 @@ impl ControlPlane for Service {
             let region = peer.id.region().cloned();
             join::redeem(
                 &state,
-                Redemption { token_hash, role: Role::Agent, region: region.as_ref(), requested_id: requested.as_ref() },
+                Redemption {
+                    token_hash,
+                    role: Role::Agent,
+                    region: region.as_ref(),
+                    requested_id: requested.as_ref(),
+                },
             )
         })
         .await?;
-        Ok(Response::new(pb::RedeemJoinTokenResponse { agent_id: id.to_string() }))
+        Ok(Response::new(pb::RedeemJoinTokenResponse {
+            agent_id: id.to_string(),
+        }))
     }
 
-    async fn jwks(&self, req: Request<pb::JwksRequest>) -> Result<Response<pb::JwksResponse>, Status> {
+    async fn jwks(
+        &self,
+        req: Request<pb::JwksRequest>,
+    ) -> Result<Response<pb::JwksResponse>, Status> {
         require_role(&self.state, &req, Role::Cache)?;
         let state = self.state.clone();
         let json = blocking(move || {
             let caches = state.caches()?;
             let set = lattice_shared::token::jwks_from_certs(
-                caches.iter().flat_map(|c| c.signing_certs.iter().map(Vec::as_slice)),
+                caches
+                    .iter()
+                    .flat_map(|c| c.signing_certs.iter().map(Vec::as_slice)),
                 state.clock.now(),
             );
             serde_json::to_string(&set).map_err(|e| Error::Corrupt(e.to_string()))
@@ -194,7 +224,8 @@ impl Admin for Service {
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let admin = require_role(&self.state, &req, Role::Admin)?;
         let r = req.into_inner();
-        let id = SpiffeId::parse(&r.id).map_err(|e| Status::invalid_argument(format!("id: {e}")))?;
+        let id =
+            SpiffeId::parse(&r.id).map_err(|e| Status::invalid_argument(format!("id: {e}")))?;
         let ttl = (r.ttl_secs > 0).then(|| Duration::from_secs(r.ttl_secs));
         let state = self.state.clone();
         let created = blocking(move || join::create(&state, &id, ttl)).await?;
@@ -202,12 +233,20 @@ impl Admin for Service {
         Ok(Response::new(pb::CreateJoinTokenResponse {
             token: created.token.to_string(),
             id: created.record.id.to_string(),
-            region: created.record.id.region().map(|r| r.to_string()).unwrap_or_default(),
+            region: created
+                .record
+                .id
+                .region()
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
             expires_at_unix: created.record.expires_at_unix,
         }))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         require_role(&self.state, &req, Role::Admin)?;
         let state = self.state.clone();
         let (caches, outstanding) =

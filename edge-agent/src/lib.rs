@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use lattice_shared::clock::{SharedClock, past_half_life};
 use lattice_shared::id::{RegionId, Role, SpiffeId};
+use lattice_shared::pem;
 use lattice_shared::pki::{CertInfo, PkiError, PrivateKey, TrustBundle, Usage};
 use lattice_shared::proto::{self as pb, cache_client::CacheClient};
 use lattice_shared::seal::{KeyVault, SealError};
 use lattice_shared::store::{SharedStore, StoreError, Write};
 use lattice_shared::tls::{ExpectedServer, ReloadableCert};
-use lattice_shared::pem;
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
@@ -58,7 +58,9 @@ impl Config {
     pub fn validate(&self) -> Result<SpiffeId, String> {
         let id = SpiffeId::parse(&self.id).map_err(|e| format!("id: {e}"))?;
         if id.role() != Role::Agent {
-            return Err(format!("id: {id} is not an agent id (spiffe://TD/agent/REGION/NAME)"));
+            return Err(format!(
+                "id: {id} is not an agent id (spiffe://TD/agent/REGION/NAME)"
+            ));
         }
         Ok(id)
     }
@@ -90,7 +92,10 @@ pub enum Error {
 
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
-        Error::Refused { code: s.code(), message: s.message().to_owned() }
+        Error::Refused {
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
     }
 }
 
@@ -136,14 +141,19 @@ fn b64(d: &[u8]) -> String {
 }
 fn unb64(s: &str) -> Result<Vec<u8>, Error> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| Error::Corrupt(e.to_string()))
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| Error::Corrupt(e.to_string()))
 }
 
 impl Agent {
     /// Loads the stored identity or enrols with the join token.
     pub async fn start(cfg: Config, deps: Deps) -> Result<Agent, Error> {
         let id = cfg.validate().map_err(Error::Config)?;
-        let region = id.region().cloned().ok_or_else(|| Error::Config("agent id has no region".into()))?;
+        let region = id
+            .region()
+            .cloned()
+            .ok_or_else(|| Error::Config("agent id has no region".into()))?;
         let root = pem::read_certs(&cfg.root_ca)
             .map_err(Error::Config)?
             .into_iter()
@@ -152,12 +162,21 @@ impl Agent {
         let bundle = Arc::new(TrustBundle::new(id.trust_domain().clone(), root)?);
         lattice_shared::store::check_schema(&*deps.store, "edge-agent", SCHEMA_VERSION)?;
 
-        let loaded = match (deps.store.get(T_IDENTITY, b"key")?, deps.store.get(T_IDENTITY, b"chain")?) {
+        let loaded = match (
+            deps.store.get(T_IDENTITY, b"key")?,
+            deps.store.get(T_IDENTITY, b"chain")?,
+        ) {
             (Some(sealed), Some(chain)) => {
                 let key = PrivateKey::from_pkcs8(&deps.vault.open(&sealed, AAD_KEY)?)?;
                 let stored: StoredChain =
                     serde_json::from_slice(&chain).map_err(|e| Error::Corrupt(e.to_string()))?;
-                let chain = verify_chain(&bundle, &id, &deps.clock, unb64(&stored.leaf)?, unb64(&stored.intermediate)?);
+                let chain = verify_chain(
+                    &bundle,
+                    &id,
+                    &deps.clock,
+                    unb64(&stored.leaf)?,
+                    unb64(&stored.intermediate)?,
+                );
                 match chain {
                     Ok(chain) => Some((key, chain)),
                     Err(e) => {
@@ -179,12 +198,19 @@ impl Agent {
                     ExpectedServer::CacheIn(region.clone()),
                     None,
                 )?;
-                let ch = lattice_shared::net::channel(cfg.cache, tls).map_err(|e| Error::Transport(e.to_string()))?;
+                let ch = lattice_shared::net::channel(cfg.cache, tls)
+                    .map_err(|e| Error::Transport(e.to_string()))?;
                 let resp = CacheClient::new(ch)
-                    .enrol(pb::EnrolAgentRequest { join_token: token, requested_id: id.to_string(), csr: key.csr_der()? })
+                    .enrol(pb::EnrolAgentRequest {
+                        join_token: token,
+                        requested_id: id.to_string(),
+                        csr: key.csr_der()?,
+                    })
                     .await?
                     .into_inner();
-                let c = resp.chain.ok_or_else(|| Error::Corrupt("no chain in response".into()))?;
+                let c = resp
+                    .chain
+                    .ok_or_else(|| Error::Corrupt("no chain in response".into()))?;
                 let chain = verify_chain(&bundle, &id, &deps.clock, c.leaf, c.intermediate)?;
                 persist(&deps.store, &deps.vault, Some(&key), &chain)?;
                 tracing::info!(agent_id = %id, "enrolled at the cache");
@@ -212,10 +238,18 @@ impl Agent {
     }
 
     fn client(&self) -> CacheClient<Channel> {
-        self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    pub async fn mint(&self, audience: &str, scopes: &[String], ttl: Option<Duration>) -> Result<pb::MintTokenResponse, Error> {
+    pub async fn mint(
+        &self,
+        audience: &str,
+        scopes: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<pb::MintTokenResponse, Error> {
         Ok(self
             .client()
             .mint_token(pb::MintTokenRequest {
@@ -228,7 +262,12 @@ impl Agent {
     }
 
     pub async fn jwks(&self) -> Result<String, Error> {
-        Ok(self.client().jwks(pb::JwksRequest {}).await?.into_inner().jwks_json)
+        Ok(self
+            .client()
+            .jwks(pb::JwksRequest {})
+            .await?
+            .into_inner()
+            .jwks_json)
     }
 
     /// A client for raw calls (benchmarks, tests) on the shared connection.
@@ -238,7 +277,13 @@ impl Agent {
 
     /// A client on a new connection of its own.
     pub fn new_cache_client(&self) -> Result<CacheClient<Channel>, Error> {
-        new_client(&self.cfg, &self.bundle, &self.clock, &self.region, &self.cert)
+        new_client(
+            &self.cfg,
+            &self.bundle,
+            &self.clock,
+            &self.region,
+            &self.cert,
+        )
     }
 
     /// Renews the certificate with a fresh key once it is past half-life.
@@ -250,15 +295,26 @@ impl Agent {
         let key = PrivateKey::generate_p256()?;
         let resp = self
             .client()
-            .issue_certificate(pb::IssueCertificateRequest { csr: key.csr_der()? })
+            .issue_certificate(pb::IssueCertificateRequest {
+                csr: key.csr_der()?,
+            })
             .await?
             .into_inner();
-        let c = resp.chain.ok_or_else(|| Error::Corrupt("no chain in response".into()))?;
+        let c = resp
+            .chain
+            .ok_or_else(|| Error::Corrupt("no chain in response".into()))?;
         let chain = verify_chain(&self.bundle, &self.id, &self.clock, c.leaf, c.intermediate)?;
         persist(&self.store, &self.vault, Some(&key), &chain)?;
-        self.cert.replace(vec![chain.leaf.clone(), chain.intermediate.clone()], &key)?;
+        self.cert
+            .replace(vec![chain.leaf.clone(), chain.intermediate.clone()], &key)?;
         // New connections present the new certificate.
-        let client = new_client(&self.cfg, &self.bundle, &self.clock, &self.region, &self.cert)?;
+        let client = new_client(
+            &self.cfg,
+            &self.bundle,
+            &self.clock,
+            &self.region,
+            &self.cert,
+        )?;
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
         tracing::info!(agent_id = %self.id, not_after = ?chain.info.not_after, "certificate renewed");
         *self.chain.write().unwrap_or_else(|p| p.into_inner()) = chain;
@@ -300,7 +356,8 @@ fn new_client(
         ExpectedServer::CacheIn(region.clone()),
         Some(cert.clone()),
     )?;
-    let ch = lattice_shared::net::channel(cfg.cache, tls).map_err(|e| Error::Transport(e.to_string()))?;
+    let ch = lattice_shared::net::channel(cfg.cache, tls)
+        .map_err(|e| Error::Transport(e.to_string()))?;
     Ok(CacheClient::new(ch))
 }
 
@@ -312,22 +369,47 @@ fn verify_chain(
     leaf: Vec<u8>,
     intermediate: Vec<u8>,
 ) -> Result<Chain, Error> {
-    let info = bundle.verify(&leaf, &[CertificateDer::from(intermediate.as_slice())], clock.now(), Usage::TlsClient)?;
+    let info = bundle.verify(
+        &leaf,
+        &[CertificateDer::from(intermediate.as_slice())],
+        clock.now(),
+        Usage::TlsClient,
+    )?;
     if info.id.as_ref() != Some(id) {
-        return Err(Error::Corrupt(format!("certificate names {:?}, not {id}", info.id)));
+        return Err(Error::Corrupt(format!(
+            "certificate names {:?}, not {id}",
+            info.id
+        )));
     }
-    Ok(Chain { leaf, intermediate, root: bundle.root_der().to_vec(), info })
+    Ok(Chain {
+        leaf,
+        intermediate,
+        root: bundle.root_der().to_vec(),
+        info,
+    })
 }
 
-fn persist(store: &SharedStore, vault: &Arc<dyn KeyVault>, key: Option<&PrivateKey>, chain: &Chain) -> Result<(), Error> {
-    let stored = StoredChain { leaf: b64(&chain.leaf), intermediate: b64(&chain.intermediate) };
+fn persist(
+    store: &SharedStore,
+    vault: &Arc<dyn KeyVault>,
+    key: Option<&PrivateKey>,
+    chain: &Chain,
+) -> Result<(), Error> {
+    let stored = StoredChain {
+        leaf: b64(&chain.leaf),
+        intermediate: b64(&chain.intermediate),
+    };
     let mut writes = vec![Write {
         tree: T_IDENTITY,
         key: b"chain".to_vec(),
         value: Some(serde_json::to_vec(&stored).map_err(|e| Error::Corrupt(e.to_string()))?),
     }];
     if let Some(k) = key {
-        writes.push(Write { tree: T_IDENTITY, key: b"key".to_vec(), value: Some(vault.seal(&k.pkcs8_der(), AAD_KEY)?) });
+        writes.push(Write {
+            tree: T_IDENTITY,
+            key: b"key".to_vec(),
+            value: Some(vault.seal(&k.pkcs8_der(), AAD_KEY)?),
+        });
     }
     store.apply(writes)?;
     Ok(())

@@ -72,16 +72,30 @@ async fn run(cfg: Config, command: Command) -> anyhow::Result<()> {
     let vault = lattice_shared::seal::LocalKeyFile::open_or_create(&cfg.data_dir.join("kek.key"))?;
     let agent = Agent::start(
         cfg,
-        Deps { clock: lattice_shared::clock::SystemClock::shared(), store, vault: std::sync::Arc::new(vault) },
+        Deps {
+            clock: lattice_shared::clock::SystemClock::shared(),
+            store,
+            vault: std::sync::Arc::new(vault),
+        },
     )
     .await?;
     match command {
         Command::Enrol => {
-            println!("{} (certificate valid until unix {})", agent.id, agent.not_after_unix());
+            println!(
+                "{} (certificate valid until unix {})",
+                agent.id,
+                agent.not_after_unix()
+            );
         }
-        Command::Token { audience, scopes, ttl_secs } => {
+        Command::Token {
+            audience,
+            scopes,
+            ttl_secs,
+        } => {
             agent.renew_if_due().await?;
-            let t = agent.mint(&audience, &scopes, ttl_secs.map(Duration::from_secs)).await?;
+            let t = agent
+                .mint(&audience, &scopes, ttl_secs.map(Duration::from_secs))
+                .await?;
             println!("{}", t.token);
         }
         Command::Run => {

@@ -58,10 +58,16 @@ impl BuiltinAuthorizer {
 impl Authorizer for BuiltinAuthorizer {
     fn authorize_mint(&self, req: &MintRequest<'_>) -> Decision {
         let Some(allowed) = self.audiences.get(req.audience) else {
-            return Decision::Deny(format!("audience {:?} is not allowed at this cache", req.audience));
+            return Decision::Deny(format!(
+                "audience {:?} is not allowed at this cache",
+                req.audience
+            ));
         };
         if let Some(s) = req.scopes.iter().find(|s| !allowed.contains(*s)) {
-            return Decision::Deny(format!("scope {s:?} is not allowed for audience {:?}", req.audience));
+            return Decision::Deny(format!(
+                "scope {s:?} is not allowed for audience {:?}",
+                req.audience
+            ));
         }
         Decision::Allow
     }
@@ -73,13 +79,29 @@ mod tests {
 
     #[test]
     fn builtin_rule() {
-        let a = BuiltinAuthorizer::new(&[AudienceRule { name: "api".into(), scopes: vec!["read".into()] }]);
+        let a = BuiltinAuthorizer::new(&[AudienceRule {
+            name: "api".into(),
+            scopes: vec!["read".into()],
+        }]);
         let agent = SpiffeId::parse("spiffe://t/agent/eu/a").expect("id");
-        let ok = MintRequest { agent: &agent, audience: "api", scopes: &["read".into()], ttl: Duration::from_secs(60) };
+        let ok = MintRequest {
+            agent: &agent,
+            audience: "api",
+            scopes: &["read".into()],
+            ttl: Duration::from_secs(60),
+        };
         assert_eq!(a.authorize_mint(&ok), Decision::Allow);
-        let wide = MintRequest { scopes: &["write".into()], ..ok };
+        let wide = MintRequest {
+            scopes: &["write".into()],
+            ..ok
+        };
         assert!(matches!(a.authorize_mint(&wide), Decision::Deny(m) if m.contains("write")));
-        let other = MintRequest { agent: &agent, audience: "db", scopes: &[], ttl: Duration::from_secs(60) };
+        let other = MintRequest {
+            agent: &agent,
+            audience: "db",
+            scopes: &[],
+            ttl: Duration::from_secs(60),
+        };
         assert!(matches!(a.authorize_mint(&other), Decision::Deny(_)));
     }
 }

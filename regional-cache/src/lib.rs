@@ -85,9 +85,12 @@ impl Config {
     pub fn validate(&self) -> Result<SpiffeId, String> {
         let id = SpiffeId::parse(&self.id).map_err(|e| format!("id: {e}"))?;
         if id.role() != Role::Cache {
-            return Err(format!("id: {id} is not a cache id (spiffe://TD/cache/REGION/NAME)"));
+            return Err(format!(
+                "id: {id} is not a cache id (spiffe://TD/cache/REGION/NAME)"
+            ));
         }
-        if self.token_default_ttl_secs == 0 || self.token_default_ttl_secs > self.token_max_ttl_secs {
+        if self.token_default_ttl_secs == 0 || self.token_default_ttl_secs > self.token_max_ttl_secs
+        {
             return Err("token_default_ttl_secs must be within 1..=token_max_ttl_secs".into());
         }
         if self.token_max_ttl_secs > 3600 {
@@ -223,7 +226,9 @@ fn b64(d: &[u8]) -> String {
 }
 fn unb64(s: &str) -> Result<Vec<u8>, Error> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| Error::Corrupt(e.to_string()))
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| Error::Corrupt(e.to_string()))
 }
 
 fn status_to_error(what: &str, s: tonic::Status) -> Error {
@@ -247,16 +252,25 @@ impl State {
         let tls_info = bundle.verify(&certs.tls_cert, &[], now, Usage::TlsServer)?;
         let signing_info = bundle.verify(&certs.signing_cert, &[], now, Usage::JwtSigning)?;
         let ca_info = inspect(&certs.ca_cert)?;
-        for (what, info) in [("TLS", &tls_info), ("signing", &signing_info), ("CA", &ca_info)] {
+        for (what, info) in [
+            ("TLS", &tls_info),
+            ("signing", &signing_info),
+            ("CA", &ca_info),
+        ] {
             if info.id.as_ref() != Some(id) {
-                return Err(Error::ControlPlane(format!("{what} certificate names {:?}, not {id}", info.id)));
+                return Err(Error::ControlPlane(format!(
+                    "{what} certificate names {:?}, not {id}",
+                    info.id
+                )));
             }
         }
         let signer = TokenSigner::from_pkcs8(&keys.signing.pkcs8_der())?;
         if lattice_shared::token::public_key_of_cert(&certs.signing_cert).as_deref()
             != Some(signer.public_key_raw())
         {
-            return Err(Error::ControlPlane("signing certificate does not carry our key".into()));
+            return Err(Error::ControlPlane(
+                "signing certificate does not carry our key".into(),
+            ));
         }
         let stored = StoredCerts {
             ca_cert: b64(&certs.ca_cert),
@@ -265,20 +279,41 @@ impl State {
         };
         let json = serde_json::to_vec(&stored).map_err(|e| Error::Corrupt(e.to_string()))?;
         store.apply(vec![
-            Write { tree: T_IDENTITY, key: b"ca_key".to_vec(), value: Some(vault.seal(&keys.ca.pkcs8_der(), AAD_CA)?) },
-            Write { tree: T_IDENTITY, key: b"tls_key".to_vec(), value: Some(vault.seal(&keys.tls.pkcs8_der(), AAD_TLS)?) },
+            Write {
+                tree: T_IDENTITY,
+                key: b"ca_key".to_vec(),
+                value: Some(vault.seal(&keys.ca.pkcs8_der(), AAD_CA)?),
+            },
+            Write {
+                tree: T_IDENTITY,
+                key: b"tls_key".to_vec(),
+                value: Some(vault.seal(&keys.tls.pkcs8_der(), AAD_TLS)?),
+            },
             Write {
                 tree: T_IDENTITY,
                 key: b"signing_key".to_vec(),
                 value: Some(vault.seal(&keys.signing.pkcs8_der(), AAD_SIGNING)?),
             },
-            Write { tree: T_IDENTITY, key: b"certs".to_vec(), value: Some(json) },
+            Write {
+                tree: T_IDENTITY,
+                key: b"certs".to_vec(),
+                value: Some(json),
+            },
         ])?;
         // The signing key lives on inside `signer`; this copy is zeroized on drop.
-        let Keys { ca, tls, signing: _ } = keys;
+        let Keys {
+            ca,
+            tls,
+            signing: _,
+        } = keys;
         let authority = Authority::from_parts(certs.ca_cert.clone(), ca)?;
         Ok((
-            Identity { ca: authority, signer, signing_cert: certs.signing_cert.clone(), tls: tls_info },
+            Identity {
+                ca: authority,
+                signer,
+                signing_cert: certs.signing_cert.clone(),
+                tls: tls_info,
+            },
             certs.tls_cert.clone(),
             tls,
         ))
@@ -288,10 +323,15 @@ impl State {
         store: &SharedStore,
         vault: &Arc<dyn KeyVault>,
     ) -> Result<Option<(Identity, Vec<u8>, PrivateKey)>, Error> {
-        let Some(json) = store.get(T_IDENTITY, b"certs")? else { return Ok(None) };
-        let stored: StoredCerts = serde_json::from_slice(&json).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let Some(json) = store.get(T_IDENTITY, b"certs")? else {
+            return Ok(None);
+        };
+        let stored: StoredCerts =
+            serde_json::from_slice(&json).map_err(|e| Error::Corrupt(e.to_string()))?;
         let get = |k: &[u8], aad: &str| -> Result<PrivateKey, Error> {
-            let sealed = store.get(T_IDENTITY, k)?.ok_or_else(|| Error::Corrupt("missing key".into()))?;
+            let sealed = store
+                .get(T_IDENTITY, k)?
+                .ok_or_else(|| Error::Corrupt("missing key".into()))?;
             Ok(PrivateKey::from_pkcs8(&vault.open(&sealed, aad)?)?)
         };
         let ca = Authority::from_parts(unb64(&stored.ca_cert)?, get(b"ca_key", AAD_CA)?)?;
@@ -300,21 +340,44 @@ impl State {
         let signer = TokenSigner::from_pkcs8(&signing_key.pkcs8_der())?;
         let tls_cert = unb64(&stored.tls_cert)?;
         let tls = inspect(&tls_cert)?;
-        Ok(Some((Identity { ca, signer, signing_cert: unb64(&stored.signing_cert)?, tls }, tls_cert, tls_key)))
+        Ok(Some((
+            Identity {
+                ca,
+                signer,
+                signing_cert: unb64(&stored.signing_cert)?,
+                tls,
+            },
+            tls_cert,
+            tls_key,
+        )))
     }
 
     pub fn identity(&self) -> Arc<Identity> {
-        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn jwks_json(&self) -> Arc<String> {
-        self.jwks_json.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.jwks_json
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn rebuild_jwks(&self) {
         let now = self.clock.now();
-        let own = self.own_signing.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let cp = self.cp_signing.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let own = self
+            .own_signing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let cp = self
+            .cp_signing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let set = jwks_from_certs(own.iter().chain(cp.iter()).map(Vec::as_slice), now);
         let json = serde_json::to_string(&set).unwrap_or_else(|_| "{\"keys\":[]}".into());
         *self.jwks_json.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(json);
@@ -329,16 +392,24 @@ impl State {
             .await
             .map_err(|s| status_to_error("fetching the JWKS", s))?
             .into_inner();
-        let set: jsonwebtoken::jwk::JwkSet =
-            serde_json::from_str(&resp.jwks_json).map_err(|e| Error::ControlPlane(e.to_string()))?;
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&resp.jwks_json)
+            .map_err(|e| Error::ControlPlane(e.to_string()))?;
         let now = self.clock.now();
         let mut certs = Vec::new();
         for jwk in &set.keys {
             use base64::Engine;
-            let Some(c) = jwk.common.x509_chain.as_ref().and_then(|c| c.first()) else { continue };
-            let Ok(der) = base64::engine::general_purpose::STANDARD.decode(c) else { continue };
+            let Some(c) = jwk.common.x509_chain.as_ref().and_then(|c| c.first()) else {
+                continue;
+            };
+            let Ok(der) = base64::engine::general_purpose::STANDARD.decode(c) else {
+                continue;
+            };
             // Only keys the root certified for a cache enter our JWKS.
-            if self.bundle.verify(&der, &[], now, Usage::JwtSigning).is_ok() {
+            if self
+                .bundle
+                .verify(&der, &[], now, Usage::JwtSigning)
+                .is_ok()
+            {
                 certs.push(der);
             }
         }
@@ -363,9 +434,16 @@ impl State {
             .await
             .map_err(|s| status_to_error("renewing certificates", s))?
             .into_inner();
-        let certs = resp.certificates.ok_or_else(|| Error::ControlPlane("no certificates".into()))?;
-        let (store, vault, clock, bundle, id) =
-            (self.store.clone(), self.vault.clone(), self.clock.clone(), self.bundle.clone(), self.id.clone());
+        let certs = resp
+            .certificates
+            .ok_or_else(|| Error::ControlPlane("no certificates".into()))?;
+        let (store, vault, clock, bundle, id) = (
+            self.store.clone(),
+            self.vault.clone(),
+            self.clock.clone(),
+            self.bundle.clone(),
+            self.id.clone(),
+        );
         let (ident, tls_cert, tls_key) = tokio::task::spawn_blocking(move || {
             Self::accept_certificates(&id, &bundle, &clock, &store, &vault, keys, &certs)
         })
@@ -387,7 +465,10 @@ impl State {
 impl App {
     pub async fn build(cfg: Config, deps: Deps) -> Result<App, Error> {
         let id = cfg.validate().map_err(Error::Config)?;
-        let region = id.region().cloned().ok_or_else(|| Error::Config("cache id has no region".into()))?;
+        let region = id
+            .region()
+            .cloned()
+            .ok_or_else(|| Error::Config("cache id has no region".into()))?;
         let root_der = pem::read_certs(&cfg.root_ca)
             .map_err(Error::Config)?
             .into_iter()
@@ -412,13 +493,26 @@ impl App {
                 let ch = lattice_shared::net::channel(cfg.control_plane, tls)
                     .map_err(|e| Error::ControlPlane(e.to_string()))?;
                 let resp = ControlPlaneClient::new(ch)
-                    .enrol(pb::EnrolCacheRequest { join_token: token, requested_id: id.to_string(), csrs: Some(csrs) })
+                    .enrol(pb::EnrolCacheRequest {
+                        join_token: token,
+                        requested_id: id.to_string(),
+                        csrs: Some(csrs),
+                    })
                     .await
                     .map_err(|s| status_to_error("enrolment refused", s))?
                     .into_inner();
-                let certs = resp.certificates.ok_or_else(|| Error::ControlPlane("no certificates".into()))?;
-                let accepted =
-                    State::accept_certificates(&id, &bundle, &deps.clock, &deps.store, &deps.vault, keys, &certs)?;
+                let certs = resp
+                    .certificates
+                    .ok_or_else(|| Error::ControlPlane("no certificates".into()))?;
+                let accepted = State::accept_certificates(
+                    &id,
+                    &bundle,
+                    &deps.clock,
+                    &deps.store,
+                    &deps.vault,
+                    keys,
+                    &certs,
+                )?;
                 tracing::info!(cache_id = %id, "enrolled at the control plane");
                 accepted
             }
@@ -440,9 +534,12 @@ impl App {
             Some(tls_cert.clone()),
         )?;
         let cp = ControlPlaneClient::new(
-            lattice_shared::net::channel(cfg.control_plane, cp_tls).map_err(|e| Error::ControlPlane(e.to_string()))?,
+            lattice_shared::net::channel(cfg.control_plane, cp_tls)
+                .map_err(|e| Error::ControlPlane(e.to_string()))?,
         );
-        let authorizer = deps.authorizer.unwrap_or_else(|| Arc::new(BuiltinAuthorizer::new(&cfg.audiences)));
+        let authorizer = deps
+            .authorizer
+            .unwrap_or_else(|| Arc::new(BuiltinAuthorizer::new(&cfg.audiences)));
         let own_signing = vec![identity.signing_cert.clone()];
         let state = Arc::new(State {
             cfg,
@@ -489,8 +586,10 @@ impl App {
         let background = {
             let state = state.clone();
             tokio::spawn(async move {
-                let mut renew = tokio::time::interval(Duration::from_secs(state.cfg.renew_check_secs));
-                let mut jwks = tokio::time::interval(Duration::from_secs(state.cfg.jwks_refresh_secs));
+                let mut renew =
+                    tokio::time::interval(Duration::from_secs(state.cfg.renew_check_secs));
+                let mut jwks =
+                    tokio::time::interval(Duration::from_secs(state.cfg.jwks_refresh_secs));
                 loop {
                     tokio::select! {
                         _ = renew.tick() => {
@@ -508,7 +607,13 @@ impl App {
             })
         };
         tracing::info!(%addr, cache_id = %state.id, "cache listening");
-        Ok(App { state, addr, shutdown, server, background })
+        Ok(App {
+            state,
+            addr,
+            shutdown,
+            server,
+            background,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -27,9 +27,13 @@ pub(crate) struct Service {
 }
 
 pub(crate) fn routes(state: Arc<State>) -> tonic::service::Routes {
-    let svc = Service { state: state.clone(), rng: SystemRandom::new() };
+    let svc = Service {
+        state: state.clone(),
+        rng: SystemRandom::new(),
+    };
     let grpc = tonic::service::Routes::new(
-        pb::cache_server::CacheServer::new(svc).max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+        pb::cache_server::CacheServer::new(svc)
+            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
     );
     let router = grpc.into_axum_router().route(
         "/.well-known/jwks.json",
@@ -37,7 +41,10 @@ pub(crate) fn routes(state: Arc<State>) -> tonic::service::Routes {
             let state = state.clone();
             async move {
                 (
-                    [(http::header::CONTENT_TYPE, "application/jwk-set+json"), (http::header::CACHE_CONTROL, "max-age=30")],
+                    [
+                        (http::header::CONTENT_TYPE, "application/jwk-set+json"),
+                        (http::header::CACHE_CONTROL, "max-age=30"),
+                    ],
                     state.jwks_json().as_str().to_owned(),
                 )
             }
@@ -48,7 +55,9 @@ pub(crate) fn routes(state: Arc<State>) -> tonic::service::Routes {
 
 fn pki_status(e: PkiError) -> Status {
     match e {
-        PkiError::BadCsr | PkiError::UnsupportedKey | PkiError::TooLarge => Status::invalid_argument(e.to_string()),
+        PkiError::BadCsr | PkiError::UnsupportedKey | PkiError::TooLarge => {
+            Status::invalid_argument(e.to_string())
+        }
         PkiError::Scope(m) => Status::permission_denied(m),
         other => {
             tracing::error!(error = %other, "certificate issuance failed");
@@ -63,10 +72,14 @@ impl Service {
     fn require_agent<T>(&self, req: &Request<T>) -> Result<Arc<PeerIdentity>, Status> {
         let peer = authenticated(req, &self.state.clock)?;
         if peer.id.role() != Role::Agent {
-            return Err(Status::permission_denied(format!("{} is not an agent", peer.id)));
+            return Err(Status::permission_denied(format!(
+                "{} is not an agent",
+                peer.id
+            )));
         }
         if peer.id.region() != Some(&self.state.region) {
-            metrics::counter!("lattice_cache_refusals_total", "reason" => "wrong_region").increment(1);
+            metrics::counter!("lattice_cache_refusals_total", "reason" => "wrong_region")
+                .increment(1);
             return Err(Status::permission_denied(format!(
                 "{} belongs to another region; this cache serves region {}",
                 peer.id, self.state.region
@@ -75,9 +88,15 @@ impl Service {
         Ok(peer)
     }
 
-    fn issue_agent_cert(&self, agent: &SpiffeId, csr: &[u8]) -> Result<pb::CertificateChain, Status> {
+    fn issue_agent_cert(
+        &self,
+        agent: &SpiffeId,
+        csr: &[u8],
+    ) -> Result<pb::CertificateChain, Status> {
         if csr.is_empty() || csr.len() > MAX_DER_LEN {
-            return Err(Status::invalid_argument(format!("csr must be 1..={MAX_DER_LEN} bytes")));
+            return Err(Status::invalid_argument(format!(
+                "csr must be 1..={MAX_DER_LEN} bytes"
+            )));
         }
         let ident = self.state.identity();
         let leaf = ident
@@ -102,24 +121,36 @@ impl Service {
 
     fn random_id(&self) -> Result<String, Status> {
         let mut b = [0u8; 16];
-        self.rng.fill(&mut b).map_err(|_| Status::internal("random number generator failed"))?;
+        self.rng
+            .fill(&mut b)
+            .map_err(|_| Status::internal("random number generator failed"))?;
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
     }
 }
 
 fn valid_scope(s: &str) -> bool {
-    !s.is_empty() && s.len() <= limits::MAX_SCOPE_LEN && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    !s.is_empty()
+        && s.len() <= limits::MAX_SCOPE_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
 
 #[tonic::async_trait]
 impl Cache for Service {
-    async fn enrol(&self, req: Request<pb::EnrolAgentRequest>) -> Result<Response<pb::EnrolAgentResponse>, Status> {
+    async fn enrol(
+        &self,
+        req: Request<pb::EnrolAgentRequest>,
+    ) -> Result<Response<pb::EnrolAgentResponse>, Status> {
         let r = req.into_inner();
         if r.join_token.is_empty() || r.join_token.len() > limits::MAX_JOIN_TOKEN_LEN {
-            return Err(Status::invalid_argument("join_token is missing or too long"));
+            return Err(Status::invalid_argument(
+                "join_token is missing or too long",
+            ));
         }
         if r.csr.is_empty() || r.csr.len() > MAX_DER_LEN {
-            return Err(Status::invalid_argument(format!("csr must be 1..={MAX_DER_LEN} bytes")));
+            return Err(Status::invalid_argument(format!(
+                "csr must be 1..={MAX_DER_LEN} bytes"
+            )));
         }
         if !r.requested_id.is_empty() {
             let want = SpiffeId::parse(&r.requested_id)
@@ -148,7 +179,9 @@ impl Cache for Service {
                 | tonic::Code::InvalidArgument => Status::new(s.code(), s.message().to_owned()),
                 _ => {
                     tracing::warn!(error = %s, "control plane unreachable for enrolment");
-                    Status::unavailable("the control plane is unreachable; enrolment needs it, retry later")
+                    Status::unavailable(
+                        "the control plane is unreachable; enrolment needs it, retry later",
+                    )
                 }
             })?
             .into_inner();
@@ -156,7 +189,10 @@ impl Cache for Service {
             .map_err(|_| Status::internal("control plane returned a malformed id"))?;
         let chain = self.issue_agent_cert(&agent, &r.csr)?;
         tracing::info!(agent_id = %agent, "agent enrolled");
-        Ok(Response::new(pb::EnrolAgentResponse { agent_id: agent.to_string(), chain: Some(chain) }))
+        Ok(Response::new(pb::EnrolAgentResponse {
+            agent_id: agent.to_string(),
+            chain: Some(chain),
+        }))
     }
 
     async fn issue_certificate(
@@ -166,15 +202,23 @@ impl Cache for Service {
         let peer = self.require_agent(&req)?;
         let chain = self.issue_agent_cert(&peer.id, &req.get_ref().csr)?;
         tracing::debug!(agent_id = %peer.id, "agent certificate renewed");
-        Ok(Response::new(pb::IssueCertificateResponse { chain: Some(chain) }))
+        Ok(Response::new(pb::IssueCertificateResponse {
+            chain: Some(chain),
+        }))
     }
 
-    async fn mint_token(&self, req: Request<pb::MintTokenRequest>) -> Result<Response<pb::MintTokenResponse>, Status> {
+    async fn mint_token(
+        &self,
+        req: Request<pb::MintTokenRequest>,
+    ) -> Result<Response<pb::MintTokenResponse>, Status> {
         let started = Instant::now();
         let peer = self.require_agent(&req)?;
         let r = req.into_inner();
         let cfg = &self.state.cfg;
-        if r.audience.is_empty() || r.audience.len() > limits::MAX_AUDIENCE_LEN || !valid_scope(&r.audience) {
+        if r.audience.is_empty()
+            || r.audience.len() > limits::MAX_AUDIENCE_LEN
+            || !valid_scope(&r.audience)
+        {
             return Err(Status::invalid_argument(format!(
                 "audience must be 1..={} printable characters without spaces",
                 limits::MAX_AUDIENCE_LEN
@@ -187,7 +231,11 @@ impl Cache for Service {
                 limits::MAX_SCOPE_LEN
             )));
         }
-        let ttl_secs = if r.ttl_secs == 0 { cfg.token_default_ttl_secs } else { r.ttl_secs };
+        let ttl_secs = if r.ttl_secs == 0 {
+            cfg.token_default_ttl_secs
+        } else {
+            r.ttl_secs
+        };
         if ttl_secs > cfg.token_max_ttl_secs {
             return Err(Status::invalid_argument(format!(
                 "requested ttl {ttl_secs}s exceeds this cache's maximum of {}s",
@@ -219,9 +267,14 @@ impl Cache for Service {
             iat: now,
             nbf: now,
             exp,
-            cnf: Some(Confirmation { x5t_s256: peer.cert.thumbprint_b64() }),
+            cnf: Some(Confirmation {
+                x5t_s256: peer.cert.thumbprint_b64(),
+            }),
         };
-        let token = ident.signer.sign(&claims).map_err(|_| Status::internal("token signing failed"))?;
+        let token = ident
+            .signer
+            .sign(&claims)
+            .map_err(|_| Status::internal("token signing failed"))?;
         metrics::counter!("lattice_cache_mint_total", "outcome" => "issued").increment(1);
         metrics::histogram!("lattice_cache_mint_seconds").record(started.elapsed().as_secs_f64());
         Ok(Response::new(pb::MintTokenResponse {
@@ -232,12 +285,20 @@ impl Cache for Service {
         }))
     }
 
-    async fn jwks(&self, req: Request<pb::JwksRequest>) -> Result<Response<pb::JwksResponse>, Status> {
+    async fn jwks(
+        &self,
+        req: Request<pb::JwksRequest>,
+    ) -> Result<Response<pb::JwksResponse>, Status> {
         authenticated(&req, &self.state.clock)?;
-        Ok(Response::new(pb::JwksResponse { jwks_json: self.state.jwks_json().as_str().to_owned() }))
+        Ok(Response::new(pb::JwksResponse {
+            jwks_json: self.state.jwks_json().as_str().to_owned(),
+        }))
     }
 
-    async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingResponse>, Status> {
+    async fn ping(
+        &self,
+        req: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
         authenticated(&req, &self.state.clock)?;
         let r = req.into_inner();
         if r.payload.len() > limits::MAX_PING_PAYLOAD {

@@ -41,7 +41,9 @@ pub struct SystemClock {
 
 impl SystemClock {
     pub fn shared() -> SharedClock {
-        Arc::new(SystemClock { origin: Instant::now() })
+        Arc::new(SystemClock {
+            origin: Instant::now(),
+        })
     }
 }
 
@@ -72,7 +74,9 @@ impl FakeClock {
         Self::at(SystemTime::now())
     }
     pub fn at(t: SystemTime) -> Self {
-        Self { inner: Arc::new(Mutex::new((t, Duration::ZERO))) }
+        Self {
+            inner: Arc::new(Mutex::new((t, Duration::ZERO))),
+        }
     }
     pub fn advance(&self, d: Duration) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,7 +130,10 @@ mod tests {
         let na = nb + Duration::from_secs(100);
         assert!(!past_half_life(nb + Duration::from_secs(49), nb, na));
         assert!(past_half_life(nb + Duration::from_secs(50), nb, na));
-        assert!(past_half_life(nb, na, nb), "inverted validity renews at once");
+        assert!(
+            past_half_life(nb, na, nb),
+            "inverted validity renews at once"
+        );
     }
 
     #[test]

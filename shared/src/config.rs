@@ -44,10 +44,19 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "name = \"from-file\"\nport = 7\n").expect("write");
         let c: Cfg = load(Some(&path), "LATTICE_TEST_CFG_A_").expect("load");
-        assert_eq!(c, Cfg { name: "from-file".into(), port: 7 });
+        assert_eq!(
+            c,
+            Cfg {
+                name: "from-file".into(),
+                port: 7
+            }
+        );
         let err = load::<Cfg>(Some(&dir.path().join("missing.toml")), "X_").expect_err("missing");
         assert!(err.contains("does not exist"));
         std::fs::write(&path, "port = \"seven\"\n").expect("write");
-        assert!(load::<Cfg>(Some(&path), "LATTICE_TEST_CFG_B_").is_err(), "type errors are reported");
+        assert!(
+            load::<Cfg>(Some(&path), "LATTICE_TEST_CFG_B_").is_err(),
+            "type errors are reported"
+        );
     }
 }

@@ -32,8 +32,9 @@ fn valid_segment(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SEGMENT_LEN
         && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
 }
 
 /// A trust domain such as `lattice.local`.
@@ -189,7 +190,9 @@ impl SpiffeId {
             return Err(IdError::TooLong);
         }
         let rest = s.strip_prefix("spiffe://").ok_or(IdError::Scheme)?;
-        let (td, path) = rest.split_once('/').ok_or_else(|| IdError::Path(String::new()))?;
+        let (td, path) = rest
+            .split_once('/')
+            .ok_or_else(|| IdError::Path(String::new()))?;
         let trust_domain = TrustDomain::new(td)?;
         let parts: Vec<&str> = path.split('/').collect();
         let (role, region, name) = match parts.as_slice() {

@@ -6,14 +6,14 @@ pub mod proto {
 }
 
 pub mod clock;
+pub mod config;
 pub mod id;
 pub mod limits;
 pub mod net;
+pub mod pem;
 pub mod pki;
 pub mod seal;
 pub mod store;
-pub mod tls;
-pub mod config;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
-pub mod pem;

@@ -158,7 +158,8 @@ pub fn tls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let hs = tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let hs =
+                    tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 let tls = match hs {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -173,8 +174,17 @@ pub fn tls_incoming(
                     }
                 };
                 let identity = identity_of(tls.get_ref().1);
-                let info = PeerInfo { remote: Some(remote), identity };
-                let _ = tx.send(Ok(PeerStream { inner: tls, info, _permit: permit })).await;
+                let info = PeerInfo {
+                    remote: Some(remote),
+                    identity,
+                };
+                let _ = tx
+                    .send(Ok(PeerStream {
+                        inner: tls,
+                        info,
+                        _permit: permit,
+                    }))
+                    .await;
             });
         }
     });
@@ -200,7 +210,10 @@ impl AuthGuardLayer {
 impl<S> tower::Layer<S> for AuthGuardLayer {
     type Service = AuthGuard<S>;
     fn layer(&self, inner: S) -> AuthGuard<S> {
-        AuthGuard { inner, open_paths: self.open_paths }
+        AuthGuard {
+            inner,
+            open_paths: self.open_paths,
+        }
     }
 }
 
@@ -259,7 +272,8 @@ pub fn channel(
         .connect_timeout(limits::CONNECT_TIMEOUT)
         .timeout(limits::RPC_TIMEOUT)
         .tcp_nodelay(true);
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri: http::Uri| {
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri: http::Uri| {
             let connector = connector.clone();
             async move {
                 let tcp = TcpStream::connect(addr).await?;
@@ -271,5 +285,6 @@ pub fn channel(
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
-        })))
+        })),
+    )
 }

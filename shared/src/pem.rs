@@ -51,7 +51,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("c.pem");
         std::fs::write(&p, encode_certs([&b"abc"[..], &b"defgh"[..]])).expect("write");
-        assert_eq!(read_certs(&p).expect("read"), vec![b"abc".to_vec(), b"defgh".to_vec()]);
+        assert_eq!(
+            read_certs(&p).expect("read"),
+            vec![b"abc".to_vec(), b"defgh".to_vec()]
+        );
         std::fs::write(&p, "nothing").expect("write");
         assert!(read_certs(&p).is_err());
     }

@@ -12,8 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, UnixTime};
@@ -95,7 +94,9 @@ impl PrivateKey {
     pub fn csr_der(&self) -> Result<Vec<u8>, PkiError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, "lattice csr");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "lattice csr");
         Ok(params.serialize_request(&self.0)?.der().to_vec())
     }
 }
@@ -154,8 +155,9 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
         return Err(PkiError::BadCert("trailing data".into()));
     }
     let mut uris = Vec::new();
-    if let Some(san) =
-        cert.subject_alternative_name().map_err(|e| PkiError::BadCert(e.to_string()))?
+    if let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCert(e.to_string()))?
     {
         for name in &san.value.general_names {
             if let x509_parser::extensions::GeneralName::URI(u) = name {
@@ -169,7 +171,9 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
         _ => return Err(PkiError::NoIdentity("more than one URI name".into())),
     };
     let validity = cert.validity();
-    let eku = cert.extended_key_usage().map_err(|e| PkiError::BadCert(e.to_string()))?;
+    let eku = cert
+        .extended_key_usage()
+        .map_err(|e| PkiError::BadCert(e.to_string()))?;
     Ok(CertInfo {
         eku_client_auth: eku.as_ref().is_some_and(|e| e.value.client_auth),
         eku_server_auth: eku.as_ref().is_some_and(|e| e.value.server_auth),
@@ -184,7 +188,9 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
 
 fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut bytes = [0u8; 16];
-    SystemRandom::new().fill(&mut bytes).map_err(|_| PkiError::Generate("rng".into()))?;
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| PkiError::Generate("rng".into()))?;
     bytes[0] &= 0x7f; // positive
     bytes[0] |= 0x01; // no leading zero byte to strip
     Ok(SerialNumber::from_slice(&bytes))
@@ -211,7 +217,9 @@ pub struct Authority {
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authority").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("Authority")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -240,8 +248,12 @@ impl Authority {
     ) -> Result<Self, PkiError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, td.as_str());
-        params.distinguished_name.push(DnType::CommonName, "lattice root CA");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, td.as_str());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "lattice root CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = to_offset(now - BACKDATE);
@@ -281,7 +293,9 @@ impl Authority {
     ) -> Result<Vec<u8>, PkiError> {
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(
-            id.as_str().try_into().map_err(|_| PkiError::NoIdentity(id.to_string()))?,
+            id.as_str()
+                .try_into()
+                .map_err(|_| PkiError::NoIdentity(id.to_string()))?,
         )];
         params.is_ca = IsCa::ExplicitNoCa;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -305,29 +319,38 @@ impl Authority {
         if csr_der.len() > MAX_DER_LEN {
             return Err(PkiError::TooLarge);
         }
-        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-            csr_der,
-        ))
-        .map_err(|_| PkiError::BadCsr)?;
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|_| PkiError::BadCsr)?;
         let alg = csr.public_key.algorithm();
         if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
             return Err(PkiError::UnsupportedKey);
         }
         // The issuer's own scope rule, applied before signing as well as at
         // every verifier.
-        let issuer_scope = if self.info.id.is_some() { Some(&self.info) } else { None };
+        let issuer_scope = if self.info.id.is_some() {
+            Some(&self.info)
+        } else {
+            None
+        };
         check_issuance_scope(id, issuer_scope)?;
 
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, id.trust_domain().as_str());
-        params.distinguished_name.push(DnType::CommonName, common_name(id));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, id.trust_domain().as_str());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name(id));
         params.not_before = to_offset(now - BACKDATE);
         params.not_after = to_offset((now + ttl).min(self.info.not_after));
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
         params.subject_alt_names = vec![SanType::URI(
-            id.as_str().try_into().map_err(|_| PkiError::NoIdentity(id.to_string()))?,
+            id.as_str()
+                .try_into()
+                .map_err(|_| PkiError::NoIdentity(id.to_string()))?,
         )];
         match profile {
             Profile::IntermediateCa => {
@@ -353,7 +376,10 @@ impl Authority {
                 };
             }
         }
-        Ok(params.signed_by(&csr.public_key, &self.issuer)?.der().to_vec())
+        Ok(params
+            .signed_by(&csr.public_key, &self.issuer)?
+            .der()
+            .to_vec())
     }
 }
 
@@ -423,7 +449,11 @@ impl TrustBundle {
         let anchor = webpki::anchor_from_trusted_cert(&root_der)
             .map_err(|e| PkiError::BadCert(format!("root: {e}")))?
             .to_owned();
-        Ok(Self { td, root_der, anchors: vec![anchor] })
+        Ok(Self {
+            td,
+            root_der,
+            anchors: vec![anchor],
+        })
     }
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.td
@@ -451,7 +481,9 @@ impl TrustBundle {
         // webpki applies the EKU rule to every certificate of the path (our CAs
         // carry none), so the leaf's explicit TLS EKU is demanded below.
         let eku = match usage {
-            Usage::TlsClient | Usage::JwtSigning => webpki::KeyUsage::required_if_present(EKU_CLIENT_AUTH),
+            Usage::TlsClient | Usage::JwtSigning => {
+                webpki::KeyUsage::required_if_present(EKU_CLIENT_AUTH)
+            }
             Usage::TlsServer => webpki::KeyUsage::required_if_present(EKU_SERVER_AUTH),
         };
         let secs = now
@@ -474,7 +506,10 @@ impl TrustBundle {
             .as_ref()
             .ok_or_else(|| PkiError::NoIdentity("no URI name".into()))?;
         if id.trust_domain() != &self.td {
-            return Err(PkiError::Scope(format!("{id} is not in trust domain {}", self.td)));
+            return Err(PkiError::Scope(format!(
+                "{id} is not in trust domain {}",
+                self.td
+            )));
         }
         let eku_ok = match usage {
             Usage::TlsClient => info.eku_client_auth,
@@ -482,7 +517,9 @@ impl TrustBundle {
             Usage::JwtSigning => !info.eku_client_auth && !info.eku_server_auth,
         };
         if !eku_ok {
-            return Err(PkiError::Untrusted(format!("certificate is not meant for {usage:?}")));
+            return Err(PkiError::Untrusted(format!(
+                "certificate is not meant for {usage:?}"
+            )));
         }
         if usage == Usage::JwtSigning && id.role() != Role::Cache {
             return Err(PkiError::Scope(format!("{id}: only caches sign tokens")));
@@ -535,12 +572,23 @@ mod tests {
             .expect("intermediate");
         let cache_ca = Authority::from_parts(ca_cert, ca_key).expect("authority");
         let bundle = TrustBundle::new(td(), root.cert_der().to_vec()).expect("bundle");
-        Pki { root, cache_ca, bundle, now }
+        Pki {
+            root,
+            cache_ca,
+            bundle,
+            now,
+        }
     }
 
     fn agent_leaf(p: &Pki, agent: &str) -> Result<Vec<u8>, PkiError> {
         let key = PrivateKey::generate_p256()?;
-        p.cache_ca.issue(&key.csr_der()?, &id(agent), Profile::TlsClient, p.now, Duration::from_secs(3600))
+        p.cache_ca.issue(
+            &key.csr_der()?,
+            &id(agent),
+            Profile::TlsClient,
+            p.now,
+            Duration::from_secs(3600),
+        )
     }
 
     fn chain(p: &Pki) -> [CertificateDer<'static>; 1] {
@@ -551,13 +599,20 @@ mod tests {
     fn agent_chain_verifies_with_webpki() {
         let p = pki();
         let leaf = agent_leaf(&p, "spiffe://lattice.local/agent/eu/bot").expect("leaf");
-        let info = p.bundle.verify(&leaf, &chain(&p), p.now, Usage::TlsClient).expect("verifies");
+        let info = p
+            .bundle
+            .verify(&leaf, &chain(&p), p.now, Usage::TlsClient)
+            .expect("verifies");
         assert_eq!(info.id, Some(id("spiffe://lattice.local/agent/eu/bot")));
         assert!(!info.is_ca);
         let ca = inspect(p.cache_ca.cert_der()).expect("ca");
         assert!(ca.is_ca);
         // Not valid as a server certificate: agents have the client EKU only.
-        assert!(p.bundle.verify(&leaf, &chain(&p), p.now, Usage::TlsServer).is_err());
+        assert!(
+            p.bundle
+                .verify(&leaf, &chain(&p), p.now, Usage::TlsServer)
+                .is_err()
+        );
     }
 
     #[test]
@@ -565,7 +620,10 @@ mod tests {
         let p = pki();
         let leaf = agent_leaf(&p, "spiffe://lattice.local/agent/eu/bot").expect("leaf");
         let later = p.now + Duration::from_secs(3601);
-        let err = p.bundle.verify(&leaf, &chain(&p), later, Usage::TlsClient).expect_err("expired");
+        let err = p
+            .bundle
+            .verify(&leaf, &chain(&p), later, Usage::TlsClient)
+            .expect_err("expired");
         assert!(err.to_string().contains("Expired"), "{err}");
     }
 
@@ -580,8 +638,11 @@ mod tests {
         // by the verifier's scope check although its signature is valid.
         let key = PrivateKey::generate_p256().expect("key");
         let mut params = CertificateParams::default();
-        params.subject_alt_names =
-            vec![SanType::URI("spiffe://lattice.local/agent/us/bot".try_into().expect("uri"))];
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://lattice.local/agent/us/bot"
+                .try_into()
+                .expect("uri"),
+        )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = to_offset(p.now - BACKDATE);
         params.not_after = to_offset(p.now + Duration::from_secs(600));
@@ -599,11 +660,23 @@ mod tests {
         let key = PrivateKey::generate_p256().expect("key");
         let csr = key.csr_der().expect("csr");
         assert!(matches!(
-            p.root.issue(&csr, &id("spiffe://lattice.local/agent/eu/x"), Profile::TlsClient, p.now, Duration::from_secs(60)),
+            p.root.issue(
+                &csr,
+                &id("spiffe://lattice.local/agent/eu/x"),
+                Profile::TlsClient,
+                p.now,
+                Duration::from_secs(60)
+            ),
             Err(PkiError::Scope(_))
         ));
         assert!(matches!(
-            p.cache_ca.issue(&csr, &id("spiffe://lattice.local/cache/eu/c2"), Profile::TlsServerClient, p.now, Duration::from_secs(60)),
+            p.cache_ca.issue(
+                &csr,
+                &id("spiffe://lattice.local/cache/eu/c2"),
+                Profile::TlsServerClient,
+                p.now,
+                Duration::from_secs(60)
+            ),
             Err(PkiError::Scope(_))
         ));
     }
@@ -613,7 +686,10 @@ mod tests {
         let p = pki();
         let other = pki();
         let leaf = agent_leaf(&other, "spiffe://lattice.local/agent/eu/bot").expect("leaf");
-        let err = p.bundle.verify(&leaf, &chain(&other), p.now, Usage::TlsClient).expect_err("foreign");
+        let err = p
+            .bundle
+            .verify(&leaf, &chain(&other), p.now, Usage::TlsClient)
+            .expect_err("foreign");
         assert!(matches!(err, PkiError::Untrusted(_)), "{err}");
     }
 
@@ -623,11 +699,27 @@ mod tests {
         let key = PrivateKey::generate_ed25519().expect("key");
         let cert = p
             .root
-            .issue(&key.csr_der().expect("csr"), &id("spiffe://lattice.local/cache/eu/c1"), Profile::JwtSigning, p.now, Duration::from_secs(600))
+            .issue(
+                &key.csr_der().expect("csr"),
+                &id("spiffe://lattice.local/cache/eu/c1"),
+                Profile::JwtSigning,
+                p.now,
+                Duration::from_secs(600),
+            )
             .expect("signing cert");
-        p.bundle.verify(&cert, &[], p.now, Usage::JwtSigning).expect("valid for JWT signing");
-        assert!(p.bundle.verify(&cert, &[], p.now, Usage::TlsClient).is_err());
-        assert!(p.bundle.verify(&cert, &[], p.now, Usage::TlsServer).is_err());
+        p.bundle
+            .verify(&cert, &[], p.now, Usage::JwtSigning)
+            .expect("valid for JWT signing");
+        assert!(
+            p.bundle
+                .verify(&cert, &[], p.now, Usage::TlsClient)
+                .is_err()
+        );
+        assert!(
+            p.bundle
+                .verify(&cert, &[], p.now, Usage::TlsServer)
+                .is_err()
+        );
     }
 
     #[test]
@@ -636,7 +728,13 @@ mod tests {
         let key = PrivateKey::generate_p256().expect("key");
         let cert = p
             .cache_ca
-            .issue(&key.csr_der().expect("csr"), &id("spiffe://lattice.local/agent/eu/a"), Profile::TlsClient, p.now, Duration::from_secs(86400 * 30))
+            .issue(
+                &key.csr_der().expect("csr"),
+                &id("spiffe://lattice.local/agent/eu/a"),
+                Profile::TlsClient,
+                p.now,
+                Duration::from_secs(86400 * 30),
+            )
             .expect("leaf");
         assert!(inspect(&cert).expect("info").not_after <= p.cache_ca.info().not_after);
     }
@@ -649,11 +747,23 @@ mod tests {
         let n = csr.len();
         csr[n - 5] ^= 0x55; // breaks the signature
         assert!(matches!(
-            p.cache_ca.issue(&csr, &id("spiffe://lattice.local/agent/eu/a"), Profile::TlsClient, p.now, Duration::from_secs(60)),
+            p.cache_ca.issue(
+                &csr,
+                &id("spiffe://lattice.local/agent/eu/a"),
+                Profile::TlsClient,
+                p.now,
+                Duration::from_secs(60)
+            ),
             Err(PkiError::BadCsr)
         ));
         assert!(matches!(
-            p.cache_ca.issue(&[0u8; 10_000], &id("spiffe://lattice.local/agent/eu/a"), Profile::TlsClient, p.now, Duration::from_secs(60)),
+            p.cache_ca.issue(
+                &[0u8; 10_000],
+                &id("spiffe://lattice.local/agent/eu/a"),
+                Profile::TlsClient,
+                p.now,
+                Duration::from_secs(60)
+            ),
             Err(PkiError::TooLarge)
         ));
     }

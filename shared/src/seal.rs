@@ -17,7 +17,10 @@ const KEK_LEN: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
     #[error("key file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("key file {0} has the wrong size or permissions (want 32 bytes, mode 0600)")]
     BadKeyFile(PathBuf),
     #[error("sealed data is malformed or was sealed under another key")]
@@ -42,14 +45,19 @@ pub struct LocalKeyFile {
 
 impl std::fmt::Debug for LocalKeyFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalKeyFile").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("LocalKeyFile")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
 impl LocalKeyFile {
     /// Opens the key file at `path`, creating it (mode 0600) if absent.
     pub fn open_or_create(path: &Path) -> Result<Self, SealError> {
-        let io = |source| SealError::Io { path: path.to_owned(), source };
+        let io = |source| SealError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let rng = SystemRandom::new();
         let bytes: Zeroizing<Vec<u8>> = match std::fs::read(path) {
             Ok(b) => Zeroizing::new(b),
@@ -64,16 +72,22 @@ impl LocalKeyFile {
         if bytes.len() != KEK_LEN || !is_private(path) {
             return Err(SealError::BadKeyFile(path.to_owned()));
         }
-        let unbound =
-            UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| SealError::BadKeyFile(path.to_owned()))?;
-        Ok(Self { key: LessSafeKey::new(unbound), rng, path: path.to_owned() })
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &bytes)
+            .map_err(|_| SealError::BadKeyFile(path.to_owned()))?;
+        Ok(Self {
+            key: LessSafeKey::new(unbound),
+            rng,
+            path: path.to_owned(),
+        })
     }
 }
 
 #[cfg(unix)]
 fn is_private(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).map(|m| m.permissions().mode() & 0o077 == 0).unwrap_or(false)
+    std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o077 == 0)
+        .unwrap_or(false)
 }
 #[cfg(not(unix))]
 fn is_private(_: &Path) -> bool {
@@ -110,7 +124,11 @@ impl KeyVault for LocalKeyFile {
         out.extend_from_slice(&nonce);
         let mut body = plaintext.to_vec();
         self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut body,
+            )
             .map_err(|_| SealError::Open)?;
         out.extend_from_slice(&body);
         Ok(out)
@@ -144,17 +162,32 @@ mod tests {
         let path = dir.path().join("kek");
         let v = LocalKeyFile::open_or_create(&path).expect("create");
         let sealed = v.seal(b"private key bytes", "cache/ca-key").expect("seal");
-        assert!(!sealed.windows(7).any(|w| w == b"private"), "plaintext must not appear");
-        assert_eq!(&*v.open(&sealed, "cache/ca-key").expect("open"), b"private key bytes");
-        assert!(matches!(v.open(&sealed, "cache/tls-key"), Err(SealError::Open)), "aad binds");
+        assert!(
+            !sealed.windows(7).any(|w| w == b"private"),
+            "plaintext must not appear"
+        );
+        assert_eq!(
+            &*v.open(&sealed, "cache/ca-key").expect("open"),
+            b"private key bytes"
+        );
+        assert!(
+            matches!(v.open(&sealed, "cache/tls-key"), Err(SealError::Open)),
+            "aad binds"
+        );
         let mut tampered = sealed.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert!(matches!(v.open(&tampered, "cache/ca-key"), Err(SealError::Open)));
+        assert!(matches!(
+            v.open(&tampered, "cache/ca-key"),
+            Err(SealError::Open)
+        ));
 
         // Reopening the same file opens the same data; another key file does not.
         let again = LocalKeyFile::open_or_create(&path).expect("reopen");
-        assert_eq!(&*again.open(&sealed, "cache/ca-key").expect("open"), b"private key bytes");
+        assert_eq!(
+            &*again.open(&sealed, "cache/ca-key").expect("open"),
+            b"private key bytes"
+        );
         let other = LocalKeyFile::open_or_create(&dir.path().join("other")).expect("create");
         assert!(other.open(&sealed, "cache/ca-key").is_err());
     }
@@ -169,6 +202,9 @@ mod tests {
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(matches!(LocalKeyFile::open_or_create(&path), Err(SealError::BadKeyFile(_))));
+        assert!(matches!(
+            LocalKeyFile::open_or_create(&path),
+            Err(SealError::BadKeyFile(_))
+        ));
     }
 }

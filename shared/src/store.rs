@@ -63,10 +63,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn scan_prefix(&self, tree: &str, prefix: &[u8], limit: usize) -> Result<Entries, StoreError>;
 
     fn put(&self, tree: &'static str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.apply(vec![Write { tree, key: key.to_vec(), value: Some(value.to_vec()) }])
+        self.apply(vec![Write {
+            tree,
+            key: key.to_vec(),
+            value: Some(value.to_vec()),
+        }])
     }
     fn delete(&self, tree: &'static str, key: &[u8]) -> Result<(), StoreError> {
-        self.apply(vec![Write { tree, key: key.to_vec(), value: None }])
+        self.apply(vec![Write {
+            tree,
+            key: key.to_vec(),
+            value: None,
+        }])
     }
 }
 
@@ -110,7 +118,10 @@ impl std::fmt::Debug for SledStore {
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         Ok(Arc::new(Self {
             db,
             dir: dir.to_owned(),
@@ -172,8 +183,10 @@ impl Store for SledStore {
         let mut names: Vec<&'static str> = writes.iter().map(|w| w.tree).collect();
         names.sort_unstable();
         names.dedup();
-        let trees: Vec<sled::Tree> =
-            names.iter().map(|n| self.tree(n)).collect::<Result<_, _>>()?;
+        let trees: Vec<sled::Tree> = names
+            .iter()
+            .map(|n| self.tree(n))
+            .collect::<Result<_, _>>()?;
         let result: sled::transaction::TransactionResult<(), ()> =
             trees.as_slice().transaction(|txs| {
                 for w in &writes {
@@ -202,7 +215,10 @@ impl Store for SledStore {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        let swapped = self.tree(tree)?.compare_and_swap(key, expected, new)?.is_ok();
+        let swapped = self
+            .tree(tree)?
+            .compare_and_swap(key, expected, new)?
+            .is_ok();
         if swapped {
             self.applied.fetch_add(1, Ordering::SeqCst);
             self.make_durable()?;
@@ -222,10 +238,12 @@ impl Store for SledStore {
 
 // ---------------------------------------------------------------------------
 
+type MemTree = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// In-memory store for unit tests.
 #[derive(Debug, Default)]
 pub struct MemStore {
-    trees: Mutex<BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    trees: Mutex<BTreeMap<String, MemTree>>,
 }
 
 impl MemStore {
@@ -293,7 +311,10 @@ pub struct FaultStore<S: Store> {
 
 impl<S: Store> FaultStore<S> {
     pub fn new(inner: Arc<S>) -> Arc<Self> {
-        Arc::new(Self { inner, fail_next: AtomicBool::new(false) })
+        Arc::new(Self {
+            inner,
+            fail_next: AtomicBool::new(false),
+        })
     }
     /// The next mutating call fails with [`StoreError::Injected`] and writes nothing.
     pub fn fail_next(&self) {
@@ -344,14 +365,38 @@ mod tests {
         let scanned = store.scan_prefix("t", b"a", 10).expect("scan");
         assert_eq!(scanned.len(), 2);
         assert_eq!(store.scan_prefix("t", b"a", 1).expect("scan").len(), 1);
-        assert!(!store.compare_and_swap("t", b"a", Some(b"9"), Some(b"x")).expect("cas"));
-        assert!(store.compare_and_swap("t", b"a", Some(b"1"), Some(b"x")).expect("cas"));
-        assert!(store.compare_and_swap("t", b"new", None, Some(b"n")).expect("cas"));
-        assert!(!store.compare_and_swap("t", b"new", None, Some(b"n")).expect("cas"));
+        assert!(
+            !store
+                .compare_and_swap("t", b"a", Some(b"9"), Some(b"x"))
+                .expect("cas")
+        );
+        assert!(
+            store
+                .compare_and_swap("t", b"a", Some(b"1"), Some(b"x"))
+                .expect("cas")
+        );
+        assert!(
+            store
+                .compare_and_swap("t", b"new", None, Some(b"n"))
+                .expect("cas")
+        );
+        assert!(
+            !store
+                .compare_and_swap("t", b"new", None, Some(b"n"))
+                .expect("cas")
+        );
         store
             .apply(vec![
-                Write { tree: "t", key: b"a".to_vec(), value: None },
-                Write { tree: "u", key: b"b".to_vec(), value: Some(b"4".to_vec()) },
+                Write {
+                    tree: "t",
+                    key: b"a".to_vec(),
+                    value: None,
+                },
+                Write {
+                    tree: "u",
+                    key: b"b".to_vec(),
+                    value: Some(b"4".to_vec()),
+                },
             ])
             .expect("apply");
         assert_eq!(store.get("t", b"a").expect("get"), None);
@@ -385,7 +430,8 @@ mod tests {
                 let s = s.clone();
                 std::thread::spawn(move || {
                     for i in 0..25u32 {
-                        s.put("t", format!("{t}-{i}").as_bytes(), b"v").expect("put");
+                        s.put("t", format!("{t}-{i}").as_bytes(), b"v")
+                            .expect("put");
                     }
                 })
             })
@@ -411,6 +457,9 @@ mod tests {
         let s = MemStore::shared();
         check_schema(&*s, "cache", 1).expect("first records");
         check_schema(&*s, "cache", 1).expect("same passes");
-        assert!(matches!(check_schema(&*s, "cache", 2), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            check_schema(&*s, "cache", 2),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }

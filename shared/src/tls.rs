@@ -42,7 +42,9 @@ pub struct ReloadableCert {
 
 impl ReloadableCert {
     pub fn empty() -> Arc<Self> {
-        Arc::new(Self { current: RwLock::new(None) })
+        Arc::new(Self {
+            current: RwLock::new(None),
+        })
     }
     pub fn new(chain: Vec<Vec<u8>>, key: &PrivateKey) -> Result<Arc<Self>, rustls::Error> {
         let me = Self::empty();
@@ -55,13 +57,18 @@ impl ReloadableCert {
         let signer = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
             PrivatePkcs8KeyDer::from(pkcs8.as_slice()),
         ))?;
-        let certified =
-            CertifiedKey::new(chain.into_iter().map(CertificateDer::from).collect(), signer);
+        let certified = CertifiedKey::new(
+            chain.into_iter().map(CertificateDer::from).collect(),
+            signer,
+        );
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(certified));
         Ok(())
     }
     fn get(&self) -> Option<Arc<CertifiedKey>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -105,7 +112,12 @@ impl ClientCertVerifier for ClientVerifier {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.bundle
-            .verify(end_entity, intermediates, self.clock.now(), Usage::TlsClient)
+            .verify(
+                end_entity,
+                intermediates,
+                self.clock.now(),
+                Usage::TlsClient,
+            )
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         Ok(ClientCertVerified::assertion())
     }
@@ -115,7 +127,9 @@ impl ClientCertVerifier for ClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
     fn verify_tls13_signature(
         &self,
@@ -174,7 +188,12 @@ impl ServerCertVerifier for ServerVerifier {
         // by a DNS name.
         let info = self
             .bundle
-            .verify(end_entity, intermediates, self.clock.now(), Usage::TlsServer)
+            .verify(
+                end_entity,
+                intermediates,
+                self.clock.now(),
+                Usage::TlsServer,
+            )
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         match &info.id {
             Some(id) if self.expected.accepts(id) => Ok(ServerCertVerified::assertion()),
@@ -182,7 +201,9 @@ impl ServerCertVerifier for ServerVerifier {
                 "server {id} is not the expected {:?}",
                 self.expected
             ))),
-            None => Err(rustls::Error::General("server certificate carries no id".into())),
+            None => Err(rustls::Error::General(
+                "server certificate carries no id".into(),
+            )),
         }
     }
     fn verify_tls12_signature(
@@ -191,7 +212,9 @@ impl ServerCertVerifier for ServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
     fn verify_tls13_signature(
         &self,
@@ -213,7 +236,11 @@ pub fn server_config(
     clock: SharedClock,
     cert: Arc<ReloadableCert>,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    let verifier = Arc::new(ClientVerifier { bundle, clock, algs: sig_algs() });
+    let verifier = Arc::new(ClientVerifier {
+        bundle,
+        clock,
+        algs: sig_algs(),
+    });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -229,7 +256,12 @@ pub fn client_config(
     expected: ExpectedServer,
     cert: Option<Arc<ReloadableCert>>,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let verifier = Arc::new(ServerVerifier { bundle, clock, expected, algs: sig_algs() });
+    let verifier = Arc::new(ServerVerifier {
+        bundle,
+        clock,
+        expected,
+        algs: sig_algs(),
+    });
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

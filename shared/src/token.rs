@@ -64,7 +64,10 @@ pub struct Claims {
 
 /// RFC 7638 thumbprint of an Ed25519 public key: the `kid` of its JWK.
 pub fn ed25519_kid(public_raw: &[u8]) -> String {
-    let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, B64.encode(public_raw));
+    let canonical = format!(
+        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+        B64.encode(public_raw)
+    );
     B64.encode(crate::pki::sha256(canonical.as_bytes()))
 }
 
@@ -77,17 +80,24 @@ pub struct TokenSigner {
 
 impl std::fmt::Debug for TokenSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSigner").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("TokenSigner")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
 impl TokenSigner {
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, TokenError> {
-        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).map_err(|_| TokenError::BadKey)?;
+        let key =
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).map_err(|_| TokenError::BadKey)?;
         let kid = ed25519_kid(key.public_key().as_ref());
         let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": kid});
         let header_b64 = B64.encode(header.to_string());
-        Ok(Self { key, kid, header_b64 })
+        Ok(Self {
+            key,
+            kid,
+            header_b64,
+        })
     }
     pub fn kid(&self) -> &str {
         &self.kid
@@ -139,11 +149,15 @@ pub fn public_key_of_cert(cert_der: &[u8]) -> Option<Vec<u8>> {
 pub fn jwks_from_certs<'a>(certs: impl IntoIterator<Item = &'a [u8]>, now: SystemTime) -> JwkSet {
     let mut keys: Vec<Jwk> = Vec::new();
     for der in certs {
-        let Ok(info) = crate::pki::inspect(der) else { continue };
+        let Ok(info) = crate::pki::inspect(der) else {
+            continue;
+        };
         if now < info.not_before || now > info.not_after {
             continue;
         }
-        let Some(raw) = public_key_of_cert(der) else { continue };
+        let Some(raw) = public_key_of_cert(der) else {
+            continue;
+        };
         let jwk = signing_jwk(&raw, der);
         if !keys.iter().any(|k| k.common.key_id == jwk.common.key_id) {
             keys.push(jwk);
@@ -164,7 +178,11 @@ pub struct TokenVerifier {
 
 impl TokenVerifier {
     pub fn new(jwks: JwkSet, bundle: Arc<TrustBundle>, clock: SharedClock) -> Self {
-        Self { jwks, bundle, clock }
+        Self {
+            jwks,
+            bundle,
+            clock,
+        }
     }
 
     pub fn verify(&self, token: &str, audience: &str) -> Result<Claims, TokenError> {
@@ -173,8 +191,13 @@ impl TokenVerifier {
         }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        let kid = header.kid.ok_or_else(|| TokenError::Malformed("no kid".into()))?;
-        let jwk = self.jwks.find(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| TokenError::Malformed("no kid".into()))?;
+        let jwk = self
+            .jwks
+            .find(&kid)
+            .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
         let key = jsonwebtoken::DecodingKey::from_jwk(jwk)
             .map_err(|e| TokenError::Invalid(e.to_string()))?;
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
@@ -215,7 +238,10 @@ impl TokenVerifier {
                 _ => None,
             };
         if !iss_ok || !key_ok {
-            return Err(TokenError::WrongIssuer { iss: claims.iss.clone(), kid });
+            return Err(TokenError::WrongIssuer {
+                iss: claims.iss.clone(),
+                kid,
+            });
         }
         Ok(claims)
     }

@@ -18,7 +18,9 @@ pub const AUDIENCE: &str = "https://api.example.com";
 
 pub async fn lattice_with(spec: Spec) -> (Lattice, FakeClock) {
     let clock = FakeClock::new();
-    let l = Lattice::start(spec, clock.shared()).await.expect("lattice starts");
+    let l = Lattice::start(spec, clock.shared())
+        .await
+        .expect("lattice starts");
     (l, clock)
 }
 
@@ -29,7 +31,10 @@ pub async fn lattice() -> (Lattice, FakeClock) {
 
 pub fn bundle(l: &Lattice) -> Arc<TrustBundle> {
     let root = lattice_shared::pem::read_certs(&l.root_pem()).expect("root pem");
-    Arc::new(TrustBundle::new(TrustDomain::new(TRUST_DOMAIN).expect("td"), root[0].clone()).expect("bundle"))
+    Arc::new(
+        TrustBundle::new(TrustDomain::new(TRUST_DOMAIN).expect("td"), root[0].clone())
+            .expect("bundle"),
+    )
 }
 
 /// A client to the cache at `addr` that presents `cert` (chain and key), or
@@ -53,7 +58,11 @@ pub fn raw_cache_client(
 }
 
 pub fn mint_req(audience: &str) -> pb::MintTokenRequest {
-    pb::MintTokenRequest { audience: audience.into(), scopes: vec!["read".into()], ttl_secs: 0 }
+    pb::MintTokenRequest {
+        audience: audience.into(),
+        scopes: vec!["read".into()],
+        ttl_secs: 0,
+    }
 }
 
 pub const HOUR: Duration = Duration::from_secs(3600);
