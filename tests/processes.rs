@@ -1,0 +1,209 @@
+//! Each binary runs alone from its TOML configuration, as separate processes:
+//! `lattice-cp`, `lattice join-token create`, `lattice-cache`, `lattice-agent
+//! token`, `lattice status`. Also checks that the commented configurations in
+//! `deploy/` parse and validate.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn bin(name: &str) -> PathBuf {
+    // Every workspace binary is built next to this package's own.
+    let lattice = PathBuf::from(env!("CARGO_BIN_EXE_lattice"));
+    let path = lattice.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` and waits for the stderr line "... listening on ADDR ...".
+fn spawn_listening(mut cmd: Command) -> (Proc, SocketAddr) {
+    cmd.stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .env("RUST_LOG", "warn");
+    let mut child = cmd.spawn().expect("spawns");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split(" listening on ").nth(1) {
+                let addr = rest.split([' ', ';']).next().unwrap_or_default().to_owned();
+                let _ = tx.send(Ok(addr));
+            } else if line.contains("lattice-") {
+                let _ = tx.send(Err(line));
+            }
+        }
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("process reports its address");
+    let addr = got.unwrap_or_else(|line| panic!("process failed: {line}"));
+    (Proc(child), addr.parse().expect("address"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).expect("write config");
+    path.to_owned()
+}
+
+#[test]
+fn binaries_run_alone_from_their_configuration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cp_cfg = write(
+        &d.join("cp.toml"),
+        &format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            d.join("cp").display()
+        ),
+    );
+    let mut cmd = Command::new(bin("lattice-cp"));
+    cmd.args(["--config", cp_cfg.to_str().expect("utf8")]);
+    let (_cp, cp_addr) = spawn_listening(cmd);
+    let admin_dir = d.join("cp/admin");
+    let admin = [
+        "--control-plane",
+        &cp_addr.to_string(),
+        "--admin-dir",
+        admin_dir.to_str().expect("utf8"),
+    ];
+
+    let cache_id = "spiffe://lattice.local/cache/eu/proc-cache";
+    let token = run_ok(
+        Command::new(bin("lattice"))
+            .args(["join-token", "create", "--id", cache_id, "--ttl", "5m"])
+            .args(admin),
+    );
+    let cache_cfg = write(
+        &d.join("cache.toml"),
+        &format!(
+            "id = \"{cache_id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncontrol_plane = \"{cp_addr}\"\nroot_ca = \"{}\"\n",
+            d.join("cache").display(),
+            d.join("cp/root.crt").display()
+        ),
+    );
+    let mut cmd = Command::new(bin("lattice-cache"));
+    // The join token comes from the environment, overriding the file.
+    cmd.args(["--config", cache_cfg.to_str().expect("utf8")])
+        .env("LATTICE_CACHE_JOIN_TOKEN", token.trim());
+    let (_cache, cache_addr) = spawn_listening(cmd);
+
+    let agent_id = "spiffe://lattice.local/agent/eu/proc-agent";
+    let token = run_ok(
+        Command::new(bin("lattice"))
+            .args(["join-token", "create", "--id", agent_id])
+            .args(admin),
+    );
+    let agent_cfg = write(
+        &d.join("agent.toml"),
+        &format!(
+            "id = \"{agent_id}\"\ncache = \"{cache_addr}\"\ndata_dir = \"{}\"\nroot_ca = \"{}\"\n",
+            d.join("agent").display(),
+            d.join("cp/root.crt").display()
+        ),
+    );
+    let agent = |token: Option<&str>| {
+        let mut c = Command::new(bin("lattice-agent"));
+        c.args([
+            "--config",
+            agent_cfg.to_str().expect("utf8"),
+            "token",
+            "--audience",
+            "https://api.example.com",
+            "--scope",
+            "read",
+        ]);
+        if let Some(t) = token {
+            c.env("LATTICE_AGENT_JOIN_TOKEN", t);
+        }
+        c.env("RUST_LOG", "warn");
+        run_ok(&mut c)
+    };
+    let jwt = agent(Some(token.trim()));
+    let parts: Vec<&str> = jwt.trim().split('.').collect();
+    assert_eq!(parts.len(), 3, "a compact JWS: {jwt}");
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .expect("b64"),
+    )
+    .expect("json");
+    assert_eq!(claims["sub"], agent_id);
+    assert_eq!(claims["iss"], cache_id);
+    // The identity persisted (sealed): a second run needs no join token.
+    let again = agent(None);
+    assert_ne!(again.trim(), jwt.trim(), "a fresh token each time");
+
+    let status = run_ok(Command::new(bin("lattice")).arg("status").args(admin));
+    assert!(status.contains(cache_id), "{status}");
+    assert!(status.contains("0 outstanding join tokens"), "{status}");
+}
+
+#[test]
+fn dev_walkthrough_exits_zero() {
+    let out = Command::new(bin("lattice"))
+        .args(["dev", "--exit-after-demo"])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "[4] agent generates its key",
+        "token: ey",
+        "\"sub\": \"spiffe://lattice.local/agent/eu/agent-1\"",
+        "JWKS holds 2 keys",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn deploy_configurations_parse_and_validate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let cp: lattice_control_plane::Config =
+        lattice_shared::config::load(Some(&root.join("control-plane.toml")), "LATTICE_TEST_NONE_")
+            .expect("cp");
+    cp.validate().expect("cp valid");
+    let cache: lattice_regional_cache::Config = lattice_shared::config::load(
+        Some(&root.join("regional-cache.toml")),
+        "LATTICE_TEST_NONE_",
+    )
+    .expect("cache");
+    cache.validate().expect("cache valid");
+    assert_eq!(cache.audiences.len(), 1);
+    let agent: lattice_edge_agent::Config =
+        lattice_shared::config::load(Some(&root.join("edge-agent.toml")), "LATTICE_TEST_NONE_")
+            .expect("agent");
+    agent.validate().expect("agent valid");
+}
