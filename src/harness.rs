@@ -1,8 +1,8 @@
 //! The in-process lattice: a control plane, N regional caches and M edge
 //! agents on 127.0.0.1 with ephemeral ports, sled stores in one directory and
-//! one shared clock. `lattice dev`, the integration tests and the benchmarks
-//! all build the same thing through the same `App::build` calls the binaries
-//! use.
+//! one shared clock. Each cache reaches the control plane through its own
+//! fault proxy. `lattice dev`, the integration tests and the benchmarks all
+//! build the same thing through the same `App::build` calls the binaries use.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,11 +15,16 @@ use lattice_edge_agent as agent;
 use lattice_regional_cache as cache;
 use lattice_shared::clock::SharedClock;
 use lattice_shared::id::SpiffeId;
+use lattice_shared::revocation::{Revocation, Target};
 use lattice_shared::seal::LocalKeyFile;
 use lattice_shared::store::{SharedStore, SledStore};
 use tokio::net::TcpListener;
 
+use crate::faults::{FaultProxy, Mode};
+
 pub const TRUST_DOMAIN: &str = "lattice.local";
+/// How long the harness waits for an expected event before failing.
+pub const WAIT: Duration = Duration::from_secs(20);
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -30,35 +35,50 @@ pub struct Spec {
     /// its region.
     pub agents: Vec<(String, String)>,
     pub audiences: Vec<cache::authz::AudienceRule>,
+    /// L, the caches' staleness bound.
+    pub max_staleness: Duration,
 }
 
 impl Default for Spec {
     fn default() -> Self {
         Self {
-            caches: vec![
-                ("eu".into(), "cache-1".into()),
-                ("us".into(), "cache-1".into()),
-            ],
+            caches: vec![("eu".into(), "cache-1".into()), ("us".into(), "cache-1".into())],
             agents: vec![("eu".into(), "agent-1".into())],
             audiences: cache::Config::default().audiences,
+            max_staleness: Duration::from_millis(cache::Config::default().max_staleness_ms),
         }
     }
 }
 
+/// Every issuance and refusal of every cache, in order (the tests' audit trail).
+#[derive(Debug, Default)]
+pub struct AuditLog(std::sync::Mutex<Vec<cache::AuditEvent>>);
+
+impl AuditLog {
+    pub fn events(&self) -> Vec<cache::AuditEvent> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl cache::AuditSink for AuditLog {
+    fn record(&self, event: cache::AuditEvent) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+    }
+}
+
 fn open_store(dir: &Path) -> anyhow::Result<(SharedStore, Arc<LocalKeyFile>)> {
-    let store =
-        SledStore::open(&dir.join("db")).with_context(|| format!("opening {}", dir.display()))?;
+    let store = SledStore::open(&dir.join("db")).with_context(|| format!("opening {}", dir.display()))?;
     let vault = Arc::new(LocalKeyFile::open_or_create(&dir.join("kek.key"))?);
     Ok((store, vault))
 }
 
 async fn listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    // Rebinding the port of a process that just stopped can race its close.
+    // Rebinding the port of a server that just stopped can race its close.
     let mut tries = 0;
     loop {
         match TcpListener::bind(addr).await {
             Ok(l) => return Ok(l),
-            Err(e) if tries < 50 && addr.port() != 0 => {
+            Err(e) if tries < 100 && addr.port() != 0 => {
                 tries += 1;
                 tracing::debug!(error = %e, "port busy, retrying");
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -73,11 +93,10 @@ async fn listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 async fn release(store: SharedStore) -> anyhow::Result<()> {
     let weak = Arc::downgrade(&store);
     drop(store);
-    for _ in 0..500 {
+    for _ in 0..1000 {
         if weak.strong_count() == 0 {
             return Ok(());
         }
-        tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Err(anyhow!("store still in use after shutdown"))
@@ -87,17 +106,52 @@ pub struct CacheNode {
     pub cfg: cache::Config,
     pub app: Option<cache::App>,
     store: Option<SharedStore>,
+    /// The link from this cache to the control plane.
+    pub link: FaultProxy,
 }
 
 impl CacheNode {
     pub fn app(&self) -> &cache::App {
-        self.app.as_ref().expect("cache is running") // tests only call this on running caches
+        self.app.as_ref().expect("cache is running") // callers use running caches only
     }
     pub fn addr(&self) -> SocketAddr {
         self.cfg.listen
     }
     pub fn id(&self) -> SpiffeId {
-        SpiffeId::parse(&self.cfg.id).expect("validated at start")
+        SpiffeId::parse(&self.cfg.id).expect("validated at start") // set by the harness
+    }
+
+    /// Waits until this cache has applied (durably) every event up to `seq`.
+    pub async fn wait_applied(&self, seq: u64) -> anyhow::Result<()> {
+        let mut rx = self.app().state.sync.subscribe_applied();
+        tokio::time::timeout(WAIT, rx.wait_for(|a| *a >= seq))
+            .await
+            .map_err(|_| anyhow!("{} did not apply {seq} within {WAIT:?}", self.cfg.id))?
+            .map_err(|_| anyhow!("cache stopped"))?;
+        Ok(())
+    }
+
+    /// Waits until this cache is fresh on its own clock, pinging at once.
+    pub async fn wait_fresh(&self) -> anyhow::Result<()> {
+        let sync = &self.app().state.sync;
+        let mut rx = sync.subscribe_fresh();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !sync.is_fresh() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(anyhow!("{} did not become fresh within {WAIT:?}", self.cfg.id));
+            }
+            sync.ping_now();
+            let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+        }
+        Ok(())
+    }
+
+    /// Silently cuts the link to the control plane.
+    pub fn partition(&self) {
+        self.link.set(Mode::BlackHole);
+    }
+    pub fn heal(&self) {
+        self.link.set(Mode::Pass);
     }
 }
 
@@ -109,7 +163,9 @@ pub struct Lattice {
     pub cp: Option<cp::App>,
     cp_store: Option<SharedStore>,
     pub caches: Vec<CacheNode>,
-    pub agents: Vec<agent::Agent>,
+    pub agents: Vec<Arc<agent::Agent>>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+    pub audit: Arc<AuditLog>,
     spec: Spec,
 }
 
@@ -130,6 +186,7 @@ impl Lattice {
             trust_domain: TRUST_DOMAIN.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: dir.join("cp"),
+            max_staleness_ms: u64::try_from(spec.max_staleness.as_millis()).unwrap_or(u64::MAX),
             ..cp::Config::default()
         };
         let mut l = Lattice {
@@ -141,6 +198,8 @@ impl Lattice {
             cp_store: None,
             caches: Vec::new(),
             agents: Vec::new(),
+            watchers: Vec::new(),
+            audit: Arc::new(AuditLog::default()),
             spec: spec.clone(),
         };
         l.start_cp().await?;
@@ -155,7 +214,7 @@ impl Lattice {
     }
 
     pub fn cp(&self) -> &cp::App {
-        self.cp.as_ref().expect("control plane is running") // tests only call this while it runs
+        self.cp.as_ref().expect("control plane is running") // callers use it while it runs
     }
 
     pub fn root_pem(&self) -> PathBuf {
@@ -169,12 +228,7 @@ impl Lattice {
         self.cp_cfg.listen = l.local_addr()?;
         let app = cp::App::build(
             self.cp_cfg.clone(),
-            cp::Deps {
-                clock: self.clock.clone(),
-                store: store.clone(),
-                vault,
-                listener: l,
-            },
+            cp::Deps { clock: self.clock.clone(), store: store.clone(), vault, listener: l },
         )
         .await?;
         self.cp = Some(app);
@@ -210,26 +264,26 @@ impl Lattice {
         format!("spiffe://{TRUST_DOMAIN}/agent/{region}/{name}")
     }
 
-    /// Enrols and starts a new cache.
+    /// Enrols and starts a new cache (behind its own fault proxy to the
+    /// control plane) and waits until it is fresh.
     pub async fn add_cache(&mut self, region: &str, name: &str) -> anyhow::Result<usize> {
         let id = Self::cache_id(region, name);
         let token = self.join_token(&id, None)?;
+        let link = FaultProxy::start(self.cp_cfg.listen).await?;
         let cfg = cache::Config {
             id,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: self.dir.join(format!("cache-{region}-{name}")),
-            control_plane: self.cp_cfg.listen,
+            control_plane: link.addr(),
             root_ca: self.root_pem(),
             join_token: Some(token),
             audiences: self.spec.audiences.clone(),
+            max_staleness_ms: u64::try_from(self.spec.max_staleness.as_millis()).unwrap_or(u64::MAX),
             ..cache::Config::default()
         };
-        let mut node = CacheNode {
-            cfg,
-            app: None,
-            store: None,
-        };
+        let mut node = CacheNode { cfg, app: None, store: None, link };
         self.start_cache_node(&mut node).await?;
+        node.wait_fresh().await?;
         self.caches.push(node);
         Ok(self.caches.len() - 1)
     }
@@ -246,6 +300,7 @@ impl Lattice {
                 vault,
                 listener: l,
                 authorizer: None,
+                audit: Some(self.audit.clone()),
             },
         )
         .await?;
@@ -275,16 +330,16 @@ impl Lattice {
         Ok(())
     }
 
-    /// Stops and starts cache `i` on the same port and data (no join token
-    /// is needed the second time).
-    pub async fn restart_cache(&mut self, i: usize) -> anyhow::Result<()> {
-        self.stop_cache(i).await?;
+    /// Starts cache `i` again on the same port and data (no join token is
+    /// needed the second time). Its link keeps its fault mode.
+    pub async fn start_cache(&mut self, i: usize) -> anyhow::Result<()> {
         let mut node = std::mem::replace(
             &mut self.caches[i],
             CacheNode {
                 cfg: cache::Config::default(),
                 app: None,
                 store: None,
+                link: FaultProxy::start(self.cp_cfg.listen).await?,
             },
         );
         node.cfg.join_token = None;
@@ -293,11 +348,30 @@ impl Lattice {
         r
     }
 
+    /// Stops and starts cache `i`.
+    pub async fn restart_cache(&mut self, i: usize) -> anyhow::Result<()> {
+        self.stop_cache(i).await?;
+        self.start_cache(i).await
+    }
+
     pub fn cache_in(&self, region: &str) -> anyhow::Result<&CacheNode> {
         self.caches
             .iter()
             .find(|c| c.id().region().map(|r| r.as_str()) == Some(region))
             .ok_or_else(|| anyhow!("no cache in region {region}"))
+    }
+
+    /// Commits a revocation at the control plane; returns the event.
+    pub fn revoke(&self, target: Target) -> anyhow::Result<lattice_shared::proto::LatticeEvent> {
+        Ok(self.cp().revoke(&Revocation { target, reason: "harness".into() })?)
+    }
+
+    /// Waits until every running cache has applied `seq`.
+    pub async fn wait_all_applied(&self, seq: u64) -> anyhow::Result<()> {
+        for c in self.caches.iter().filter(|c| c.app.is_some()) {
+            c.wait_applied(seq).await?;
+        }
+        Ok(())
     }
 
     /// The configuration an agent of `region` would use (not started).
@@ -313,17 +387,8 @@ impl Lattice {
     }
 
     pub async fn start_agent(&self, cfg: agent::Config) -> Result<agent::Agent, agent::Error> {
-        let (store, vault) =
-            open_store(&cfg.data_dir).map_err(|e| agent::Error::Config(e.to_string()))?;
-        agent::Agent::start(
-            cfg,
-            agent::Deps {
-                clock: self.clock.clone(),
-                store,
-                vault,
-            },
-        )
-        .await
+        let (store, vault) = open_store(&cfg.data_dir).map_err(|e| agent::Error::Config(e.to_string()))?;
+        agent::Agent::start(cfg, agent::Deps { clock: self.clock.clone(), store, vault }).await
     }
 
     /// Creates a join token, enrols and starts an agent at its region's cache.
@@ -332,23 +397,27 @@ impl Lattice {
         self.add_agent_with_token(region, name, token).await
     }
 
-    /// Enrols and starts an agent at its region's cache with `token`.
-    pub async fn add_agent_with_token(
-        &mut self,
-        region: &str,
-        name: &str,
-        token: String,
-    ) -> anyhow::Result<usize> {
+    /// Enrols and starts an agent at its region's cache with `token`; the
+    /// agent follows its cache's revocation stream.
+    pub async fn add_agent_with_token(&mut self, region: &str, name: &str, token: String) -> anyhow::Result<usize> {
         let cache_addr = self.cache_in(region)?.addr();
         let mut cfg = self.agent_config(region, name, cache_addr);
         cfg.join_token = Some(token);
-        let a = self.start_agent(cfg).await?;
+        let a = Arc::new(self.start_agent(cfg).await?);
+        let watcher = a.clone();
+        self.watchers.push(tokio::spawn(async move {
+            watcher.watch_revocations(std::future::pending()).await;
+        }));
         self.agents.push(a);
         Ok(self.agents.len() - 1)
     }
 
     /// Stops everything.
     pub async fn shutdown(mut self) {
+        for w in self.watchers.drain(..) {
+            w.abort();
+            let _ = w.await;
+        }
         self.agents.clear();
         for i in 0..self.caches.len() {
             let _ = self.stop_cache(i).await;

@@ -5,4 +5,5 @@
 pub mod admin;
 pub mod bench;
 pub mod dev;
+pub mod faults;
 pub mod harness;

@@ -451,6 +451,7 @@ async fn control_plane_and_cache_restart_with_identity_and_state_intact() {
     l.restart_cache(0)
         .await
         .expect("cache restarts without a join token");
+    l.caches[0].wait_fresh().await.expect("fresh after restart");
 
     assert_eq!(
         std::fs::read(l.root_pem()).expect("root"),
@@ -590,6 +591,8 @@ async fn certificates_renew_at_half_life_on_the_fake_clock() {
     );
     let before = agent.chain().info;
     clock.advance(Duration::from_secs(31 * 60));
+    // The cache serves only once it has proven freshness on the new time.
+    l.caches[0].wait_fresh().await.expect("fresh");
     assert!(
         agent.renew_if_due().await.expect("renews"),
         "due past half-life"
@@ -649,6 +652,7 @@ async fn a_cache_without_a_token_or_with_a_bad_one_does_not_start() {
             vault,
             listener,
             authorizer: None,
+            audit: None,
         },
     )
     .await
@@ -675,6 +679,7 @@ async fn a_cache_without_a_token_or_with_a_bad_one_does_not_start() {
             vault,
             listener,
             authorizer: None,
+            audit: None,
         },
     )
     .await

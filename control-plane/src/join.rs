@@ -111,6 +111,15 @@ pub(crate) fn redeem(state: &State, r: Redemption<'_>) -> Result<SpiffeId, Error
     let mut record: JoinTokenRecord =
         serde_json::from_slice(&old).map_err(|e| Error::Corrupt(e.to_string()))?;
     let now = unix_secs(state.clock.now());
+    {
+        let revoked = state.log.revocations();
+        if revoked.is_join_token_revoked(&r.token_hash) {
+            return Err(Error::Denied("join token has been revoked".into()));
+        }
+        if revoked.is_agent_revoked(&record.id) || revoked.is_cache_revoked(&record.id) {
+            return Err(Error::Denied(format!("{} has been revoked", record.id)));
+        }
+    }
     if record.used_at_unix.is_some() {
         return Err(Error::Denied("join token has already been used".into()));
     }

@@ -3,7 +3,9 @@
 //! keys, and serves the `ControlPlane` (caches) and `Admin` (operators) APIs.
 
 pub mod join;
+pub mod log;
 mod service;
+pub mod sync;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,11 @@ pub struct Config {
     pub join_token_default_ttl_secs: u64,
     pub join_token_max_ttl_secs: u64,
     pub admin_cert_ttl_days: u64,
+    /// Heartbeat interval on each cache's sync stream.
+    pub heartbeat_ms: u64,
+    /// The staleness bound L that caches are configured with; `lattice status`
+    /// calls a cache stale beyond it.
+    pub max_staleness_ms: u64,
     pub metrics_listen: Option<SocketAddr>,
     pub log_json: bool,
 }
@@ -61,6 +68,8 @@ impl Default for Config {
             join_token_default_ttl_secs: 600,
             join_token_max_ttl_secs: 86400,
             admin_cert_ttl_days: 30,
+            heartbeat_ms: 2000,
+            max_staleness_ms: 5000,
             metrics_listen: None,
             log_json: false,
         }
@@ -80,6 +89,9 @@ impl Config {
         .map_err(|e| format!("name: {e}"))?;
         if self.cache_cert_ttl_hours == 0 || self.cache_cert_ttl_hours > 24 * 30 {
             return Err("cache_cert_ttl_hours must be within 1..=720".into());
+        }
+        if self.heartbeat_ms < 10 || self.heartbeat_ms > 60_000 {
+            return Err("heartbeat_ms must be within 10..=60000".into());
         }
         if self.join_token_default_ttl_secs == 0
             || self.join_token_default_ttl_secs > self.join_token_max_ttl_secs
@@ -189,6 +201,21 @@ pub struct State {
     pub bundle: Arc<TrustBundle>,
     tls_cert: Arc<ReloadableCert>,
     tls_info: std::sync::Mutex<CertInfo>,
+    /// The ordered event log and the revocations derived from it.
+    pub log: Arc<log::EventLog>,
+    pub links: sync::Links,
+    /// Turns true when the control plane stops; long-lived streams end then.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Refuses revoked caches (and anything they issued) at the TLS handshake.
+#[derive(Debug)]
+struct RevocationCheck(Arc<log::EventLog>);
+
+impl lattice_shared::tls::PeerCheck for RevocationCheck {
+    fn check(&self, leaf: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
+        self.0.revocations().check_cert(leaf, issuer.and_then(|i| i.id.as_ref()))
+    }
 }
 
 /// A running control plane.
@@ -283,6 +310,8 @@ impl App {
         let tls_cert = ReloadableCert::empty();
         let tls_info = issue_own_tls(&root, &id, &deps.clock, &tls_cert)?;
 
+        let log = Arc::new(log::EventLog::open(deps.store.clone())?);
+        let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
             cfg,
             td,
@@ -293,15 +322,22 @@ impl App {
             bundle: bundle.clone(),
             tls_cert: tls_cert.clone(),
             tls_info: std::sync::Mutex::new(tls_info),
+            log: log.clone(),
+            links: sync::Links::default(),
+            stopping: rx.clone(),
         });
         std::fs::create_dir_all(&state.cfg.data_dir)?;
         let root_pem = state.cfg.data_dir.join("root.crt");
         std::fs::write(&root_pem, pem::encode("CERTIFICATE", state.root.cert_der()))?;
         state.ensure_admin_files(&AdminFiles::in_dir(&state.cfg.data_dir.join("admin")))?;
 
-        let tls = lattice_shared::tls::server_config(bundle, deps.clock.clone(), tls_cert)?;
+        let tls = lattice_shared::tls::server_config(
+            bundle,
+            deps.clock.clone(),
+            tls_cert,
+            Some(Arc::new(RevocationCheck(log))),
+        )?;
         let addr = deps.listener.local_addr()?;
-        let (shutdown, mut rx) = watch::channel(false);
         let incoming = lattice_shared::net::tls_incoming(deps.listener, tls);
         let svc = service::Service {
             state: state.clone(),
@@ -367,11 +403,23 @@ impl App {
         join::create(&self.state, id, ttl)
     }
 
+    /// Commits a revocation durably (the in-process form of `Admin.Revoke`).
+    pub fn revoke(
+        &self,
+        r: &lattice_shared::revocation::Revocation,
+    ) -> Result<lattice_shared::proto::LatticeEvent, Error> {
+        self.state.revoke(r)
+    }
+
     /// Stops serving and waits for the server task to end.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.renewer.abort();
-        let _ = self.server.await;
+        let mut server = self.server;
+        // Streams end on `stopping`; a peer that hangs on cannot hold us.
+        if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+            server.abort();
+        }
     }
 }
 
@@ -443,6 +491,35 @@ impl State {
         Ok(())
     }
 
+    pub fn now_ms(&self) -> i64 {
+        let now = self.clock.now();
+        now.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    /// Validates and commits a revocation; durable when this returns.
+    pub fn revoke(
+        &self,
+        r: &lattice_shared::revocation::Revocation,
+    ) -> Result<lattice_shared::proto::LatticeEvent, Error> {
+        use lattice_shared::revocation::Target;
+        let foreign = match &r.target {
+            Target::Agent(id) | Target::Cache(id) => Some(id),
+            Target::SubjectBefore { subject, .. } => Some(subject),
+            _ => None,
+        };
+        if let Some(id) = foreign
+            && id.trust_domain() != &self.td
+        {
+            return Err(Error::InvalidArgument(format!("{id} is not in trust domain {}", self.td)));
+        }
+        let ev = self.log.append_revocation(r, self.now_ms())?;
+        metrics::counter!("lattice_cp_revocations_total").increment(1);
+        tracing::info!(seq = ev.seq, target = %r.target, "revocation committed");
+        Ok(ev)
+    }
+
     pub fn cache_record(&self, id: &SpiffeId) -> Result<Option<CacheRecord>, Error> {
         match self.store.get(T_CACHES, id.as_str().as_bytes())? {
             Some(v) => serde_json::from_slice(&v)
@@ -466,6 +543,9 @@ impl State {
         cache_id: &SpiffeId,
         csrs: &lattice_shared::proto::CacheCsrs,
     ) -> Result<CacheRecord, Error> {
+        if self.log.revocations().is_cache_revoked(cache_id) {
+            return Err(Error::Denied(format!("{cache_id} has been revoked")));
+        }
         let now = self.clock.now();
         let ttl = Duration::from_secs(self.cfg.cache_cert_ttl_hours * 3600);
         let ca_cert = self

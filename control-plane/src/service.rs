@@ -59,6 +59,13 @@ fn require_role<T>(
             peer.id
         )));
     }
+    // A connection made before a revocation must not outlive it.
+    let issuer = peer.issuer.as_ref().and_then(|i| i.id.as_ref());
+    state
+        .log
+        .revocations()
+        .check_cert(&peer.cert, issuer)
+        .map_err(Status::permission_denied)?;
     Ok(peer)
 }
 
@@ -203,9 +210,11 @@ impl ControlPlane for Service {
         let state = self.state.clone();
         let json = blocking(move || {
             let caches = state.caches()?;
+            let revoked = state.log.revocations().clone();
             let set = lattice_shared::token::jwks_from_certs(
                 caches
                     .iter()
+                    .filter(|c| !revoked.is_cache_revoked(&c.id))
                     .flat_map(|c| c.signing_certs.iter().map(Vec::as_slice)),
                 state.clock.now(),
             );
@@ -213,6 +222,25 @@ impl ControlPlane for Service {
         })
         .await?;
         Ok(Response::new(pb::JwksResponse { jwks_json: json }))
+    }
+
+    type SyncStream = crate::sync::SyncStream;
+
+    async fn sync(
+        &self,
+        req: Request<tonic::Streaming<pb::SyncUp>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let peer = require_role(&self.state, &req, Role::Cache)?;
+        let enrolled = {
+            let state = self.state.clone();
+            let id = peer.id.clone();
+            blocking(move || state.cache_record(&id)).await?
+        };
+        if enrolled.is_none() {
+            return Err(Status::not_found(format!("{} is not enrolled", peer.id)));
+        }
+        let stream = crate::sync::open(self.state.clone(), peer.id.clone(), req.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 }
 
@@ -251,16 +279,28 @@ impl Admin for Service {
         let state = self.state.clone();
         let (caches, outstanding) =
             blocking(move || Ok((state.caches()?, join::outstanding(&state)?))).await?;
-        let caches = caches
+        let now = self.state.now_ms();
+        let revoked = self.state.log.revocations().clone();
+        let caches: Vec<pb::CacheStatus> = caches
             .iter()
             .map(|c| {
                 let ca = inspect(&c.ca_cert).ok();
+                let link = self.state.links.get(&c.id).unwrap_or_default();
                 pb::CacheStatus {
                     cache_id: c.id.to_string(),
                     region: c.id.region().map(|r| r.to_string()).unwrap_or_default(),
                     enrolled_at_unix: c.enrolled_at_unix,
                     ca_not_after_unix: ca.as_ref().map(|i| unix_secs(i.not_after)).unwrap_or(0),
                     ca_serial: ca.map(|i| i.serial_hex).unwrap_or_default(),
+                    acked_seq: link.acked,
+                    last_contact_unix_ms: link.last_contact_ms,
+                    connected: link.connected,
+                    revoked: revoked.is_cache_revoked(&c.id),
+                    staleness_ms: if link.fresh_at_ms == 0 {
+                        0
+                    } else {
+                        u64::try_from(now - link.fresh_at_ms).unwrap_or(0)
+                    },
                 }
             })
             .collect();
@@ -268,6 +308,29 @@ impl Admin for Service {
             trust_domain: self.state.td.to_string(),
             caches,
             join_tokens_outstanding: outstanding,
+            head_seq: self.state.log.head(),
+            max_staleness_ms: self.state.cfg.max_staleness_ms,
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let admin = require_role(&self.state, &req, Role::Admin)?;
+        let r = req
+            .into_inner()
+            .revocation
+            .ok_or_else(|| Status::invalid_argument("revocation is required"))?;
+        let r = lattice_shared::revocation::Revocation::try_from(&r)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let state = self.state.clone();
+        let target = r.target.to_string();
+        let ev = blocking(move || state.revoke(&r)).await?;
+        tracing::info!(admin = %admin.id, seq = ev.seq, %target, "admin revoked");
+        Ok(Response::new(pb::RevokeResponse {
+            seq: ev.seq,
+            committed_at_unix_ms: ev.committed_at_unix_ms,
         }))
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use lattice_shared::clock::{SharedClock, past_half_life};
 use lattice_shared::id::{RegionId, Role, SpiffeId};
 use lattice_shared::pem;
+use lattice_shared::revocation::Revocation;
 use lattice_shared::pki::{CertInfo, PkiError, PrivateKey, TrustBundle, Usage};
 use lattice_shared::proto::{self as pb, cache_client::CacheClient};
 use lattice_shared::seal::{KeyVault, SealError};
@@ -84,6 +85,8 @@ pub enum Error {
     Transport(String),
     #[error("stored identity is corrupt: {0}")]
     Corrupt(String),
+    #[error("this agent has been revoked; enrol again with a new join token")]
+    Revoked,
     #[error(
         "this agent is not enrolled and has no join token: set LATTICE_AGENT_JOIN_TOKEN (from `lattice join-token create --id ...`)"
     )]
@@ -133,6 +136,22 @@ pub struct Agent {
     cert: Arc<ReloadableCert>,
     chain: RwLock<Chain>,
     client: RwLock<CacheClient<Channel>>,
+    /// Tokens handed out and not known revoked: jti → token.
+    held: std::sync::Mutex<std::collections::HashMap<String, HeldToken>>,
+    revoked: tokio::sync::watch::Sender<bool>,
+}
+
+/// A token the agent has minted, kept for its local processes.
+struct HeldToken {
+    #[allow(dead_code)] // served to local processes by the agent runtime
+    token: zeroize::Zeroizing<String>,
+    iat_unix: i64,
+}
+
+impl std::fmt::Debug for HeldToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldToken").field("iat_unix", &self.iat_unix).finish_non_exhaustive()
+    }
 }
 
 fn b64(d: &[u8]) -> String {
@@ -230,6 +249,8 @@ impl Agent {
             cert,
             chain: RwLock::new(chain),
             client: RwLock::new(client),
+            held: std::sync::Mutex::new(std::collections::HashMap::new()),
+            revoked: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -250,7 +271,10 @@ impl Agent {
         scopes: &[String],
         ttl: Option<Duration>,
     ) -> Result<pb::MintTokenResponse, Error> {
-        Ok(self
+        if self.is_revoked() {
+            return Err(Error::Revoked);
+        }
+        let resp = self
             .client()
             .mint_token(pb::MintTokenRequest {
                 audience: audience.to_owned(),
@@ -258,7 +282,103 @@ impl Agent {
                 ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
             })
             .await?
-            .into_inner())
+            .into_inner();
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            resp.jti.clone(),
+            HeldToken { token: zeroize::Zeroizing::new(resp.token.clone()), iat_unix: self.clock.now_unix() },
+        );
+        Ok(resp)
+    }
+
+    /// The jtis of tokens the agent holds (not known to be revoked).
+    pub fn held_jtis(&self) -> Vec<String> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        *self.revoked.borrow()
+    }
+
+    /// Resolves when the agent learns it has been revoked.
+    pub fn revoked_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.revoked.subscribe()
+    }
+
+    /// Applies one revocation: drops affected tokens, and forgets the whole
+    /// identity (key, certificate, tokens) when it is the target.
+    pub fn apply_revocation(&self, r: &Revocation) {
+        use lattice_shared::revocation::Target;
+        let chain = self.chain();
+        let issuer = lattice_shared::pki::inspect(&chain.intermediate).ok().and_then(|i| i.id);
+        let issued_at = lattice_shared::clock::unix_secs(chain.info.not_before + lattice_shared::pki::BACKDATE);
+        let me = match &r.target {
+            Target::Agent(id) => id == &self.id,
+            Target::CertSerial(s) => s == &chain.info.serial_hex,
+            Target::Cache(id) => issuer.as_ref() == Some(id),
+            Target::SubjectBefore { subject, issued_before_unix } => {
+                if subject == &self.id {
+                    self.held
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|_, t| t.iat_unix >= *issued_before_unix);
+                }
+                subject == &self.id && issued_at < *issued_before_unix
+            }
+            Target::Jti(j) => {
+                self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(j);
+                false
+            }
+            Target::JoinToken(_) => false,
+        };
+        if me && !self.is_revoked() {
+            self.forget();
+            tracing::warn!(agent_id = %self.id, target = %r.target, "this agent was revoked; identity and tokens forgotten");
+        }
+    }
+
+    /// Drops every credential and erases the stored identity.
+    fn forget(&self) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cert.clear();
+        let _ = self.store.apply(vec![
+            Write { tree: T_IDENTITY, key: b"key".to_vec(), value: None },
+            Write { tree: T_IDENTITY, key: b"chain".to_vec(), value: None },
+        ]);
+        self.revoked.send_replace(true);
+    }
+
+    /// Follows the cache's revocation stream until revoked or `stop`
+    /// resolves, reconnecting with capped backoff.
+    pub async fn watch_revocations(&self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut after = 0u64;
+        let mut backoff = Duration::from_millis(50);
+        while !self.is_revoked() {
+            let stream = self.client().watch_revocations(pb::WatchRevocationsRequest { after_seq: after }).await;
+            if let Ok(resp) = stream {
+                backoff = Duration::from_millis(50);
+                let mut s = resp.into_inner();
+                loop {
+                    let msg = tokio::select! {
+                        _ = &mut stop => return,
+                        m = s.message() => m,
+                    };
+                    let Ok(Some(n)) = msg else { break };
+                    after = after.max(n.seq);
+                    if let Some(r) = n.revocation.as_ref().and_then(|r| Revocation::try_from(r).ok()) {
+                        self.apply_revocation(&r);
+                    }
+                    if self.is_revoked() {
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 
     pub async fn jwks(&self) -> Result<String, Error> {
@@ -321,20 +441,32 @@ impl Agent {
         Ok(true)
     }
 
-    /// Keeps the certificate fresh until `stop` resolves.
+    /// Keeps the certificate fresh and follows revocations until `stop`
+    /// resolves or the agent is revoked.
     pub async fn run_until(&self, stop: impl std::future::Future<Output = ()>) {
-        tokio::pin!(stop);
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
-        loop {
-            tokio::select! {
-                _ = &mut stop => return,
-                _ = tick.tick() => {
-                    if let Err(e) = self.renew_if_due().await {
-                        tracing::warn!(error = %e, "renewal failed; will retry");
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let watcher = self.watch_revocations(async move {
+            let mut rx = done_rx;
+            let _ = rx.wait_for(|d| *d).await;
+        });
+        let renewer = async {
+            tokio::pin!(stop);
+            let mut revoked = self.revoked_signal();
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = revoked.wait_for(|r| *r) => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = self.renew_if_due().await {
+                            tracing::warn!(error = %e, "renewal failed; will retry");
+                        }
                     }
                 }
             }
-        }
+            done_tx.send_replace(true);
+        };
+        tokio::join!(watcher, renewer);
     }
 
     /// When the current certificate expires.

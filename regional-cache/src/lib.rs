@@ -5,6 +5,7 @@
 
 pub mod authz;
 mod service;
+pub mod sync;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +54,9 @@ pub struct Config {
     pub audiences: Vec<AudienceRule>,
     pub jwks_refresh_secs: u64,
     pub renew_check_secs: u64,
+    /// L: the cache refuses to mint once it cannot prove it holds every
+    /// revocation older than this. Pings go out every L/5.
+    pub max_staleness_ms: u64,
     pub metrics_listen: Option<SocketAddr>,
     pub log_json: bool,
 }
@@ -75,6 +79,7 @@ impl Default for Config {
             }],
             jwks_refresh_secs: 30,
             renew_check_secs: 60,
+            max_staleness_ms: 5000,
             metrics_listen: None,
             log_json: false,
         }
@@ -98,6 +103,9 @@ impl Config {
         }
         if self.agent_cert_ttl_secs < 60 || self.agent_cert_ttl_secs > 86400 {
             return Err("agent_cert_ttl_secs must be within 60..=86400".into());
+        }
+        if self.max_staleness_ms < 50 || self.max_staleness_ms > 3_600_000 {
+            return Err("max_staleness_ms must be within 50..=3600000".into());
         }
         if self.jwks_refresh_secs == 0 || self.renew_check_secs == 0 {
             return Err("jwks_refresh_secs and renew_check_secs must be positive".into());
@@ -140,6 +148,19 @@ pub struct Deps {
     pub listener: TcpListener,
     /// `None`: the built-in audience rule from the configuration.
     pub authorizer: Option<Arc<dyn Authorizer>>,
+    /// Receives a record of every issuance and refusal (the audit trail).
+    pub audit: Option<Arc<dyn AuditSink>>,
+}
+
+/// What the cache did, for the audit trail. Never carries a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditEvent {
+    Issued { cache: SpiffeId, agent: SpiffeId, jti: String, audience: String, at_unix_ms: i64 },
+    Refused { cache: SpiffeId, agent: SpiffeId, reason: String, at_unix_ms: i64 },
+}
+
+pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
+    fn record(&self, event: AuditEvent);
 }
 
 /// Certificates as stored (keys are sealed separately).
@@ -185,6 +206,26 @@ pub struct State {
     jwks_json: RwLock<Arc<String>>,
     cp: ControlPlaneClient<Channel>,
     pub authorizer: Arc<dyn Authorizer>,
+    /// Freshness and revocations.
+    pub sync: sync::Sync,
+    pub audit: Option<Arc<dyn AuditSink>>,
+    /// Turns true when the cache stops; long-lived streams end then.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Refuses revoked agents, certificates and issuing caches at the handshake.
+#[derive(Debug)]
+struct RevocationCheck(std::sync::Weak<State>);
+
+impl lattice_shared::tls::PeerCheck for RevocationCheck {
+    fn check(&self, leaf: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
+        match self.0.upgrade() {
+            Some(state) => state
+                .sync
+                .check_cert(leaf, issuer.and_then(|i| i.id.as_ref())),
+            None => Err("cache is shutting down".into()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -194,6 +235,7 @@ pub struct App {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     background: JoinHandle<()>,
+    sync_task: JoinHandle<()>,
 }
 
 struct Keys {
@@ -378,9 +420,34 @@ impl State {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let set = jwks_from_certs(own.iter().chain(cp.iter()).map(Vec::as_slice), now);
+        let revoked = self.sync.revocations();
+        let set = jwks_from_certs(
+            own.iter()
+                .chain(cp.iter())
+                .filter(|c| {
+                    inspect(c)
+                        .ok()
+                        .and_then(|i| i.id)
+                        .is_some_and(|id| !revoked.is_cache_revoked(&id))
+                })
+                .map(Vec::as_slice),
+            now,
+        );
         let json = serde_json::to_string(&set).unwrap_or_else(|_| "{\"keys\":[]}".into());
         *self.jwks_json.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(json);
+    }
+
+    /// Called after a batch of events is applied.
+    pub(crate) fn after_events(&self) {
+        self.rebuild_jwks();
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
     }
 
     /// Fetches every cache's signing keys from the control plane.
@@ -541,7 +608,15 @@ impl App {
             .authorizer
             .unwrap_or_else(|| Arc::new(BuiltinAuthorizer::new(&cfg.audiences)));
         let own_signing = vec![identity.signing_cert.clone()];
+        let sync = sync::Sync::load(
+            id.clone(),
+            &deps.store,
+            deps.clock.clone(),
+            Duration::from_millis(cfg.max_staleness_ms),
+        )?;
+        let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
+            stopping: rx.clone(),
             cfg,
             id,
             region,
@@ -556,6 +631,8 @@ impl App {
             jwks_json: RwLock::new(Arc::new(String::new())),
             cp,
             authorizer,
+            sync,
+            audit: deps.audit,
         });
         state.rebuild_jwks();
         if let Err(e) = state.refresh_jwks().await {
@@ -563,9 +640,13 @@ impl App {
             tracing::warn!(error = %e, "could not fetch the JWKS from the control plane");
         }
 
-        let tls = lattice_shared::tls::server_config(bundle, deps.clock.clone(), tls_cert)?;
+        let tls = lattice_shared::tls::server_config(
+            bundle,
+            deps.clock.clone(),
+            tls_cert,
+            Some(Arc::new(RevocationCheck(Arc::downgrade(&state)))),
+        )?;
         let addr = deps.listener.local_addr()?;
-        let (shutdown, mut rx) = watch::channel(false);
         let incoming = lattice_shared::net::tls_incoming(deps.listener, tls);
         let routes = service::routes(state.clone());
         let server = tonic::transport::Server::builder()
@@ -606,6 +687,7 @@ impl App {
                 }
             })
         };
+        let sync_task = tokio::spawn(sync::run(state.clone()));
         tracing::info!(%addr, cache_id = %state.id, "cache listening");
         Ok(App {
             state,
@@ -613,6 +695,7 @@ impl App {
             shutdown,
             server,
             background,
+            sync_task,
         })
     }
 
@@ -623,6 +706,12 @@ impl App {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.background.abort();
-        let _ = self.server.await;
+        self.sync_task.abort();
+        let _ = self.sync_task.await;
+        let _ = self.background.await;
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+            server.abort();
+        }
     }
 }

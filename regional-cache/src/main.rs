@@ -58,6 +58,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             vault: std::sync::Arc::new(vault),
             listener,
             authorizer: None,
+            audit: None,
         },
     )
     .await?;

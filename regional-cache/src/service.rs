@@ -15,7 +15,7 @@ use lattice_shared::token::{Claims, Confirmation};
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
 
-use crate::State;
+use crate::{AuditEvent, State};
 use crate::authz::{Decision, MintRequest};
 
 pub(crate) const OPEN_PATHS: &[&str] = &["/lattice.v1.Cache/Enrol", "/.well-known/jwks.json"];
@@ -86,6 +86,40 @@ impl Service {
             )));
         }
         Ok(peer)
+    }
+
+    /// Freshness and revocations: may this agent get a credential now?
+    fn serve_check(&self, peer: &PeerIdentity) -> Result<(), Status> {
+        use crate::sync::Refusal;
+        let refusal = match self.state.sync.check(&peer.cert, peer.issuer.as_ref()) {
+            Ok(()) => return Ok(()),
+            Err(r) => r,
+        };
+        let (reason, status) = match refusal {
+            Refusal::Stale { staleness_ms } => (
+                "stale",
+                Status::unavailable(format!(
+                    "stale: this cache cannot prove it holds every revocation older than {} ms (last fresh: {}); retry or use another cache",
+                    self.state.sync.max_staleness().as_millis(),
+                    staleness_ms.map(|s| format!("{s} ms ago")).unwrap_or_else(|| "never".into())
+                )),
+            ),
+            Refusal::Revoked(m) => ("revoked", Status::permission_denied(m)),
+        };
+        metrics::counter!("lattice_cache_refusals_total", "reason" => reason).increment(1);
+        self.audit(AuditEvent::Refused {
+            cache: self.state.id.clone(),
+            agent: peer.id.clone(),
+            reason: reason.into(),
+            at_unix_ms: self.state.now_ms(),
+        });
+        Err(status)
+    }
+
+    fn audit(&self, e: AuditEvent) {
+        if let Some(sink) = &self.state.audit {
+            sink.record(e);
+        }
     }
 
     fn issue_agent_cert(
@@ -162,6 +196,10 @@ impl Cache for Service {
                 )));
             }
         }
+        let token_hash = sha256(r.join_token.as_bytes());
+        if self.state.sync.is_join_token_revoked(&token_hash) {
+            return Err(Status::permission_denied("join token has been revoked"));
+        }
         // The token is redeemed at the control plane (exactly once, bound to
         // this cache's region); only its hash leaves this process.
         let resp = self
@@ -169,7 +207,7 @@ impl Cache for Service {
             .cp
             .clone()
             .redeem_join_token(pb::RedeemJoinTokenRequest {
-                token_sha256: sha256(r.join_token.as_bytes()).to_vec(),
+                token_sha256: token_hash.to_vec(),
                 requested_id: r.requested_id.clone(),
             })
             .await
@@ -187,6 +225,9 @@ impl Cache for Service {
             .into_inner();
         let agent = SpiffeId::parse(&resp.agent_id)
             .map_err(|_| Status::internal("control plane returned a malformed id"))?;
+        if self.state.sync.is_agent_revoked(&agent) {
+            return Err(Status::permission_denied(format!("{agent} has been revoked")));
+        }
         let chain = self.issue_agent_cert(&agent, &r.csr)?;
         tracing::info!(agent_id = %agent, "agent enrolled");
         Ok(Response::new(pb::EnrolAgentResponse {
@@ -200,6 +241,7 @@ impl Cache for Service {
         req: Request<pb::IssueCertificateRequest>,
     ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
         let peer = self.require_agent(&req)?;
+        self.serve_check(&peer)?;
         let chain = self.issue_agent_cert(&peer.id, &req.get_ref().csr)?;
         tracing::debug!(agent_id = %peer.id, "agent certificate renewed");
         Ok(Response::new(pb::IssueCertificateResponse {
@@ -253,6 +295,7 @@ impl Cache for Service {
             tracing::info!(agent_id = %peer.id, audience = %r.audience, %reason, "mint denied");
             return Err(Status::permission_denied(reason));
         }
+        self.serve_check(&peer)?;
         let now = unix_secs(self.state.clock.now());
         // A token never outlives the certificate it is bound to.
         let exp = (now + i64::try_from(ttl_secs).unwrap_or(0)).min(unix_secs(peer.cert.not_after));
@@ -276,6 +319,13 @@ impl Cache for Service {
             .sign(&claims)
             .map_err(|_| Status::internal("token signing failed"))?;
         metrics::counter!("lattice_cache_mint_total", "outcome" => "issued").increment(1);
+        self.audit(AuditEvent::Issued {
+            cache: self.state.id.clone(),
+            agent: peer.id.clone(),
+            jti: jti.clone(),
+            audience: claims.aud.clone(),
+            at_unix_ms: self.state.now_ms(),
+        });
         metrics::histogram!("lattice_cache_mint_seconds").record(started.elapsed().as_secs_f64());
         Ok(Response::new(pb::MintTokenResponse {
             token,
@@ -293,6 +343,81 @@ impl Cache for Service {
         Ok(Response::new(pb::JwksResponse {
             jwks_json: self.state.jwks_json().as_str().to_owned(),
         }))
+    }
+
+    type WatchRevocationsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::RevocationNotice, Status>>;
+
+    async fn watch_revocations(
+        &self,
+        req: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        authenticated(&req, &self.state.clock)?;
+        let after = req.get_ref().after_seq;
+        // Subscribe before reading the backlog so that nothing falls between.
+        let mut live = self.state.sync.subscribe_notices();
+        let state = self.state.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let notice = |seq: u64, r: pb::Revocation| pb::RevocationNotice {
+                seq,
+                revocation: Some(r),
+                cache_staleness_ms: state.sync.staleness_ms().unwrap_or(u64::MAX),
+            };
+            let mut last = after;
+            loop {
+                let st = state.clone();
+                let from = last;
+                let batch = match tokio::task::spawn_blocking(move || {
+                    crate::sync::revocations_after(&st.store, from, 256)
+                })
+                .await
+                {
+                    Ok(Ok(b)) => b,
+                    _ => {
+                        let _ = tx.send(Err(Status::internal("reading revocations failed"))).await;
+                        return;
+                    }
+                };
+                let n = batch.len();
+                for (seq, r) in batch {
+                    last = seq;
+                    if tx.send(Ok(notice(seq, r))).await.is_err() {
+                        return;
+                    }
+                }
+                if n < 256 {
+                    break;
+                }
+            }
+            let mut stopping = state.stopping.clone();
+            loop {
+                let next = tokio::select! {
+                    _ = lattice_shared::net::until_true(&mut stopping) => {
+                        let _ = tx.send(Err(Status::unavailable("cache stopping"))).await;
+                        return;
+                    }
+                    n = live.recv() => n,
+                };
+                match next {
+                    Ok((seq, r)) if seq > last => {
+                        last = seq;
+                        if tx.send(Ok(notice(seq, r))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let _ = tx
+                            .send(Err(Status::aborted(format!("fell behind; resume after {last}"))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     async fn ping(

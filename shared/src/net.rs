@@ -28,6 +28,8 @@ use crate::pki::{CertInfo, inspect};
 pub struct PeerIdentity {
     pub id: SpiffeId,
     pub cert: CertInfo,
+    /// The intermediate that issued the peer's certificate (`None`: the root).
+    pub issuer: Option<CertInfo>,
 }
 
 /// What handlers know about the connection a call came on.
@@ -117,11 +119,15 @@ impl AsyncWrite for PeerStream {
 }
 
 fn identity_of(conn: &rustls::ServerConnection) -> Option<Arc<PeerIdentity>> {
-    let leaf = conn.peer_certificates()?.first()?;
-    // The verifier already checked this certificate; this only reads it.
-    let cert = inspect(leaf).ok()?;
+    let certs = conn.peer_certificates()?;
+    // The verifier already checked these certificates; this only reads them.
+    let cert = inspect(certs.first()?).ok()?;
+    let issuer = match certs.get(1) {
+        Some(der) => Some(inspect(der).ok()?),
+        None => None,
+    };
     let id = cert.id.clone()?;
-    Some(Arc::new(PeerIdentity { id, cert }))
+    Some(Arc::new(PeerIdentity { id, cert, issuer }))
 }
 
 /// Accepts TCP connections, runs TLS handshakes off the accept loop (bounded
@@ -287,4 +293,15 @@ pub fn channel(
             }
         })),
     )
+}
+
+/// Resolves once `rx` holds `true` (or its sender is gone). Unlike
+/// `wait_for`, the returned future is `Send`.
+pub async fn until_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let done = *rx.borrow_and_update();
+        if done || rx.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -472,6 +472,18 @@ impl TrustBundle {
         now: SystemTime,
         usage: Usage,
     ) -> Result<CertInfo, PkiError> {
+        self.verify_path(leaf, intermediates, now, usage).map(|(leaf, _)| leaf)
+    }
+
+    /// As [`Self::verify`], also returning the intermediate that issued the
+    /// leaf (`None`: the root did).
+    pub fn verify_path(
+        &self,
+        leaf: &[u8],
+        intermediates: &[CertificateDer<'_>],
+        now: SystemTime,
+        usage: Usage,
+    ) -> Result<(CertInfo, Option<CertInfo>), PkiError> {
         if leaf.len() > MAX_DER_LEN || intermediates.len() > 1 {
             return Err(PkiError::Untrusted("chain too long or too large".into()));
         }
@@ -529,7 +541,7 @@ impl TrustBundle {
             None => None,
         };
         check_issuance_scope(id, issuer.as_ref())?;
-        Ok(info)
+        Ok((info, issuer))
     }
 }
 

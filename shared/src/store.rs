@@ -61,6 +61,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<bool, StoreError>;
     /// Entries whose key starts with `prefix`, in key order, at most `limit`.
     fn scan_prefix(&self, tree: &str, prefix: &[u8], limit: usize) -> Result<Entries, StoreError>;
+    /// Entries with key `>= start`, in key order, at most `limit`.
+    fn scan_from(&self, tree: &str, start: &[u8], limit: usize) -> Result<Entries, StoreError>;
 
     fn put(&self, tree: &'static str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.apply(vec![Write {
@@ -234,6 +236,15 @@ impl Store for SledStore {
         }
         Ok(out)
     }
+
+    fn scan_from(&self, tree: &str, start: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(tree)?.range(start..).take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -298,6 +309,12 @@ impl Store for MemStore {
             })
             .unwrap_or_default())
     }
+    fn scan_from(&self, tree: &str, start: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        let g = self.trees.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(g.get(tree)
+            .map(|t| t.range(start.to_vec()..).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -350,6 +367,9 @@ impl<S: Store> Store for FaultStore<S> {
     fn scan_prefix(&self, tree: &str, prefix: &[u8], limit: usize) -> Result<Entries, StoreError> {
         self.inner.scan_prefix(tree, prefix, limit)
     }
+    fn scan_from(&self, tree: &str, start: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        self.inner.scan_from(tree, start, limit)
+    }
 }
 
 #[cfg(test)]
@@ -364,6 +384,9 @@ mod tests {
         assert_eq!(store.get("t", b"zz").expect("get"), None);
         let scanned = store.scan_prefix("t", b"a", 10).expect("scan");
         assert_eq!(scanned.len(), 2);
+        let from = store.scan_from("t", b"ab", 10).expect("scan");
+        assert_eq!(from.first().map(|e| e.0.as_slice()), Some(&b"ab"[..]));
+        assert_eq!(store.scan_from("t", b"b", 10).expect("scan").len(), 0);
         assert_eq!(store.scan_prefix("t", b"a", 1).expect("scan").len(), 1);
         assert!(
             !store

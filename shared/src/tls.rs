@@ -18,7 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Server
 
 use crate::clock::SharedClock;
 use crate::id::{RegionId, Role, SpiffeId};
-use crate::pki::{PrivateKey, TrustBundle, Usage};
+use crate::pki::{CertInfo, PrivateKey, TrustBundle, Usage};
 
 /// Installs ring as the process-wide rustls provider. Call first thing in
 /// every `main` and test harness; calling it again is harmless.
@@ -64,6 +64,10 @@ impl ReloadableCert {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(certified));
         Ok(())
     }
+    /// Stops presenting any certificate (the identity was revoked).
+    pub fn clear(&self) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
     fn get(&self) -> Option<Arc<CertifiedKey>> {
         self.current
             .read()
@@ -87,12 +91,20 @@ impl rustls::client::ResolvesClientCert for ReloadableCert {
     }
 }
 
-/// Verifies client certificates with the injected clock and the scope rules.
+/// A further check of a verified peer certificate, such as revocation.
+/// `issuer` is the intermediate that signed the leaf (`None`: the root).
+pub trait PeerCheck: Send + Sync + std::fmt::Debug + 'static {
+    fn check(&self, leaf: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String>;
+}
+
+/// Verifies client certificates with the injected clock, the scope rules and
+/// the optional extra check.
 #[derive(Debug)]
 struct ClientVerifier {
     bundle: Arc<TrustBundle>,
     clock: SharedClock,
     algs: WebPkiSupportedAlgorithms,
+    check: Option<Arc<dyn PeerCheck>>,
 }
 
 impl ClientCertVerifier for ClientVerifier {
@@ -111,14 +123,13 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.bundle
-            .verify(
-                end_entity,
-                intermediates,
-                self.clock.now(),
-                Usage::TlsClient,
-            )
+        let (leaf, issuer) = self
+            .bundle
+            .verify_path(end_entity, intermediates, self.clock.now(), Usage::TlsClient)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
+        if let Some(check) = &self.check {
+            check.check(&leaf, issuer.as_ref()).map_err(rustls::Error::General)?;
+        }
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -235,11 +246,13 @@ pub fn server_config(
     bundle: Arc<TrustBundle>,
     clock: SharedClock,
     cert: Arc<ReloadableCert>,
+    check: Option<Arc<dyn PeerCheck>>,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let verifier = Arc::new(ClientVerifier {
         bundle,
         clock,
         algs: sig_algs(),
+        check,
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

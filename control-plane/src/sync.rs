@@ -1,0 +1,200 @@
+//! The control plane's side of the `Sync` stream: every event after the
+//! cache's durable sequence, in order, in bounded batches (the bounded
+//! channel is the backpressure); pongs that carry the head; heartbeats; and
+//! per-cache link status from the acks.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lattice_shared::clock::unix_secs;
+use lattice_shared::id::SpiffeId;
+use lattice_shared::proto::{self as pb, sync_down::Msg as Down, sync_up::Msg as Up};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::State;
+
+/// Events per batch on the stream.
+pub const BATCH: usize = 256;
+/// Messages queued towards one cache before the sender waits.
+const QUEUE: usize = 16;
+/// Pongs remembered per link to derive its staleness.
+const PONGS: usize = 64;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the control plane knows of one cache's link.
+#[derive(Debug, Clone, Default)]
+pub struct Link {
+    pub acked: u64,
+    pub connected: bool,
+    pub last_contact_ms: i64,
+    /// Control-plane time of the latest pong whose head the cache has acked.
+    pub fresh_at_ms: i64,
+    pongs: VecDeque<(i64, u64)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Links {
+    inner: std::sync::Mutex<HashMap<SpiffeId, Link>>,
+}
+
+impl Links {
+    fn update(&self, id: &SpiffeId, f: impl FnOnce(&mut Link)) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(g.entry(id.clone()).or_default());
+    }
+    pub fn get(&self, id: &SpiffeId) -> Option<Link> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+}
+
+pub type SyncStream = ReceiverStream<Result<pb::SyncDown, Status>>;
+
+fn now_ms(state: &State) -> i64 {
+    let now = state.clock.now();
+    unix_secs(now) * 1000 + i64::from(now.duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0))
+}
+
+pub(crate) async fn open(
+    state: Arc<State>,
+    cache: SpiffeId,
+    mut inbound: Streaming<pb::SyncUp>,
+) -> Result<SyncStream, Status> {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(pb::SyncUp { msg: Some(Up::Hello(h)) }))) => h,
+        Ok(Ok(_)) => return Err(Status::invalid_argument("the stream must open with a hello")),
+        Ok(Err(s)) => return Err(s),
+        Err(_) => return Err(Status::deadline_exceeded("no hello within 10 s")),
+    };
+    let head = state.log.head();
+    if hello.resume_after > head {
+        return Err(Status::failed_precondition(format!(
+            "cache holds sequence {} but the log ends at {head}: its data is from another control plane; re-enrol it",
+            hello.resume_after
+        )));
+    }
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::spawn(async move {
+        let id = cache.clone();
+        state.links.update(&id, |l| {
+            l.connected = true;
+            l.acked = l.acked.max(hello.resume_after);
+            l.last_contact_ms = now_ms(&state);
+        });
+        let reason = serve(&state, &cache, hello.resume_after, inbound, &tx).await;
+        state.links.update(&id, |l| l.connected = false);
+        tracing::info!(cache_id = %id, reason = %reason, "sync stream closed");
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+async fn serve(
+    state: &Arc<State>,
+    cache: &SpiffeId,
+    resume_after: u64,
+    mut inbound: Streaming<pb::SyncUp>,
+    tx: &mpsc::Sender<Result<pb::SyncDown, Status>>,
+) -> String {
+    let mut heads = state.log.subscribe();
+    let mut sent = resume_after;
+    let mut acked = resume_after;
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(state.cfg.heartbeat_ms));
+    let mut stopping = state.stopping.clone();
+    loop {
+        // Send everything up to the head, batch by batch; each send waits for
+        // room, so a slow cache slows only its own stream.
+        while sent < state.log.head() {
+            let st = state.clone();
+            let after = sent;
+            let batch = match tokio::task::spawn_blocking(move || st.log.read_after(after, BATCH)).await {
+                Ok(Ok(b)) if !b.is_empty() => b,
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => return format!("reading the log failed: {e}"),
+                Err(_) => return "log reader failed".into(),
+            };
+            sent = batch.last().map(|e| e.seq).unwrap_or(sent);
+            let msg = pb::SyncDown { msg: Some(Down::Events(pb::EventBatch { events: batch })) };
+            if tx.send(Ok(msg)).await.is_err() {
+                return "cache went away".into();
+            }
+        }
+        tokio::select! {
+            _ = lattice_shared::net::until_true(&mut stopping) => {
+                let _ = tx.send(Err(Status::unavailable("control plane stopping"))).await;
+                return "control plane stopping".into();
+            }
+            changed = heads.changed() => {
+                if changed.is_err() {
+                    return "control plane stopping".into();
+                }
+            }
+            _ = heartbeat.tick() => {
+                let msg = pb::SyncDown { msg: Some(Down::Heartbeat(pb::Heartbeat { head_seq: state.log.head() })) };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return "cache went away".into();
+                }
+                if state.log.revocations().is_cache_revoked(cache) {
+                    let _ = tx.send(Err(Status::permission_denied(format!("{cache} has been revoked")))).await;
+                    return "cache revoked".into();
+                }
+            }
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return "cache closed the stream".into(),
+                    Err(s) => return format!("stream error: {s}"),
+                };
+                let now = now_ms(state);
+                match msg.msg {
+                    Some(Up::Ack(a)) => {
+                        if a.seq > sent || a.seq < acked {
+                            let _ = tx.send(Err(Status::invalid_argument(format!(
+                                "ack {} outside ({acked}, {sent}]", a.seq
+                            )))).await;
+                            return "bad ack".into();
+                        }
+                        for (_, committed) in state.log.commit_times(acked, a.seq) {
+                            let secs = (now - committed).max(0) as f64 / 1000.0;
+                            metrics::histogram!("lattice_revocation_propagation_seconds", "cache" => cache.to_string()).record(secs);
+                        }
+                        acked = a.seq;
+                        metrics::gauge!("lattice_cp_cache_acked_seq", "cache" => cache.to_string()).set(acked as f64);
+                        state.links.update(cache, |l| {
+                            l.acked = acked;
+                            l.last_contact_ms = now;
+                            while l.pongs.front().is_some_and(|(_, h)| *h <= acked) {
+                                if let Some((t, _)) = l.pongs.pop_front() {
+                                    l.fresh_at_ms = t;
+                                }
+                            }
+                        });
+                    }
+                    Some(Up::Ping(p)) => {
+                        let head = state.log.head();
+                        state.links.update(cache, |l| {
+                            l.last_contact_ms = now;
+                            if head <= l.acked {
+                                l.fresh_at_ms = now;
+                            } else {
+                                if l.pongs.len() == PONGS {
+                                    l.pongs.pop_front();
+                                }
+                                l.pongs.push_back((now, head));
+                            }
+                        });
+                        let pong = pb::FreshnessPong { ping_id: p.ping_id, sent_mono_ms: p.sent_mono_ms, head_seq: head };
+                        if tx.send(Ok(pb::SyncDown { msg: Some(Down::Pong(pong)) })).await.is_err() {
+                            return "cache went away".into();
+                        }
+                    }
+                    Some(Up::Hello(_)) | None => {
+                        let _ = tx.send(Err(Status::invalid_argument("unexpected message"))).await;
+                        return "protocol error".into();
+                    }
+                }
+            }
+        }
+    }
+}

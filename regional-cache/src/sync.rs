@@ -1,0 +1,424 @@
+//! The cache's side of the `Sync` stream and its freshness.
+//!
+//! Events are applied in sequence order (a gap or a duplicate drops the
+//! stream and resumes from the last durable sequence), enforced in memory at
+//! once, made durable, then acked. Every L/5 the cache sends a ping stamped
+//! with its own monotonic clock; when it has applied the head that the
+//! control plane returns, it is fresh as of the ping's send time. It refuses
+//! to mint when `now − fresh_as_of > L`. Only monotonic clocks are involved.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lattice_shared::clock::SharedClock;
+use lattice_shared::pki::CertInfo;
+use lattice_shared::proto::{self as pb, sync_down::Msg as Down, sync_up::Msg as Up};
+use lattice_shared::revocation::{Revocation, RevocationSet};
+use lattice_shared::store::{SharedStore, Write};
+use prost::Message;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+
+use crate::{Error, State};
+
+const T_EVENTS: &str = "events";
+const T_META: &str = "meta";
+const APPLIED_KEY: &[u8] = b"applied_seq";
+const MAX_PENDING: usize = 64;
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Largest batch accepted from the control plane.
+const MAX_BATCH: usize = 1024;
+
+/// Why a cache refuses to mint or renew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Freshness older than L (or never fresh).
+    Stale { staleness_ms: Option<u64> },
+    Revoked(String),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    applied: u64,
+    fresh_as_of: Option<Duration>,
+    /// (ping send time, head the pong named), oldest first.
+    pending: VecDeque<(Duration, u64)>,
+    /// Pings in flight: id → our own send time (the echo is not trusted).
+    pings: HashMap<u64, Duration>,
+    revocations: RevocationSet,
+    connected: bool,
+}
+
+/// Freshness and revocations of one cache.
+#[derive(Debug)]
+pub struct Sync {
+    cache_id: lattice_shared::id::SpiffeId,
+    inner: RwLock<Inner>,
+    clock: SharedClock,
+    max_staleness: Duration,
+    applied_tx: watch::Sender<u64>,
+    fresh_tx: watch::Sender<Option<Duration>>,
+    notices: broadcast::Sender<(u64, pb::Revocation)>,
+    ping_now: Notify,
+}
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+impl Sync {
+    /// Replays the events held durably.
+    pub fn load(
+        cache_id: lattice_shared::id::SpiffeId,
+        store: &SharedStore,
+        clock: SharedClock,
+        max_staleness: Duration,
+    ) -> Result<Self, Error> {
+        let applied = match store.get(T_META, APPLIED_KEY)? {
+            Some(b) => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt("applied seq".into()))?),
+            None => 0,
+        };
+        let mut revocations = RevocationSet::default();
+        let mut next = 1u64;
+        loop {
+            let batch = store.scan_from(T_EVENTS, &seq_key(next), 1024)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (_, v) in batch {
+                let ev = pb::LatticeEvent::decode(v.as_slice()).map_err(|e| Error::Corrupt(e.to_string()))?;
+                if ev.seq != next {
+                    return Err(Error::Corrupt(format!("stored events have a gap at {next}")));
+                }
+                if let Some(pb::lattice_event::Body::Revocation(r)) = &ev.body
+                    && let Ok(r) = Revocation::try_from(r)
+                {
+                    revocations.apply(&r);
+                }
+                next += 1;
+            }
+        }
+        if next - 1 != applied {
+            return Err(Error::Corrupt(format!("stored events end at {} but applied says {applied}", next - 1)));
+        }
+        Ok(Self {
+            cache_id,
+            inner: RwLock::new(Inner { applied, revocations, ..Inner::default() }),
+            clock,
+            max_staleness,
+            applied_tx: watch::channel(applied).0,
+            fresh_tx: watch::channel(None).0,
+            notices: broadcast::channel(1024).0,
+            ping_now: Notify::new(),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        self.max_staleness
+    }
+    pub fn applied(&self) -> u64 {
+        self.read().applied
+    }
+    pub fn connected(&self) -> bool {
+        self.read().connected
+    }
+    pub fn revocations(&self) -> RevocationSet {
+        self.read().revocations.clone()
+    }
+    /// Milliseconds since the cache was last known fresh (`None`: never).
+    pub fn staleness_ms(&self) -> Option<u64> {
+        let fresh = self.read().fresh_as_of?;
+        Some(u64::try_from(self.clock.monotonic().saturating_sub(fresh).as_millis()).unwrap_or(u64::MAX))
+    }
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+    pub fn subscribe_fresh(&self) -> watch::Receiver<Option<Duration>> {
+        self.fresh_tx.subscribe()
+    }
+    pub fn subscribe_notices(&self) -> broadcast::Receiver<(u64, pb::Revocation)> {
+        self.notices.subscribe()
+    }
+    /// Sends a freshness ping now instead of at the next tick.
+    pub fn ping_now(&self) {
+        self.ping_now.notify_one();
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        let now = self.clock.monotonic();
+        self.read().fresh_as_of.is_some_and(|f| now.saturating_sub(f) <= self.max_staleness)
+    }
+
+    /// May this cache serve a credential to the holder of `cert` (issued by
+    /// `issuer`) now? Freshness and revocations are read together.
+    pub fn check(&self, cert: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), Refusal> {
+        let now = self.clock.monotonic();
+        let g = self.read();
+        let staleness = g.fresh_as_of.map(|f| now.saturating_sub(f));
+        if !staleness.is_some_and(|s| s <= self.max_staleness) {
+            return Err(Refusal::Stale {
+                staleness_ms: staleness.map(|s| u64::try_from(s.as_millis()).unwrap_or(u64::MAX)),
+            });
+        }
+        if g.revocations.is_cache_revoked(&self.cache_id) {
+            return Err(Refusal::Revoked(format!("this cache ({}) has been revoked", self.cache_id)));
+        }
+        g.revocations
+            .check_cert(cert, issuer.and_then(|i| i.id.as_ref()))
+            .map_err(Refusal::Revoked)
+    }
+
+    /// The revocation rules alone (for the TLS handshake).
+    pub fn check_cert(&self, cert: &CertInfo, issuer: Option<&lattice_shared::id::SpiffeId>) -> Result<(), String> {
+        self.read().revocations.check_cert(cert, issuer)
+    }
+
+    pub fn is_join_token_revoked(&self, hash: &[u8; 32]) -> bool {
+        self.read().revocations.is_join_token_revoked(hash)
+    }
+    pub fn is_agent_revoked(&self, id: &lattice_shared::id::SpiffeId) -> bool {
+        self.read().revocations.is_agent_revoked(id)
+    }
+
+    fn on_pong(&self, pong: &pb::FreshnessPong) {
+        let mut g = self.write();
+        let Some(sent) = g.pings.remove(&pong.ping_id) else { return };
+        if g.pending.len() == MAX_PENDING {
+            g.pending.pop_front();
+        }
+        g.pending.push_back((sent, pong.head_seq));
+        self.advance_freshness(&mut g);
+    }
+
+    fn advance_freshness(&self, g: &mut Inner) {
+        let mut changed = false;
+        while let Some(&(sent, head)) = g.pending.front() {
+            if head > g.applied {
+                break;
+            }
+            g.pending.pop_front();
+            if g.fresh_as_of.is_none_or(|f| sent > f) {
+                g.fresh_as_of = Some(sent);
+                changed = true;
+            }
+        }
+        if changed {
+            self.fresh_tx.send_replace(g.fresh_as_of);
+        }
+    }
+
+    fn new_ping(&self, rng: &SystemRandom) -> pb::FreshnessPing {
+        let mut id = [0u8; 8];
+        let _ = rng.fill(&mut id);
+        let id = u64::from_le_bytes(id);
+        let sent = self.clock.monotonic();
+        let mut g = self.write();
+        if g.pings.len() >= MAX_PENDING {
+            g.pings.clear(); // unanswered: the link is likely dead
+        }
+        g.pings.insert(id, sent);
+        pb::FreshnessPing { ping_id: id, sent_mono_ms: u64::try_from(sent.as_millis()).unwrap_or(u64::MAX) }
+    }
+
+    /// Applies a batch that must continue exactly where we are: enforce in
+    /// memory, make durable, then count it as applied. Returns the new
+    /// applied sequence.
+    fn apply_batch(&self, store: &SharedStore, events: &[pb::LatticeEvent]) -> Result<u64, Error> {
+        let start = self.applied();
+        let mut decoded = Vec::with_capacity(events.len());
+        for (i, ev) in events.iter().enumerate() {
+            let want = start + 1 + i as u64;
+            if ev.seq != want {
+                return Err(Error::ControlPlane(format!("sequence gap: expected {want}, got {}", ev.seq)));
+            }
+            let r = match &ev.body {
+                Some(pb::lattice_event::Body::Revocation(r)) => {
+                    Some(Revocation::try_from(r).map_err(|e| Error::ControlPlane(e.to_string()))?)
+                }
+                None => None,
+            };
+            decoded.push(r);
+        }
+        let Some(last) = events.last().map(|e| e.seq) else { return Ok(start) };
+        // Enforce first: a revocation is honoured as soon as it arrives.
+        {
+            let mut g = self.write();
+            for r in decoded.iter().flatten() {
+                g.revocations.apply(r);
+            }
+        }
+        let mut writes: Vec<Write> = events
+            .iter()
+            .map(|e| Write { tree: T_EVENTS, key: seq_key(e.seq).to_vec(), value: Some(e.encode_to_vec()) })
+            .collect();
+        writes.push(Write { tree: T_META, key: APPLIED_KEY.to_vec(), value: Some(last.to_be_bytes().to_vec()) });
+        store.apply(writes)?;
+        {
+            let mut g = self.write();
+            g.applied = last;
+            self.advance_freshness(&mut g);
+        }
+        self.applied_tx.send_replace(last);
+        for (ev, r) in events.iter().zip(&decoded) {
+            if let Some(r) = r {
+                let _ = self.notices.send((ev.seq, r.into()));
+            }
+        }
+        Ok(last)
+    }
+}
+
+/// Stored revocations after `after`, in order (for `WatchRevocations`).
+pub fn revocations_after(store: &SharedStore, after: u64, limit: usize) -> Result<Vec<(u64, pb::Revocation)>, Error> {
+    let mut out = Vec::new();
+    for (_, v) in store.scan_from(T_EVENTS, &seq_key(after + 1), limit)? {
+        let ev = pb::LatticeEvent::decode(v.as_slice()).map_err(|e| Error::Corrupt(e.to_string()))?;
+        if let Some(pb::lattice_event::Body::Revocation(r)) = ev.body {
+            out.push((ev.seq, r));
+        }
+    }
+    Ok(out)
+}
+
+fn jittered(d: Duration, rng: &SystemRandom) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = rng.fill(&mut b);
+    let frac = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0..1
+    d.mul_f64(0.5 + frac)
+}
+
+/// Runs the sync link until the task is aborted: connect, stream, and on any
+/// error reconnect with capped, jittered backoff.
+pub(crate) async fn run(state: Arc<State>) {
+    let rng = SystemRandom::new();
+    let mut backoff = BACKOFF_START;
+    loop {
+        match session(&state, &rng, &mut backoff).await {
+            Ok(()) => {}
+            Err(e) => tracing::info!(cache_id = %state.id, error = %e, "sync link down; reconnecting"),
+        }
+        state.sync.write().connected = false;
+        metrics::counter!("lattice_cache_sync_reconnects_total").increment(1);
+        tokio::time::sleep(jittered(backoff, &rng)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(state: &Arc<State>, rng: &SystemRandom, backoff: &mut Duration) -> Result<(), Error> {
+    let sync = &state.sync;
+    let ping_every = (sync.max_staleness / 5).max(Duration::from_millis(10));
+    // Silence longer than this means the link is dead even if TCP says not.
+    let liveness = (ping_every * 3).max(Duration::from_secs(1));
+    let (up, up_rx) = mpsc::channel::<pb::SyncUp>(16);
+    up.send(pb::SyncUp { msg: Some(Up::Hello(pb::SyncHello { resume_after: sync.applied() })) })
+        .await
+        .map_err(|_| Error::ControlPlane("closed".into()))?;
+    let mut down = tokio::time::timeout(
+        liveness,
+        state.cp.clone().sync(tokio_stream::wrappers::ReceiverStream::new(up_rx)),
+    )
+    .await
+    .map_err(|_| Error::ControlPlane("no answer to the sync request".into()))?
+    .map_err(|s| Error::ControlPlane(format!("{} ({:?})", s.message(), s.code())))?
+    .into_inner();
+    sync.write().connected = true;
+    *backoff = BACKOFF_START;
+    tracing::info!(cache_id = %state.id, applied = sync.applied(), "sync link up");
+    let mut tick = tokio::time::interval(ping_every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                up.send(pb::SyncUp { msg: Some(Up::Ping(sync.new_ping(rng))) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
+            }
+            _ = sync.ping_now.notified() => {
+                up.send(pb::SyncUp { msg: Some(Up::Ping(sync.new_ping(rng))) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
+            }
+            msg = tokio::time::timeout(liveness, down.message()) => {
+                let msg = msg
+                    .map_err(|_| Error::ControlPlane("silent link".into()))?
+                    .map_err(|s| Error::ControlPlane(format!("{} ({:?})", s.message(), s.code())))?
+                    .ok_or_else(|| Error::ControlPlane("stream ended".into()))?;
+                match msg.msg {
+                    Some(Down::Events(batch)) => {
+                        if batch.events.len() > MAX_BATCH {
+                            return Err(Error::ControlPlane("batch too large".into()));
+                        }
+                        let st = state.clone();
+                        let last = tokio::task::spawn_blocking(move || st.sync.apply_batch(&st.store, &batch.events))
+                            .await
+                            .map_err(|_| Error::Corrupt("worker failed".into()))??;
+                        state.after_events();
+                        metrics::gauge!("lattice_cache_applied_seq").set(last as f64);
+                        up.send(pb::SyncUp { msg: Some(Up::Ack(pb::SyncAck { seq: last })) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
+                    }
+                    Some(Down::Pong(p)) => sync.on_pong(&p),
+                    Some(Down::Heartbeat(_)) | None => {}
+                }
+                if let Some(s) = sync.staleness_ms() {
+                    metrics::gauge!("lattice_cache_staleness_seconds").set(s as f64 / 1000.0);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lattice_shared::clock::FakeClock;
+    use lattice_shared::store::MemStore;
+
+    fn rev(seq: u64) -> pb::LatticeEvent {
+        let r = Revocation {
+            target: lattice_shared::revocation::Target::Jti(format!("j{seq}")),
+            reason: String::new(),
+        };
+        pb::LatticeEvent { seq, committed_at_unix_ms: 0, body: Some(pb::lattice_event::Body::Revocation((&r).into())) }
+    }
+
+    #[test]
+    fn gaps_and_duplicates_are_refused_and_nothing_is_applied() {
+        let store: SharedStore = MemStore::shared();
+        let clock = FakeClock::new();
+        let s = Sync::load(lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"), &store, clock.shared(), Duration::from_secs(5)).expect("load");
+        assert_eq!(s.apply_batch(&store, &[rev(1), rev(2)]).expect("apply"), 2);
+        assert!(s.apply_batch(&store, &[rev(4)]).is_err(), "gap");
+        assert!(s.apply_batch(&store, &[rev(2)]).is_err(), "duplicate");
+        assert_eq!(s.applied(), 2);
+        let again = Sync::load(lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"), &store, clock.shared(), Duration::from_secs(5)).expect("reload");
+        assert_eq!(again.applied(), 2);
+        assert!(again.revocations().is_jti_revoked("j2"));
+    }
+
+    #[test]
+    fn freshness_needs_the_pong_head_applied_and_expires_after_l() {
+        let store: SharedStore = MemStore::shared();
+        let clock = FakeClock::new();
+        let s = Sync::load(lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"), &store, clock.shared(), Duration::from_secs(5)).expect("load");
+        assert!(!s.is_fresh(), "never fresh before the first pong");
+        let rng = SystemRandom::new();
+        let ping = s.new_ping(&rng);
+        clock.advance(Duration::from_secs(1));
+        s.on_pong(&pb::FreshnessPong { ping_id: ping.ping_id, sent_mono_ms: 0, head_seq: 1 });
+        assert!(!s.is_fresh(), "head 1 not yet applied");
+        s.apply_batch(&store, &[rev(1)]).expect("apply");
+        assert!(s.is_fresh());
+        // Fresh as of the ping's send time, not the pong's arrival.
+        clock.advance(Duration::from_secs(4));
+        assert!(s.is_fresh(), "5 s after the ping: exactly L");
+        clock.advance(Duration::from_millis(1));
+        assert!(!s.is_fresh());
+        // A pong for an unknown ping is ignored.
+        s.on_pong(&pb::FreshnessPong { ping_id: 12345, sent_mono_ms: u64::MAX, head_seq: 0 });
+        assert!(!s.is_fresh());
+    }
+}
