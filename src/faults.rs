@@ -36,14 +36,18 @@ impl FaultProxy {
         let (mode, rx) = watch::channel(Mode::Pass);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((inbound, _)) = listener.accept().await else { continue };
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
                 if *rx.borrow() == Mode::Drop {
                     drop(inbound);
                     continue;
                 }
                 let rx = rx.clone();
                 tokio::spawn(async move {
-                    let Ok(outbound) = TcpStream::connect(target).await else { return };
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
                     let (ri, wi) = inbound.into_split();

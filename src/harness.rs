@@ -42,7 +42,10 @@ pub struct Spec {
 impl Default for Spec {
     fn default() -> Self {
         Self {
-            caches: vec![("eu".into(), "cache-1".into()), ("us".into(), "cache-1".into())],
+            caches: vec![
+                ("eu".into(), "cache-1".into()),
+                ("us".into(), "cache-1".into()),
+            ],
             agents: vec![("eu".into(), "agent-1".into())],
             audiences: cache::Config::default().audiences,
             max_staleness: Duration::from_millis(cache::Config::default().max_staleness_ms),
@@ -67,7 +70,8 @@ impl cache::AuditSink for AuditLog {
 }
 
 fn open_store(dir: &Path) -> anyhow::Result<(SharedStore, Arc<LocalKeyFile>)> {
-    let store = SledStore::open(&dir.join("db")).with_context(|| format!("opening {}", dir.display()))?;
+    let store =
+        SledStore::open(&dir.join("db")).with_context(|| format!("opening {}", dir.display()))?;
     let vault = Arc::new(LocalKeyFile::open_or_create(&dir.join("kek.key"))?);
     Ok((store, vault))
 }
@@ -138,7 +142,10 @@ impl CacheNode {
         let deadline = tokio::time::Instant::now() + WAIT;
         while !sync.is_fresh() {
             if tokio::time::Instant::now() > deadline {
-                return Err(anyhow!("{} did not become fresh within {WAIT:?}", self.cfg.id));
+                return Err(anyhow!(
+                    "{} did not become fresh within {WAIT:?}",
+                    self.cfg.id
+                ));
             }
             sync.ping_now();
             let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
@@ -228,7 +235,12 @@ impl Lattice {
         self.cp_cfg.listen = l.local_addr()?;
         let app = cp::App::build(
             self.cp_cfg.clone(),
-            cp::Deps { clock: self.clock.clone(), store: store.clone(), vault, listener: l },
+            cp::Deps {
+                clock: self.clock.clone(),
+                store: store.clone(),
+                vault,
+                listener: l,
+            },
         )
         .await?;
         self.cp = Some(app);
@@ -278,10 +290,16 @@ impl Lattice {
             root_ca: self.root_pem(),
             join_token: Some(token),
             audiences: self.spec.audiences.clone(),
-            max_staleness_ms: u64::try_from(self.spec.max_staleness.as_millis()).unwrap_or(u64::MAX),
+            max_staleness_ms: u64::try_from(self.spec.max_staleness.as_millis())
+                .unwrap_or(u64::MAX),
             ..cache::Config::default()
         };
-        let mut node = CacheNode { cfg, app: None, store: None, link };
+        let mut node = CacheNode {
+            cfg,
+            app: None,
+            store: None,
+            link,
+        };
         self.start_cache_node(&mut node).await?;
         node.wait_fresh().await?;
         self.caches.push(node);
@@ -363,7 +381,10 @@ impl Lattice {
 
     /// Commits a revocation at the control plane; returns the event.
     pub fn revoke(&self, target: Target) -> anyhow::Result<lattice_shared::proto::LatticeEvent> {
-        Ok(self.cp().revoke(&Revocation { target, reason: "harness".into() })?)
+        Ok(self.cp().revoke(&Revocation {
+            target,
+            reason: "harness".into(),
+        })?)
     }
 
     /// Waits until every running cache has applied `seq`.
@@ -387,8 +408,17 @@ impl Lattice {
     }
 
     pub async fn start_agent(&self, cfg: agent::Config) -> Result<agent::Agent, agent::Error> {
-        let (store, vault) = open_store(&cfg.data_dir).map_err(|e| agent::Error::Config(e.to_string()))?;
-        agent::Agent::start(cfg, agent::Deps { clock: self.clock.clone(), store, vault }).await
+        let (store, vault) =
+            open_store(&cfg.data_dir).map_err(|e| agent::Error::Config(e.to_string()))?;
+        agent::Agent::start(
+            cfg,
+            agent::Deps {
+                clock: self.clock.clone(),
+                store,
+                vault,
+            },
+        )
+        .await
     }
 
     /// Creates a join token, enrols and starts an agent at its region's cache.
@@ -399,7 +429,12 @@ impl Lattice {
 
     /// Enrols and starts an agent at its region's cache with `token`; the
     /// agent follows its cache's revocation stream.
-    pub async fn add_agent_with_token(&mut self, region: &str, name: &str, token: String) -> anyhow::Result<usize> {
+    pub async fn add_agent_with_token(
+        &mut self,
+        region: &str,
+        name: &str,
+        token: String,
+    ) -> anyhow::Result<usize> {
         let cache_addr = self.cache_in(region)?.addr();
         let mut cfg = self.agent_config(region, name, cache_addr);
         cfg.join_token = Some(token);
@@ -408,6 +443,10 @@ impl Lattice {
         self.watchers.push(tokio::spawn(async move {
             watcher.watch_revocations(std::future::pending()).await;
         }));
+        let mut watching = a.watching_signal();
+        tokio::time::timeout(WAIT, watching.wait_for(|w| *w))
+            .await
+            .map_err(|_| anyhow!("{} did not open its revocation stream", a.id))??;
         self.agents.push(a);
         Ok(self.agents.len() - 1)
     }

@@ -214,7 +214,9 @@ struct RevocationCheck(Arc<log::EventLog>);
 
 impl lattice_shared::tls::PeerCheck for RevocationCheck {
     fn check(&self, leaf: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
-        self.0.revocations().check_cert(leaf, issuer.and_then(|i| i.id.as_ref()))
+        self.0
+            .revocations()
+            .check_cert(leaf, issuer.and_then(|i| i.id.as_ref()))
     }
 }
 
@@ -417,7 +419,10 @@ impl App {
         self.renewer.abort();
         let mut server = self.server;
         // Streams end on `stopping`; a peer that hangs on cannot hold us.
-        if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut server)
+            .await
+            .is_err()
+        {
             server.abort();
         }
     }
@@ -512,7 +517,10 @@ impl State {
         if let Some(id) = foreign
             && id.trust_domain() != &self.td
         {
-            return Err(Error::InvalidArgument(format!("{id} is not in trust domain {}", self.td)));
+            return Err(Error::InvalidArgument(format!(
+                "{id} is not in trust domain {}",
+                self.td
+            )));
         }
         let ev = self.log.append_revocation(r, self.now_ms())?;
         metrics::counter!("lattice_cp_revocations_total").increment(1);

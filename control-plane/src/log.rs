@@ -42,7 +42,9 @@ impl EventLog {
     pub fn open(store: SharedStore) -> Result<Self, Error> {
         let head = match store.get(T_META, HEAD_KEY)? {
             Some(b) => u64::from_be_bytes(
-                b.as_slice().try_into().map_err(|_| Error::Corrupt("log head".into()))?,
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("log head".into()))?,
             ),
             None => 0,
         };
@@ -67,7 +69,10 @@ impl EventLog {
             }
         }
         if next - 1 != head {
-            return Err(Error::Corrupt(format!("event log ends at {} but its head says {head}", next - 1)));
+            return Err(Error::Corrupt(format!(
+                "event log ends at {} but its head says {head}",
+                next - 1
+            )));
         }
         Ok(Self {
             store,
@@ -91,7 +96,11 @@ impl EventLog {
     }
 
     /// Appends a revocation durably; returns the committed event.
-    pub fn append_revocation(&self, r: &Revocation, now_ms: i64) -> Result<pb::LatticeEvent, Error> {
+    pub fn append_revocation(
+        &self,
+        r: &Revocation,
+        now_ms: i64,
+    ) -> Result<pb::LatticeEvent, Error> {
         let _guard = self.append_lock.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.head() + 1;
         let event = pb::LatticeEvent {
@@ -100,11 +109,22 @@ impl EventLog {
             body: Some(pb::lattice_event::Body::Revocation(r.into())),
         };
         self.store.apply(vec![
-            Write { tree: T_EVENTS, key: seq_key(seq).to_vec(), value: Some(event.encode_to_vec()) },
-            Write { tree: T_META, key: HEAD_KEY.to_vec(), value: Some(seq.to_be_bytes().to_vec()) },
+            Write {
+                tree: T_EVENTS,
+                key: seq_key(seq).to_vec(),
+                value: Some(event.encode_to_vec()),
+            },
+            Write {
+                tree: T_META,
+                key: HEAD_KEY.to_vec(),
+                value: Some(seq.to_be_bytes().to_vec()),
+            },
         ])?;
         // Durable: now enforce here and announce.
-        self.revocations.write().unwrap_or_else(|p| p.into_inner()).apply(r);
+        self.revocations
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(r);
         {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if recent.len() == RECENT {
@@ -129,7 +149,11 @@ impl EventLog {
     /// Commit times (unix ms) of recent events in `(after, upto]`.
     pub fn commit_times(&self, after: u64, upto: u64) -> Vec<(u64, i64)> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.iter().filter(|(s, _)| *s > after && *s <= upto).copied().collect()
+        recent
+            .iter()
+            .filter(|(s, _)| *s > after && *s <= upto)
+            .copied()
+            .collect()
     }
 }
 
@@ -142,7 +166,9 @@ mod tests {
 
     fn rev(n: u32) -> Revocation {
         Revocation {
-            target: Target::Agent(SpiffeId::parse(&format!("spiffe://t/agent/eu/a{n}")).expect("id")),
+            target: Target::Agent(
+                SpiffeId::parse(&format!("spiffe://t/agent/eu/a{n}")).expect("id"),
+            ),
             reason: String::new(),
         }
     }
@@ -152,10 +178,16 @@ mod tests {
         let store = MemStore::shared();
         let log = EventLog::open(store.clone()).expect("open");
         for n in 1..=5 {
-            assert_eq!(log.append_revocation(&rev(n), 1000).expect("append").seq, u64::from(n));
+            assert_eq!(
+                log.append_revocation(&rev(n), 1000).expect("append").seq,
+                u64::from(n)
+            );
         }
         let events = log.read_after(2, 10).expect("read");
-        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         let again = EventLog::open(store).expect("reopen");
         assert_eq!(again.head(), 5);
         assert_eq!(again.revocations().len(), 5);
@@ -169,7 +201,10 @@ mod tests {
         store.fail_next();
         assert!(log.append_revocation(&rev(2), 2).is_err());
         assert_eq!(log.head(), 1);
-        assert!(!log.revocations().is_agent_revoked(&SpiffeId::parse("spiffe://t/agent/eu/a2").expect("id")));
+        assert!(
+            !log.revocations()
+                .is_agent_revoked(&SpiffeId::parse("spiffe://t/agent/eu/a2").expect("id"))
+        );
         assert_eq!(log.append_revocation(&rev(3), 3).expect("append").seq, 2);
     }
 

@@ -239,7 +239,8 @@ impl ControlPlane for Service {
         if enrolled.is_none() {
             return Err(Status::not_found(format!("{} is not enrolled", peer.id)));
         }
-        let stream = crate::sync::open(self.state.clone(), peer.id.clone(), req.into_inner()).await?;
+        let stream =
+            crate::sync::open(self.state.clone(), peer.id.clone(), req.into_inner()).await?;
         Ok(Response::new(stream))
     }
 }

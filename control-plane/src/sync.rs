@@ -46,7 +46,11 @@ impl Links {
         f(g.entry(id.clone()).or_default());
     }
     pub fn get(&self, id: &SpiffeId) -> Option<Link> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 }
 
@@ -54,7 +58,12 @@ pub type SyncStream = ReceiverStream<Result<pb::SyncDown, Status>>;
 
 fn now_ms(state: &State) -> i64 {
     let now = state.clock.now();
-    unix_secs(now) * 1000 + i64::from(now.duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0))
+    unix_secs(now) * 1000
+        + i64::from(
+            now.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_millis())
+                .unwrap_or(0),
+        )
 }
 
 pub(crate) async fn open(
@@ -63,8 +72,14 @@ pub(crate) async fn open(
     mut inbound: Streaming<pb::SyncUp>,
 ) -> Result<SyncStream, Status> {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(pb::SyncUp { msg: Some(Up::Hello(h)) }))) => h,
-        Ok(Ok(_)) => return Err(Status::invalid_argument("the stream must open with a hello")),
+        Ok(Ok(Some(pb::SyncUp {
+            msg: Some(Up::Hello(h)),
+        }))) => h,
+        Ok(Ok(_)) => {
+            return Err(Status::invalid_argument(
+                "the stream must open with a hello",
+            ));
+        }
         Ok(Err(s)) => return Err(s),
         Err(_) => return Err(Status::deadline_exceeded("no hello within 10 s")),
     };
@@ -108,14 +123,17 @@ async fn serve(
         while sent < state.log.head() {
             let st = state.clone();
             let after = sent;
-            let batch = match tokio::task::spawn_blocking(move || st.log.read_after(after, BATCH)).await {
-                Ok(Ok(b)) if !b.is_empty() => b,
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) => return format!("reading the log failed: {e}"),
-                Err(_) => return "log reader failed".into(),
-            };
+            let batch =
+                match tokio::task::spawn_blocking(move || st.log.read_after(after, BATCH)).await {
+                    Ok(Ok(b)) if !b.is_empty() => b,
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) => return format!("reading the log failed: {e}"),
+                    Err(_) => return "log reader failed".into(),
+                };
             sent = batch.last().map(|e| e.seq).unwrap_or(sent);
-            let msg = pb::SyncDown { msg: Some(Down::Events(pb::EventBatch { events: batch })) };
+            let msg = pb::SyncDown {
+                msg: Some(Down::Events(pb::EventBatch { events: batch })),
+            };
             if tx.send(Ok(msg)).await.is_err() {
                 return "cache went away".into();
             }

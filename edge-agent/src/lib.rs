@@ -13,9 +13,9 @@ use std::time::Duration;
 use lattice_shared::clock::{SharedClock, past_half_life};
 use lattice_shared::id::{RegionId, Role, SpiffeId};
 use lattice_shared::pem;
-use lattice_shared::revocation::Revocation;
 use lattice_shared::pki::{CertInfo, PkiError, PrivateKey, TrustBundle, Usage};
 use lattice_shared::proto::{self as pb, cache_client::CacheClient};
+use lattice_shared::revocation::Revocation;
 use lattice_shared::seal::{KeyVault, SealError};
 use lattice_shared::store::{SharedStore, StoreError, Write};
 use lattice_shared::tls::{ExpectedServer, ReloadableCert};
@@ -139,6 +139,8 @@ pub struct Agent {
     /// Tokens handed out and not known revoked: jti → token.
     held: std::sync::Mutex<std::collections::HashMap<String, HeldToken>>,
     revoked: tokio::sync::watch::Sender<bool>,
+    /// True while the revocation stream from the cache is open.
+    watching: tokio::sync::watch::Sender<bool>,
 }
 
 /// A token the agent has minted, kept for its local processes.
@@ -150,7 +152,9 @@ struct HeldToken {
 
 impl std::fmt::Debug for HeldToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HeldToken").field("iat_unix", &self.iat_unix).finish_non_exhaustive()
+        f.debug_struct("HeldToken")
+            .field("iat_unix", &self.iat_unix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -251,6 +255,7 @@ impl Agent {
             client: RwLock::new(client),
             held: std::sync::Mutex::new(std::collections::HashMap::new()),
             revoked: tokio::sync::watch::channel(false).0,
+            watching: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -285,18 +290,31 @@ impl Agent {
             .into_inner();
         self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
             resp.jti.clone(),
-            HeldToken { token: zeroize::Zeroizing::new(resp.token.clone()), iat_unix: self.clock.now_unix() },
+            HeldToken {
+                token: zeroize::Zeroizing::new(resp.token.clone()),
+                iat_unix: self.clock.now_unix(),
+            },
         );
         Ok(resp)
     }
 
     /// The jtis of tokens the agent holds (not known to be revoked).
     pub fn held_jtis(&self) -> Vec<String> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn is_revoked(&self) -> bool {
         *self.revoked.borrow()
+    }
+
+    /// Whether the revocation stream from the cache is open.
+    pub fn watching_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.watching.subscribe()
     }
 
     /// Resolves when the agent learns it has been revoked.
@@ -309,13 +327,19 @@ impl Agent {
     pub fn apply_revocation(&self, r: &Revocation) {
         use lattice_shared::revocation::Target;
         let chain = self.chain();
-        let issuer = lattice_shared::pki::inspect(&chain.intermediate).ok().and_then(|i| i.id);
-        let issued_at = lattice_shared::clock::unix_secs(chain.info.not_before + lattice_shared::pki::BACKDATE);
+        let issuer = lattice_shared::pki::inspect(&chain.intermediate)
+            .ok()
+            .and_then(|i| i.id);
+        let issued_at =
+            lattice_shared::clock::unix_secs(chain.info.not_before + lattice_shared::pki::BACKDATE);
         let me = match &r.target {
             Target::Agent(id) => id == &self.id,
             Target::CertSerial(s) => s == &chain.info.serial_hex,
             Target::Cache(id) => issuer.as_ref() == Some(id),
-            Target::SubjectBefore { subject, issued_before_unix } => {
+            Target::SubjectBefore {
+                subject,
+                issued_before_unix,
+            } => {
                 if subject == &self.id {
                     self.held
                         .lock()
@@ -325,7 +349,10 @@ impl Agent {
                 subject == &self.id && issued_at < *issued_before_unix
             }
             Target::Jti(j) => {
-                self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(j);
+                self.held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(j);
                 false
             }
             Target::JoinToken(_) => false,
@@ -341,8 +368,16 @@ impl Agent {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.cert.clear();
         let _ = self.store.apply(vec![
-            Write { tree: T_IDENTITY, key: b"key".to_vec(), value: None },
-            Write { tree: T_IDENTITY, key: b"chain".to_vec(), value: None },
+            Write {
+                tree: T_IDENTITY,
+                key: b"key".to_vec(),
+                value: None,
+            },
+            Write {
+                tree: T_IDENTITY,
+                key: b"chain".to_vec(),
+                value: None,
+            },
         ]);
         self.revoked.send_replace(true);
     }
@@ -354,9 +389,13 @@ impl Agent {
         let mut after = 0u64;
         let mut backoff = Duration::from_millis(50);
         while !self.is_revoked() {
-            let stream = self.client().watch_revocations(pb::WatchRevocationsRequest { after_seq: after }).await;
+            let stream = self
+                .client()
+                .watch_revocations(pb::WatchRevocationsRequest { after_seq: after })
+                .await;
             if let Ok(resp) = stream {
                 backoff = Duration::from_millis(50);
+                self.watching.send_replace(true);
                 let mut s = resp.into_inner();
                 loop {
                     let msg = tokio::select! {
@@ -365,13 +404,18 @@ impl Agent {
                     };
                     let Ok(Some(n)) = msg else { break };
                     after = after.max(n.seq);
-                    if let Some(r) = n.revocation.as_ref().and_then(|r| Revocation::try_from(r).ok()) {
+                    if let Some(r) = n
+                        .revocation
+                        .as_ref()
+                        .and_then(|r| Revocation::try_from(r).ok())
+                    {
                         self.apply_revocation(&r);
                     }
                     if self.is_revoked() {
                         return;
                     }
                 }
+                self.watching.send_replace(false);
             }
             tokio::select! {
                 _ = &mut stop => return,

@@ -155,8 +155,19 @@ pub struct Deps {
 /// What the cache did, for the audit trail. Never carries a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditEvent {
-    Issued { cache: SpiffeId, agent: SpiffeId, jti: String, audience: String, at_unix_ms: i64 },
-    Refused { cache: SpiffeId, agent: SpiffeId, reason: String, at_unix_ms: i64 },
+    Issued {
+        cache: SpiffeId,
+        agent: SpiffeId,
+        jti: String,
+        audience: String,
+        at_unix_ms: i64,
+    },
+    Refused {
+        cache: SpiffeId,
+        agent: SpiffeId,
+        reason: String,
+        at_unix_ms: i64,
+    },
 }
 
 pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
@@ -710,7 +721,10 @@ impl App {
         let _ = self.sync_task.await;
         let _ = self.background.await;
         let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut server)
+            .await
+            .is_err()
+        {
             server.abort();
         }
     }

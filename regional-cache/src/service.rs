@@ -15,8 +15,8 @@ use lattice_shared::token::{Claims, Confirmation};
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
 
-use crate::{AuditEvent, State};
 use crate::authz::{Decision, MintRequest};
+use crate::{AuditEvent, State};
 
 pub(crate) const OPEN_PATHS: &[&str] = &["/lattice.v1.Cache/Enrol", "/.well-known/jwks.json"];
 
@@ -101,7 +101,9 @@ impl Service {
                 Status::unavailable(format!(
                     "stale: this cache cannot prove it holds every revocation older than {} ms (last fresh: {}); retry or use another cache",
                     self.state.sync.max_staleness().as_millis(),
-                    staleness_ms.map(|s| format!("{s} ms ago")).unwrap_or_else(|| "never".into())
+                    staleness_ms
+                        .map(|s| format!("{s} ms ago"))
+                        .unwrap_or_else(|| "never".into())
                 )),
             ),
             Refusal::Revoked(m) => ("revoked", Status::permission_denied(m)),
@@ -226,7 +228,9 @@ impl Cache for Service {
         let agent = SpiffeId::parse(&resp.agent_id)
             .map_err(|_| Status::internal("control plane returned a malformed id"))?;
         if self.state.sync.is_agent_revoked(&agent) {
-            return Err(Status::permission_denied(format!("{agent} has been revoked")));
+            return Err(Status::permission_denied(format!(
+                "{agent} has been revoked"
+            )));
         }
         let chain = self.issue_agent_cert(&agent, &r.csr)?;
         tracing::info!(agent_id = %agent, "agent enrolled");
@@ -375,7 +379,9 @@ impl Cache for Service {
                 {
                     Ok(Ok(b)) => b,
                     _ => {
-                        let _ = tx.send(Err(Status::internal("reading revocations failed"))).await;
+                        let _ = tx
+                            .send(Err(Status::internal("reading revocations failed")))
+                            .await;
                         return;
                     }
                 };
@@ -409,7 +415,9 @@ impl Cache for Service {
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         let _ = tx
-                            .send(Err(Status::aborted(format!("fell behind; resume after {last}"))))
+                            .send(Err(Status::aborted(format!(
+                                "fell behind; resume after {last}"
+                            ))))
                             .await;
                         return;
                     }
@@ -417,7 +425,9 @@ impl Cache for Service {
                 }
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn ping(

@@ -35,7 +35,9 @@ const MAX_BATCH: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// Freshness older than L (or never fresh).
-    Stale { staleness_ms: Option<u64> },
+    Stale {
+        staleness_ms: Option<u64>,
+    },
     Revoked(String),
 }
 
@@ -77,7 +79,11 @@ impl Sync {
         max_staleness: Duration,
     ) -> Result<Self, Error> {
         let applied = match store.get(T_META, APPLIED_KEY)? {
-            Some(b) => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt("applied seq".into()))?),
+            Some(b) => u64::from_be_bytes(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("applied seq".into()))?,
+            ),
             None => 0,
         };
         let mut revocations = RevocationSet::default();
@@ -88,9 +94,12 @@ impl Sync {
                 break;
             }
             for (_, v) in batch {
-                let ev = pb::LatticeEvent::decode(v.as_slice()).map_err(|e| Error::Corrupt(e.to_string()))?;
+                let ev = pb::LatticeEvent::decode(v.as_slice())
+                    .map_err(|e| Error::Corrupt(e.to_string()))?;
                 if ev.seq != next {
-                    return Err(Error::Corrupt(format!("stored events have a gap at {next}")));
+                    return Err(Error::Corrupt(format!(
+                        "stored events have a gap at {next}"
+                    )));
                 }
                 if let Some(pb::lattice_event::Body::Revocation(r)) = &ev.body
                     && let Ok(r) = Revocation::try_from(r)
@@ -101,11 +110,18 @@ impl Sync {
             }
         }
         if next - 1 != applied {
-            return Err(Error::Corrupt(format!("stored events end at {} but applied says {applied}", next - 1)));
+            return Err(Error::Corrupt(format!(
+                "stored events end at {} but applied says {applied}",
+                next - 1
+            )));
         }
         Ok(Self {
             cache_id,
-            inner: RwLock::new(Inner { applied, revocations, ..Inner::default() }),
+            inner: RwLock::new(Inner {
+                applied,
+                revocations,
+                ..Inner::default()
+            }),
             clock,
             max_staleness,
             applied_tx: watch::channel(applied).0,
@@ -137,7 +153,10 @@ impl Sync {
     /// Milliseconds since the cache was last known fresh (`None`: never).
     pub fn staleness_ms(&self) -> Option<u64> {
         let fresh = self.read().fresh_as_of?;
-        Some(u64::try_from(self.clock.monotonic().saturating_sub(fresh).as_millis()).unwrap_or(u64::MAX))
+        Some(
+            u64::try_from(self.clock.monotonic().saturating_sub(fresh).as_millis())
+                .unwrap_or(u64::MAX),
+        )
     }
     pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
         self.applied_tx.subscribe()
@@ -155,7 +174,9 @@ impl Sync {
 
     pub fn is_fresh(&self) -> bool {
         let now = self.clock.monotonic();
-        self.read().fresh_as_of.is_some_and(|f| now.saturating_sub(f) <= self.max_staleness)
+        self.read()
+            .fresh_as_of
+            .is_some_and(|f| now.saturating_sub(f) <= self.max_staleness)
     }
 
     /// May this cache serve a credential to the holder of `cert` (issued by
@@ -170,7 +191,10 @@ impl Sync {
             });
         }
         if g.revocations.is_cache_revoked(&self.cache_id) {
-            return Err(Refusal::Revoked(format!("this cache ({}) has been revoked", self.cache_id)));
+            return Err(Refusal::Revoked(format!(
+                "this cache ({}) has been revoked",
+                self.cache_id
+            )));
         }
         g.revocations
             .check_cert(cert, issuer.and_then(|i| i.id.as_ref()))
@@ -178,7 +202,11 @@ impl Sync {
     }
 
     /// The revocation rules alone (for the TLS handshake).
-    pub fn check_cert(&self, cert: &CertInfo, issuer: Option<&lattice_shared::id::SpiffeId>) -> Result<(), String> {
+    pub fn check_cert(
+        &self,
+        cert: &CertInfo,
+        issuer: Option<&lattice_shared::id::SpiffeId>,
+    ) -> Result<(), String> {
         self.read().revocations.check_cert(cert, issuer)
     }
 
@@ -191,7 +219,9 @@ impl Sync {
 
     fn on_pong(&self, pong: &pb::FreshnessPong) {
         let mut g = self.write();
-        let Some(sent) = g.pings.remove(&pong.ping_id) else { return };
+        let Some(sent) = g.pings.remove(&pong.ping_id) else {
+            return;
+        };
         if g.pending.len() == MAX_PENDING {
             g.pending.pop_front();
         }
@@ -226,7 +256,10 @@ impl Sync {
             g.pings.clear(); // unanswered: the link is likely dead
         }
         g.pings.insert(id, sent);
-        pb::FreshnessPing { ping_id: id, sent_mono_ms: u64::try_from(sent.as_millis()).unwrap_or(u64::MAX) }
+        pb::FreshnessPing {
+            ping_id: id,
+            sent_mono_ms: u64::try_from(sent.as_millis()).unwrap_or(u64::MAX),
+        }
     }
 
     /// Applies a batch that must continue exactly where we are: enforce in
@@ -238,7 +271,10 @@ impl Sync {
         for (i, ev) in events.iter().enumerate() {
             let want = start + 1 + i as u64;
             if ev.seq != want {
-                return Err(Error::ControlPlane(format!("sequence gap: expected {want}, got {}", ev.seq)));
+                return Err(Error::ControlPlane(format!(
+                    "sequence gap: expected {want}, got {}",
+                    ev.seq
+                )));
             }
             let r = match &ev.body {
                 Some(pb::lattice_event::Body::Revocation(r)) => {
@@ -248,7 +284,9 @@ impl Sync {
             };
             decoded.push(r);
         }
-        let Some(last) = events.last().map(|e| e.seq) else { return Ok(start) };
+        let Some(last) = events.last().map(|e| e.seq) else {
+            return Ok(start);
+        };
         // Enforce first: a revocation is honoured as soon as it arrives.
         {
             let mut g = self.write();
@@ -258,9 +296,17 @@ impl Sync {
         }
         let mut writes: Vec<Write> = events
             .iter()
-            .map(|e| Write { tree: T_EVENTS, key: seq_key(e.seq).to_vec(), value: Some(e.encode_to_vec()) })
+            .map(|e| Write {
+                tree: T_EVENTS,
+                key: seq_key(e.seq).to_vec(),
+                value: Some(e.encode_to_vec()),
+            })
             .collect();
-        writes.push(Write { tree: T_META, key: APPLIED_KEY.to_vec(), value: Some(last.to_be_bytes().to_vec()) });
+        writes.push(Write {
+            tree: T_META,
+            key: APPLIED_KEY.to_vec(),
+            value: Some(last.to_be_bytes().to_vec()),
+        });
         store.apply(writes)?;
         {
             let mut g = self.write();
@@ -278,10 +324,15 @@ impl Sync {
 }
 
 /// Stored revocations after `after`, in order (for `WatchRevocations`).
-pub fn revocations_after(store: &SharedStore, after: u64, limit: usize) -> Result<Vec<(u64, pb::Revocation)>, Error> {
+pub fn revocations_after(
+    store: &SharedStore,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<(u64, pb::Revocation)>, Error> {
     let mut out = Vec::new();
     for (_, v) in store.scan_from(T_EVENTS, &seq_key(after + 1), limit)? {
-        let ev = pb::LatticeEvent::decode(v.as_slice()).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let ev =
+            pb::LatticeEvent::decode(v.as_slice()).map_err(|e| Error::Corrupt(e.to_string()))?;
         if let Some(pb::lattice_event::Body::Revocation(r)) = ev.body {
             out.push((ev.seq, r));
         }
@@ -304,7 +355,9 @@ pub(crate) async fn run(state: Arc<State>) {
     loop {
         match session(&state, &rng, &mut backoff).await {
             Ok(()) => {}
-            Err(e) => tracing::info!(cache_id = %state.id, error = %e, "sync link down; reconnecting"),
+            Err(e) => {
+                tracing::info!(cache_id = %state.id, error = %e, "sync link down; reconnecting")
+            }
         }
         state.sync.write().connected = false;
         metrics::counter!("lattice_cache_sync_reconnects_total").increment(1);
@@ -313,18 +366,29 @@ pub(crate) async fn run(state: Arc<State>) {
     }
 }
 
-async fn session(state: &Arc<State>, rng: &SystemRandom, backoff: &mut Duration) -> Result<(), Error> {
+async fn session(
+    state: &Arc<State>,
+    rng: &SystemRandom,
+    backoff: &mut Duration,
+) -> Result<(), Error> {
     let sync = &state.sync;
     let ping_every = (sync.max_staleness / 5).max(Duration::from_millis(10));
     // Silence longer than this means the link is dead even if TCP says not.
     let liveness = (ping_every * 3).max(Duration::from_secs(1));
     let (up, up_rx) = mpsc::channel::<pb::SyncUp>(16);
-    up.send(pb::SyncUp { msg: Some(Up::Hello(pb::SyncHello { resume_after: sync.applied() })) })
-        .await
-        .map_err(|_| Error::ControlPlane("closed".into()))?;
+    up.send(pb::SyncUp {
+        msg: Some(Up::Hello(pb::SyncHello {
+            resume_after: sync.applied(),
+        })),
+    })
+    .await
+    .map_err(|_| Error::ControlPlane("closed".into()))?;
     let mut down = tokio::time::timeout(
         liveness,
-        state.cp.clone().sync(tokio_stream::wrappers::ReceiverStream::new(up_rx)),
+        state
+            .cp
+            .clone()
+            .sync(tokio_stream::wrappers::ReceiverStream::new(up_rx)),
     )
     .await
     .map_err(|_| Error::ControlPlane("no answer to the sync request".into()))?
@@ -382,19 +446,35 @@ mod tests {
             target: lattice_shared::revocation::Target::Jti(format!("j{seq}")),
             reason: String::new(),
         };
-        pb::LatticeEvent { seq, committed_at_unix_ms: 0, body: Some(pb::lattice_event::Body::Revocation((&r).into())) }
+        pb::LatticeEvent {
+            seq,
+            committed_at_unix_ms: 0,
+            body: Some(pb::lattice_event::Body::Revocation((&r).into())),
+        }
     }
 
     #[test]
     fn gaps_and_duplicates_are_refused_and_nothing_is_applied() {
         let store: SharedStore = MemStore::shared();
         let clock = FakeClock::new();
-        let s = Sync::load(lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"), &store, clock.shared(), Duration::from_secs(5)).expect("load");
+        let s = Sync::load(
+            lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"),
+            &store,
+            clock.shared(),
+            Duration::from_secs(5),
+        )
+        .expect("load");
         assert_eq!(s.apply_batch(&store, &[rev(1), rev(2)]).expect("apply"), 2);
         assert!(s.apply_batch(&store, &[rev(4)]).is_err(), "gap");
         assert!(s.apply_batch(&store, &[rev(2)]).is_err(), "duplicate");
         assert_eq!(s.applied(), 2);
-        let again = Sync::load(lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"), &store, clock.shared(), Duration::from_secs(5)).expect("reload");
+        let again = Sync::load(
+            lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"),
+            &store,
+            clock.shared(),
+            Duration::from_secs(5),
+        )
+        .expect("reload");
         assert_eq!(again.applied(), 2);
         assert!(again.revocations().is_jti_revoked("j2"));
     }
@@ -403,12 +483,22 @@ mod tests {
     fn freshness_needs_the_pong_head_applied_and_expires_after_l() {
         let store: SharedStore = MemStore::shared();
         let clock = FakeClock::new();
-        let s = Sync::load(lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"), &store, clock.shared(), Duration::from_secs(5)).expect("load");
+        let s = Sync::load(
+            lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"),
+            &store,
+            clock.shared(),
+            Duration::from_secs(5),
+        )
+        .expect("load");
         assert!(!s.is_fresh(), "never fresh before the first pong");
         let rng = SystemRandom::new();
         let ping = s.new_ping(&rng);
         clock.advance(Duration::from_secs(1));
-        s.on_pong(&pb::FreshnessPong { ping_id: ping.ping_id, sent_mono_ms: 0, head_seq: 1 });
+        s.on_pong(&pb::FreshnessPong {
+            ping_id: ping.ping_id,
+            sent_mono_ms: 0,
+            head_seq: 1,
+        });
         assert!(!s.is_fresh(), "head 1 not yet applied");
         s.apply_batch(&store, &[rev(1)]).expect("apply");
         assert!(s.is_fresh());
@@ -418,7 +508,11 @@ mod tests {
         clock.advance(Duration::from_millis(1));
         assert!(!s.is_fresh());
         // A pong for an unknown ping is ignored.
-        s.on_pong(&pb::FreshnessPong { ping_id: 12345, sent_mono_ms: u64::MAX, head_seq: 0 });
+        s.on_pong(&pb::FreshnessPong {
+            ping_id: 12345,
+            sent_mono_ms: u64::MAX,
+            head_seq: 0,
+        });
         assert!(!s.is_fresh());
     }
 }

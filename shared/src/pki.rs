@@ -472,7 +472,8 @@ impl TrustBundle {
         now: SystemTime,
         usage: Usage,
     ) -> Result<CertInfo, PkiError> {
-        self.verify_path(leaf, intermediates, now, usage).map(|(leaf, _)| leaf)
+        self.verify_path(leaf, intermediates, now, usage)
+            .map(|(leaf, _)| leaf)
     }
 
     /// As [`Self::verify`], also returning the intermediate that issued the

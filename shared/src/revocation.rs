@@ -18,7 +18,10 @@ pub enum Target {
     /// Hex serial of a certificate.
     CertSerial(String),
     /// Every credential of the subject issued before this time.
-    SubjectBefore { subject: SpiffeId, issued_before_unix: i64 },
+    SubjectBefore {
+        subject: SpiffeId,
+        issued_before_unix: i64,
+    },
     /// A cache: its signing keys leave every JWKS and its intermediate CA is refused.
     Cache(SpiffeId),
     JoinToken([u8; 32]),
@@ -52,31 +55,44 @@ impl TryFrom<&pb::Revocation> for Revocation {
         let target = match p.target.as_ref().ok_or_else(|| bad("no target"))? {
             T::AgentId(s) => Target::Agent(id(s, Role::Agent)?),
             T::Jti(j) => {
-                if j.is_empty() || j.len() > MAX_JTI_LEN || !j.bytes().all(|b| b.is_ascii_graphic()) {
+                if j.is_empty() || j.len() > MAX_JTI_LEN || !j.bytes().all(|b| b.is_ascii_graphic())
+                {
                     return Err(bad("jti must be 1..=64 printable characters"));
                 }
                 Target::Jti(j.clone())
             }
             T::CertSerial(s) => {
                 let s = s.to_ascii_lowercase();
-                if s.is_empty() || s.len() > MAX_SERIAL_HEX_LEN || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if s.is_empty()
+                    || s.len() > MAX_SERIAL_HEX_LEN
+                    || !s.bytes().all(|b| b.is_ascii_hexdigit())
+                {
                     return Err(bad("cert_serial must be 1..=64 hex digits"));
                 }
                 Target::CertSerial(s)
             }
             T::SubjectBefore(sb) => {
-                let subject = SpiffeId::parse(&sb.subject).map_err(|e| InvalidRevocation(e.to_string()))?;
+                let subject =
+                    SpiffeId::parse(&sb.subject).map_err(|e| InvalidRevocation(e.to_string()))?;
                 if subject.role() != Role::Agent {
                     return Err(bad("subject_before applies to agent ids"));
                 }
-                Target::SubjectBefore { subject, issued_before_unix: sb.issued_before_unix }
+                Target::SubjectBefore {
+                    subject,
+                    issued_before_unix: sb.issued_before_unix,
+                }
             }
             T::CacheId(s) => Target::Cache(id(s, Role::Cache)?),
-            T::JoinTokenSha256(h) => {
-                Target::JoinToken(h.as_slice().try_into().map_err(|_| bad("join_token_sha256 must be 32 bytes"))?)
-            }
+            T::JoinTokenSha256(h) => Target::JoinToken(
+                h.as_slice()
+                    .try_into()
+                    .map_err(|_| bad("join_token_sha256 must be 32 bytes"))?,
+            ),
         };
-        Ok(Revocation { target, reason: p.reason.clone() })
+        Ok(Revocation {
+            target,
+            reason: p.reason.clone(),
+        })
     }
 }
 
@@ -87,14 +103,20 @@ impl From<&Revocation> for pb::Revocation {
             Target::Agent(id) => T::AgentId(id.to_string()),
             Target::Jti(j) => T::Jti(j.clone()),
             Target::CertSerial(s) => T::CertSerial(s.clone()),
-            Target::SubjectBefore { subject, issued_before_unix } => T::SubjectBefore(pb::SubjectBefore {
+            Target::SubjectBefore {
+                subject,
+                issued_before_unix,
+            } => T::SubjectBefore(pb::SubjectBefore {
                 subject: subject.to_string(),
                 issued_before_unix: *issued_before_unix,
             }),
             Target::Cache(id) => T::CacheId(id.to_string()),
             Target::JoinToken(h) => T::JoinTokenSha256(h.to_vec()),
         };
-        pb::Revocation { target: Some(target), reason: r.reason.clone() }
+        pb::Revocation {
+            target: Some(target),
+            reason: r.reason.clone(),
+        }
     }
 }
 
@@ -104,8 +126,14 @@ impl std::fmt::Display for Target {
             Target::Agent(id) => write!(f, "agent {id}"),
             Target::Jti(j) => write!(f, "token {j}"),
             Target::CertSerial(s) => write!(f, "certificate {s}"),
-            Target::SubjectBefore { subject, issued_before_unix } => {
-                write!(f, "credentials of {subject} issued before unix {issued_before_unix}")
+            Target::SubjectBefore {
+                subject,
+                issued_before_unix,
+            } => {
+                write!(
+                    f,
+                    "credentials of {subject} issued before unix {issued_before_unix}"
+                )
             }
             Target::Cache(id) => write!(f, "cache {id}"),
             Target::JoinToken(h) => write!(f, "join token {}…", hex::encode(&h[..6])),
@@ -138,7 +166,10 @@ impl RevocationSet {
             Target::CertSerial(s) => {
                 self.serials.insert(s.clone());
             }
-            Target::SubjectBefore { subject, issued_before_unix } => {
+            Target::SubjectBefore {
+                subject,
+                issued_before_unix,
+            } => {
                 let e = self.before.entry(subject.clone()).or_insert(i64::MIN);
                 *e = (*e).max(*issued_before_unix);
             }
@@ -172,13 +203,17 @@ impl RevocationSet {
     }
     /// Whether a credential of `subject` issued at `issued_at_unix` is cut off.
     pub fn issued_before_cutoff(&self, subject: &SpiffeId, issued_at_unix: i64) -> bool {
-        self.before.get(subject).is_some_and(|cut| issued_at_unix < *cut)
+        self.before
+            .get(subject)
+            .is_some_and(|cut| issued_at_unix < *cut)
     }
 
     /// Checks a certificate (and the id of the CA that issued it) against
     /// every rule. The error says why, for the peer.
     pub fn check_cert(&self, cert: &CertInfo, issuer: Option<&SpiffeId>) -> Result<(), String> {
-        let Some(id) = cert.id.as_ref() else { return Ok(()) };
+        let Some(id) = cert.id.as_ref() else {
+            return Ok(());
+        };
         if self.agents.contains(id) {
             return Err(format!("{id} has been revoked"));
         }
@@ -191,11 +226,16 @@ impl RevocationSet {
             return Err(format!("the issuing cache {issuer} has been revoked"));
         }
         if self.serials.contains(&cert.serial_hex) {
-            return Err(format!("certificate {} of {id} has been revoked", cert.serial_hex));
+            return Err(format!(
+                "certificate {} of {id} has been revoked",
+                cert.serial_hex
+            ));
         }
         let issued_at = crate::clock::unix_secs(cert.not_before + BACKDATE);
         if self.issued_before_cutoff(id, issued_at) {
-            return Err(format!("credentials of {id} issued before the cutoff have been revoked"));
+            return Err(format!(
+                "credentials of {id} issued before the cutoff have been revoked"
+            ));
         }
         Ok(())
     }
@@ -215,21 +255,44 @@ mod tests {
             Target::Agent(id("spiffe://t/agent/eu/a")),
             Target::Jti("abc".into()),
             Target::CertSerial("0a1b".into()),
-            Target::SubjectBefore { subject: id("spiffe://t/agent/eu/a"), issued_before_unix: 5 },
+            Target::SubjectBefore {
+                subject: id("spiffe://t/agent/eu/a"),
+                issued_before_unix: 5,
+            },
             Target::Cache(id("spiffe://t/cache/eu/c")),
             Target::JoinToken([7; 32]),
         ];
         for target in cases {
-            let r = Revocation { target, reason: "test".into() };
+            let r = Revocation {
+                target,
+                reason: "test".into(),
+            };
             let p = pb::Revocation::from(&r);
             assert_eq!(Revocation::try_from(&p).expect("valid"), r);
         }
         let bad = [
-            pb::Revocation { target: None, reason: String::new() },
-            pb::Revocation { target: Some(pb::revocation::Target::AgentId("spiffe://t/cache/eu/c".into())), reason: String::new() },
-            pb::Revocation { target: Some(pb::revocation::Target::CertSerial("xyz".into())), reason: String::new() },
-            pb::Revocation { target: Some(pb::revocation::Target::JoinTokenSha256(vec![1, 2])), reason: String::new() },
-            pb::Revocation { target: Some(pb::revocation::Target::Jti("a".into())), reason: "x".repeat(300) },
+            pb::Revocation {
+                target: None,
+                reason: String::new(),
+            },
+            pb::Revocation {
+                target: Some(pb::revocation::Target::AgentId(
+                    "spiffe://t/cache/eu/c".into(),
+                )),
+                reason: String::new(),
+            },
+            pb::Revocation {
+                target: Some(pb::revocation::Target::CertSerial("xyz".into())),
+                reason: String::new(),
+            },
+            pb::Revocation {
+                target: Some(pb::revocation::Target::JoinTokenSha256(vec![1, 2])),
+                reason: String::new(),
+            },
+            pb::Revocation {
+                target: Some(pb::revocation::Target::Jti("a".into())),
+                reason: "x".repeat(300),
+            },
         ];
         for p in bad {
             assert!(Revocation::try_from(&p).is_err(), "{p:?}");
@@ -253,21 +316,49 @@ mod tests {
         };
         let mut set = RevocationSet::default();
         assert!(set.check_cert(&cert, Some(&cache)).is_ok());
-        set.apply(&Revocation { target: Target::SubjectBefore { subject: agent.clone(), issued_before_unix: 1000 }, reason: String::new() });
-        assert!(set.check_cert(&cert, None).is_ok(), "issued exactly at the cutoff is kept");
-        set.apply(&Revocation { target: Target::SubjectBefore { subject: agent.clone(), issued_before_unix: 1001 }, reason: String::new() });
+        set.apply(&Revocation {
+            target: Target::SubjectBefore {
+                subject: agent.clone(),
+                issued_before_unix: 1000,
+            },
+            reason: String::new(),
+        });
+        assert!(
+            set.check_cert(&cert, None).is_ok(),
+            "issued exactly at the cutoff is kept"
+        );
+        set.apply(&Revocation {
+            target: Target::SubjectBefore {
+                subject: agent.clone(),
+                issued_before_unix: 1001,
+            },
+            reason: String::new(),
+        });
         assert!(set.check_cert(&cert, None).is_err());
 
         let mut set = RevocationSet::default();
-        set.apply(&Revocation { target: Target::Cache(cache.clone()), reason: String::new() });
-        assert!(set.check_cert(&cert, Some(&cache)).expect_err("issuer").contains("issuing cache"));
+        set.apply(&Revocation {
+            target: Target::Cache(cache.clone()),
+            reason: String::new(),
+        });
+        assert!(
+            set.check_cert(&cert, Some(&cache))
+                .expect_err("issuer")
+                .contains("issuing cache")
+        );
         assert!(set.check_cert(&cert, None).is_ok());
 
         let mut set = RevocationSet::default();
-        set.apply(&Revocation { target: Target::CertSerial("aa".into()), reason: String::new() });
+        set.apply(&Revocation {
+            target: Target::CertSerial("aa".into()),
+            reason: String::new(),
+        });
         assert!(set.check_cert(&cert, None).is_err());
         let mut set = RevocationSet::default();
-        set.apply(&Revocation { target: Target::Agent(agent.clone()), reason: String::new() });
+        set.apply(&Revocation {
+            target: Target::Agent(agent.clone()),
+            reason: String::new(),
+        });
         assert!(set.check_cert(&cert, None).is_err());
         assert!(set.is_agent_revoked(&agent));
         assert_eq!(set.len(), 1);

@@ -312,7 +312,12 @@ impl Store for MemStore {
     fn scan_from(&self, tree: &str, start: &[u8], limit: usize) -> Result<Entries, StoreError> {
         let g = self.trees.lock().unwrap_or_else(|p| p.into_inner());
         Ok(g.get(tree)
-            .map(|t| t.range(start.to_vec()..).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|t| {
+                t.range(start.to_vec()..)
+                    .take(limit)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 }

@@ -125,10 +125,17 @@ impl ClientCertVerifier for ClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let (leaf, issuer) = self
             .bundle
-            .verify_path(end_entity, intermediates, self.clock.now(), Usage::TlsClient)
+            .verify_path(
+                end_entity,
+                intermediates,
+                self.clock.now(),
+                Usage::TlsClient,
+            )
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         if let Some(check) = &self.check {
-            check.check(&leaf, issuer.as_ref()).map_err(rustls::Error::General)?;
+            check
+                .check(&leaf, issuer.as_ref())
+                .map_err(rustls::Error::General)?;
         }
         Ok(ClientCertVerified::assertion())
     }

@@ -1,0 +1,494 @@
+//! The core promise: a revocation committed at the control plane is enforced
+//! by every cache, within milliseconds normally and by L at the latest; a
+//! cache that cannot prove freshness refuses to mint.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lattice::harness::{Lattice, Spec};
+use lattice_shared::clock::Clock;
+use lattice_shared::id::SpiffeId;
+use lattice_shared::proto as pb;
+use lattice_shared::revocation::Target;
+use tonic::Code;
+
+fn agent_id(name: &str) -> SpiffeId {
+    SpiffeId::parse(&Lattice::agent_id("eu", name)).expect("id")
+}
+
+fn code(e: &lattice_edge_agent::Error) -> Code {
+    match e {
+        lattice_edge_agent::Error::Refused { code, .. } => *code,
+        _ => Code::Unknown,
+    }
+}
+
+async fn wait_revoked(agent: &lattice_edge_agent::Agent) {
+    let mut rx = agent.revoked_signal();
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|r| *r))
+        .await
+        .expect("agent learns of its revocation")
+        .expect("signal");
+}
+
+#[tokio::test]
+async fn a_revoked_agent_cannot_mint_renew_or_enrol_and_forgets_its_credentials() {
+    let (l, _clock) = lattice().await;
+    let agent = l.agents[0].clone();
+    let held = agent.mint(AUDIENCE, &[], None).await.expect("mint before");
+    assert_eq!(agent.held_jtis(), vec![held.jti.clone()]);
+    // Keep a client on the agent's existing connection to show it is cut too.
+    let mut raw = agent.cache_client();
+
+    let ev = l.revoke(Target::Agent(agent.id.clone())).expect("revoke");
+    assert_eq!(ev.seq, 1);
+    l.wait_all_applied(ev.seq)
+        .await
+        .expect("every cache applies it");
+
+    let s = raw
+        .mint_token(mint_req(AUDIENCE))
+        .await
+        .expect_err("revoked");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("revoked"), "{s:?}");
+    let csr = lattice_shared::pki::PrivateKey::generate_p256()
+        .expect("k")
+        .csr_der()
+        .expect("csr");
+    let s = raw
+        .issue_certificate(pb::IssueCertificateRequest { csr })
+        .await
+        .expect_err("no renewal");
+    assert_eq!(s.code(), Code::PermissionDenied);
+
+    // The agent dropped everything it held.
+    wait_revoked(&agent).await;
+    assert!(agent.held_jtis().is_empty());
+    assert!(matches!(
+        agent.mint(AUDIENCE, &[], None).await,
+        Err(lattice_edge_agent::Error::Revoked)
+    ));
+
+    // A fresh join token for the same id does not bring it back.
+    let token = l.join_token(agent.id.as_str(), None).expect("token");
+    let mut anon = raw_cache_client(&l, &l.clock, l.caches[0].addr(), "eu", None);
+    let csr = lattice_shared::pki::PrivateKey::generate_p256()
+        .expect("k")
+        .csr_der()
+        .expect("csr");
+    let s = anon
+        .enrol(pb::EnrolAgentRequest {
+            join_token: token,
+            requested_id: String::new(),
+            csr,
+        })
+        .await
+        .expect_err("no enrolment");
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert!(s.message().contains("revoked"), "{s:?}");
+
+    // A new connection fails at the handshake.
+    let fresh = agent.new_cache_client().expect("client");
+    assert!(
+        fresh
+            .clone()
+            .ping(pb::PingRequest { payload: vec![] })
+            .await
+            .is_err()
+    );
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_serial_before_and_join_token_targets() {
+    let spec = Spec {
+        agents: vec![
+            ("eu".into(), "a".into()),
+            ("eu".into(), "b".into()),
+            ("eu".into(), "c".into()),
+        ],
+        ..Spec::default()
+    };
+    let (l, clock) = lattice_with(spec).await;
+    let (a, b, c) = (
+        l.agents[0].clone(),
+        l.agents[1].clone(),
+        l.agents[2].clone(),
+    );
+
+    // One token: the agent drops it, the others stay.
+    let t1 = a.mint(AUDIENCE, &[], None).await.expect("mint");
+    let t2 = a.mint(AUDIENCE, &[], None).await.expect("mint");
+    let ev = l.revoke(Target::Jti(t1.jti.clone())).expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while a.held_jtis().contains(&t1.jti) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent drops the revoked token"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.held_jtis(), vec![t2.jti.clone()]);
+    a.mint(AUDIENCE, &[], None)
+        .await
+        .expect("the agent itself is not revoked");
+
+    // One certificate, by serial.
+    let serial = b.chain().info.serial_hex;
+    let ev = l.revoke(Target::CertSerial(serial)).expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+    let e = b
+        .cache_client()
+        .mint_token(mint_req(AUDIENCE))
+        .await
+        .expect_err("serial revoked");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    wait_revoked(&b).await;
+
+    // Everything of `c` issued before now.
+    clock.advance(Duration::from_secs(1));
+    let ev = l
+        .revoke(Target::SubjectBefore {
+            subject: c.id.clone(),
+            issued_before_unix: clock.now_unix(),
+        })
+        .expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+    l.caches[0].wait_fresh().await.expect("fresh");
+    let e = c
+        .cache_client()
+        .mint_token(mint_req(AUDIENCE))
+        .await
+        .expect_err("cut off");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("cutoff"), "{e:?}");
+    wait_revoked(&c).await;
+
+    // A join token revoked before use.
+    let token = l
+        .join_token(&Lattice::agent_id("eu", "d"), None)
+        .expect("token");
+    let hash = lattice_shared::pki::sha256(token.as_bytes());
+    let ev = l.revoke(Target::JoinToken(hash)).expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+    let mut anon = raw_cache_client(&l, &l.clock, l.caches[0].addr(), "eu", None);
+    let csr = lattice_shared::pki::PrivateKey::generate_p256()
+        .expect("k")
+        .csr_der()
+        .expect("csr");
+    let s = anon
+        .enrol(pb::EnrolAgentRequest {
+            join_token: token,
+            requested_id: String::new(),
+            csr,
+        })
+        .await
+        .expect_err("revoked token");
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert!(s.message().contains("revoked"), "{s:?}");
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_revoked_cache_leaves_every_jwks_and_its_agents_are_refused_elsewhere() {
+    let spec = Spec {
+        caches: vec![("eu".into(), "c1".into()), ("eu".into(), "c2".into())],
+        agents: vec![("eu".into(), "a".into())],
+        ..Spec::default()
+    };
+    let (l, clock) = lattice_with(spec).await;
+    let c1 = l.caches[0].id();
+    let c1_kid = l.caches[0].app().state.identity().signer.kid().to_owned();
+    assert!(l.caches[1].app().state.jwks_json().contains(&c1_kid));
+    // The agent enrolled at c1; its chain carries c1's intermediate.
+    let chain = l.agents[0].chain();
+
+    let ev = l.revoke(Target::Cache(c1.clone())).expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+
+    assert!(
+        !l.caches[1].app().state.jwks_json().contains(&c1_kid),
+        "key left c2's JWKS"
+    );
+    // c1 refuses to mint at once, even for an agent certified by c2.
+    let key2 = lattice_shared::pki::PrivateKey::generate_p256().expect("k");
+    let token = l
+        .join_token(&Lattice::agent_id("eu", "via-c2"), None)
+        .expect("token");
+    let mut anon = raw_cache_client(&l, &l.clock, l.caches[1].addr(), "eu", None);
+    let enrolled = anon
+        .enrol(pb::EnrolAgentRequest {
+            join_token: token,
+            requested_id: String::new(),
+            csr: key2.csr_der().expect("csr"),
+        })
+        .await
+        .expect("enrols at c2")
+        .into_inner()
+        .chain
+        .expect("chain");
+    let mut at_c1 = raw_cache_client(
+        &l,
+        &l.clock,
+        l.caches[0].addr(),
+        "eu",
+        Some((vec![enrolled.leaf, enrolled.intermediate], &key2)),
+    );
+    let s = at_c1
+        .mint_token(mint_req(AUDIENCE))
+        .await
+        .expect_err("c1 revoked");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("this cache"), "{s:?}");
+    // The agent enrolled at c1 learns its issuer is gone and forgets itself.
+    wait_revoked(&l.agents[0]).await;
+    // An agent certificate issued by c1's intermediate is refused at c2.
+    let key = lattice_shared::pki::PrivateKey::generate_p256().expect("k");
+    let ident = l.caches[0].app().state.identity();
+    let leaf = ident
+        .ca
+        .issue(
+            &key.csr_der().expect("csr"),
+            &agent_id("other"),
+            lattice_shared::pki::Profile::TlsClient,
+            clock.now(),
+            HOUR,
+        )
+        .expect("leaf");
+    let mut at_c2 = raw_cache_client(
+        &l,
+        &l.clock,
+        l.caches[1].addr(),
+        "eu",
+        Some((vec![leaf, chain.intermediate.clone()], &key)),
+    );
+    assert!(at_c2.mint_token(mint_req(AUDIENCE)).await.is_err());
+    // The control plane no longer lists the key either.
+    l.caches[1]
+        .app()
+        .state
+        .refresh_jwks()
+        .await
+        .expect("refresh from the control plane");
+    assert!(!l.caches[1].app().state.jwks_json().contains(&c1_kid));
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_partitioned_cache_refuses_after_l_on_the_fake_clock_and_recovers_when_healed() {
+    let spec = Spec {
+        agents: vec![("eu".into(), "a".into()), ("us".into(), "b".into())],
+        ..Spec::default()
+    };
+    let (l, clock) = lattice_with(spec).await;
+    let (eu, us) = (&l.caches[0], &l.caches[1]);
+    eu.partition();
+    // Revocations committed meanwhile reach only the connected cache.
+    let ev = l.revoke(Target::Jti("some-token".into())).expect("revoke");
+    us.wait_applied(ev.seq).await.expect("us applies");
+    assert_eq!(eu.app().state.sync.applied(), 0, "eu is cut off");
+
+    // Within L the partitioned cache still serves (its last proof is recent)...
+    l.agents[0]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("within L");
+    // ...and one tick past L it refuses, saying why.
+    clock.advance(l.caches[0].app().state.sync.max_staleness() + Duration::from_millis(1));
+    let e = l.agents[0]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect_err("stale");
+    assert_eq!(code(&e), Code::Unavailable, "{e}");
+    assert!(e.to_string().contains("stale"), "{e}");
+    // The other cache proves freshness again and keeps serving.
+    us.wait_fresh().await.expect("us fresh");
+    l.agents[1]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("us serves");
+
+    eu.heal();
+    eu.wait_applied(ev.seq).await.expect("eu catches up");
+    eu.wait_fresh().await.expect("eu fresh again");
+    l.agents[0]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("eu serves again");
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_partitioned_cache_refuses_after_l_in_real_time() {
+    let spec = Spec {
+        agents: vec![("eu".into(), "a".into()), ("us".into(), "b".into())],
+        max_staleness: Duration::from_millis(300),
+        ..Spec::default()
+    };
+    let l = Lattice::start(spec, lattice_shared::clock::SystemClock::shared())
+        .await
+        .expect("lattice");
+    let started = std::time::Instant::now();
+    l.caches[0].partition();
+    // Poll until the refusal (bounded); a cache that never went stale fails here.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused_at = loop {
+        match l.agents[0].mint(AUDIENCE, &[], None).await {
+            Err(e) if code(&e) == Code::Unavailable => break started.elapsed(),
+            Ok(_) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partitioned cache never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        refused_at >= Duration::from_millis(300) - Duration::from_millis(300 / 5 + 20),
+        "refused too early: {refused_at:?}"
+    );
+    l.agents[1]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("the other cache serves");
+    l.caches[0].heal();
+    l.caches[0].wait_fresh().await.expect("fresh again");
+    l.agents[0]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("serves again");
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn delayed_and_dropped_links_still_deliver_everything_in_order() {
+    let (l, _clock) = lattice().await;
+    l.caches[0]
+        .link
+        .set(lattice::faults::Mode::Delay(Duration::from_millis(30)));
+    l.caches[1].link.set(lattice::faults::Mode::Drop);
+    let mut last = 0;
+    for i in 0..20 {
+        last = l.revoke(Target::Jti(format!("t{i}"))).expect("revoke").seq;
+    }
+    l.caches[0]
+        .wait_applied(last)
+        .await
+        .expect("delayed link delivers");
+    assert_eq!(l.caches[1].app().state.sync.applied(), 0);
+    l.caches[1].heal();
+    l.caches[1]
+        .wait_applied(last)
+        .await
+        .expect("dropped link reconnects and catches up");
+    for c in &l.caches {
+        let set = c.app().state.sync.revocations();
+        assert!((0..20).all(|i| set.is_jti_revoked(&format!("t{i}"))));
+    }
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_plane_restart_mid_stream_and_cache_restart_leave_no_gap() {
+    let (mut l, _clock) = lattice().await;
+    for i in 0..5 {
+        l.revoke(Target::Jti(format!("a{i}"))).expect("revoke");
+    }
+    l.restart_cp().await.expect("cp restarts");
+    assert_eq!(
+        l.cp().state.log.head(),
+        5,
+        "acknowledged revocations survived"
+    );
+    for i in 0..5 {
+        l.revoke(Target::Jti(format!("b{i}"))).expect("revoke");
+    }
+    l.wait_all_applied(10)
+        .await
+        .expect("caches reconnect and catch up");
+
+    // A cache that is down while revocations happen resumes from its last
+    // durable sequence.
+    l.stop_cache(1).await.expect("stop");
+    for i in 0..5 {
+        l.revoke(Target::Jti(format!("c{i}"))).expect("revoke");
+    }
+    l.start_cache(1).await.expect("start");
+    assert!(
+        l.caches[1].app().state.sync.applied() >= 10,
+        "durable state kept across restart"
+    );
+    l.caches[1].wait_applied(15).await.expect("catches up");
+    l.caches[1].wait_fresh().await.expect("fresh");
+    let set = l.caches[1].app().state.sync.revocations();
+    assert_eq!(
+        set.len(),
+        15,
+        "each event applied once: no gap, no duplicate"
+    );
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn status_reports_each_cache() {
+    let (l, _clock) = lattice().await;
+    let ev = l.revoke(Target::Jti("x".into())).expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+    let mut admin =
+        lattice::admin::connect(l.cp().local_addr(), &l.cp().admin_files().dir).expect("admin");
+    // Acks arrive just after the durable apply; wait for the control plane to see them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = admin
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if s.caches.iter().all(|c| c.acked_seq == ev.seq) {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acks reach the control plane: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.head_seq, 1);
+    assert_eq!(status.caches.len(), 2);
+    assert!(
+        status
+            .caches
+            .iter()
+            .all(|c| c.connected && !c.revoked && c.last_contact_unix_ms > 0)
+    );
+    // Revocations through the Admin API are acknowledged with their sequence.
+    let r = admin
+        .revoke(pb::RevokeRequest {
+            revocation: Some(pb::Revocation {
+                target: Some(pb::revocation::Target::AgentId(Lattice::agent_id(
+                    "eu", "zz",
+                ))),
+                reason: "test".into(),
+            }),
+        })
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(r.seq, 2);
+    let bad = admin
+        .revoke(pb::RevokeRequest {
+            revocation: Some(pb::Revocation {
+                target: Some(pb::revocation::Target::AgentId("nope".into())),
+                reason: String::new(),
+            }),
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    l.shutdown().await;
+}
