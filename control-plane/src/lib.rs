@@ -226,6 +226,7 @@ pub struct App {
     pub state: Arc<State>,
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    kill: watch::Sender<bool>,
     server: JoinHandle<()>,
     renewer: JoinHandle<()>,
 }
@@ -340,7 +341,8 @@ impl App {
             Some(Arc::new(RevocationCheck(log))),
         )?;
         let addr = deps.listener.local_addr()?;
-        let incoming = lattice_shared::net::tls_incoming(deps.listener, tls);
+        let (kill, kill_rx) = watch::channel(false);
+        let incoming = lattice_shared::net::tls_incoming(deps.listener, tls, kill_rx);
         let svc = service::Service {
             state: state.clone(),
         };
@@ -381,6 +383,7 @@ impl App {
             state,
             addr,
             shutdown,
+            kill,
             server,
             renewer,
         })
@@ -417,14 +420,7 @@ impl App {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.renewer.abort();
-        let mut server = self.server;
-        // Streams end on `stopping`; a peer that hangs on cannot hold us.
-        if tokio::time::timeout(Duration::from_secs(5), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
+        lattice_shared::net::stop_server(self.server, &self.kill).await;
     }
 }
 

@@ -98,7 +98,12 @@ pub(crate) async fn open(
             l.acked = l.acked.max(hello.resume_after);
             l.last_contact_ms = now_ms(&state);
         });
-        let reason = serve(&state, &cache, hello.resume_after, inbound, &tx).await;
+        let mut stopping = state.stopping.clone();
+        let reason = tokio::select! {
+            r = serve(&state, &cache, hello.resume_after, inbound, &tx) => r,
+            // Also when `serve` is blocked on a cache that reads nothing.
+            _ = lattice_shared::net::until_true(&mut stopping) => "control plane stopping".into(),
+        };
         state.links.update(&id, |l| l.connected = false);
         tracing::info!(cache_id = %id, reason = %reason, "sync stream closed");
     });

@@ -244,6 +244,7 @@ pub struct App {
     pub state: Arc<State>,
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    kill: watch::Sender<bool>,
     server: JoinHandle<()>,
     background: JoinHandle<()>,
     sync_task: JoinHandle<()>,
@@ -646,10 +647,8 @@ impl App {
             audit: deps.audit,
         });
         state.rebuild_jwks();
-        if let Err(e) = state.refresh_jwks().await {
-            // Not fatal: the cache serves its own keys and retries.
-            tracing::warn!(error = %e, "could not fetch the JWKS from the control plane");
-        }
+        // The first JWKS fetch happens in the background task: a control
+        // plane that is unreachable now must not delay serving.
 
         let tls = lattice_shared::tls::server_config(
             bundle,
@@ -658,7 +657,8 @@ impl App {
             Some(Arc::new(RevocationCheck(Arc::downgrade(&state)))),
         )?;
         let addr = deps.listener.local_addr()?;
-        let incoming = lattice_shared::net::tls_incoming(deps.listener, tls);
+        let (kill, kill_rx) = watch::channel(false);
+        let incoming = lattice_shared::net::tls_incoming(deps.listener, tls, kill_rx);
         let routes = service::routes(state.clone());
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
@@ -704,6 +704,7 @@ impl App {
             state,
             addr,
             shutdown,
+            kill,
             server,
             background,
             sync_task,
@@ -720,12 +721,6 @@ impl App {
         self.sync_task.abort();
         let _ = self.sync_task.await;
         let _ = self.background.await;
-        let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(5), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
+        lattice_shared::net::stop_server(self.server, &self.kill).await;
     }
 }

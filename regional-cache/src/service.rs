@@ -362,7 +362,8 @@ impl Cache for Service {
         let mut live = self.state.sync.subscribe_notices();
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
+        let mut stop_all = self.state.stopping.clone();
+        let task = async move {
             let notice = |seq: u64, r: pb::Revocation| pb::RevocationNotice {
                 seq,
                 revocation: Some(r),
@@ -423,6 +424,13 @@ impl Cache for Service {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
+            }
+        };
+        // Ends with the cache even when blocked on a reader that reads nothing.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = task => {}
+                _ = lattice_shared::net::until_true(&mut stop_all) => {}
             }
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(

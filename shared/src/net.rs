@@ -73,6 +73,19 @@ pub struct PeerStream {
     info: PeerInfo,
     /// Counts this connection against the cap until tonic drops it.
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Resolves when the server gives up on graceful shutdown: every I/O
+    /// then fails, so a connection to a silent peer cannot outlive it.
+    killed: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl PeerStream {
+    fn check_killed(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        self.killed
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "server stopped"))
+    }
 }
 
 impl Connected for PeerStream {
@@ -88,6 +101,9 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -98,6 +114,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -111,6 +130,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -132,18 +154,22 @@ fn identity_of(conn: &rustls::ServerConnection) -> Option<Arc<PeerIdentity>> {
 
 /// Accepts TCP connections, runs TLS handshakes off the accept loop (bounded
 /// in time and number) and yields ready connections.
+/// `kill` turning true ends every connection at its next I/O.
 pub fn tls_incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    kill: tokio::sync::watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(limits::ACCEPT_QUEUE);
     let acceptor = TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
+    let mut stop = kill.clone();
     tokio::spawn(async move {
         loop {
             // Stop (and free the port) once the server has gone away.
             let accepted = tokio::select! {
                 _ = tx.closed() => return,
+                _ = until_true(&mut stop) => return,
                 a = listener.accept() => a,
             };
             let (tcp, remote) = match accepted {
@@ -163,9 +189,14 @@ pub fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let mut kill = kill.clone();
             tokio::spawn(async move {
-                let hs =
-                    tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                // A handshake in flight must not keep a stopped server's
+                // state (its TLS configuration) alive either.
+                let hs = tokio::select! {
+                    hs = tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => hs,
+                    _ = until_true(&mut kill) => return,
+                };
                 let tls = match hs {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -189,6 +220,7 @@ pub fn tls_incoming(
                         inner: tls,
                         info,
                         _permit: permit,
+                        killed: Box::pin(async move { until_true(&mut kill).await }),
                     }))
                     .await;
             });
@@ -304,4 +336,26 @@ pub async fn until_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
             return;
         }
     }
+}
+
+/// Stops a server task gracefully within a bound: its connections get a
+/// second to finish, then every remaining one (a silent peer, say) is cut
+/// through `kill` (see [`tls_incoming`]).
+pub async fn stop_server(
+    mut server: tokio::task::JoinHandle<()>,
+    kill: &tokio::sync::watch::Sender<bool>,
+) {
+    if tokio::time::timeout(Duration::from_secs(1), &mut server)
+        .await
+        .is_err()
+    {
+        kill.send_replace(true);
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
+    }
+    kill.send_replace(true);
 }
