@@ -37,3 +37,46 @@ pub fn connect(addr: SocketAddr, dir: &Path) -> anyhow::Result<AdminClient<Chann
     )?;
     Ok(AdminClient::new(lattice_shared::net::channel(addr, tls)?))
 }
+
+/// `lattice status` as text: the log head, then one line per cache with its
+/// acknowledged sequence, lag, staleness, last contact and state.
+pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "trust domain {}; log head {}; {} outstanding join tokens; staleness bound {} ms",
+        r.trust_domain, r.head_seq, r.join_tokens_outstanding, r.max_staleness_ms
+    );
+    let _ = writeln!(
+        out,
+        "{:<44} {:>8} {:>6} {:>12} {:>14}  state",
+        "cache", "applied", "lag", "staleness", "last contact"
+    );
+    for c in &r.caches {
+        let state = if c.revoked {
+            "revoked"
+        } else if !c.connected {
+            "disconnected"
+        } else if c.staleness_ms > r.max_staleness_ms {
+            "stale"
+        } else {
+            "fresh"
+        };
+        let contact = if c.last_contact_unix_ms == 0 {
+            "never".to_string()
+        } else {
+            format!("{} ms ago", (now_ms - c.last_contact_unix_ms).max(0))
+        };
+        let _ = writeln!(
+            out,
+            "{:<44} {:>8} {:>6} {:>9} ms {:>14}  {state}",
+            c.cache_id,
+            c.acked_seq,
+            r.head_seq.saturating_sub(c.acked_seq),
+            c.staleness_ms,
+            contact
+        );
+    }
+    out
+}

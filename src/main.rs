@@ -54,6 +54,18 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Revoke an agent, a token, a certificate, everything of a subject
+    /// issued before a time, a cache or a join token. Prints the sequence
+    /// number once the revocation is durable at the control plane.
+    Revoke {
+        #[command(subcommand)]
+        target: RevokeTarget,
+        /// Why (kept in the log; no secrets).
+        #[arg(long, global = true, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Load commands.
     Bench {
         #[command(subcommand)]
@@ -77,6 +89,28 @@ enum JoinTokenCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum RevokeTarget {
+    /// An agent id: it can no longer mint, renew or enrol.
+    Agent { id: String },
+    /// One token, by `jti`.
+    Token { jti: String },
+    /// One certificate, by hex serial.
+    Cert { serial: String },
+    /// Every credential of an agent issued before a time.
+    Before {
+        #[arg(long)]
+        subject: String,
+        /// Unix seconds, or `now`.
+        #[arg(long, default_value = "now")]
+        time: String,
+    },
+    /// A cache: its keys leave every JWKS and its intermediate CA is refused.
+    Cache { id: String },
+    /// A join token (hashed here; the token itself is not sent).
+    JoinToken { token: String },
+}
+
+#[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// MintToken vs the bare echo RPC at one cache over mTLS.
     Mint {
@@ -93,7 +127,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The walkthrough and the benchmarks print their own story: warnings only.
     let level = match cli.command {
-        Command::Dev { .. } | Command::Bench { .. } => "warn",
+        Command::Dev { .. } | Command::Bench { .. } => "error",
         _ => "info",
     };
     lattice_shared::telemetry::init_tracing(cli.log_json, level);
@@ -152,20 +186,51 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
                 .into_inner();
-            println!(
-                "trust domain {}; {} outstanding join tokens",
-                r.trust_domain, r.join_tokens_outstanding
+            print!("{}", lattice::admin::render_status(&r, now_ms()));
+            Ok(())
+        }
+        Command::Revoke {
+            target,
+            reason,
+            admin,
+        } => {
+            use pb::revocation::Target as T;
+            let target = match target {
+                RevokeTarget::Agent { id } => T::AgentId(id),
+                RevokeTarget::Token { jti } => T::Jti(jti),
+                RevokeTarget::Cert { serial } => T::CertSerial(serial),
+                RevokeTarget::Before { subject, time } => {
+                    let issued_before_unix = if time == "now" {
+                        now_ms() / 1000
+                    } else {
+                        time.parse()
+                            .map_err(|_| anyhow!("--time takes unix seconds or `now`"))?
+                    };
+                    T::SubjectBefore(pb::SubjectBefore {
+                        subject,
+                        issued_before_unix,
+                    })
+                }
+                RevokeTarget::Cache { id } => T::CacheId(id),
+                RevokeTarget::JoinToken { token } => T::JoinTokenSha256(
+                    lattice_shared::pki::sha256(token.trim().as_bytes()).to_vec(),
+                ),
+            };
+            let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+            let r = client
+                .revoke(pb::RevokeRequest {
+                    revocation: Some(pb::Revocation {
+                        target: Some(target),
+                        reason,
+                    }),
+                })
+                .await
+                .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
+                .into_inner();
+            eprintln!(
+                "revocation committed durably; caches enforce it within their staleness bound"
             );
-            println!(
-                "{:<44} {:<8} {:>12} {:>14}",
-                "cache", "region", "enrolled", "CA not after"
-            );
-            for c in r.caches {
-                println!(
-                    "{:<44} {:<8} {:>12} {:>14}",
-                    c.cache_id, c.region, c.enrolled_at_unix, c.ca_not_after_unix
-                );
-            }
+            println!("{}", r.seq);
             Ok(())
         }
         Command::Bench {
@@ -194,4 +259,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }

@@ -183,6 +183,9 @@ fn dev_walkthrough_exits_zero() {
         "token: ey",
         "\"sub\": \"spiffe://lattice.local/agent/eu/agent-1\"",
         "JWKS holds 2 keys",
+        "enforcing after",
+        "next mint is refused: PermissionDenied",
+        "revoked = true",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
