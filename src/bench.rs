@@ -138,3 +138,94 @@ pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
     lattice.shutdown().await;
     Ok((echo, mint))
 }
+
+/// Result of `bench propagation`.
+#[derive(Debug, Clone)]
+pub struct Propagation {
+    pub caches: usize,
+    pub revocations: usize,
+    pub commit_p50_us: u64,
+    pub commit_p99_us: u64,
+    pub all_p50_us: u64,
+    pub all_p99_us: u64,
+    pub all_max_us: u64,
+    pub durable_p50_us: u64,
+    pub durable_p99_us: u64,
+}
+
+impl std::fmt::Display for Propagation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>3} caches: commit (durable) p50 {:>6} µs p99 {:>6} µs | commit → enforced at every cache p50 {:>6} µs p99 {:>6} µs max {:>6} µs | → durable at every cache p50 {:>6} µs p99 {:>6} µs ({} revocations)",
+            self.caches,
+            self.commit_p50_us,
+            self.commit_p99_us,
+            self.all_p50_us,
+            self.all_p99_us,
+            self.all_max_us,
+            self.durable_p50_us,
+            self.durable_p99_us,
+            self.revocations
+        )
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Revocation propagation on loopback: commit at the control plane →
+/// enforced at every one of `caches` caches (and, separately, durable there).
+pub async fn propagation(caches: usize, revocations: usize) -> anyhow::Result<Propagation> {
+    use lattice_shared::revocation::Target;
+    let spec = Spec {
+        caches: (0..caches)
+            .map(|i| ("eu".to_string(), format!("c{i}")))
+            .collect(),
+        agents: vec![],
+        ..Spec::default()
+    };
+    let bar = indicatif::ProgressBar::new((revocations + 10) as u64);
+    bar.set_message(format!("{caches} caches"));
+    let lattice = Lattice::start(spec, SystemClock::shared()).await?;
+    let (mut commit, mut all, mut durable) = (Vec::new(), Vec::new(), Vec::new());
+    let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    for i in 0..revocations + 10 {
+        let t0 = Instant::now();
+        let ev = lattice.revoke(Target::Jti(format!("bench-{i}")))?;
+        let committed = t0.elapsed();
+        for c in &lattice.caches {
+            c.wait_enforced(ev.seq).await?;
+        }
+        let enforced = t0.elapsed();
+        lattice.wait_all_applied(ev.seq).await?;
+        let done = t0.elapsed();
+        if i >= 10 {
+            // The first ten warm up connections and stores.
+            commit.push(us(committed));
+            all.push(us(enforced));
+            durable.push(us(done));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    lattice.shutdown().await;
+    commit.sort_unstable();
+    all.sort_unstable();
+    durable.sort_unstable();
+    Ok(Propagation {
+        caches,
+        revocations,
+        commit_p50_us: percentile(&commit, 0.5),
+        commit_p99_us: percentile(&commit, 0.99),
+        all_p50_us: percentile(&all, 0.5),
+        all_p99_us: percentile(&all, 0.99),
+        all_max_us: all.last().copied().unwrap_or(0),
+        durable_p50_us: percentile(&durable, 0.5),
+        durable_p99_us: percentile(&durable, 0.99),
+    })
+}

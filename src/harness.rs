@@ -146,6 +146,17 @@ impl CacheNode {
         Ok(())
     }
 
+    /// Waits until this cache enforces every event up to `seq` (in memory;
+    /// durability and the ack follow).
+    pub async fn wait_enforced(&self, seq: u64) -> anyhow::Result<()> {
+        let mut rx = self.app().state.sync.subscribe_enforced();
+        tokio::time::timeout(WAIT, rx.wait_for(|a| *a >= seq))
+            .await
+            .map_err(|_| anyhow!("{} did not enforce {seq} within {WAIT:?}", self.cfg.id))?
+            .map_err(|_| anyhow!("cache stopped"))?;
+        Ok(())
+    }
+
     /// Waits until this cache is fresh on its own clock, pinging at once.
     pub async fn wait_fresh(&self) -> anyhow::Result<()> {
         let sync = &self.app().state.sync;

@@ -112,6 +112,14 @@ enum RevokeTarget {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Revocation propagation: commit at the control plane → applied at
+    /// every cache, for each cache count given.
+    Propagation {
+        #[arg(long, value_delimiter = ',', default_value = "2,8,32")]
+        caches: Vec<usize>,
+        #[arg(long, default_value_t = 200)]
+        revocations: usize,
+    },
     /// MintToken vs the bare echo RPC at one cache over mTLS.
     Mint {
         #[arg(long, default_value_t = 32)]
@@ -231,6 +239,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "revocation committed durably; caches enforce it within their staleness bound"
             );
             println!("{}", r.seq);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Propagation {
+                    caches,
+                    revocations,
+                },
+        } => {
+            println!(
+                "bench propagation: {revocations} revocations, one at a time, per cache count"
+            );
+            for n in caches {
+                if n == 0 || n > 256 {
+                    anyhow::bail!("--caches takes counts from 1 to 256");
+                }
+                println!("{}", lattice::bench::propagation(n, revocations).await?);
+            }
             Ok(())
         }
         Command::Bench {

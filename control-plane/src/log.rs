@@ -30,7 +30,8 @@ pub struct EventLog {
     append_lock: Mutex<()>,
     head: watch::Sender<u64>,
     revocations: RwLock<RevocationSet>,
-    recent: Mutex<VecDeque<(u64, i64)>>,
+    /// The newest events, so that streams to many caches read memory, not disk.
+    recent: Mutex<VecDeque<pb::LatticeEvent>>,
 }
 
 fn decode(bytes: &[u8]) -> Result<pb::LatticeEvent, Error> {
@@ -130,15 +131,30 @@ impl EventLog {
             if recent.len() == RECENT {
                 recent.pop_front();
             }
-            recent.push_back((seq, now_ms));
+            recent.push_back(event.clone());
         }
         self.head.send_replace(seq);
         metrics::gauge!("lattice_cp_log_head").set(seq as f64);
         Ok(event)
     }
 
+    /// Up to `limit` events after `after` from memory, when they are all
+    /// there (`None`: read the store).
+    pub fn recent_after(&self, after: u64, limit: usize) -> Option<Vec<pb::LatticeEvent>> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let first = recent.front()?.seq;
+        if after + 1 < first {
+            return None;
+        }
+        let skip = usize::try_from(after + 1 - first).ok()?;
+        Some(recent.iter().skip(skip).take(limit).cloned().collect())
+    }
+
     /// Up to `limit` events after `after`, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<pb::LatticeEvent>, Error> {
+        if let Some(events) = self.recent_after(after, limit) {
+            return Ok(events);
+        }
         self.store
             .scan_from(T_EVENTS, &seq_key(after + 1), limit)?
             .iter()
@@ -151,8 +167,8 @@ impl EventLog {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent
             .iter()
-            .filter(|(s, _)| *s > after && *s <= upto)
-            .copied()
+            .filter(|e| e.seq > after && e.seq <= upto)
+            .map(|e| (e.seq, e.committed_at_unix_ms))
             .collect()
     }
 }

@@ -126,15 +126,22 @@ async fn serve(
         // Send everything up to the head, batch by batch; each send waits for
         // room, so a slow cache slows only its own stream.
         while sent < state.log.head() {
-            let st = state.clone();
             let after = sent;
-            let batch =
-                match tokio::task::spawn_blocking(move || st.log.read_after(after, BATCH)).await {
-                    Ok(Ok(b)) if !b.is_empty() => b,
-                    Ok(Ok(_)) => break,
-                    Ok(Err(e)) => return format!("reading the log failed: {e}"),
-                    Err(_) => return "log reader failed".into(),
-                };
+            // Recent events come from memory; older ones (a cache catching
+            // up) from the store, off the async threads.
+            let read = match state.log.recent_after(after, BATCH) {
+                Some(b) => Ok(Ok(b)),
+                None => {
+                    let st = state.clone();
+                    tokio::task::spawn_blocking(move || st.log.read_after(after, BATCH)).await
+                }
+            };
+            let batch = match read {
+                Ok(Ok(b)) if !b.is_empty() => b,
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => return format!("reading the log failed: {e}"),
+                Err(_) => return "log reader failed".into(),
+            };
             sent = batch.last().map(|e| e.seq).unwrap_or(sent);
             let msg = pb::SyncDown {
                 msg: Some(Down::Events(pb::EventBatch { events: batch })),

@@ -61,6 +61,8 @@ pub struct Sync {
     clock: SharedClock,
     max_staleness: Duration,
     applied_tx: watch::Sender<u64>,
+    /// Highest sequence enforced in memory (may run ahead of `applied`).
+    enforced_tx: watch::Sender<u64>,
     fresh_tx: watch::Sender<Option<Duration>>,
     notices: broadcast::Sender<(u64, pb::Revocation)>,
     ping_now: Notify,
@@ -125,6 +127,7 @@ impl Sync {
             clock,
             max_staleness,
             applied_tx: watch::channel(applied).0,
+            enforced_tx: watch::channel(applied).0,
             fresh_tx: watch::channel(None).0,
             notices: broadcast::channel(1024).0,
             ping_now: Notify::new(),
@@ -160,6 +163,11 @@ impl Sync {
     }
     pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
         self.applied_tx.subscribe()
+    }
+    /// Sequences enforced in memory: a revocation is honoured from here on,
+    /// before it is durable.
+    pub fn subscribe_enforced(&self) -> watch::Receiver<u64> {
+        self.enforced_tx.subscribe()
     }
     pub fn subscribe_fresh(&self) -> watch::Receiver<Option<Duration>> {
         self.fresh_tx.subscribe()
@@ -265,7 +273,16 @@ impl Sync {
     /// Applies a batch that must continue exactly where we are: enforce in
     /// memory, make durable, then count it as applied. Returns the new
     /// applied sequence.
+    #[cfg(test)]
     fn apply_batch(&self, store: &SharedStore, events: &[pb::LatticeEvent]) -> Result<u64, Error> {
+        let decoded = self.enforce(events)?;
+        self.persist(store, events, &decoded)
+    }
+
+    /// Checks that `events` continue the durable sequence exactly (a gap or
+    /// a duplicate is an error that forces a resync) and enforces them in
+    /// memory at once, before they are durable: no I/O here.
+    fn enforce(&self, events: &[pb::LatticeEvent]) -> Result<Vec<Option<Revocation>>, Error> {
         let start = self.applied();
         let mut decoded = Vec::with_capacity(events.len());
         for (i, ev) in events.iter().enumerate() {
@@ -285,15 +302,33 @@ impl Sync {
             decoded.push(r);
         }
         let Some(last) = events.last().map(|e| e.seq) else {
-            return Ok(start);
+            return Ok(decoded);
         };
-        // Enforce first: a revocation is honoured as soon as it arrives.
         {
             let mut g = self.write();
             for r in decoded.iter().flatten() {
                 g.revocations.apply(r);
             }
         }
+        self.enforced_tx.send_if_modified(|e| {
+            let grew = last > *e;
+            *e = (*e).max(last);
+            grew
+        });
+        Ok(decoded)
+    }
+
+    /// Makes enforced events durable, then counts them as applied (which is
+    /// what freshness, acks and resumption use).
+    fn persist(
+        &self,
+        store: &SharedStore,
+        events: &[pb::LatticeEvent],
+        decoded: &[Option<Revocation>],
+    ) -> Result<u64, Error> {
+        let Some(last) = events.last().map(|e| e.seq) else {
+            return Ok(self.applied());
+        };
         let mut writes: Vec<Write> = events
             .iter()
             .map(|e| Write {
@@ -314,7 +349,7 @@ impl Sync {
             self.advance_freshness(&mut g);
         }
         self.applied_tx.send_replace(last);
-        for (ev, r) in events.iter().zip(&decoded) {
+        for (ev, r) in events.iter().zip(decoded) {
             if let Some(r) = r {
                 let _ = self.notices.send((ev.seq, r.into()));
             }
@@ -416,11 +451,13 @@ async fn session(
                         if batch.events.len() > MAX_BATCH {
                             return Err(Error::ControlPlane("batch too large".into()));
                         }
+                        // Enforce now; make durable off the async threads; then ack.
+                        let decoded = sync.enforce(&batch.events)?;
+                        state.after_events();
                         let st = state.clone();
-                        let last = tokio::task::spawn_blocking(move || st.sync.apply_batch(&st.store, &batch.events))
+                        let last = tokio::task::spawn_blocking(move || st.sync.persist(&st.store, &batch.events, &decoded))
                             .await
                             .map_err(|_| Error::Corrupt("worker failed".into()))??;
-                        state.after_events();
                         metrics::gauge!("lattice_cache_applied_seq").set(last as f64);
                         up.send(pb::SyncUp { msg: Some(Up::Ack(pb::SyncAck { seq: last })) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
                     }
