@@ -37,6 +37,8 @@ pub struct Spec {
     pub audiences: Vec<cache::authz::AudienceRule>,
     /// L, the caches' staleness bound.
     pub max_staleness: Duration,
+    /// Record every issuance in memory (`Lattice::audit`), for tests.
+    pub record_audit: bool,
 }
 
 impl Default for Spec {
@@ -49,6 +51,7 @@ impl Default for Spec {
             agents: vec![("eu".into(), "agent-1".into())],
             audiences: cache::Config::default().audiences,
             max_staleness: Duration::from_millis(cache::Config::default().max_staleness_ms),
+            record_audit: true,
         }
     }
 }
@@ -340,7 +343,10 @@ impl Lattice {
                 vault,
                 listener: l,
                 authorizer: None,
-                audit: Some(self.audit.clone()),
+                audit: self
+                    .spec
+                    .record_audit
+                    .then(|| self.audit.clone() as Arc<dyn cache::AuditSink>),
             },
         )
         .await?;

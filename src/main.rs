@@ -24,11 +24,21 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct AdminArgs {
     /// Control-plane address.
-    #[arg(long, env = "LATTICE_CONTROL_PLANE", default_value = "127.0.0.1:7443")]
+    #[arg(
+        long,
+        global = true,
+        env = "LATTICE_CONTROL_PLANE",
+        default_value = "127.0.0.1:7443"
+    )]
     control_plane: SocketAddr,
     /// Directory with admin.crt, admin.key and root.crt (the control plane
     /// writes a bootstrap one to DATA/admin).
-    #[arg(long, env = "LATTICE_ADMIN_DIR", default_value = "./data/cp/admin")]
+    #[arg(
+        long,
+        global = true,
+        env = "LATTICE_ADMIN_DIR",
+        default_value = "./data/cp/admin"
+    )]
     admin_dir: PathBuf,
 }
 

@@ -64,7 +64,6 @@ async fn scenario(seed: u64, steps: usize) -> Outcome {
         if std::env::var("LATTICE_TRACE").is_ok() && step > 0 {
             eprintln!("{}", trace.last().map(String::as_str).unwrap_or(""));
         }
-        let _ = t0;
         let op = rng.below(100);
         let cache = usize::try_from(rng.below(l.caches.len() as u64)).expect("index");
         let agent = usize::try_from(rng.below(l.agents.len() as u64)).expect("index");
@@ -79,13 +78,11 @@ async fn scenario(seed: u64, steps: usize) -> Outcome {
                 } else {
                     refused += 1
                 }
-                trace.push(
-                    format!("{:?} {step}: ", t0.elapsed())
-                        + &format!(
-                            "mint by agent {agent}: {}",
-                            if ok { "issued" } else { "refused" }
-                        ),
-                );
+                trace.push(format!(
+                    "{:?} {step}: mint by agent {agent}: {}",
+                    t0.elapsed(),
+                    if ok { "issued" } else { "refused" }
+                ));
             }
             35..=44 => {
                 let id = l.agents[agent].id.clone();
@@ -93,42 +90,39 @@ async fn scenario(seed: u64, steps: usize) -> Outcome {
                     .revoke(Target::Agent(id.clone()))
                     .unwrap_or_else(|e| panic!("seed {seed}: revoke: {e:#}"));
                 revocations.push((id.to_string(), ev.committed_at_unix_ms));
-                trace.push(
-                    format!("{:?} {step}: ", t0.elapsed())
-                        + &format!("revoke agent {agent} (seq {})", ev.seq),
-                );
+                trace.push(format!(
+                    "{:?} {step}: revoke agent {agent} (seq {})",
+                    t0.elapsed(),
+                    ev.seq
+                ));
             }
             45..=54 => {
                 l.caches[cache].partition();
-                trace.push(
-                    format!("{:?} {step}: ", t0.elapsed()) + &format!("partition cache {cache}"),
-                );
+                trace.push(format!(
+                    "{:?} {step}: partition cache {cache}",
+                    t0.elapsed()
+                ));
             }
             55..=66 => {
                 l.caches[cache].heal();
-                trace.push(format!("{:?} {step}: ", t0.elapsed()) + &format!("heal cache {cache}"));
+                trace.push(format!("{:?} {step}: heal cache {cache}", t0.elapsed()));
             }
             67..=71 => {
                 l.restart_cache(cache)
                     .await
                     .unwrap_or_else(|e| panic!("seed {seed}: restart cache: {e:#}"));
-                trace.push(
-                    format!("{:?} {step}: ", t0.elapsed()) + &format!("restart cache {cache}"),
-                );
+                trace.push(format!("{:?} {step}: restart cache {cache}", t0.elapsed()));
             }
             72..=75 => {
                 l.restart_cp()
                     .await
                     .unwrap_or_else(|e| panic!("seed {seed}: restart cp: {e:#}"));
-                trace.push(
-                    format!("{:?} {step}: ", t0.elapsed()) + &format!("restart control plane"),
-                );
+                trace.push(format!("{:?} {step}: restart control plane", t0.elapsed()));
             }
             76..=89 => {
                 let d = Duration::from_millis(rng.below(2 * l_ms as u64));
                 clock.advance(d);
-                trace
-                    .push(format!("{:?} {step}: ", t0.elapsed()) + &format!("advance clock {d:?}"));
+                trace.push(format!("{:?} {step}: advance clock {d:?}", t0.elapsed()));
             }
             _ => {
                 // Let connected caches catch up, as time passes in the real world.
@@ -145,9 +139,7 @@ async fn scenario(seed: u64, steps: usize) -> Outcome {
                         .await
                         .unwrap_or_else(|e| panic!("seed {seed}: {e:#}\n{}", trace.join("\n")));
                 }
-                trace.push(
-                    format!("{:?} {step}: ", t0.elapsed()) + &format!("settle at head {head}"),
-                );
+                trace.push(format!("{:?} {step}: settle at head {head}", t0.elapsed()));
             }
         }
     }

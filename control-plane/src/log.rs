@@ -61,10 +61,10 @@ impl EventLog {
                 if k.as_slice() != seq_key(next) || ev.seq != next {
                     return Err(Error::Corrupt(format!("event log has a gap at {next}")));
                 }
-                if let Some(pb::lattice_event::Body::Revocation(r)) = &ev.body {
-                    if let Ok(r) = Revocation::try_from(r) {
-                        revocations.apply(&r);
-                    }
+                if let Some(pb::lattice_event::Body::Revocation(r)) = &ev.body
+                    && let Ok(r) = Revocation::try_from(r)
+                {
+                    revocations.apply(&r);
                 }
                 next += 1;
             }

@@ -320,7 +320,7 @@ impl State {
         }
         let signer = TokenSigner::from_pkcs8(&keys.signing.pkcs8_der())?;
         if lattice_shared::token::public_key_of_cert(&certs.signing_cert).as_deref()
-            != Some(signer.public_key_raw())
+            != Some(&signer.public_key_raw()[..])
         {
             return Err(Error::ControlPlane(
                 "signing certificate does not carry our key".into(),
@@ -682,8 +682,10 @@ impl App {
                     tokio::time::interval(Duration::from_secs(state.cfg.renew_check_secs));
                 let mut jwks =
                     tokio::time::interval(Duration::from_secs(state.cfg.jwks_refresh_secs));
+                let mut publish = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tokio::select! {
+                        _ = publish.tick() => sync::publish_metrics(&state),
                         _ = renew.tick() => {
                             if let Err(e) = state.renew_if_due().await {
                                 tracing::warn!(error = %e, "certificate renewal failed; will retry");

@@ -108,7 +108,8 @@ impl Service {
             ),
             Refusal::Revoked(m) => ("revoked", Status::permission_denied(m)),
         };
-        metrics::counter!("lattice_cache_refusals_total", "reason" => reason).increment(1);
+        metrics::counter!("lattice_cache_refusals_total", "reason" => reason, "cache" => self.state.id.to_string())
+            .increment(1);
         self.audit(AuditEvent::Refused {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),

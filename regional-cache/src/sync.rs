@@ -193,7 +193,7 @@ impl Sync {
         let now = self.clock.monotonic();
         let g = self.read();
         let staleness = g.fresh_as_of.map(|f| now.saturating_sub(f));
-        if !staleness.is_some_and(|s| s <= self.max_staleness) {
+        if staleness.is_none_or(|s| s > self.max_staleness) {
             return Err(Refusal::Stale {
                 staleness_ms: staleness.map(|s| u64::try_from(s.as_millis()).unwrap_or(u64::MAX)),
             });
@@ -275,18 +275,21 @@ impl Sync {
     /// applied sequence.
     #[cfg(test)]
     fn apply_batch(&self, store: &SharedStore, events: &[pb::LatticeEvent]) -> Result<u64, Error> {
-        let decoded = self.enforce(events)?;
+        let decoded = self.enforce(events, self.applied() + 1)?;
         self.persist(store, events, &decoded)
     }
 
-    /// Checks that `events` continue the durable sequence exactly (a gap or
-    /// a duplicate is an error that forces a resync) and enforces them in
-    /// memory at once, before they are durable: no I/O here.
-    fn enforce(&self, events: &[pb::LatticeEvent]) -> Result<Vec<Option<Revocation>>, Error> {
-        let start = self.applied();
+    /// Checks that `events` start exactly at `first` (a gap or a duplicate
+    /// is an error that forces a resync) and enforces them in memory at once,
+    /// before they are durable: no I/O here.
+    fn enforce(
+        &self,
+        events: &[pb::LatticeEvent],
+        first: u64,
+    ) -> Result<Vec<Option<Revocation>>, Error> {
         let mut decoded = Vec::with_capacity(events.len());
         for (i, ev) in events.iter().enumerate() {
-            let want = start + 1 + i as u64;
+            let want = first + i as u64;
             if ev.seq != want {
                 return Err(Error::ControlPlane(format!(
                     "sequence gap: expected {want}, got {}",
@@ -382,6 +385,25 @@ fn jittered(d: Duration, rng: &SystemRandom) -> Duration {
     d.mul_f64(0.5 + frac)
 }
 
+/// Publishes staleness (seconds since last fresh; +Inf before the first
+/// proof) and the applied sequence.
+pub fn publish_metrics(state: &State) {
+    let id = state.id.to_string();
+    let staleness = state
+        .sync
+        .staleness_ms()
+        .map(|ms| ms as f64 / 1000.0)
+        .unwrap_or(f64::INFINITY);
+    metrics::gauge!("lattice_cache_staleness_seconds", "cache" => id.clone()).set(staleness);
+    metrics::gauge!("lattice_cache_applied_seq", "cache" => id.clone())
+        .set(state.sync.applied() as f64);
+    metrics::gauge!("lattice_cache_fresh", "cache" => id).set(if state.sync.is_fresh() {
+        1.0
+    } else {
+        0.0
+    });
+}
+
 /// Runs the sync link until the task is aborted: connect, stream, and on any
 /// error reconnect with capped, jittered backoff.
 pub(crate) async fn run(state: Arc<State>) {
@@ -395,7 +417,8 @@ pub(crate) async fn run(state: Arc<State>) {
             }
         }
         state.sync.write().connected = false;
-        metrics::counter!("lattice_cache_sync_reconnects_total").increment(1);
+        metrics::counter!("lattice_cache_sync_reconnects_total", "cache" => state.id.to_string())
+            .increment(1);
         tokio::time::sleep(jittered(backoff, &rng)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -432,6 +455,77 @@ async fn session(
     sync.write().connected = true;
     *backoff = BACKOFF_START;
     tracing::info!(cache_id = %state.id, applied = sync.applied(), "sync link up");
+
+    // Enforcement never waits for the disk: batches are enforced as they
+    // arrive and handed to this persister, which writes them in order (many
+    // at once under load: group commit) and acks what is durable.
+    let (persist_tx, mut persist_rx) =
+        mpsc::channel::<(Vec<pb::LatticeEvent>, Vec<Option<Revocation>>)>(64);
+    let mut persister = {
+        let state = state.clone();
+        let up = up.clone();
+        tokio::spawn(async move {
+            while let Some((mut events, mut decoded)) = persist_rx.recv().await {
+                while let Ok((e, d)) = persist_rx.try_recv() {
+                    events.extend(e);
+                    decoded.extend(d);
+                }
+                let st = state.clone();
+                let last = tokio::task::spawn_blocking(move || {
+                    st.sync.persist(&st.store, &events, &decoded)
+                })
+                .await
+                .map_err(|_| Error::Corrupt("worker failed".into()))??;
+                metrics::gauge!("lattice_cache_applied_seq", "cache" => state.id.to_string())
+                    .set(last as f64);
+                if up
+                    .send(pb::SyncUp {
+                        msg: Some(Up::Ack(pb::SyncAck { seq: last })),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok::<(), Error>(())
+        })
+    };
+    let mut next = sync.applied() + 1;
+    let result = stream_loop(
+        state,
+        rng,
+        &up,
+        &mut down,
+        &persist_tx,
+        &mut persister,
+        &mut next,
+        ping_every,
+        liveness,
+    )
+    .await;
+    // Whatever was enforced gets persisted before the next session resumes
+    // from the durable sequence.
+    drop(persist_tx);
+    if !persister.is_finished() {
+        let _ = (&mut persister).await;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_loop(
+    state: &Arc<State>,
+    rng: &SystemRandom,
+    up: &mpsc::Sender<pb::SyncUp>,
+    down: &mut tonic::Streaming<pb::SyncDown>,
+    persist_tx: &mpsc::Sender<(Vec<pb::LatticeEvent>, Vec<Option<Revocation>>)>,
+    persister: &mut tokio::task::JoinHandle<Result<(), Error>>,
+    next: &mut u64,
+    ping_every: Duration,
+    liveness: Duration,
+) -> Result<(), Error> {
+    let sync = &state.sync;
     let mut tick = tokio::time::interval(ping_every);
     loop {
         tokio::select! {
@@ -440,6 +534,12 @@ async fn session(
             }
             _ = sync.ping_now.notified() => {
                 up.send(pb::SyncUp { msg: Some(Up::Ping(sync.new_ping(rng))) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
+            }
+            done = &mut *persister => {
+                return match done {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(Error::ControlPlane("persister stopped".into())),
+                };
             }
             msg = tokio::time::timeout(liveness, down.message()) => {
                 let msg = msg
@@ -451,21 +551,16 @@ async fn session(
                         if batch.events.len() > MAX_BATCH {
                             return Err(Error::ControlPlane("batch too large".into()));
                         }
-                        // Enforce now; make durable off the async threads; then ack.
-                        let decoded = sync.enforce(&batch.events)?;
-                        state.after_events();
-                        let st = state.clone();
-                        let last = tokio::task::spawn_blocking(move || st.sync.persist(&st.store, &batch.events, &decoded))
-                            .await
-                            .map_err(|_| Error::Corrupt("worker failed".into()))??;
-                        metrics::gauge!("lattice_cache_applied_seq").set(last as f64);
-                        up.send(pb::SyncUp { msg: Some(Up::Ack(pb::SyncAck { seq: last })) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
+                        let decoded = sync.enforce(&batch.events, *next)?;
+                        *next += batch.events.len() as u64;
+                        // Only a cache revocation changes the JWKS.
+                        if decoded.iter().flatten().any(|r| matches!(r.target, lattice_shared::revocation::Target::Cache(_))) {
+                            state.after_events();
+                        }
+                        persist_tx.send((batch.events, decoded)).await.map_err(|_| Error::ControlPlane("persister stopped".into()))?;
                     }
                     Some(Down::Pong(p)) => sync.on_pong(&p),
                     Some(Down::Heartbeat(_)) | None => {}
-                }
-                if let Some(s) = sync.staleness_ms() {
-                    metrics::gauge!("lattice_cache_staleness_seconds").set(s as f64 / 1000.0);
                 }
             }
         }
