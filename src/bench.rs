@@ -184,7 +184,7 @@ impl std::fmt::Display for Propagation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>3} caches: commit (durable) p50 {:>6} µs p99 {:>6} µs | commit → enforced at every cache p50 {:>6} µs p99 {:>6} µs max {:>6} µs | → durable at every cache p50 {:>6} µs p99 {:>6} µs ({} revocations)",
+            "{:>3} caches: revoke call (until durable) p50 {:>6} µs p99 {:>6} µs | commit → enforced at every cache p50 {:>6} µs p99 {:>6} µs max {:>6} µs | commit → durable at every cache p50 {:>6} µs p99 {:>6} µs ({} revocations)",
             self.caches,
             self.commit_p50_us,
             self.commit_p99_us,
@@ -224,13 +224,16 @@ pub async fn propagation(caches: usize, revocations: usize) -> anyhow::Result<Pr
     for i in 0..revocations + 10 {
         let t0 = Instant::now();
         let ev = lattice.revoke(Target::Jti(format!("bench-{i}")))?;
-        let committed = t0.elapsed();
+        // The commit point: the event is durable in the log (and the admin
+        // would now get its answer). Propagation is measured from here.
+        let t_commit = Instant::now();
+        let committed = t_commit - t0;
         for c in &lattice.caches {
             c.wait_enforced(ev.seq).await?;
         }
-        let enforced = t0.elapsed();
+        let enforced = t_commit.elapsed();
         lattice.wait_all_applied(ev.seq).await?;
-        let done = t0.elapsed();
+        let done = t_commit.elapsed();
         if i >= 10 {
             // The first ten warm up connections and stores.
             commit.push(us(committed));

@@ -123,6 +123,9 @@ impl SledStore {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            // Every write is flushed and fsynced before it returns; sled's
+            // own periodic flusher would only add background work.
+            .flush_every_ms(None)
             .open()?;
         Ok(Arc::new(Self {
             db,
