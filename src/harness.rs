@@ -313,7 +313,7 @@ impl Lattice {
             data_dir: self.dir.join(format!("cache-{region}-{name}")),
             control_plane: link.addr(),
             root_ca: self.root_pem(),
-            join_token: Some(token),
+            join_token: Some(lattice_shared::secret::Secret::new(token)),
             audiences: self.spec.audiences.clone(),
             max_staleness_ms: u64::try_from(self.spec.max_staleness.as_millis())
                 .unwrap_or(u64::MAX),
@@ -465,7 +465,7 @@ impl Lattice {
     ) -> anyhow::Result<usize> {
         let cache_addr = self.cache_in(region)?.addr();
         let mut cfg = self.agent_config(region, name, cache_addr);
-        cfg.join_token = Some(token);
+        cfg.join_token = Some(lattice_shared::secret::Secret::new(token));
         let a = Arc::new(self.start_agent(cfg).await?);
         let watcher = a.clone();
         self.watchers.push(tokio::spawn(async move {

@@ -165,7 +165,10 @@ async fn every_rpc_but_enrolment_needs_a_client_certificate() {
         .enrol(pb::EnrolAgentRequest {
             join_token: "ljt_nope".into(),
             requested_id: String::new(),
-            csr: vec![1, 2, 3],
+            csr: PrivateKey::generate_p256()
+                .expect("k")
+                .csr_der()
+                .expect("csr"),
         })
         .await
         .expect_err("bad token");
@@ -663,10 +666,10 @@ async fn a_cache_without_a_token_or_with_a_bad_one_does_not_start() {
     );
 
     // A token bound to another cache id.
-    cfg.join_token = Some(
+    cfg.join_token = Some(lattice_shared::secret::Secret::new(
         l.join_token(&Lattice::cache_id("eu", "other"), None)
             .expect("token"),
-    );
+    ));
     let (store, vault) = deps();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -685,5 +688,35 @@ async fn a_cache_without_a_token_or_with_a_bad_one_does_not_start() {
     .await
     .expect_err("wrong id");
     assert!(err.to_string().contains("another id"), "{err}");
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_csr_does_not_burn_the_join_token() {
+    let (l, clock) = lattice().await;
+    let mut anon = raw_cache_client(&l, &clock.shared(), l.caches[0].addr(), "eu", None);
+    let token = l
+        .join_token(&Lattice::agent_id("eu", "careful"), None)
+        .expect("token");
+    let s = anon
+        .enrol(pb::EnrolAgentRequest {
+            join_token: token.clone(),
+            requested_id: String::new(),
+            csr: vec![0x30, 0x03, 1, 2, 3],
+        })
+        .await
+        .expect_err("bad csr");
+    assert_eq!(s.code(), Code::InvalidArgument);
+    let csr = PrivateKey::generate_p256()
+        .expect("k")
+        .csr_der()
+        .expect("csr");
+    anon.enrol(pb::EnrolAgentRequest {
+        join_token: token,
+        requested_id: String::new(),
+        csr,
+    })
+    .await
+    .expect("the token is still good");
     l.shutdown().await;
 }

@@ -352,6 +352,16 @@ async fn a_partitioned_cache_refuses_after_l_in_real_time() {
         refused_at >= Duration::from_millis(300) - Duration::from_millis(300 / 5 + 20),
         "refused too early: {refused_at:?}"
     );
+    // The silent link is detected as dead (no message for 3 ping periods,
+    // at least 1 s), although TCP still looks open through the black hole.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while l.caches[0].app().state.sync.connected() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a silent link was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     l.agents[1]
         .mint(AUDIENCE, &[], None)
         .await

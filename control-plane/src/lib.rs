@@ -31,6 +31,8 @@ use tokio::task::JoinHandle;
 pub const SCHEMA_VERSION: u32 = 1;
 const T_IDENTITY: &str = "identity";
 const T_CACHES: &str = "caches";
+/// Signing certificates kept per cache (current and recent ones).
+const MAX_SIGNING_CERTS: usize = 4;
 
 /// Control-plane configuration (TOML, `LATTICE_CP_*` environment overrides).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,6 +130,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
 }
 
 /// What the control plane is given from outside.
@@ -214,9 +218,7 @@ struct RevocationCheck(Arc<log::EventLog>);
 
 impl lattice_shared::tls::PeerCheck for RevocationCheck {
     fn check(&self, leaf: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
-        self.0
-            .revocations()
-            .check_cert(leaf, issuer.and_then(|i| i.id.as_ref()))
+        self.0.revocations().check_cert(leaf, issuer)
     }
 }
 
@@ -574,6 +576,9 @@ impl State {
             })
             .collect();
         signing_certs.push(signing);
+        // Bounded whatever a cache does: the newest few stay verifiable.
+        let excess = signing_certs.len().saturating_sub(MAX_SIGNING_CERTS);
+        signing_certs.drain(..excess);
         let record = CacheRecord {
             id: cache_id.clone(),
             enrolled_at_unix: previous

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
+use lattice_shared::eventlog;
 use lattice_shared::proto as pb;
 use lattice_shared::revocation::{Revocation, RevocationSet};
 use lattice_shared::store::{SharedStore, Write};
@@ -20,9 +21,7 @@ const HEAD_KEY: &[u8] = b"log_head";
 /// Commit times kept in memory to measure propagation on acks.
 const RECENT: usize = 4096;
 
-pub fn seq_key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
+pub use lattice_shared::eventlog::seq_key;
 
 #[derive(Debug)]
 pub struct EventLog {
@@ -35,46 +34,14 @@ pub struct EventLog {
 }
 
 fn decode(bytes: &[u8]) -> Result<pb::LatticeEvent, Error> {
-    pb::LatticeEvent::decode(bytes).map_err(|e| Error::Corrupt(format!("event: {e}")))
+    Ok(eventlog::decode(bytes)?)
 }
 
 impl EventLog {
     /// Opens the log and replays it; refuses a log with a gap.
     pub fn open(store: SharedStore) -> Result<Self, Error> {
-        let head = match store.get(T_META, HEAD_KEY)? {
-            Some(b) => u64::from_be_bytes(
-                b.as_slice()
-                    .try_into()
-                    .map_err(|_| Error::Corrupt("log head".into()))?,
-            ),
-            None => 0,
-        };
-        let mut revocations = RevocationSet::default();
-        let mut next = 1u64;
-        loop {
-            let batch = store.scan_from(T_EVENTS, &seq_key(next), 1024)?;
-            if batch.is_empty() {
-                break;
-            }
-            for (k, v) in batch {
-                let ev = decode(&v)?;
-                if k.as_slice() != seq_key(next) || ev.seq != next {
-                    return Err(Error::Corrupt(format!("event log has a gap at {next}")));
-                }
-                if let Some(pb::lattice_event::Body::Revocation(r)) = &ev.body
-                    && let Ok(r) = Revocation::try_from(r)
-                {
-                    revocations.apply(&r);
-                }
-                next += 1;
-            }
-        }
-        if next - 1 != head {
-            return Err(Error::Corrupt(format!(
-                "event log ends at {} but its head says {head}",
-                next - 1
-            )));
-        }
+        let head = eventlog::read_seq(&*store, T_META, HEAD_KEY)?;
+        let revocations = eventlog::replay(&*store, T_EVENTS, head)?;
         Ok(Self {
             store,
             append_lock: Mutex::new(()),

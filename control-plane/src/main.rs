@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use lattice_control_plane::{App, Config, Deps};
-use lattice_shared::config::EXIT_BAD_CONFIG;
 
 /// Lattice control plane: root CA, join tokens, cache registry.
 ///
@@ -22,17 +21,15 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg: Config = match lattice_shared::config::load(cli.config.as_deref(), "LATTICE_CP_") {
+    let cfg: Config = match lattice_shared::config::load_or_exit(
+        "lattice-cp",
+        cli.config.as_deref(),
+        "LATTICE_CP_",
+        |c: &Config| c.validate().map(|_| ()),
+    ) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("lattice-cp: bad configuration: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = cfg.validate() {
-        eprintln!("lattice-cp: bad configuration: {e}");
-        return ExitCode::from(EXIT_BAD_CONFIG as u8);
-    }
     lattice_shared::telemetry::init_tracing(cfg.log_json, "info");
     lattice_shared::tls::install_crypto_provider();
     match run(cfg).await {

@@ -31,6 +31,7 @@ impl From<Error> for Status {
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::NotFound(m) => Status::not_found(m),
+            Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::Pki(
                 e @ (PkiError::BadCsr
                 | PkiError::UnsupportedKey
@@ -60,7 +61,7 @@ fn require_role<T>(
         )));
     }
     // A connection made before a revocation must not outlive it.
-    let issuer = peer.issuer.as_ref().and_then(|i| i.id.as_ref());
+    let issuer = peer.issuer.as_ref();
     state
         .log
         .revocations()
@@ -82,6 +83,9 @@ fn check_csrs(csrs: Option<&pb::CacheCsrs>) -> Result<&pb::CacheCsrs, Status> {
                 "{name} must be 1..={MAX_DER_LEN} bytes"
             )));
         }
+        // Checked before a join token is consumed.
+        lattice_shared::pki::check_csr(c)
+            .map_err(|e| Status::invalid_argument(format!("{name}: {e}")))?;
     }
     Ok(csrs)
 }
@@ -159,8 +163,21 @@ impl ControlPlane for Service {
         let csrs = check_csrs(req.get_ref().csrs.as_ref())?.clone();
         let state = self.state.clone();
         let record = blocking(move || {
-            if state.cache_record(&peer.id)?.is_none() {
+            let Some(record) = state.cache_record(&peer.id)? else {
                 return Err(Error::NotFound(format!("{} is not enrolled", peer.id)));
+            };
+            // Renewal is for the second half of a CA's life; earlier calls
+            // would let a cache grow its record and every JWKS.
+            let ca = inspect(&record.ca_cert)?;
+            if !lattice_shared::clock::past_half_life(
+                state.clock.now(),
+                ca.not_before,
+                ca.not_after,
+            ) {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} may renew only past half-life of its CA certificate",
+                    peer.id
+                )));
             }
             state.certify_cache(&peer.id, &csrs)
         })
@@ -215,7 +232,10 @@ impl ControlPlane for Service {
                 caches
                     .iter()
                     .filter(|c| !revoked.is_cache_revoked(&c.id))
-                    .flat_map(|c| c.signing_certs.iter().map(Vec::as_slice)),
+                    .flat_map(|c| c.signing_certs.iter().map(Vec::as_slice))
+                    .filter(|der| {
+                        inspect(der).is_ok_and(|i| !revoked.is_serial_revoked(&i.serial_hex))
+                    }),
                 state.clock.now(),
             );
             serde_json::to_string(&set).map_err(|e| Error::Corrupt(e.to_string()))

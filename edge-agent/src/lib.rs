@@ -38,7 +38,7 @@ pub struct Config {
     /// PEM file with the root CA certificate.
     pub root_ca: PathBuf,
     /// One-time join token for the first start (LATTICE_AGENT_JOIN_TOKEN).
-    pub join_token: Option<String>,
+    pub join_token: Option<lattice_shared::secret::Secret>,
     pub log_json: bool,
 }
 
@@ -225,7 +225,7 @@ impl Agent {
                     .map_err(|e| Error::Transport(e.to_string()))?;
                 let resp = CacheClient::new(ch)
                     .enrol(pb::EnrolAgentRequest {
-                        join_token: token,
+                        join_token: token.expose().to_owned(),
                         requested_id: id.to_string(),
                         csr: key.csr_der()?,
                     })

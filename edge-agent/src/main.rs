@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lattice_edge_agent::{Agent, Config, Deps};
-use lattice_shared::config::EXIT_BAD_CONFIG;
 
 /// Lattice edge agent: device identity and short-lived credentials.
 ///
@@ -45,17 +44,15 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg: Config = match lattice_shared::config::load(cli.config.as_deref(), "LATTICE_AGENT_") {
+    let cfg: Config = match lattice_shared::config::load_or_exit(
+        "lattice-agent",
+        cli.config.as_deref(),
+        "LATTICE_AGENT_",
+        |c: &Config| c.validate().map(|_| ()),
+    ) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("lattice-agent: bad configuration: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = cfg.validate() {
-        eprintln!("lattice-agent: bad configuration: {e}");
-        return ExitCode::from(EXIT_BAD_CONFIG as u8);
-    }
     lattice_shared::telemetry::init_tracing(cfg.log_json, "info");
     lattice_shared::tls::install_crypto_provider();
     match run(cfg, cli.command).await {

@@ -46,7 +46,7 @@ pub struct Config {
     pub root_ca: PathBuf,
     /// One-time join token, needed only for the first start. Prefer the
     /// environment (LATTICE_CACHE_JOIN_TOKEN) to a file.
-    pub join_token: Option<String>,
+    pub join_token: Option<lattice_shared::secret::Secret>,
     pub agent_cert_ttl_secs: u64,
     pub token_default_ttl_secs: u64,
     pub token_max_ttl_secs: u64,
@@ -187,6 +187,8 @@ pub struct Identity {
     pub ca: Authority,
     pub signer: TokenSigner,
     pub signing_cert: Vec<u8>,
+    /// Serial of `signing_cert`: when it is revoked the cache stops signing.
+    pub signing_serial: String,
     pub tls: CertInfo,
 }
 
@@ -231,9 +233,7 @@ struct RevocationCheck(std::sync::Weak<State>);
 impl lattice_shared::tls::PeerCheck for RevocationCheck {
     fn check(&self, leaf: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
         match self.0.upgrade() {
-            Some(state) => state
-                .sync
-                .check_cert(leaf, issuer.and_then(|i| i.id.as_ref())),
+            Some(state) => state.sync.check_cert(leaf, issuer),
             None => Err("cache is shutting down".into()),
         }
     }
@@ -366,6 +366,7 @@ impl State {
                 ca: authority,
                 signer,
                 signing_cert: certs.signing_cert.clone(),
+                signing_serial: signing_info.serial_hex.clone(),
                 tls: tls_info,
             },
             certs.tls_cert.clone(),
@@ -394,11 +395,14 @@ impl State {
         let signer = TokenSigner::from_pkcs8(&signing_key.pkcs8_der())?;
         let tls_cert = unb64(&stored.tls_cert)?;
         let tls = inspect(&tls_cert)?;
+        let signing_cert = unb64(&stored.signing_cert)?;
+        let signing_serial = inspect(&signing_cert)?.serial_hex;
         Ok(Some((
             Identity {
                 ca,
                 signer,
-                signing_cert: unb64(&stored.signing_cert)?,
+                signing_cert,
+                signing_serial,
                 tls,
             },
             tls_cert,
@@ -437,10 +441,10 @@ impl State {
             own.iter()
                 .chain(cp.iter())
                 .filter(|c| {
-                    inspect(c)
-                        .ok()
-                        .and_then(|i| i.id)
-                        .is_some_and(|id| !revoked.is_cache_revoked(&id))
+                    inspect(c).ok().is_some_and(|i| {
+                        !revoked.is_serial_revoked(&i.serial_hex)
+                            && i.id.is_some_and(|id| !revoked.is_cache_revoked(&id))
+                    })
                 })
                 .map(Vec::as_slice),
             now,
@@ -573,7 +577,7 @@ impl App {
                     .map_err(|e| Error::ControlPlane(e.to_string()))?;
                 let resp = ControlPlaneClient::new(ch)
                     .enrol(pb::EnrolCacheRequest {
-                        join_token: token,
+                        join_token: token.expose().to_owned(),
                         requested_id: id.to_string(),
                         csrs: Some(csrs),
                     })

@@ -88,13 +88,30 @@ impl Service {
         Ok(peer)
     }
 
+    /// Any verified caller that is not revoked (a connection made before a
+    /// revocation must not outlive it).
+    fn authenticated_unrevoked<T>(&self, req: &Request<T>) -> Result<Arc<PeerIdentity>, Status> {
+        let peer = authenticated(req, &self.state.clock)?;
+        self.state
+            .sync
+            .check_cert(&peer.cert, peer.issuer.as_ref())
+            .map_err(Status::permission_denied)?;
+        Ok(peer)
+    }
+
     /// Freshness and revocations: may this agent get a credential now?
     fn serve_check(&self, peer: &PeerIdentity) -> Result<(), Status> {
         use crate::sync::Refusal;
-        let refusal = match self.state.sync.check(&peer.cert, peer.issuer.as_ref()) {
-            Ok(()) => return Ok(()),
-            Err(r) => r,
-        };
+        let ident = self.state.identity();
+        let refusal =
+            match self
+                .state
+                .sync
+                .check(&peer.cert, peer.issuer.as_ref(), &ident.signing_serial)
+            {
+                Ok(()) => return Ok(()),
+                Err(r) => r,
+            };
         let (reason, status) = match refusal {
             Refusal::Stale { staleness_ms } => (
                 "stale",
@@ -199,6 +216,8 @@ impl Cache for Service {
                 )));
             }
         }
+        // A malformed request must not burn the one-time token.
+        lattice_shared::pki::check_csr(&r.csr).map_err(pki_status)?;
         let token_hash = sha256(r.join_token.as_bytes());
         if self.state.sync.is_join_token_revoked(&token_hash) {
             return Err(Status::permission_denied("join token has been revoked"));
@@ -344,7 +363,7 @@ impl Cache for Service {
         &self,
         req: Request<pb::JwksRequest>,
     ) -> Result<Response<pb::JwksResponse>, Status> {
-        authenticated(&req, &self.state.clock)?;
+        self.authenticated_unrevoked(&req)?;
         Ok(Response::new(pb::JwksResponse {
             jwks_json: self.state.jwks_json().as_str().to_owned(),
         }))
@@ -357,7 +376,7 @@ impl Cache for Service {
         &self,
         req: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        authenticated(&req, &self.state.clock)?;
+        self.authenticated_unrevoked(&req)?;
         let after = req.get_ref().after_seq;
         // Subscribe before reading the backlog so that nothing falls between.
         let mut live = self.state.sync.subscribe_notices();
@@ -387,13 +406,13 @@ impl Cache for Service {
                         return;
                     }
                 };
-                let n = batch.len();
+                let (batch, n, scanned_to) = batch;
                 for (seq, r) in batch {
-                    last = seq;
                     if tx.send(Ok(notice(seq, r))).await.is_err() {
                         return;
                     }
                 }
+                last = scanned_to;
                 if n < 256 {
                     break;
                 }
@@ -443,7 +462,7 @@ impl Cache for Service {
         &self,
         req: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
-        authenticated(&req, &self.state.clock)?;
+        self.authenticated_unrevoked(&req)?;
         let r = req.into_inner();
         if r.payload.len() > limits::MAX_PING_PAYLOAD {
             return Err(Status::invalid_argument("payload too large"));

@@ -68,9 +68,7 @@ pub struct Sync {
     ping_now: Notify,
 }
 
-fn seq_key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
+use lattice_shared::eventlog::seq_key;
 
 impl Sync {
     /// Replays the events held durably.
@@ -80,43 +78,8 @@ impl Sync {
         clock: SharedClock,
         max_staleness: Duration,
     ) -> Result<Self, Error> {
-        let applied = match store.get(T_META, APPLIED_KEY)? {
-            Some(b) => u64::from_be_bytes(
-                b.as_slice()
-                    .try_into()
-                    .map_err(|_| Error::Corrupt("applied seq".into()))?,
-            ),
-            None => 0,
-        };
-        let mut revocations = RevocationSet::default();
-        let mut next = 1u64;
-        loop {
-            let batch = store.scan_from(T_EVENTS, &seq_key(next), 1024)?;
-            if batch.is_empty() {
-                break;
-            }
-            for (_, v) in batch {
-                let ev = pb::LatticeEvent::decode(v.as_slice())
-                    .map_err(|e| Error::Corrupt(e.to_string()))?;
-                if ev.seq != next {
-                    return Err(Error::Corrupt(format!(
-                        "stored events have a gap at {next}"
-                    )));
-                }
-                if let Some(pb::lattice_event::Body::Revocation(r)) = &ev.body
-                    && let Ok(r) = Revocation::try_from(r)
-                {
-                    revocations.apply(&r);
-                }
-                next += 1;
-            }
-        }
-        if next - 1 != applied {
-            return Err(Error::Corrupt(format!(
-                "stored events end at {} but applied says {applied}",
-                next - 1
-            )));
-        }
+        let applied = lattice_shared::eventlog::read_seq(&**store, T_META, APPLIED_KEY)?;
+        let revocations = lattice_shared::eventlog::replay(&**store, T_EVENTS, applied)?;
         Ok(Self {
             cache_id,
             inner: RwLock::new(Inner {
@@ -189,7 +152,12 @@ impl Sync {
 
     /// May this cache serve a credential to the holder of `cert` (issued by
     /// `issuer`) now? Freshness and revocations are read together.
-    pub fn check(&self, cert: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), Refusal> {
+    pub fn check(
+        &self,
+        cert: &CertInfo,
+        issuer: Option<&CertInfo>,
+        signer_serial: &str,
+    ) -> Result<(), Refusal> {
         let now = self.clock.monotonic();
         let g = self.read();
         let staleness = g.fresh_as_of.map(|f| now.saturating_sub(f));
@@ -198,23 +166,21 @@ impl Sync {
                 staleness_ms: staleness.map(|s| u64::try_from(s.as_millis()).unwrap_or(u64::MAX)),
             });
         }
-        if g.revocations.is_cache_revoked(&self.cache_id) {
+        if g.revocations.is_cache_revoked(&self.cache_id)
+            || g.revocations.is_serial_revoked(signer_serial)
+        {
             return Err(Refusal::Revoked(format!(
-                "this cache ({}) has been revoked",
+                "this cache ({}) or its signing key has been revoked",
                 self.cache_id
             )));
         }
         g.revocations
-            .check_cert(cert, issuer.and_then(|i| i.id.as_ref()))
+            .check_cert(cert, issuer)
             .map_err(Refusal::Revoked)
     }
 
     /// The revocation rules alone (for the TLS handshake).
-    pub fn check_cert(
-        &self,
-        cert: &CertInfo,
-        issuer: Option<&lattice_shared::id::SpiffeId>,
-    ) -> Result<(), String> {
+    pub fn check_cert(&self, cert: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
         self.read().revocations.check_cert(cert, issuer)
     }
 
@@ -362,20 +328,29 @@ impl Sync {
 }
 
 /// Stored revocations after `after`, in order (for `WatchRevocations`).
+/// (revocations with their sequence, events scanned, last sequence scanned)
+pub type Backlog = (Vec<(u64, pb::Revocation)>, usize, u64);
+
+/// Also returns how many events were scanned and the last one's sequence
+/// (events of other kinds may come between revocations).
 pub fn revocations_after(
     store: &SharedStore,
     after: u64,
     limit: usize,
-) -> Result<Vec<(u64, pb::Revocation)>, Error> {
+) -> Result<Backlog, Error> {
     let mut out = Vec::new();
-    for (_, v) in store.scan_from(T_EVENTS, &seq_key(after + 1), limit)? {
+    let scanned = store.scan_from(T_EVENTS, &seq_key(after.saturating_add(1)), limit)?;
+    let n = scanned.len();
+    let mut last = after;
+    for (_, v) in scanned {
         let ev =
             pb::LatticeEvent::decode(v.as_slice()).map_err(|e| Error::Corrupt(e.to_string()))?;
+        last = ev.seq;
         if let Some(pb::lattice_event::Body::Revocation(r)) = ev.body {
             out.push((ev.seq, r));
         }
     }
-    Ok(out)
+    Ok((out, n, last))
 }
 
 fn jittered(d: Duration, rng: &SystemRandom) -> Duration {
@@ -527,8 +502,14 @@ async fn stream_loop(
 ) -> Result<(), Error> {
     let sync = &state.sync;
     let mut tick = tokio::time::interval(ping_every);
+    // Moved only by a message from the control plane: pings going out do not
+    // prove the link works.
+    let mut silent_after = tokio::time::Instant::now() + liveness;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(silent_after) => {
+                return Err(Error::ControlPlane("silent link".into()));
+            }
             _ = tick.tick() => {
                 up.send(pb::SyncUp { msg: Some(Up::Ping(sync.new_ping(rng))) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
             }
@@ -541,11 +522,11 @@ async fn stream_loop(
                     _ => Err(Error::ControlPlane("persister stopped".into())),
                 };
             }
-            msg = tokio::time::timeout(liveness, down.message()) => {
+            msg = down.message() => {
                 let msg = msg
-                    .map_err(|_| Error::ControlPlane("silent link".into()))?
                     .map_err(|s| Error::ControlPlane(format!("{} ({:?})", s.message(), s.code())))?
                     .ok_or_else(|| Error::ControlPlane("stream ended".into()))?;
+                silent_after = tokio::time::Instant::now() + liveness;
                 match msg.msg {
                     Some(Down::Events(batch)) => {
                         if batch.events.len() > MAX_BATCH {
@@ -554,7 +535,7 @@ async fn stream_loop(
                         let decoded = sync.enforce(&batch.events, *next)?;
                         *next += batch.events.len() as u64;
                         // Only a cache revocation changes the JWKS.
-                        if decoded.iter().flatten().any(|r| matches!(r.target, lattice_shared::revocation::Target::Cache(_))) {
+                        if decoded.iter().flatten().any(|r| matches!(r.target, lattice_shared::revocation::Target::Cache(_) | lattice_shared::revocation::Target::CertSerial(_))) {
                             state.after_events();
                         }
                         persist_tx.send((batch.events, decoded)).await.map_err(|_| Error::ControlPlane("persister stopped".into()))?;

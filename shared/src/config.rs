@@ -27,6 +27,21 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
     fig.extract().map_err(|e| e.to_string())
 }
 
+/// Loads and validates a binary's configuration. On failure it says why on
+/// stderr and returns exit status 64, before anything is bound or opened.
+pub fn load_or_exit<T: Serialize + DeserializeOwned + Default>(
+    bin: &str,
+    file: Option<&Path>,
+    env_prefix: &str,
+    validate: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<T, std::process::ExitCode> {
+    let checked = load::<T>(file, env_prefix).and_then(|cfg| validate(&cfg).map(|()| cfg));
+    checked.map_err(|e| {
+        eprintln!("{bin}: bad configuration: {e}");
+        std::process::ExitCode::from(EXIT_BAD_CONFIG as u8)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ pub mod proto {
 
 pub mod clock;
 pub mod config;
+pub mod eventlog;
 pub mod id;
 pub mod limits;
 pub mod net;
@@ -14,6 +15,7 @@ pub mod pem;
 pub mod pki;
 pub mod revocation;
 pub mod seal;
+pub mod secret;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -101,6 +101,22 @@ impl PrivateKey {
     }
 }
 
+/// Checks a certificate request (size, signature, key type) without issuing:
+/// callers check before consuming anything, such as a one-time join token.
+pub fn check_csr(csr_der: &[u8]) -> Result<(), PkiError> {
+    if csr_der.len() > MAX_DER_LEN {
+        return Err(PkiError::TooLarge);
+    }
+    let csr =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+            .map_err(|_| PkiError::BadCsr)?;
+    let alg = csr.public_key.algorithm();
+    if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
+        return Err(PkiError::UnsupportedKey);
+    }
+    Ok(())
+}
+
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {

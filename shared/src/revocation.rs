@@ -210,7 +210,26 @@ impl RevocationSet {
 
     /// Checks a certificate (and the id of the CA that issued it) against
     /// every rule. The error says why, for the peer.
-    pub fn check_cert(&self, cert: &CertInfo, issuer: Option<&SpiffeId>) -> Result<(), String> {
+    pub fn is_serial_revoked(&self, serial_hex: &str) -> bool {
+        self.serials.contains(serial_hex)
+    }
+
+    /// Checks a certificate and the CA that issued it (`None`: the root)
+    /// against every rule. The error says why, for the peer.
+    pub fn check_cert(&self, cert: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
+        if let Some(ca) = issuer {
+            if self.serials.contains(&ca.serial_hex) {
+                return Err(format!(
+                    "the issuing CA certificate {} has been revoked",
+                    ca.serial_hex
+                ));
+            }
+            if let Some(ca_id) = ca.id.as_ref()
+                && self.caches.contains(ca_id)
+            {
+                return Err(format!("the issuing cache {ca_id} has been revoked"));
+            }
+        }
         let Some(id) = cert.id.as_ref() else {
             return Ok(());
         };
@@ -219,11 +238,6 @@ impl RevocationSet {
         }
         if self.caches.contains(id) {
             return Err(format!("cache {id} has been revoked"));
-        }
-        if let Some(issuer) = issuer
-            && self.caches.contains(issuer)
-        {
-            return Err(format!("the issuing cache {issuer} has been revoked"));
         }
         if self.serials.contains(&cert.serial_hex) {
             return Err(format!(
@@ -247,6 +261,37 @@ mod tests {
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).expect("id")
+    }
+
+    fn ca_info(id: &SpiffeId) -> CertInfo {
+        CertInfo {
+            id: Some(id.clone()),
+            serial_hex: "ca01".into(),
+            not_before: std::time::UNIX_EPOCH,
+            not_after: std::time::UNIX_EPOCH + std::time::Duration::from_secs(10_000),
+            is_ca: true,
+            sha256: [0; 32],
+            eku_client_auth: false,
+            eku_server_auth: false,
+        }
+    }
+
+    #[test]
+    fn revoking_the_issuing_ca_by_serial_refuses_its_leaves() {
+        let cache = id("spiffe://t/cache/eu/c");
+        let mut leaf = ca_info(&id("spiffe://t/agent/eu/a"));
+        leaf.serial_hex = "aa".into();
+        leaf.is_ca = false;
+        let mut set = RevocationSet::default();
+        assert!(set.check_cert(&leaf, Some(&ca_info(&cache))).is_ok());
+        set.apply(&Revocation {
+            target: Target::CertSerial("ca01".into()),
+            reason: String::new(),
+        });
+        let e = set
+            .check_cert(&leaf, Some(&ca_info(&cache)))
+            .expect_err("issuer revoked");
+        assert!(e.contains("issuing CA"), "{e}");
     }
 
     #[test]
@@ -315,7 +360,7 @@ mod tests {
             eku_server_auth: false,
         };
         let mut set = RevocationSet::default();
-        assert!(set.check_cert(&cert, Some(&cache)).is_ok());
+        assert!(set.check_cert(&cert, Some(&ca_info(&cache))).is_ok());
         set.apply(&Revocation {
             target: Target::SubjectBefore {
                 subject: agent.clone(),
@@ -342,7 +387,7 @@ mod tests {
             reason: String::new(),
         });
         assert!(
-            set.check_cert(&cert, Some(&cache))
+            set.check_cert(&cert, Some(&ca_info(&cache)))
                 .expect_err("issuer")
                 .contains("issuing cache")
         );
