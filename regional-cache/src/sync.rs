@@ -28,6 +28,8 @@ const APPLIED_KEY: &[u8] = b"applied_seq";
 const MAX_PENDING: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long the persister waits to gather batches into one fsync.
+const PERSIST_DELAY: Duration = Duration::from_millis(2);
 /// Largest batch accepted from the control plane.
 const MAX_BATCH: usize = 1024;
 
@@ -333,11 +335,7 @@ pub type Backlog = (Vec<(u64, pb::Revocation)>, usize, u64);
 
 /// Also returns how many events were scanned and the last one's sequence
 /// (events of other kinds may come between revocations).
-pub fn revocations_after(
-    store: &SharedStore,
-    after: u64,
-    limit: usize,
-) -> Result<Backlog, Error> {
+pub fn revocations_after(store: &SharedStore, after: u64, limit: usize) -> Result<Backlog, Error> {
     let mut out = Vec::new();
     let scanned = store.scan_from(T_EVENTS, &seq_key(after.saturating_add(1)), limit)?;
     let n = scanned.len();
@@ -441,6 +439,10 @@ async fn session(
         let up = up.clone();
         tokio::spawn(async move {
             while let Some((mut events, mut decoded)) = persist_rx.recv().await {
+                // A short commit delay: what arrives meanwhile shares the
+                // fsync, and the disk work stays out of the way of fanning the
+                // event out. Enforcement has already happened.
+                tokio::time::sleep(PERSIST_DELAY).await;
                 while let Ok((e, d)) = persist_rx.try_recv() {
                     events.extend(e);
                     decoded.extend(d);
