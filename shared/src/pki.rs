@@ -104,6 +104,12 @@ impl PrivateKey {
 /// Checks a certificate request (size, signature, key type) without issuing:
 /// callers check before consuming anything, such as a one-time join token.
 pub fn check_csr(csr_der: &[u8]) -> Result<(), PkiError> {
+    parse_csr(csr_der).map(|_| ())
+}
+
+/// Parses a request, verifying its signature (proof of possession), and
+/// accepts only the key types we use.
+fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, PkiError> {
     if csr_der.len() > MAX_DER_LEN {
         return Err(PkiError::TooLarge);
     }
@@ -114,7 +120,7 @@ pub fn check_csr(csr_der: &[u8]) -> Result<(), PkiError> {
     if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
         return Err(PkiError::UnsupportedKey);
     }
-    Ok(())
+    Ok(csr)
 }
 
 /// What a certificate is for.
@@ -332,16 +338,7 @@ impl Authority {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<Vec<u8>, PkiError> {
-        if csr_der.len() > MAX_DER_LEN {
-            return Err(PkiError::TooLarge);
-        }
-        let csr =
-            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
-                .map_err(|_| PkiError::BadCsr)?;
-        let alg = csr.public_key.algorithm();
-        if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
-            return Err(PkiError::UnsupportedKey);
-        }
+        let csr = parse_csr(csr_der)?;
         // The issuer's own scope rule, applied before signing as well as at
         // every verifier.
         let issuer_scope = if self.info.id.is_some() {
