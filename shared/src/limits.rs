@@ -17,6 +17,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections without a client certificate (enrolment, JWKS), and their life.
+pub const MAX_ANONYMOUS_CONNECTIONS: usize = 256;
+pub const ANONYMOUS_MAX_AGE: Duration = Duration::from_secs(30);
 pub const ACCEPT_QUEUE: usize = 128;
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;

@@ -152,6 +152,24 @@ fn identity_of(conn: &rustls::ServerConnection) -> Option<Arc<PeerIdentity>> {
     Some(Arc::new(PeerIdentity { id, cert, issuer }))
 }
 
+/// Limits on connections without a client certificate (enrolment and the
+/// public JWKS only): they get a small budget of their own and a short life,
+/// so that nobody can hold every slot without credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct AnonymousLimits {
+    pub max_connections: usize,
+    pub max_age: Duration,
+}
+
+impl Default for AnonymousLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: limits::MAX_ANONYMOUS_CONNECTIONS,
+            max_age: limits::ANONYMOUS_MAX_AGE,
+        }
+    }
+}
+
 /// Accepts TCP connections, runs TLS handshakes off the accept loop (bounded
 /// in time and number) and yields ready connections.
 /// `kill` turning true ends every connection at its next I/O.
@@ -160,9 +178,19 @@ pub fn tls_incoming(
     tls: Arc<rustls::ServerConfig>,
     kill: tokio::sync::watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
+    tls_incoming_with(listener, tls, kill, AnonymousLimits::default())
+}
+
+pub fn tls_incoming_with(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    kill: tokio::sync::watch::Receiver<bool>,
+    anonymous: AnonymousLimits,
+) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(limits::ACCEPT_QUEUE);
     let acceptor = TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
+    let anon_permits = Arc::new(Semaphore::new(anonymous.max_connections));
     let mut stop = kill.clone();
     tokio::spawn(async move {
         loop {
@@ -190,6 +218,7 @@ pub fn tls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let mut kill = kill.clone();
+            let anon_permits = anon_permits.clone();
             tokio::spawn(async move {
                 // A handshake in flight must not keep a stopped server's
                 // state (its TLS configuration) alive either.
@@ -211,6 +240,22 @@ pub fn tls_incoming(
                     }
                 };
                 let identity = identity_of(tls.get_ref().1);
+                let killed: Pin<Box<dyn Future<Output = ()> + Send>> = if identity.is_some() {
+                    Box::pin(async move { until_true(&mut kill).await })
+                } else {
+                    let Ok(anon) = anon_permits.try_acquire_owned() else {
+                        metrics::counter!("lattice_connections_refused_total", "reason" => "anonymous_limit")
+                            .increment(1);
+                        return;
+                    };
+                    Box::pin(async move {
+                        let _anon = anon;
+                        tokio::select! {
+                            _ = until_true(&mut kill) => {}
+                            _ = tokio::time::sleep(anonymous.max_age) => {}
+                        }
+                    })
+                };
                 let info = PeerInfo {
                     remote: Some(remote),
                     identity,
@@ -220,7 +265,7 @@ pub fn tls_incoming(
                         inner: tls,
                         info,
                         _permit: permit,
-                        killed: Box::pin(async move { until_true(&mut kill).await }),
+                        killed,
                     }))
                     .await;
             });
@@ -358,4 +403,82 @@ pub async fn stop_server(
         }
     }
     kill.send_replace(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::id::TrustDomain;
+    use crate::pki::{Authority, PrivateKey, Profile, TrustBundle};
+    use crate::tls::{ExpectedServer, ReloadableCert};
+    use futures::StreamExt;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn anonymous_connections_are_capped_and_short_lived() {
+        crate::tls::install_crypto_provider();
+        let td = TrustDomain::new("t").expect("td");
+        let now = std::time::SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let root = Authority::new_root(&td, PrivateKey::generate_p256().expect("k"), now, hour)
+            .expect("root");
+        let key = PrivateKey::generate_p256().expect("k");
+        let id = SpiffeId::parse("spiffe://t/cp/main").expect("id");
+        let cert = root
+            .issue(
+                &key.csr_der().expect("csr"),
+                &id,
+                Profile::TlsServerClient,
+                now,
+                hour,
+            )
+            .expect("cert");
+        let bundle = Arc::new(TrustBundle::new(td, root.cert_der().to_vec()).expect("bundle"));
+        let clock = SystemClock::shared();
+        let server = crate::tls::server_config(
+            bundle.clone(),
+            clock.clone(),
+            ReloadableCert::new(vec![cert], &key).expect("cert"),
+            None,
+        )
+        .expect("server tls");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_kill, kill_rx) = tokio::sync::watch::channel(false);
+        let limits = AnonymousLimits {
+            max_connections: 1,
+            max_age: Duration::from_millis(300),
+        };
+        let mut incoming = tls_incoming_with(listener, server, kill_rx, limits);
+        let connector = TlsConnector::from(
+            crate::tls::client_config(bundle, clock, ExpectedServer::ControlPlane, None)
+                .expect("client tls"),
+        );
+        let connect = || async {
+            let tcp = TcpStream::connect(addr).await.expect("tcp");
+            connector
+                .connect(ServerName::try_from("x").expect("name"), tcp)
+                .await
+                .expect("handshake")
+        };
+
+        let _first = connect().await;
+        let mut served = incoming.next().await.expect("a connection").expect("ok");
+        assert!(served.info.identity.is_none(), "anonymous");
+
+        // Over the anonymous budget: the server drops the second one.
+        let mut second = connect().await;
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+            .await
+            .expect("closed");
+        assert!(!matches!(r, Ok(n) if n > 0), "{r:?}");
+
+        // The first one ends once its short life is over, though idle.
+        let r = tokio::time::timeout(Duration::from_secs(5), served.read(&mut buf))
+            .await
+            .expect("ended");
+        assert!(r.is_err(), "{r:?}");
+    }
 }
