@@ -218,10 +218,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 RevokeTarget::Token { jti } => T::Jti(jti),
                 RevokeTarget::Cert { serial } => T::CertSerial(serial),
                 RevokeTarget::Before { subject, time } => {
-                    // `now` covers everything issued up to this second, here;
-                    // clock skew between hosts is not covered.
+                    // `now` (0 on the wire) is read from the control plane's
+                    // clock at commit, not from this workstation's.
                     let issued_before_unix = if time == "now" {
-                        now_ms() / 1000 + 1
+                        0
                     } else {
                         time.parse()
                             .map_err(|_| anyhow!("--time takes unix seconds or `now`"))?

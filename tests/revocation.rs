@@ -151,12 +151,20 @@ async fn token_serial_before_and_join_token_targets() {
 
     // Everything of `c` issued before now.
     clock.advance(Duration::from_secs(1));
+    // 0 means "now" at the control plane: its clock, rounded up.
     let ev = l
         .revoke(Target::SubjectBefore {
             subject: c.id.clone(),
-            issued_before_unix: clock.now_unix(),
+            issued_before_unix: 0,
         })
         .expect("revoke");
+    match &ev.body {
+        Some(pb::lattice_event::Body::Revocation(pb::Revocation {
+            target: Some(pb::revocation::Target::SubjectBefore(sb)),
+            ..
+        })) => assert_eq!(sb.issued_before_unix, clock.now_unix() + 1),
+        other => panic!("unexpected event {other:?}"),
+    }
     l.wait_all_applied(ev.seq).await.expect("applied");
     l.caches[0].wait_fresh().await.expect("fresh");
     let e = c

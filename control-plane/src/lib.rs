@@ -520,7 +520,27 @@ impl State {
                 self.td
             )));
         }
-        let ev = self.log.append_revocation(r, self.now_ms())?;
+        // "Everything issued before now" (cutoff 0) takes the commit time,
+        // rounded up: everything issued up to this second is covered.
+        let now_ms = self.now_ms();
+        let resolved;
+        let r = match &r.target {
+            Target::SubjectBefore {
+                subject,
+                issued_before_unix: 0,
+            } => {
+                resolved = lattice_shared::revocation::Revocation {
+                    target: Target::SubjectBefore {
+                        subject: subject.clone(),
+                        issued_before_unix: now_ms / 1000 + 1,
+                    },
+                    reason: r.reason.clone(),
+                };
+                &resolved
+            }
+            _ => r,
+        };
+        let ev = self.log.append_revocation(r, now_ms)?;
         metrics::counter!("lattice_cp_revocations_total").increment(1);
         tracing::info!(seq = ev.seq, target = %r.target, "revocation committed");
         Ok(ev)
