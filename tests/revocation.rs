@@ -510,3 +510,52 @@ async fn status_reports_each_cache() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     l.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_knows_a_cache_is_revoked_does_not_trust_it_again() {
+    let spec = Spec {
+        caches: vec![("eu".into(), "c1".into()), ("eu".into(), "c2".into())],
+        agents: vec![],
+        ..Spec::default()
+    };
+    let (l, clock) = lattice_with(spec).await;
+    let known = std::sync::Arc::new(lattice_edge_agent::KnownRevocations::default());
+    known.apply(&lattice_shared::revocation::Revocation {
+        target: Target::Cache(l.caches[0].id()),
+        reason: String::new(),
+    });
+    // An enrolment attempt (server-auth TLS only) to each cache.
+    let enrol_at = |addr| {
+        let tls = lattice_shared::tls::client_config_checked(
+            bundle(&l),
+            clock.shared(),
+            lattice_shared::tls::ExpectedServer::CacheIn(
+                lattice_shared::id::RegionId::new("eu").expect("region"),
+            ),
+            None,
+            Some(known.clone()),
+        )
+        .expect("tls");
+        let mut c = pb::cache_client::CacheClient::new(
+            lattice_shared::net::channel(addr, tls).expect("channel"),
+        );
+        async move {
+            c.enrol(pb::EnrolAgentRequest {
+                join_token: "ljt_x".into(),
+                requested_id: String::new(),
+                csr: vec![],
+            })
+            .await
+        }
+    };
+    // c2 answers (with a precise refusal); c1 is never even talked to, so it
+    // would never see a join token.
+    let at_c2 = enrol_at(l.caches[1].addr()).await.expect_err("bad request");
+    assert_eq!(at_c2.code(), Code::InvalidArgument, "{at_c2:?}");
+    let at_c1 = enrol_at(l.caches[0].addr()).await.expect_err("refused");
+    assert!(
+        !matches!(at_c1.code(), Code::InvalidArgument | Code::PermissionDenied),
+        "{at_c1:?}"
+    );
+    l.shutdown().await;
+}

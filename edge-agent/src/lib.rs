@@ -136,6 +136,7 @@ pub struct Agent {
     cert: Arc<ReloadableCert>,
     chain: RwLock<Chain>,
     client: RwLock<CacheClient<Channel>>,
+    known: Arc<KnownRevocations>,
     /// Tokens handed out and not known revoked: jti → token.
     held: std::sync::Mutex<std::collections::HashMap<String, HeldToken>>,
     revoked: tokio::sync::watch::Sender<bool>,
@@ -241,8 +242,10 @@ impl Agent {
             }
         };
         let cert = ReloadableCert::new(vec![chain.leaf.clone(), chain.intermediate.clone()], &key)?;
-        let client = new_client(&cfg, &bundle, &deps.clock, &region, &cert)?;
+        let known = Arc::new(KnownRevocations::default());
+        let client = new_client(&cfg, &bundle, &deps.clock, &region, &cert, &known)?;
         Ok(Agent {
+            known,
             id,
             region,
             cfg,
@@ -326,6 +329,7 @@ impl Agent {
     /// identity (key, certificate, tokens) when it is the target.
     pub fn apply_revocation(&self, r: &Revocation) {
         use lattice_shared::revocation::Target;
+        self.known.apply(r);
         let chain = self.chain();
         let issuer = lattice_shared::pki::inspect(&chain.intermediate)
             .ok()
@@ -447,6 +451,7 @@ impl Agent {
             &self.clock,
             &self.region,
             &self.cert,
+            &self.known,
         )
     }
 
@@ -478,6 +483,7 @@ impl Agent {
             &self.clock,
             &self.region,
             &self.cert,
+            &self.known,
         )?;
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
         tracing::info!(agent_id = %self.id, not_after = ?chain.info.not_after, "certificate renewed");
@@ -519,18 +525,40 @@ impl Agent {
     }
 }
 
+/// The revocations this agent has heard of, applied to the caches it
+/// connects to: a revoked cache (or its certificate) is not trusted again.
+#[derive(Debug, Default)]
+pub struct KnownRevocations(RwLock<lattice_shared::revocation::RevocationSet>);
+
+impl KnownRevocations {
+    pub fn apply(&self, r: &Revocation) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).apply(r);
+    }
+}
+
+impl lattice_shared::tls::PeerCheck for KnownRevocations {
+    fn check(&self, leaf: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .check_cert(leaf, issuer)
+    }
+}
+
 fn new_client(
     cfg: &Config,
     bundle: &Arc<TrustBundle>,
     clock: &SharedClock,
     region: &RegionId,
     cert: &Arc<ReloadableCert>,
+    known: &Arc<KnownRevocations>,
 ) -> Result<CacheClient<Channel>, Error> {
-    let tls = lattice_shared::tls::client_config(
+    let tls = lattice_shared::tls::client_config_checked(
         bundle.clone(),
         clock.clone(),
         ExpectedServer::CacheIn(region.clone()),
         Some(cert.clone()),
+        Some(known.clone()),
     )?;
     let ch = lattice_shared::net::channel(cfg.cache, tls)
         .map_err(|e| Error::Transport(e.to_string()))?;

@@ -191,6 +191,7 @@ struct ServerVerifier {
     clock: SharedClock,
     expected: ExpectedServer,
     algs: WebPkiSupportedAlgorithms,
+    check: Option<Arc<dyn PeerCheck>>,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -204,15 +205,20 @@ impl ServerCertVerifier for ServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // SPIFFE-style: the server is named by the id in its certificate, not
         // by a DNS name.
-        let info = self
+        let (info, issuer) = self
             .bundle
-            .verify(
+            .verify_path(
                 end_entity,
                 intermediates,
                 self.clock.now(),
                 Usage::TlsServer,
             )
             .map_err(|e| rustls::Error::General(e.to_string()))?;
+        if let Some(check) = &self.check {
+            check
+                .check(&info, issuer.as_ref())
+                .map_err(rustls::Error::General)?;
+        }
         match &info.id {
             Some(id) if self.expected.accepts(id) => Ok(ServerCertVerified::assertion()),
             Some(id) => Err(rustls::Error::General(format!(
@@ -276,11 +282,24 @@ pub fn client_config(
     expected: ExpectedServer,
     cert: Option<Arc<ReloadableCert>>,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    client_config_checked(bundle, clock, expected, cert, None)
+}
+
+/// As [`client_config`], also applying `check` (e.g. the revocations the
+/// client knows of) to the server's certificate.
+pub fn client_config_checked(
+    bundle: Arc<TrustBundle>,
+    clock: SharedClock,
+    expected: ExpectedServer,
+    cert: Option<Arc<ReloadableCert>>,
+    check: Option<Arc<dyn PeerCheck>>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let verifier = Arc::new(ServerVerifier {
         bundle,
         clock,
         expected,
         algs: sig_algs(),
+        check,
     });
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
