@@ -114,6 +114,7 @@ fn kill_9_loses_no_acknowledged_revocation_and_leaves_no_gap() {
 
     // Revocations flow while the control plane is killed mid-stream.
     let mut acked = Vec::new();
+    let (progress, seen) = std::sync::mpsc::channel();
     let writer = std::thread::spawn({
         let args = admin.args.clone();
         move || {
@@ -124,13 +125,18 @@ fn kill_9_loses_no_acknowledged_revocation_and_leaves_no_gap() {
             while acked.len() < 30 && Instant::now() < deadline {
                 if let Some(seq) = admin.revoke(&format!("a{i}")) {
                     acked.push(seq);
+                    let _ = progress.send(seq);
                 }
                 i += 1;
             }
             acked
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Kill once revocations are demonstrably flowing.
+    for _ in 0..5 {
+        seen.recv_timeout(Duration::from_secs(30))
+            .expect("revocations acknowledged");
+    }
     let _ = cp.0.kill(); // SIGKILL
     let _ = cp.0.wait();
     let (cp2, _) = start_cp(d, &cp_addr.to_string());
@@ -149,16 +155,24 @@ fn kill_9_loses_no_acknowledged_revocation_and_leaves_no_gap() {
     );
 
     // Now kill -9 the cache while revocations flow, and restart it.
+    let (progress, seen) = std::sync::mpsc::channel();
     let writer = std::thread::spawn({
         let args = admin.args.clone();
         move || {
             let admin = Admin { args };
             (0..20)
-                .filter_map(|i| admin.revoke(&format!("b{i}")))
+                .filter_map(|i| {
+                    let seq = admin.revoke(&format!("b{i}"));
+                    let _ = progress.send(());
+                    seq
+                })
                 .collect::<Vec<_>>()
         }
     });
-    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..3 {
+        seen.recv_timeout(Duration::from_secs(30))
+            .expect("revocations flowing");
+    }
     let _ = cache.0.kill();
     let _ = cache.0.wait();
     let more = writer.join().expect("writer");
