@@ -13,6 +13,7 @@ pub mod limits;
 pub mod net;
 pub mod pem;
 pub mod pki;
+pub mod policy;
 pub mod revocation;
 pub mod seal;
 pub mod secret;

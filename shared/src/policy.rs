@@ -1,0 +1,1543 @@
+//! Policy as code: Cedar bundles (policies, schema, entity data, named test
+//! cases), their compilation into an [`Engine`] that decides requests, and
+//! the contract between a bundle and the lattice.
+//!
+//! The lattice builds every request itself (principal entity, context) from
+//! facts it has verified or been told; a bundle is accepted only if its
+//! schema accepts those requests, so that strict validation rules out type
+//! errors at evaluation. Any evaluation error still denies (fail closed):
+//! Cedar skips a policy that errors, which for a `forbid` would mean allow.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use cedar_policy::{
+    ActionConstraint, Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, Policy, PolicyId, PolicySet, Request, ResourceConstraint, RestrictedExpression,
+    Schema, ValidationMode, Validator,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::id::{Role, SpiffeId};
+
+pub mod sign;
+
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+pub const ENTITIES_FILE: &str = "entities.json";
+pub const TESTS_FILE: &str = "tests.json";
+/// Largest bundle (all files together), file count and file size.
+pub const MAX_BUNDLE_BYTES: usize = 1024 * 1024;
+pub const MAX_FILES: usize = 256;
+pub const MAX_FILE_NAME: usize = 128;
+pub const MAX_TEST_CASES: usize = 10_000;
+
+const NS: &str = "Lattice";
+
+/// The bundle a new control plane starts with (see `shared/policies/default`).
+pub fn default_bundle() -> BundleFiles {
+    BundleFiles::from_files([
+        (
+            SCHEMA_FILE.to_string(),
+            include_str!("../policies/default/schema.cedarschema").to_string(),
+        ),
+        (
+            "lattice.cedar".to_string(),
+            include_str!("../policies/default/lattice.cedar").to_string(),
+        ),
+        (
+            ENTITIES_FILE.to_string(),
+            include_str!("../policies/default/entities.json").to_string(),
+        ),
+        (
+            TESTS_FILE.to_string(),
+            include_str!("../policies/default/tests.json").to_string(),
+        ),
+    ])
+    .expect("the built-in default bundle is well-formed") // checked by a unit test
+}
+
+/// The lattice schema, as the default bundle carries it.
+pub fn lattice_schema_text() -> &'static str {
+    include_str!("../policies/default/schema.cedarschema")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("bundle: {0}")]
+    Bundle(String),
+    #[error("{0}")]
+    Rejected(Report),
+    #[error("policy signature: {0}")]
+    Signature(String),
+    #[error("reading {path}: {err}")]
+    Io { path: String, err: std::io::Error },
+}
+
+/// Why a bundle was refused: one line per problem, ready to print.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "bundle refused, {} problem(s):", self.problems.len())?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bundle files.
+
+/// The files of a bundle by name: `*.cedar` policies, the schema, the entity
+/// data and the test cases. Ordered, so that its encoding and digest are
+/// canonical.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BundleFiles {
+    files: BTreeMap<String, String>,
+}
+
+fn is_bundle_file(name: &str) -> bool {
+    name.ends_with(".cedar") || name == SCHEMA_FILE || name == ENTITIES_FILE || name == TESTS_FILE
+}
+
+impl BundleFiles {
+    pub fn from_files(
+        files: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, PolicyError> {
+        let mut out = BTreeMap::new();
+        let mut total = 0usize;
+        for (name, content) in files {
+            if name.is_empty()
+                || name.len() > MAX_FILE_NAME
+                || name.contains(['/', '\\'])
+                || name.starts_with('.')
+                || !is_bundle_file(&name)
+            {
+                return Err(PolicyError::Bundle(format!(
+                    "{name:?} is not a bundle file name (*.cedar, {SCHEMA_FILE}, {ENTITIES_FILE}, {TESTS_FILE})"
+                )));
+            }
+            total += name.len() + content.len();
+            if total > MAX_BUNDLE_BYTES {
+                return Err(PolicyError::Bundle(format!(
+                    "bundle is larger than {MAX_BUNDLE_BYTES} bytes"
+                )));
+            }
+            if out.insert(name.clone(), content).is_some() {
+                return Err(PolicyError::Bundle(format!("{name:?} appears twice")));
+            }
+            if out.len() > MAX_FILES {
+                return Err(PolicyError::Bundle(format!(
+                    "more than {MAX_FILES} files"
+                )));
+            }
+        }
+        Ok(Self { files: out })
+    }
+
+    /// Reads the bundle files of `dir` (not recursive; other files such as a
+    /// README are ignored).
+    pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
+        let io = |err| PolicyError::Io {
+            path: dir.display().to_string(),
+            err,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.file_type().map_err(io)?.is_file() || !is_bundle_file(&name) {
+                continue;
+            }
+            let path = entry.path();
+            let meta = std::fs::metadata(&path).map_err(io)?;
+            if meta.len() > MAX_BUNDLE_BYTES as u64 {
+                return Err(PolicyError::Bundle(format!(
+                    "{} is larger than {MAX_BUNDLE_BYTES} bytes",
+                    path.display()
+                )));
+            }
+            let content = std::fs::read_to_string(&path).map_err(|err| PolicyError::Io {
+                path: path.display().to_string(),
+                err,
+            })?;
+            files.push((name, content));
+        }
+        Self::from_files(files)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.files.get(name).map(String::as_str)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.files.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn to_proto(&self) -> crate::proto::PolicyBundleFiles {
+        crate::proto::PolicyBundleFiles {
+            files: self
+                .files
+                .iter()
+                .map(|(path, content)| crate::proto::PolicyFile {
+                    path: path.clone(),
+                    content: content.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn from_proto(p: &crate::proto::PolicyBundleFiles) -> Result<Self, PolicyError> {
+        Self::from_files(
+            p.files
+                .iter()
+                .map(|f| (f.path.clone(), f.content.clone())),
+        )
+    }
+
+    /// SHA-256 of the canonical encoding (files sorted by name).
+    pub fn sha256(&self) -> [u8; 32] {
+        use prost::Message;
+        crate::pki::sha256(&self.to_proto().encode_to_vec())
+    }
+
+    /// A readable, line-level diff from `self` to `new`.
+    pub fn diff(&self, new: &BundleFiles) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let names: std::collections::BTreeSet<&String> =
+            self.files.keys().chain(new.files.keys()).collect();
+        for name in names {
+            let old = self.files.get(name).map(String::as_str).unwrap_or("");
+            let newer = new.files.get(name).map(String::as_str).unwrap_or("");
+            if old == newer {
+                continue;
+            }
+            let d = similar::TextDiff::from_lines(old, newer);
+            let _ = write!(
+                out,
+                "{}",
+                d.unified_diff()
+                    .context_radius(3)
+                    .header(&format!("a/{name}"), &format!("b/{name}"))
+            );
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Requests.
+
+/// The agent actions the lattice evaluates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AgentAction {
+    Enrol,
+    IssueCertificate,
+    MintToken,
+    ExchangeToken,
+    LeaseSecret,
+}
+
+impl AgentAction {
+    pub const ALL: [AgentAction; 5] = [
+        AgentAction::Enrol,
+        AgentAction::IssueCertificate,
+        AgentAction::MintToken,
+        AgentAction::ExchangeToken,
+        AgentAction::LeaseSecret,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentAction::Enrol => "Enrol",
+            AgentAction::IssueCertificate => "IssueCertificate",
+            AgentAction::MintToken => "MintToken",
+            AgentAction::ExchangeToken => "ExchangeToken",
+            AgentAction::LeaseSecret => "LeaseSecret",
+        }
+    }
+    fn resource_type(self) -> &'static str {
+        match self {
+            AgentAction::Enrol | AgentAction::IssueCertificate => "Region",
+            AgentAction::MintToken | AgentAction::ExchangeToken => "Audience",
+            AgentAction::LeaseSecret => "Secret",
+        }
+    }
+}
+
+/// The admin actions: every change an operator makes is one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AdminAction {
+    PushPolicy,
+    RollbackPolicy,
+    ReadPolicy,
+    PutSecret,
+    RotateSecret,
+    RotateKmsKey,
+    Revoke,
+    CreateJoinToken,
+    IssueAdminCertificate,
+    Approve,
+    ReadStatus,
+    ReadAudit,
+}
+
+impl AdminAction {
+    pub const ALL: [AdminAction; 12] = [
+        AdminAction::PushPolicy,
+        AdminAction::RollbackPolicy,
+        AdminAction::ReadPolicy,
+        AdminAction::PutSecret,
+        AdminAction::RotateSecret,
+        AdminAction::RotateKmsKey,
+        AdminAction::Revoke,
+        AdminAction::CreateJoinToken,
+        AdminAction::IssueAdminCertificate,
+        AdminAction::Approve,
+        AdminAction::ReadStatus,
+        AdminAction::ReadAudit,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminAction::PushPolicy => "PushPolicy",
+            AdminAction::RollbackPolicy => "RollbackPolicy",
+            AdminAction::ReadPolicy => "ReadPolicy",
+            AdminAction::PutSecret => "PutSecret",
+            AdminAction::RotateSecret => "RotateSecret",
+            AdminAction::RotateKmsKey => "RotateKmsKey",
+            AdminAction::Revoke => "Revoke",
+            AdminAction::CreateJoinToken => "CreateJoinToken",
+            AdminAction::IssueAdminCertificate => "IssueAdminCertificate",
+            AdminAction::Approve => "Approve",
+            AdminAction::ReadStatus => "ReadStatus",
+            AdminAction::ReadAudit => "ReadAudit",
+        }
+    }
+    fn resource_type(self) -> &'static str {
+        match self {
+            AdminAction::PutSecret | AdminAction::RotateSecret => "Secret",
+            _ => "ControlPlane",
+        }
+    }
+}
+
+/// Either kind of action, by its Cedar name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Agent(AgentAction),
+    Admin(AdminAction),
+}
+
+impl FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        AgentAction::ALL
+            .iter()
+            .find(|a| a.name() == s)
+            .map(|a| Action::Agent(*a))
+            .or_else(|| {
+                AdminAction::ALL
+                    .iter()
+                    .find(|a| a.name() == s)
+                    .map(|a| Action::Admin(*a))
+            })
+            .ok_or_else(|| format!("unknown action {s:?}"))
+    }
+}
+
+/// Admin roles, carried in admin certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdminRole {
+    PlatformAdmin,
+    SecretCustodian,
+    RegionalOperator,
+    Auditor,
+}
+
+impl AdminRole {
+    pub const ALL: [AdminRole; 4] = [
+        AdminRole::PlatformAdmin,
+        AdminRole::SecretCustodian,
+        AdminRole::RegionalOperator,
+        AdminRole::Auditor,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::PlatformAdmin => "platform-admin",
+            AdminRole::SecretCustodian => "secret-custodian",
+            AdminRole::RegionalOperator => "regional-operator",
+            AdminRole::Auditor => "auditor",
+        }
+    }
+}
+
+impl FromStr for AdminRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        AdminRole::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown admin role {s:?} (one of platform-admin, secret-custodian, regional-operator, auditor)"
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for AdminRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Device posture reported by an agent. Unreported claims are absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Posture {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_patched: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_encrypted: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_version: Option<String>,
+}
+
+pub const MAX_POSTURE_STRING: usize = 128;
+pub const MAX_JOB_TYPE: usize = 128;
+
+impl Posture {
+    pub fn from_proto(p: &crate::proto::Posture) -> Result<Self, String> {
+        if p.os_version.as_ref().is_some_and(|v| v.len() > MAX_POSTURE_STRING) {
+            return Err(format!(
+                "posture.os_version is longer than {MAX_POSTURE_STRING} bytes"
+            ));
+        }
+        Ok(Self {
+            os_patched: p.os_patched,
+            disk_encrypted: p.disk_encrypted,
+            secure_boot: p.secure_boot,
+            os_version: p.os_version.clone(),
+        })
+    }
+    pub fn to_proto(&self) -> crate::proto::Posture {
+        crate::proto::Posture {
+            os_patched: self.os_patched,
+            disk_encrypted: self.disk_encrypted,
+            secure_boot: self.secure_boot,
+            os_version: self.os_version.clone(),
+        }
+    }
+    fn expr(&self) -> RestrictedExpression {
+        let mut fields: Vec<(String, RestrictedExpression)> = Vec::new();
+        for (k, v) in [
+            ("os_patched", self.os_patched),
+            ("disk_encrypted", self.disk_encrypted),
+            ("secure_boot", self.secure_boot),
+        ] {
+            if let Some(v) = v {
+                fields.push((k.into(), RestrictedExpression::new_bool(v)));
+            }
+        }
+        if let Some(v) = &self.os_version {
+            fields.push((
+                "os_version".into(),
+                RestrictedExpression::new_string(v.clone()),
+            ));
+        }
+        // Keys are distinct by construction.
+        RestrictedExpression::new_record(fields).unwrap_or_else(|_| {
+            RestrictedExpression::new_record(Vec::<(String, RestrictedExpression)>::new())
+                .expect("an empty record is valid")
+        })
+    }
+}
+
+/// A request by an agent, as its cache sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AgentRequest {
+    pub principal: SpiffeId,
+    pub action: AgentAction,
+    /// Audience, secret or region name, by action.
+    pub resource: String,
+    /// The evaluating cache's region.
+    pub region: String,
+    pub source_ip: IpAddr,
+    pub ttl_secs: u64,
+    pub scopes: Vec<String>,
+    pub posture: Posture,
+    pub job_type: String,
+    pub hour_utc: u8,
+    pub weekday: u8,
+}
+
+/// UTC hour (0–23) and ISO weekday (1 = Monday … 7 = Sunday) of `t`.
+pub fn hour_and_weekday(t: SystemTime) -> (u8, u8) {
+    let secs = crate::clock::unix_secs(t);
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(dt) => (dt.hour(), dt.weekday().number_from_monday()),
+        Err(_) => (0, 1),
+    }
+}
+
+/// One approval of a pending admin request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    pub admin: SpiffeId,
+    pub roles: Vec<AdminRole>,
+}
+
+/// A request by an admin, identified by the certificate of the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminRequest {
+    pub principal: SpiffeId,
+    pub roles: Vec<AdminRole>,
+    /// Regions a regional operator is confined to (from the certificate).
+    pub regions: Vec<String>,
+    pub action: AdminAction,
+    /// The secret name for secret actions; ignored otherwise.
+    pub resource: String,
+    pub target_region: String,
+    pub source_ip: IpAddr,
+    pub approvals: Vec<Approval>,
+    pub hour_utc: u8,
+    pub weekday: u8,
+}
+
+/// The outcome of one decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub allowed: bool,
+    /// The bundle version that decided.
+    pub version: u64,
+    /// Ids of the policies that determined the outcome (the permits for an
+    /// allow, the forbids for an explicit deny; empty when nothing permitted).
+    pub policies: Vec<String>,
+    /// Evaluation errors (they deny).
+    pub errors: Vec<String>,
+}
+
+impl Outcome {
+    /// A message for the caller of a denied request.
+    pub fn denial(&self) -> String {
+        if !self.errors.is_empty() {
+            format!(
+                "denied by policy version {}: evaluation error in {}",
+                self.version,
+                self.errors.join("; ")
+            )
+        } else if self.policies.is_empty() {
+            format!(
+                "denied by policy version {}: no policy permits this request",
+                self.version
+            )
+        } else {
+            format!(
+                "denied by policy version {}: forbidden by {}",
+                self.version,
+                self.policies.join(", ")
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cedar helpers.
+
+fn type_name(t: &str) -> EntityTypeName {
+    EntityTypeName::from_str(&format!("{NS}::{t}")).expect("lattice type names are valid")
+}
+
+fn uid(t: &str, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(type_name(t), EntityId::new(id))
+}
+
+fn action_uid(name: &str) -> EntityUid {
+    uid("Action", name)
+}
+
+fn string_set(items: impl IntoIterator<Item = String>) -> RestrictedExpression {
+    RestrictedExpression::new_set(items.into_iter().map(RestrictedExpression::new_string))
+}
+
+fn read_string_set(e: &Entity, attr: &str) -> Vec<String> {
+    match e.attr(attr) {
+        Some(Ok(cedar_policy::EvalResult::Set(s))) => s
+            .iter()
+            .filter_map(|v| match v {
+                cedar_policy::EvalResult::String(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn read_string(e: &Entity, attr: &str) -> Option<String> {
+    match e.attr(attr) {
+        Some(Ok(cedar_policy::EvalResult::String(s))) => Some(s),
+        _ => None,
+    }
+}
+
+/// Named test cases of a bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TestCase {
+    pub name: String,
+    pub principal: String,
+    pub action: String,
+    /// Audience, secret or region name; for admin actions other than secret
+    /// ones it is ignored.
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub context: TestContext,
+    /// Roles of an admin principal.
+    #[serde(default)]
+    pub roles: Vec<AdminRole>,
+    /// Regions of an admin principal (regional operators).
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Approvals already given (admin actions).
+    #[serde(default)]
+    pub approvals: Vec<TestApproval>,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TestApproval {
+    pub admin: String,
+    #[serde(default)]
+    pub roles: Vec<AdminRole>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    Allow,
+    Deny,
+}
+
+/// The request context of a test case; absent fields take defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TestContext {
+    /// The cache's region (default: the principal's).
+    pub region: Option<String>,
+    /// Default 127.0.0.1.
+    pub source_ip: Option<IpAddr>,
+    /// Default 300.
+    pub ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub posture: Posture,
+    #[serde(default)]
+    pub job_type: String,
+    /// RFC 3339 UTC time (default: a Monday at 12:00 UTC).
+    pub time: Option<String>,
+    #[serde(default)]
+    pub target_region: String,
+}
+
+/// The result of a bundle's test cases.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TestReport {
+    pub passed: Vec<String>,
+    /// (name, what happened)
+    pub failed: Vec<(String, String)>,
+}
+
+impl TestReport {
+    pub fn ok(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+impl std::fmt::Display for TestReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for n in &self.passed {
+            writeln!(f, "  ok    {n}")?;
+        }
+        for (n, why) in &self.failed {
+            writeln!(f, "  FAIL  {n}: {why}")?;
+        }
+        write!(
+            f,
+            "{} passed, {} failed",
+            self.passed.len(),
+            self.failed.len()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The engine.
+
+/// Policies indexed by (action, resource): only a policy whose scope says
+/// `action == A` or `resource == R` for another A or R is left out, so each
+/// slice decides exactly as the whole set would.
+#[derive(Debug, Default)]
+struct Slices {
+    /// action name → (resource uid → policies, policies for other resources)
+    by_action: HashMap<String, (HashMap<EntityUid, PolicySet>, PolicySet)>,
+}
+
+impl Slices {
+    fn build(set: &PolicySet, actions: &[&str]) -> Result<Self, String> {
+        let mut by_action = HashMap::new();
+        for a in actions {
+            let a_uid = action_uid(a);
+            let mut named: HashMap<EntityUid, Vec<Policy>> = HashMap::new();
+            let mut rest: Vec<Policy> = Vec::new();
+            for p in set.policies() {
+                let applies = match p.action_constraint() {
+                    ActionConstraint::Eq(u) => u == a_uid,
+                    // `in` may name action groups: keep (sound, not minimal).
+                    ActionConstraint::Any | ActionConstraint::In(_) => true,
+                };
+                if !applies {
+                    continue;
+                }
+                match p.resource_constraint() {
+                    ResourceConstraint::Eq(u) => named.entry(u).or_default().push(p.clone()),
+                    _ => rest.push(p.clone()),
+                }
+            }
+            let mut by_res = HashMap::new();
+            for (u, ps) in named {
+                let set = PolicySet::from_policies(ps.into_iter().chain(rest.iter().cloned()))
+                    .map_err(|e| e.to_string())?;
+                by_res.insert(u, set);
+            }
+            let rest = PolicySet::from_policies(rest).map_err(|e| e.to_string())?;
+            by_action.insert((*a).to_string(), (by_res, rest));
+        }
+        Ok(Self { by_action })
+    }
+
+    fn get(&self, action: &str, resource: &EntityUid) -> Option<&PolicySet> {
+        let (named, rest) = self.by_action.get(action)?;
+        Some(named.get(resource).unwrap_or(rest))
+    }
+}
+
+/// A compiled, validated bundle: decides requests.
+pub struct Engine {
+    version: u64,
+    sha256: [u8; 32],
+    files: BundleFiles,
+    schema: Schema,
+    policies: PolicySet,
+    slices: Slices,
+    entities: Entities,
+    tests: Vec<TestCase>,
+    authorizer: Authorizer,
+    policy_count: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("version", &self.version)
+            .field("sha256", &hex::encode(self.sha256))
+            .field("policies", &self.policy_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Parses, validates (strict mode) and checks the bundle against the
+    /// requests the lattice builds. Every problem found is reported.
+    pub fn compile(files: &BundleFiles, version: u64) -> Result<Self, PolicyError> {
+        let mut report = Report::default();
+        let reject = |r: Report| PolicyError::Rejected(r);
+
+        let Some(schema_text) = files.get(SCHEMA_FILE) else {
+            report.problems.push(format!("{SCHEMA_FILE} is missing"));
+            return Err(reject(report));
+        };
+        let schema = match Schema::from_cedarschema_str(schema_text) {
+            Ok((s, _warnings)) => s,
+            Err(e) => {
+                report.problems.push(format!("{SCHEMA_FILE}: {e}"));
+                return Err(reject(report));
+            }
+        };
+
+        // Policies, re-identified by their @id annotation or file:index.
+        let mut policies = PolicySet::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut any_policy_file = false;
+        for (name, text) in files.iter().filter(|(n, _)| n.ends_with(".cedar")) {
+            any_policy_file = true;
+            let set = match PolicySet::from_str(text) {
+                Ok(s) => s,
+                Err(e) => {
+                    report.problems.push(format!("{name}: {e}"));
+                    continue;
+                }
+            };
+            if set.templates().next().is_some() {
+                report
+                    .problems
+                    .push(format!("{name}: templates are not supported"));
+                continue;
+            }
+            let mut ps: Vec<&Policy> = set.policies().collect();
+            // Source order, which the generated ids follow.
+            ps.sort_by_key(|p| {
+                p.id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse::<u64>()
+                    .unwrap_or(u64::MAX)
+            });
+            for (i, p) in ps.into_iter().enumerate() {
+                let id = match p.annotation("id") {
+                    Some(a) => a.to_string(),
+                    None => format!("{name}:{i}"),
+                };
+                if !seen.insert(id.clone()) {
+                    report
+                        .problems
+                        .push(format!("{name}: policy id {id:?} is used twice"));
+                    continue;
+                }
+                if let Err(e) = policies.add(p.new_id(PolicyId::new(&id))) {
+                    report.problems.push(format!("{name}: {e}"));
+                }
+            }
+        }
+        if !any_policy_file {
+            report.problems.push("no .cedar policy file".into());
+        }
+
+        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        for e in validation.validation_errors() {
+            report.problems.push(format!("schema violation: {e}"));
+        }
+
+        let entities = match Entities::from_json_str(
+            files.get(ENTITIES_FILE).unwrap_or("[]"),
+            Some(&schema),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                report.problems.push(format!("{ENTITIES_FILE}: {e}"));
+                Entities::empty()
+            }
+        };
+        for e in entities.iter() {
+            let t = e.uid().type_name().to_string();
+            if t == format!("{NS}::Agent") {
+                let id = e.uid().id().unescaped().to_string();
+                match SpiffeId::parse(&id) {
+                    Ok(sid) if sid.role() == Role::Agent => {
+                        let region = sid.region().map(|r| r.to_string()).unwrap_or_default();
+                        if read_string(e, "region").as_deref() != Some(region.as_str()) {
+                            report.problems.push(format!(
+                                "{ENTITIES_FILE}: {id}: region must be {region:?}, the region of its id"
+                            ));
+                        }
+                    }
+                    _ => report.problems.push(format!(
+                        "{ENTITIES_FILE}: {id:?} is not an agent SPIFFE id"
+                    )),
+                }
+            }
+            if t == format!("{NS}::Admin") {
+                report.problems.push(format!(
+                    "{ENTITIES_FILE}: {} must not be listed: admin roles and regions come from admin certificates only",
+                    e.uid()
+                ));
+            }
+        }
+        // Action entities, so that `action in [...]` groups resolve.
+        let entities = match schema.action_entities() {
+            Ok(actions) => entities
+                .add_entities(actions, None)
+                .unwrap_or_else(|_| Entities::empty()),
+            Err(e) => {
+                report.problems.push(format!("{SCHEMA_FILE}: {e}"));
+                entities
+            }
+        };
+
+        let tests: Vec<TestCase> = match files.get(TESTS_FILE) {
+            None => Vec::new(),
+            Some(t) => match serde_json::from_str::<Vec<TestCase>>(t) {
+                Ok(v) if v.len() <= MAX_TEST_CASES => v,
+                Ok(_) => {
+                    report
+                        .problems
+                        .push(format!("{TESTS_FILE}: more than {MAX_TEST_CASES} cases"));
+                    Vec::new()
+                }
+                Err(e) => {
+                    report.problems.push(format!("{TESTS_FILE}: {e}"));
+                    Vec::new()
+                }
+            },
+        };
+
+        let mut action_names: Vec<&str> = AgentAction::ALL.iter().map(|a| a.name()).collect();
+        action_names.extend(AdminAction::ALL.iter().map(|a| a.name()));
+        let slices = Slices::build(&policies, &action_names).unwrap_or_else(|e| {
+            report.problems.push(format!("indexing policies: {e}"));
+            Slices::default()
+        });
+
+        if !report.problems.is_empty() {
+            return Err(reject(report));
+        }
+        let policy_count = policies.policies().count();
+        let engine = Self {
+            version,
+            sha256: files.sha256(),
+            files: files.clone(),
+            schema,
+            policies,
+            slices,
+            entities,
+            tests,
+            authorizer: Authorizer::new(),
+            policy_count,
+        };
+        let contract = engine.contract_problems();
+        if !contract.is_empty() {
+            return Err(reject(Report { problems: contract }));
+        }
+        Ok(engine)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+    pub fn files(&self) -> &BundleFiles {
+        &self.files
+    }
+    pub fn policy_count(&self) -> usize {
+        self.policy_count
+    }
+
+    /// The requests the lattice builds must conform to the bundle's schema:
+    /// checked once per action, with posture claims all present and all
+    /// absent (so posture attributes must be optional).
+    fn contract_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let td = "spiffe://lattice.invalid";
+        for action in AgentAction::ALL {
+            for posture in [
+                Posture::default(),
+                Posture {
+                    os_patched: Some(true),
+                    disk_encrypted: Some(true),
+                    secure_boot: Some(true),
+                    os_version: Some("1".into()),
+                },
+            ] {
+                let principal = match SpiffeId::parse(&format!("{td}/agent/r/a")) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        out.push(e.to_string());
+                        continue;
+                    }
+                };
+                let req = AgentRequest {
+                    principal,
+                    action,
+                    resource: "r".into(),
+                    region: "r".into(),
+                    source_ip: IpAddr::from([127, 0, 0, 1]),
+                    ttl_secs: 1,
+                    scopes: vec!["s".into()],
+                    posture,
+                    job_type: "j".into(),
+                    hour_utc: 0,
+                    weekday: 1,
+                };
+                if let Err(e) = self.agent_parts(&req, true) {
+                    out.push(format!(
+                        "the schema does not accept the lattice's {} requests: {e}",
+                        action.name()
+                    ));
+                }
+            }
+        }
+        for action in AdminAction::ALL {
+            let Ok(principal) = SpiffeId::parse(&format!("{td}/admin/a")) else {
+                continue;
+            };
+            let req = AdminRequest {
+                principal,
+                roles: vec![AdminRole::Auditor],
+                regions: vec!["r".into()],
+                action,
+                resource: "s".into(),
+                target_region: "r".into(),
+                source_ip: IpAddr::from([127, 0, 0, 1]),
+                approvals: vec![],
+                hour_utc: 0,
+                weekday: 1,
+            };
+            if let Err(e) = self.admin_parts(&req, true) {
+                out.push(format!(
+                    "the schema does not accept the lattice's {} requests: {e}",
+                    action.name()
+                ));
+            }
+        }
+        // Every Cedar request type must be formed with the same names.
+        out.dedup();
+        out
+    }
+
+    fn agent_entity(&self, id: &SpiffeId) -> Result<Entity, String> {
+        let u = uid("Agent", id.as_str());
+        let known = self.entities.get(&u);
+        let labels = known
+            .map(|e| read_string_set(e, "labels"))
+            .unwrap_or_default();
+        let job_type = known
+            .and_then(|e| read_string(e, "job_type"))
+            .unwrap_or_default();
+        let parents: HashSet<EntityUid> = known
+            .map(|e| {
+                self.entities
+                    .ancestors(&e.uid())
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Entity::new(
+            u,
+            [
+                (
+                    "region".to_string(),
+                    RestrictedExpression::new_string(
+                        id.region().map(|r| r.to_string()).unwrap_or_default(),
+                    ),
+                ),
+                ("labels".to_string(), string_set(labels)),
+                (
+                    "job_type".to_string(),
+                    RestrictedExpression::new_string(job_type),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            parents,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// An admin entity from the facts of its certificate only.
+    fn admin_entity(
+        &self,
+        id: &SpiffeId,
+        roles: &[AdminRole],
+        regions: &[String],
+    ) -> Result<Entity, String> {
+        Entity::new(
+            uid("Admin", id.as_str()),
+            [
+                (
+                    "roles".to_string(),
+                    string_set(roles.iter().map(|r| r.as_str().to_string())),
+                ),
+                ("regions".to_string(), string_set(regions.iter().cloned())),
+            ]
+            .into_iter()
+            .collect(),
+            roles.iter().map(|r| uid("Role", r.as_str())).collect(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn resource_entity(&self, ty: &str, name: &str) -> EntityUid {
+        uid(ty, name)
+    }
+
+    /// Builds the Cedar request and the entities for an agent request.
+    fn agent_parts(
+        &self,
+        req: &AgentRequest,
+        with_schema: bool,
+    ) -> Result<(Request, Option<Entities>), String> {
+        let principal = self.agent_entity(&req.principal)?;
+        let resource = self.resource_entity(req.action.resource_type(), &req.resource);
+        let context = Context::from_pairs([
+            (
+                "region".to_string(),
+                RestrictedExpression::new_string(req.region.clone()),
+            ),
+            (
+                "source_ip".to_string(),
+                RestrictedExpression::new_ip(req.source_ip.to_string()),
+            ),
+            (
+                "ttl_secs".to_string(),
+                RestrictedExpression::new_long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX)),
+            ),
+            ("scopes".to_string(), string_set(req.scopes.iter().cloned())),
+            ("posture".to_string(), req.posture.expr()),
+            (
+                "job_type".to_string(),
+                RestrictedExpression::new_string(req.job_type.clone()),
+            ),
+            (
+                "hour_utc".to_string(),
+                RestrictedExpression::new_long(req.hour_utc.into()),
+            ),
+            (
+                "weekday".to_string(),
+                RestrictedExpression::new_long(req.weekday.into()),
+            ),
+        ])
+        .map_err(|e| e.to_string())?;
+        let schema = with_schema.then_some(&self.schema);
+        let request = Request::new(
+            principal.uid(),
+            action_uid(req.action.name()),
+            resource,
+            context,
+            schema,
+        )
+        .map_err(|e| e.to_string())?;
+        self.with_principal(principal, schema)
+            .map(|entities| (request, entities))
+    }
+
+    fn admin_parts(
+        &self,
+        req: &AdminRequest,
+        with_schema: bool,
+    ) -> Result<(Request, Option<Entities>), String> {
+        let principal = self.admin_entity(&req.principal, &req.roles, &req.regions)?;
+        let resource = match req.action.resource_type() {
+            "Secret" => self.resource_entity("Secret", &req.resource),
+            _ => self.resource_entity("ControlPlane", "control-plane"),
+        };
+        let approvers: Vec<&Approval> = req
+            .approvals
+            .iter()
+            .filter(|a| a.admin != req.principal)
+            .collect();
+        let mut approver_roles: Vec<String> = approvers
+            .iter()
+            .flat_map(|a| a.roles.iter().map(|r| r.as_str().to_string()))
+            .collect();
+        approver_roles.sort();
+        approver_roles.dedup();
+        let distinct: HashSet<&SpiffeId> = approvers.iter().map(|a| &a.admin).collect();
+        let context = Context::from_pairs([
+            (
+                "source_ip".to_string(),
+                RestrictedExpression::new_ip(req.source_ip.to_string()),
+            ),
+            (
+                "target_region".to_string(),
+                RestrictedExpression::new_string(req.target_region.clone()),
+            ),
+            (
+                "approvals".to_string(),
+                RestrictedExpression::new_long(i64::try_from(distinct.len()).unwrap_or(0)),
+            ),
+            ("approver_roles".to_string(), string_set(approver_roles)),
+            (
+                "hour_utc".to_string(),
+                RestrictedExpression::new_long(req.hour_utc.into()),
+            ),
+            (
+                "weekday".to_string(),
+                RestrictedExpression::new_long(req.weekday.into()),
+            ),
+        ])
+        .map_err(|e| e.to_string())?;
+        let schema = with_schema.then_some(&self.schema);
+        let request = Request::new(
+            principal.uid(),
+            action_uid(req.action.name()),
+            resource,
+            context,
+            schema,
+        )
+        .map_err(|e| e.to_string())?;
+        let entities = self
+            .entities
+            .clone()
+            .upsert_entities([principal], schema)
+            .map_err(|e| e.to_string())?;
+        Ok((request, Some(entities)))
+    }
+
+    /// The bundle's entities plus `principal` (`None`: the bundle's own
+    /// entities already hold it as built).
+    fn with_principal(
+        &self,
+        principal: Entity,
+        schema: Option<&Schema>,
+    ) -> Result<Option<Entities>, String> {
+        if schema.is_none()
+            && let Some(known) = self.entities.get(&principal.uid())
+            && known == &principal
+        {
+            return Ok(None);
+        }
+        self.entities
+            .clone()
+            .upsert_entities([principal], schema)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    fn decide(&self, action: &str, request: &Request, entities: Option<&Entities>) -> Outcome {
+        let entities = entities.unwrap_or(&self.entities);
+        let set = request
+            .resource()
+            .and_then(|r| self.slices.get(action, r))
+            .unwrap_or(&self.policies);
+        let resp = self.authorizer.is_authorized(request, set, entities);
+        let errors: Vec<String> = resp
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
+        let mut policies: Vec<String> = resp
+            .diagnostics()
+            .reason()
+            .map(|p| p.to_string())
+            .collect();
+        policies.sort();
+        Outcome {
+            allowed: resp.decision() == Decision::Allow && errors.is_empty(),
+            version: self.version,
+            policies,
+            errors,
+        }
+    }
+
+    pub fn decide_agent(&self, req: &AgentRequest) -> Outcome {
+        match self.agent_parts(req, false) {
+            Ok((request, entities)) => self.decide(req.action.name(), &request, entities.as_ref()),
+            Err(e) => self.build_error(e),
+        }
+    }
+
+    pub fn decide_admin(&self, req: &AdminRequest) -> Outcome {
+        match self.admin_parts(req, false) {
+            Ok((request, entities)) => self.decide(req.action.name(), &request, entities.as_ref()),
+            Err(e) => self.build_error(e),
+        }
+    }
+
+    fn build_error(&self, e: String) -> Outcome {
+        Outcome {
+            allowed: false,
+            version: self.version,
+            policies: vec![],
+            errors: vec![format!("building the request: {e}")],
+        }
+    }
+
+    /// Runs the bundle's named test cases.
+    pub fn run_tests(&self) -> TestReport {
+        let mut report = TestReport::default();
+        for case in &self.tests {
+            match self.run_case(case) {
+                Ok(outcome) => {
+                    let got = if outcome.allowed {
+                        Expect::Allow
+                    } else {
+                        Expect::Deny
+                    };
+                    if got == case.expect {
+                        report.passed.push(case.name.clone());
+                    } else {
+                        let why = if outcome.allowed {
+                            format!("expected deny, got allow (permitted by {})", outcome.policies.join(", "))
+                        } else {
+                            format!("expected allow, got {}", outcome.denial())
+                        };
+                        report.failed.push((case.name.clone(), why));
+                    }
+                }
+                Err(e) => report.failed.push((case.name.clone(), e)),
+            }
+        }
+        report
+    }
+
+    fn run_case(&self, case: &TestCase) -> Result<Outcome, String> {
+        let principal = SpiffeId::parse(&case.principal).map_err(|e| format!("principal: {e}"))?;
+        let action: Action = case.action.parse()?;
+        let at = match &case.context.time {
+            Some(t) => time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| format!("context.time: {e}"))?,
+            // Monday 2026-01-05 12:00 UTC.
+            None => time::OffsetDateTime::from_unix_timestamp(1_767_614_400)
+                .map_err(|e| e.to_string())?,
+        };
+        let (hour_utc, weekday) = (at.hour(), at.weekday().number_from_monday());
+        let source_ip = case.context.source_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        match action {
+            Action::Agent(action) => {
+                if principal.role() != Role::Agent {
+                    return Err(format!("{} is not an agent id", case.principal));
+                }
+                let region = principal.region().map(|r| r.to_string()).unwrap_or_default();
+                Ok(self.decide_agent(&AgentRequest {
+                    action,
+                    resource: case.resource.clone(),
+                    region: case.context.region.clone().unwrap_or(region),
+                    source_ip,
+                    ttl_secs: case.context.ttl_secs.unwrap_or(300),
+                    scopes: case.context.scopes.clone(),
+                    posture: case.context.posture.clone(),
+                    job_type: case.context.job_type.clone(),
+                    hour_utc,
+                    weekday,
+                    principal,
+                }))
+            }
+            Action::Admin(action) => {
+                if principal.role() != Role::Admin {
+                    return Err(format!("{} is not an admin id", case.principal));
+                }
+                let approvals = case
+                    .approvals
+                    .iter()
+                    .map(|a| {
+                        Ok(Approval {
+                            admin: SpiffeId::parse(&a.admin)
+                                .map_err(|e| format!("approval: {e}"))?,
+                            roles: a.roles.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                Ok(self.decide_admin(&AdminRequest {
+                    principal,
+                    roles: case.roles.clone(),
+                    regions: case.regions.clone(),
+                    action,
+                    resource: case.resource.clone(),
+                    target_region: case.context.target_region.clone(),
+                    source_ip,
+                    approvals,
+                    hour_utc,
+                    weekday,
+                }))
+            }
+        }
+    }
+}
+
+/// Compiles and tests a bundle: what `lattice policy test` and `push` run.
+pub fn check(files: &BundleFiles, version: u64) -> Result<(Engine, TestReport), PolicyError> {
+    let engine = Engine::compile(files, version)?;
+    let report = engine.run_tests();
+    if !report.ok() {
+        return Err(PolicyError::Rejected(Report {
+            problems: report
+                .failed
+                .iter()
+                .map(|(n, why)| format!("test {n:?} failed: {why}"))
+                .collect(),
+        }));
+    }
+    Ok((engine, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(extra: &[(&str, &str)]) -> BundleFiles {
+        let mut files: BTreeMap<String, String> = default_bundle()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in extra {
+            files.insert((*k).to_string(), (*v).to_string());
+        }
+        BundleFiles::from_files(files).expect("files")
+    }
+
+    fn mint(engine: &Engine, agent: &str, audience: &str, scopes: &[&str]) -> Outcome {
+        engine.decide_agent(&AgentRequest {
+            principal: SpiffeId::parse(agent).expect("id"),
+            action: AgentAction::MintToken,
+            resource: audience.into(),
+            region: "eu".into(),
+            source_ip: IpAddr::from([10, 1, 2, 3]),
+            ttl_secs: 300,
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            posture: Posture::default(),
+            job_type: String::new(),
+            hour_utc: 12,
+            weekday: 1,
+        })
+    }
+
+    #[test]
+    fn the_default_bundle_compiles_and_passes_its_tests() {
+        let (engine, report) = check(&default_bundle(), 1).expect("default bundle");
+        assert!(report.passed.len() >= 5, "{report}");
+        assert!(engine.policy_count() >= 6);
+    }
+
+    #[test]
+    fn schema_violations_are_rejected_with_the_policy_named() {
+        let files = with(&[(
+            "bad.cedar",
+            "@id(\"typo\")\npermit(principal is Lattice::Agent, action == Lattice::Action::\"MintToken\", resource) when { principal.lables.contains(\"x\") };",
+        )]);
+        let Err(PolicyError::Rejected(r)) = Engine::compile(&files, 2) else {
+            panic!("a policy reading an undeclared attribute must be refused");
+        };
+        let text = r.to_string();
+        assert!(text.contains("typo") && text.contains("lables"), "{text}");
+    }
+
+    #[test]
+    fn entity_data_must_match_the_schema() {
+        let files = with(&[(
+            ENTITIES_FILE,
+            r#"[{"uid":{"type":"Lattice::Audience","id":"api"},"attrs":{"scopes":"read","labels":[]},"parents":[]}]"#,
+        )]);
+        assert!(matches!(Engine::compile(&files, 2), Err(PolicyError::Rejected(_))));
+    }
+
+    #[test]
+    fn a_schema_that_cannot_type_the_lattice_requests_is_refused() {
+        let schema = lattice_schema_text().replace("os_patched?: Bool", "os_patched: Bool");
+        let files = with(&[(SCHEMA_FILE, &schema)]);
+        let Err(PolicyError::Rejected(r)) = Engine::compile(&files, 2) else {
+            panic!("a required posture claim cannot be guaranteed by the lattice");
+        };
+        assert!(r.to_string().contains("does not accept"), "{r}");
+    }
+
+    #[test]
+    fn a_failing_test_case_blocks_the_bundle() {
+        let files = with(&[(
+            TESTS_FILE,
+            r#"[{"name":"wrong","principal":"spiffe://t/agent/eu/a","action":"MintToken","resource":"api","expect":"allow"}]"#,
+        )]);
+        let Err(PolicyError::Rejected(r)) = check(&files, 2) else {
+            panic!("a failing test must refuse the bundle");
+        };
+        assert!(r.to_string().contains("\"wrong\""), "{r}");
+    }
+
+    #[test]
+    fn decisions_name_the_determining_policies_and_the_version() {
+        let files = with(&[
+            (
+                ENTITIES_FILE,
+                r#"[{"uid":{"type":"Lattice::Audience","id":"api"},"attrs":{"scopes":["read"],"labels":[]},"parents":[]}]"#,
+            ),
+            (
+                "deny.cedar",
+                "@id(\"no-10\")\nforbid(principal, action == Lattice::Action::\"MintToken\", resource == Lattice::Audience::\"api\") when { context.source_ip.isInRange(ip(\"10.0.0.0/8\")) && context.scopes.contains(\"admin\") };",
+            ),
+        ]);
+        let engine = Engine::compile(&files, 7).expect("compile");
+        let ok = mint(&engine, "spiffe://t/agent/eu/a", "api", &["read"]);
+        assert!(ok.allowed);
+        assert_eq!(ok.version, 7);
+        assert_eq!(ok.policies, vec!["mint-listed-scopes".to_string()]);
+        let wide = mint(&engine, "spiffe://t/agent/eu/a", "api", &["write"]);
+        assert!(!wide.allowed);
+        assert!(wide.denial().contains("no policy permits"), "{}", wide.denial());
+        // The forbid applies even though "admin" is not a listed scope.
+        let forbidden = mint(&engine, "spiffe://t/agent/eu/a", "api", &["admin"]);
+        assert!(!forbidden.allowed);
+        let unknown = mint(&engine, "spiffe://t/agent/eu/a", "db", &[]);
+        assert!(!unknown.allowed);
+    }
+
+    #[test]
+    fn slices_decide_exactly_as_the_whole_set() {
+        // A forbid scoped with `in` must never be sliced away.
+        let files = with(&[
+            (
+                ENTITIES_FILE,
+                r#"[{"uid":{"type":"Lattice::Audience","id":"api"},"attrs":{"scopes":[],"labels":[]},"parents":[]}]"#,
+            ),
+            (
+                "f.cedar",
+                "@id(\"never\")\nforbid(principal, action in [Lattice::Action::\"MintToken\"], resource);",
+            ),
+        ]);
+        let engine = Engine::compile(&files, 3).expect("compile");
+        let o = mint(&engine, "spiffe://t/agent/eu/a", "api", &[]);
+        assert!(!o.allowed);
+        assert_eq!(o.policies, vec!["never".to_string()]);
+    }
+
+    #[test]
+    fn admin_roles_come_from_the_request() {
+        let engine = Engine::compile(&default_bundle(), 1).expect("compile");
+        let req = |roles: Vec<AdminRole>, action| AdminRequest {
+            principal: SpiffeId::parse("spiffe://t/admin/a").expect("id"),
+            roles,
+            regions: vec![],
+            action,
+            resource: String::new(),
+            target_region: "eu".into(),
+            source_ip: IpAddr::from([127, 0, 0, 1]),
+            approvals: vec![],
+            hour_utc: 12,
+            weekday: 1,
+        };
+        assert!(engine.decide_admin(&req(vec![AdminRole::PlatformAdmin], AdminAction::Revoke)).allowed);
+        assert!(!engine.decide_admin(&req(vec![AdminRole::Auditor], AdminAction::Revoke)).allowed);
+        assert!(!engine.decide_admin(&req(vec![AdminRole::RegionalOperator], AdminAction::Revoke)).allowed);
+        let mut r = req(vec![AdminRole::RegionalOperator], AdminAction::Revoke);
+        r.regions = vec!["eu".into()];
+        assert!(engine.decide_admin(&r).allowed);
+    }
+
+    #[test]
+    fn bundle_names_and_sizes_are_bounded() {
+        assert!(BundleFiles::from_files([("../x.cedar".into(), String::new())]).is_err());
+        assert!(BundleFiles::from_files([("notes.txt".into(), String::new())]).is_err());
+        assert!(
+            BundleFiles::from_files([("a.cedar".into(), "x".repeat(MAX_BUNDLE_BYTES + 1))])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn diff_shows_changed_lines() {
+        let a = default_bundle();
+        let b = with(&[("extra.cedar", "forbid(principal, action, resource);\n")]);
+        let d = a.diff(&b);
+        assert!(d.contains("+++ b/extra.cedar") && d.contains("+forbid"), "{d}");
+        assert!(a.diff(&a).is_empty());
+    }
+}
