@@ -19,16 +19,26 @@ pub fn connect(addr: SocketAddr, dir: &Path) -> anyhow::Result<AdminClient<Chann
     let root = lattice_shared::pem::read_certs(&dir.join("root.crt")).map_err(|e| anyhow!(e))?;
     let certs = lattice_shared::pem::read_certs(&dir.join("admin.crt")).map_err(|e| anyhow!(e))?;
     let key = lattice_shared::pem::read_key(&dir.join("admin.key")).map_err(|e| anyhow!(e))?;
-    let info = inspect(&certs[0]).context("admin certificate")?;
+    let key = PrivateKey::from_pkcs8(&key)?;
+    connect_with(addr, root[0].clone(), certs, &key)
+}
+
+/// Connects with an admin certificate chain and key held in memory.
+pub fn connect_with(
+    addr: SocketAddr,
+    root_der: Vec<u8>,
+    certs: Vec<Vec<u8>>,
+    key: &PrivateKey,
+) -> anyhow::Result<AdminClient<Channel>> {
+    let first = certs
+        .first()
+        .ok_or_else(|| anyhow!("no admin certificate"))?;
+    let info = inspect(first).context("admin certificate")?;
     let id = info
         .id
         .ok_or_else(|| anyhow!("admin certificate carries no id"))?;
-    let bundle = Arc::new(TrustBundle::new(
-        id.trust_domain().clone(),
-        root[0].clone(),
-    )?);
-    let key = PrivateKey::from_pkcs8(&key)?;
-    let cert = ReloadableCert::new(certs, &key)?;
+    let bundle = Arc::new(TrustBundle::new(id.trust_domain().clone(), root_der)?);
+    let cert = ReloadableCert::new(certs, key)?;
     let tls = lattice_shared::tls::client_config(
         bundle,
         SystemClock::shared(),
@@ -77,6 +87,72 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
             c.staleness_ms,
             contact
         );
+    }
+    out
+}
+
+/// A gRPC refusal as a CLI error: the server's message and its code.
+pub fn refused(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn unix_ms_text(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// One policy version as a line.
+pub fn render_version(v: &lattice_shared::proto::PolicyVersion) -> String {
+    let mut line = format!(
+        "v{:<4} {}  sha256:{}  by {}",
+        v.version,
+        unix_ms_text(v.released_at_unix_ms),
+        hex::encode(&v.bundle_sha256).get(..16).unwrap_or(""),
+        v.pushed_by
+    );
+    if !v.approved_by.is_empty() {
+        line.push_str(&format!(", approved by {}", v.approved_by));
+    }
+    if v.rollback_of != 0 {
+        line.push_str(&format!(" (rollback to v{})", v.rollback_of));
+    }
+    if !v.message.is_empty() {
+        line.push_str(&format!(": {}", v.message));
+    }
+    line
+}
+
+/// `lattice policy history`.
+pub fn render_history(h: &lattice_shared::proto::PolicyHistoryResponse) -> String {
+    let mut out = String::new();
+    for v in &h.versions {
+        let mark = if v.version == h.current { "*" } else { " " };
+        out.push_str(&format!("{mark} {}\n", render_version(v)));
+    }
+    out
+}
+
+/// `lattice pending`.
+pub fn render_pending(p: &lattice_shared::proto::ListPendingResponse) -> String {
+    if p.requests.is_empty() {
+        return "no request waits for approval\n".into();
+    }
+    let mut out = String::new();
+    for r in &p.requests {
+        out.push_str(&format!(
+            "{}  {} by {} (expires {}): {}\n",
+            r.request_id,
+            r.action,
+            r.requested_by,
+            unix_ms_text(r.expires_at_unix * 1000),
+            r.summary
+        ));
     }
     out
 }

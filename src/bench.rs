@@ -72,6 +72,7 @@ async fn load(
                             audience: "https://api.example.com".into(),
                             scopes: vec!["read".into()],
                             ttl_secs: 0,
+                            claims: None,
                         })
                         .await
                         .is_ok(),

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use lattice_shared::clock::SystemClock;
-use lattice_shared::pki::{TrustBundle, Usage};
+use lattice_shared::pki::{PrivateKey, TrustBundle, Usage};
+use lattice_shared::proto as pb;
 use lattice_shared::token::TokenVerifier;
 use rustls_pki_types::CertificateDer;
 
@@ -75,6 +76,65 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     step(
         3,
+        "policy as code: Cedar bundles, validated, tested, signed by the control plane and streamed to every cache",
+    );
+    let mut admin = lattice.bootstrap_admin()?;
+    let history = admin
+        .policy_history(pb::PolicyHistoryRequest {})
+        .await
+        .map_err(crate::admin::refused)?
+        .into_inner();
+    for v in &history.versions {
+        println!("    {}", crate::admin::render_version(v));
+    }
+    // A second platform admin, while the default bundle lets one admin do it
+    // alone; the example bundle puts this under the two-person rule.
+    let bob_key = PrivateKey::generate_p256()?;
+    let bob_cert = admin
+        .issue_admin_certificate(pb::IssueAdminCertificateRequest {
+            id: format!("spiffe://{}/admin/bob", crate::harness::TRUST_DOMAIN),
+            roles: vec!["platform-admin".into()],
+            regions: vec![],
+            csr: bob_key.csr_der()?,
+            ttl_secs: 3600,
+        })
+        .await
+        .map_err(crate::admin::refused)?
+        .into_inner();
+    println!("    a second admin, bob (platform-admin), has a certificate carrying his role");
+    let mut bob = crate::admin::connect_with(
+        lattice.cp_cfg.listen,
+        bob_cert.root.clone(),
+        vec![bob_cert.cert.clone()],
+        &bob_key,
+    )?;
+    let example = crate::example_bundle();
+    let (_, report) = lattice_shared::policy::check(&example, 0)
+        .map_err(|e| anyhow::anyhow!("example bundle: {e}"))?;
+    println!(
+        "    deploy/policies/example: {} test cases pass (business hours, IP range, TTL cap by label, posture, separation of duties)",
+        report.passed.len()
+    );
+    let v = admin
+        .push_policy(pb::PushPolicyRequest {
+            bundle: Some(example.to_proto()),
+            message: "example bundle".into(),
+        })
+        .await
+        .map_err(crate::admin::refused)?
+        .into_inner();
+    println!("    pushed: {}", crate::admin::render_version(&v));
+    for c in &lattice.caches {
+        c.wait_applied(v.seq).await?;
+        println!(
+            "    {:<42} verified the signature and enforces version {}",
+            c.cfg.id,
+            c.app().state.policy.version()
+        );
+    }
+
+    step(
+        4,
         "join token for the edge agent (bound to its id and region, shown once, stored as a hash)",
     );
     let agent_id = Lattice::agent_id("eu", "agent-1");
@@ -82,7 +142,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     println!("    {agent_id}: {}…", &token[..12]);
 
     step(
-        4,
+        5,
         "agent generates its key locally and enrols at the eu cache with a CSR",
     );
     let t = Instant::now();
@@ -124,7 +184,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     )?;
     println!("    chain verified to the root with rustls-webpki");
 
-    step(5, "agent mints a token over mTLS");
+    step(6, "agent mints a token over mTLS");
     let audience = "https://api.example.com";
     let t = Instant::now();
     let minted = agent.mint(audience, &["read".to_string()], None).await?;
@@ -143,7 +203,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
 
     step(
-        6,
+        7,
         "token verified offline against the JWKS (kid → key certified by the root for the issuing cache)",
     );
     println!(
@@ -153,7 +213,74 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
 
     step(
-        7,
+        8,
+        "context-aware decisions at the eu cache (each denial names the deciding policy)",
+    );
+    let agent = &lattice.agents[0];
+    let (hour, weekday) = lattice_shared::policy::hour_and_weekday(clock.now());
+    for (audience, scopes, why) in [
+        (
+            "https://payments.example.com",
+            vec!["charge".to_string()],
+            "high-assurance: needs os_patched posture",
+        ),
+        (
+            "https://db.internal.example.com",
+            vec!["read".to_string()],
+            "only from 10.0.0.0/8; this agent calls from 127.0.0.1",
+        ),
+        (
+            "https://reports.example.com",
+            vec!["read".to_string()],
+            "business hours only (Mon-Fri 08-18 UTC)",
+        ),
+    ] {
+        let outcome = match agent.mint(audience, &scopes, None).await {
+            Ok(m) => format!("allowed by version {}", m.policy_version),
+            Err(e) => format!("{e}"),
+        };
+        println!("    {audience:<32} ({why}): {outcome}");
+    }
+    println!("    (now: weekday {weekday}, {hour:02}h UTC)");
+
+    step(
+        9,
+        "two-person rule: under the example bundle a policy change waits for a second admin",
+    );
+    let pending = admin
+        .push_policy(pb::PushPolicyRequest {
+            bundle: Some(example.to_proto()),
+            message: "re-release, approved".into(),
+        })
+        .await
+        .expect_err("the example bundle puts pushes under the two-person rule");
+    let request_id = pending
+        .metadata()
+        .get("lattice-approval-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    println!(
+        "    bootstrap pushes: {:?}: {}",
+        pending.code(),
+        pending.message()
+    );
+    let approved = bob
+        .approve(pb::ApproveRequest {
+            request_id: request_id.clone(),
+        })
+        .await
+        .map_err(crate::admin::refused)?
+        .into_inner();
+    if let Some(pb::approve_response::Result::Policy(v)) = approved.result {
+        println!(
+            "    bob approves {request_id}: {}",
+            crate::admin::render_version(&v)
+        );
+    }
+
+    step(
+        10,
         "revoke the agent at the control plane and measure how fast every cache enforces it",
     );
     let agent = lattice.agents[0].clone();
@@ -183,6 +310,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             audience: audience.into(),
             scopes: vec![],
             ttl_secs: 0,
+            claims: None,
         })
         .await;
     match refused {

@@ -34,7 +34,11 @@ pub struct Spec {
     /// (region, name) of each agent; an agent enrols at the first cache of
     /// its region.
     pub agents: Vec<(String, String)>,
-    pub audiences: Vec<cache::authz::AudienceRule>,
+    /// Audiences agents may mint for, with their scopes: the harness
+    /// releases the default policy bundle with these as entity data.
+    pub audiences: Vec<Audience>,
+    /// A bundle to release instead (then `audiences` is unused).
+    pub policy: Option<lattice_shared::policy::BundleFiles>,
     /// L, the caches' staleness bound.
     pub max_staleness: Duration,
     /// Record every issuance in memory (`Lattice::audit`), for tests.
@@ -49,11 +53,54 @@ impl Default for Spec {
                 ("us".into(), "cache-1".into()),
             ],
             agents: vec![("eu".into(), "agent-1".into())],
-            audiences: cache::Config::default().audiences,
+            audiences: vec![Audience::new("https://api.example.com", &["read", "write"])],
+            policy: None,
             max_staleness: Duration::from_millis(cache::Config::default().max_staleness_ms),
             record_audit: true,
         }
     }
+}
+
+/// An audience of the generated bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audience {
+    pub name: String,
+    pub scopes: Vec<String>,
+}
+
+impl Audience {
+    pub fn new(name: &str, scopes: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// The default bundle with `audiences` as its entity data.
+pub fn audience_bundle(audiences: &[Audience]) -> lattice_shared::policy::BundleFiles {
+    let entities: Vec<serde_json::Value> = audiences
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "uid": {"type": "Lattice::Audience", "id": a.name},
+                "attrs": {"scopes": a.scopes, "labels": []},
+                "parents": []
+            })
+        })
+        .collect();
+    let default = lattice_shared::policy::default_bundle();
+    lattice_shared::policy::BundleFiles::from_files(default.iter().map(|(k, v)| {
+        let v = if k == lattice_shared::policy::ENTITIES_FILE {
+            serde_json::Value::Array(entities.clone()).to_string()
+        } else if k == lattice_shared::policy::TESTS_FILE {
+            "[]".to_string()
+        } else {
+            v.to_string()
+        };
+        (k.to_string(), v)
+    }))
+    .expect("the default bundle's file names are valid") // same names as the default
 }
 
 /// Every issuance and refusal of every cache, in order (the tests' audit trail).
@@ -235,6 +282,11 @@ impl Lattice {
             spec: spec.clone(),
         };
         l.start_cp().await?;
+        let bundle = spec
+            .policy
+            .clone()
+            .unwrap_or_else(|| audience_bundle(&spec.audiences));
+        l.cp().release_policy(bundle, "harness")?;
         for (region, name) in &spec.caches {
             l.add_cache(region, name).await?;
         }
@@ -314,7 +366,6 @@ impl Lattice {
             control_plane: link.addr(),
             root_ca: self.root_pem(),
             join_token: Some(lattice_shared::secret::Secret::new(token)),
-            audiences: self.spec.audiences.clone(),
             max_staleness_ms: u64::try_from(self.spec.max_staleness.as_millis())
                 .unwrap_or(u64::MAX),
             ..cache::Config::default()
@@ -431,6 +482,8 @@ impl Lattice {
             data_dir: self.dir.join(format!("agent-{region}-{name}")),
             root_ca: self.root_pem(),
             join_token: None,
+            posture: lattice_shared::policy::Posture::default(),
+            job_type: String::new(),
             log_json: false,
         }
     }
@@ -463,9 +516,32 @@ impl Lattice {
         name: &str,
         token: String,
     ) -> anyhow::Result<usize> {
+        self.add_agent_configured(region, name, token, |_| {}).await
+    }
+
+    /// As [`Lattice::add_agent`], with the agent's configuration adjusted
+    /// (its posture or job type, say) before it starts.
+    pub async fn add_agent_with(
+        &mut self,
+        region: &str,
+        name: &str,
+        adjust: impl FnOnce(&mut agent::Config),
+    ) -> anyhow::Result<usize> {
+        let token = self.join_token(&Self::agent_id(region, name), None)?;
+        self.add_agent_configured(region, name, token, adjust).await
+    }
+
+    async fn add_agent_configured(
+        &mut self,
+        region: &str,
+        name: &str,
+        token: String,
+        adjust: impl FnOnce(&mut agent::Config),
+    ) -> anyhow::Result<usize> {
         let cache_addr = self.cache_in(region)?.addr();
         let mut cfg = self.agent_config(region, name, cache_addr);
         cfg.join_token = Some(lattice_shared::secret::Secret::new(token));
+        adjust(&mut cfg);
         let a = Arc::new(self.start_agent(cfg).await?);
         let watcher = a.clone();
         self.watchers.push(tokio::spawn(async move {
@@ -477,6 +553,44 @@ impl Lattice {
             .map_err(|_| anyhow!("{} did not open its revocation stream", a.id))??;
         self.agents.push(a);
         Ok(self.agents.len() - 1)
+    }
+
+    /// An Admin API client with the control plane's bootstrap admin
+    /// credential (role platform-admin).
+    pub fn bootstrap_admin(
+        &self,
+    ) -> anyhow::Result<lattice_shared::proto::admin_client::AdminClient<tonic::transport::Channel>>
+    {
+        crate::admin::connect(self.cp_cfg.listen, &self.cp().admin_files().dir)
+    }
+
+    /// An Admin API client for a new admin `name` with `roles` (and regions),
+    /// certified directly by the control plane (no admin decision: a test
+    /// fixture, as a platform team's own provisioning would be).
+    pub fn admin(
+        &self,
+        name: &str,
+        roles: &[lattice_shared::policy::AdminRole],
+        regions: &[&str],
+    ) -> anyhow::Result<lattice_shared::proto::admin_client::AdminClient<tonic::transport::Channel>>
+    {
+        let id = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/admin/{name}"))?;
+        let key = lattice_shared::pki::PrivateKey::generate_p256()?;
+        let cert = self.cp().state.issue_admin_cert(
+            &key.csr_der()?,
+            &id,
+            &lattice_shared::policy::AdminAttributes {
+                roles: roles.to_vec(),
+                regions: regions.iter().map(|r| r.to_string()).collect(),
+            },
+            Duration::from_secs(86400),
+        )?;
+        crate::admin::connect_with(
+            self.cp_cfg.listen,
+            self.cp().state.root.cert_der().to_vec(),
+            vec![cert],
+            &key,
+        )
     }
 
     /// Stops everything.

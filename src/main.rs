@@ -76,6 +76,29 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Policy as code: validate and test bundles here, diff them against the
+    /// version in force, push, list history, roll back.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Approve another admin's request (two-person rule); it runs at once.
+    Approve {
+        /// The id printed when the request was made (see `lattice pending`).
+        request_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Requests waiting for a second admin.
+    Pending {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Admin certificates, which carry the holder's roles.
+    AdminCert {
+        #[command(subcommand)]
+        command: AdminCertCommand,
+    },
     /// Load commands.
     Bench {
         #[command(subcommand)]
@@ -91,6 +114,72 @@ enum JoinTokenCommand {
         #[arg(long)]
         id: String,
         /// Lifetime, e.g. 10m, 1h (default: the control plane's, 10m).
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Parse a bundle and validate it against its schema (offline).
+    Validate { dir: PathBuf },
+    /// Validate a bundle and run its test cases (offline).
+    Test { dir: PathBuf },
+    /// What would change: DIR against the version in force, or against
+    /// another directory with --against (offline).
+    Diff {
+        dir: PathBuf,
+        #[arg(long)]
+        against: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Validate, test, sign and release DIR to every cache. Under a
+    /// two-person rule it waits for `lattice approve`.
+    Push {
+        dir: PathBuf,
+        /// Why (kept with the version).
+        #[arg(long, short, default_value = "")]
+        message: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Every version released, the one in force marked `*`.
+    History {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Release the bundle of an earlier version again, as a new version.
+    Rollback {
+        version: u64,
+        #[arg(long, short, default_value = "")]
+        message: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCertCommand {
+    /// Issue a certificate for another admin. The key is generated here and
+    /// written with the certificate to --out (key mode 0600).
+    Issue {
+        /// spiffe://TD/admin/NAME
+        #[arg(long)]
+        id: String,
+        /// platform-admin, secret-custodian, regional-operator or auditor;
+        /// repeat for several.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// Regions of a regional operator; repeat for several.
+        #[arg(long = "region")]
+        regions: Vec<String>,
+        /// Where to write admin.key, admin.crt and root.crt.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime (default: the control plane's).
         #[arg(long)]
         ttl: Option<humantime::Duration>,
         #[command(flatten)]
@@ -253,6 +342,93 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", r.seq);
             Ok(())
         }
+        Command::Policy { command } => policy(command).await,
+        Command::Approve { request_id, admin } => {
+            let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+            let r = client
+                .approve(pb::ApproveRequest { request_id })
+                .await
+                .map_err(lattice::admin::refused)?
+                .into_inner();
+            eprintln!("approved {} by {}; it ran:", r.action, r.requested_by);
+            use pb::approve_response::Result as R;
+            match r.result {
+                Some(R::Policy(v)) => println!("{}", lattice::admin::render_version(&v)),
+                Some(R::Revoke(v)) => println!("revocation committed at sequence {}", v.seq),
+                Some(R::JoinToken(t)) => {
+                    eprintln!("join token for {} (shown once):", t.id);
+                    println!("{}", t.token);
+                }
+                Some(R::AdminCertificate(c)) => {
+                    eprintln!("admin certificate (give it to its holder as admin.crt):");
+                    print!("{}", lattice_shared::pem::encode("CERTIFICATE", &c.cert));
+                }
+                None => {}
+            }
+            Ok(())
+        }
+        Command::Pending { admin } => {
+            let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+            let r = client
+                .list_pending(pb::ListPendingRequest {})
+                .await
+                .map_err(lattice::admin::refused)?
+                .into_inner();
+            print!("{}", lattice::admin::render_pending(&r));
+            Ok(())
+        }
+        Command::AdminCert {
+            command:
+                AdminCertCommand::Issue {
+                    id,
+                    roles,
+                    regions,
+                    out,
+                    ttl,
+                    admin,
+                },
+        } => {
+            let key = lattice_shared::pki::PrivateKey::generate_p256()?;
+            std::fs::create_dir_all(&out)?;
+            let key_pem = zeroize::Zeroizing::new(lattice_shared::pem::encode(
+                "PRIVATE KEY",
+                &key.pkcs8_der(),
+            ));
+            lattice_shared::seal::write_private_file(&out.join("admin.key"), key_pem.as_bytes())?;
+            let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+            let r = client
+                .issue_admin_certificate(pb::IssueAdminCertificateRequest {
+                    id,
+                    roles,
+                    regions,
+                    csr: key.csr_der()?,
+                    ttl_secs: ttl.map(|t| Duration::from(t).as_secs()).unwrap_or(0),
+                })
+                .await
+                .map_err(|s| {
+                    anyhow!(
+                        "{} ({:?}); the key is in {}: once approved, save the certificate `lattice approve` prints there as admin.crt",
+                        s.message(),
+                        s.code(),
+                        out.display()
+                    )
+                })?
+                .into_inner();
+            std::fs::write(
+                out.join("admin.crt"),
+                lattice_shared::pem::encode("CERTIFICATE", &r.cert),
+            )?;
+            std::fs::write(
+                out.join("root.crt"),
+                lattice_shared::pem::encode("CERTIFICATE", &r.root),
+            )?;
+            println!(
+                "wrote {} (admin.key, admin.crt, root.crt); valid until unix {}",
+                out.display(),
+                r.not_after_unix
+            );
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchCommand::Propagation {
@@ -294,6 +470,133 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "mint/echo throughput ratio: {:.2}",
                 mint.rps / echo.rps.max(1.0)
             );
+            Ok(())
+        }
+    }
+}
+
+fn load_bundle(dir: &std::path::Path) -> anyhow::Result<lattice_shared::policy::BundleFiles> {
+    lattice_shared::policy::BundleFiles::load_dir(dir)
+        .map_err(|e| anyhow!("{}: {e}", dir.display()))
+}
+
+async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
+    use lattice_shared::policy::{Engine, PolicyError};
+    match command {
+        PolicyCommand::Validate { dir } => {
+            let files = load_bundle(&dir)?;
+            let engine =
+                Engine::compile(&files, 0).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+            println!(
+                "{}: valid; {} policies in {} files, sha256:{}",
+                dir.display(),
+                engine.policy_count(),
+                files.len(),
+                hex::encode(files.sha256())
+            );
+            Ok(())
+        }
+        PolicyCommand::Test { dir } => {
+            let files = load_bundle(&dir)?;
+            let engine =
+                Engine::compile(&files, 0).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+            let report = engine.run_tests();
+            println!("{report}");
+            if !report.ok() {
+                anyhow::bail!(
+                    "{}: {} test case(s) failed",
+                    dir.display(),
+                    report.failed.len()
+                );
+            }
+            Ok(())
+        }
+        PolicyCommand::Diff {
+            dir,
+            against,
+            admin,
+        } => {
+            let new = load_bundle(&dir)?;
+            let (old, label) = match against {
+                Some(other) => (load_bundle(&other)?, other.display().to_string()),
+                None => {
+                    let mut client =
+                        lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+                    let r = client
+                        .get_policy(pb::GetPolicyRequest { version: 0 })
+                        .await
+                        .map_err(lattice::admin::refused)?
+                        .into_inner();
+                    let files = lattice_shared::policy::BundleFiles::from_proto(
+                        r.bundle
+                            .as_ref()
+                            .ok_or_else(|| anyhow!("no bundle returned"))?,
+                    )?;
+                    let v = r.version.map(|v| v.version).unwrap_or(0);
+                    (files, format!("version {v} in force"))
+                }
+            };
+            let d = old.diff(&new);
+            if d.is_empty() {
+                eprintln!("{} is identical to {label}", dir.display());
+            } else {
+                eprintln!("changes from {label} to {}:", dir.display());
+                print!("{d}");
+            }
+            Ok(())
+        }
+        PolicyCommand::Push {
+            dir,
+            message,
+            admin,
+        } => {
+            let files = load_bundle(&dir)?;
+            // The same checks the control plane runs, for a readable report
+            // before anything is sent.
+            if let Err(e) = lattice_shared::policy::check(&files, 0) {
+                return Err(match e {
+                    PolicyError::Rejected(r) => anyhow!("{}: {r}", dir.display()),
+                    other => anyhow!("{}: {other}", dir.display()),
+                });
+            }
+            let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+            let v = client
+                .push_policy(pb::PushPolicyRequest {
+                    bundle: Some(files.to_proto()),
+                    message,
+                })
+                .await
+                .map_err(lattice::admin::refused)?
+                .into_inner();
+            eprintln!("released; caches enforce it as they apply the event:");
+            println!("{}", lattice::admin::render_version(&v));
+            Ok(())
+        }
+        PolicyCommand::History { admin } => {
+            let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+            let h = client
+                .policy_history(pb::PolicyHistoryRequest {})
+                .await
+                .map_err(lattice::admin::refused)?
+                .into_inner();
+            print!("{}", lattice::admin::render_history(&h));
+            Ok(())
+        }
+        PolicyCommand::Rollback {
+            version,
+            message,
+            admin,
+        } => {
+            let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+            let v = client
+                .rollback_policy(pb::RollbackPolicyRequest {
+                    to_version: version,
+                    message,
+                })
+                .await
+                .map_err(lattice::admin::refused)?
+                .into_inner();
+            println!("{}", lattice::admin::render_version(&v));
             Ok(())
         }
     }

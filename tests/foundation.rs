@@ -154,9 +154,12 @@ async fn every_rpc_but_enrolment_needs_a_client_certificate() {
             .await
             .expect_err("refused"),
         anon.jwks(pb::JwksRequest {}).await.expect_err("refused"),
-        anon.issue_certificate(pb::IssueCertificateRequest { csr: vec![1] })
-            .await
-            .expect_err("refused"),
+        anon.issue_certificate(pb::IssueCertificateRequest {
+            csr: vec![1],
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused"),
     ] {
         assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     }
@@ -169,6 +172,7 @@ async fn every_rpc_but_enrolment_needs_a_client_certificate() {
                 .expect("k")
                 .csr_der()
                 .expect("csr"),
+            ..Default::default()
         })
         .await
         .expect_err("bad token");
@@ -281,6 +285,7 @@ async fn an_agent_of_region_eu_is_refused_at_the_us_cache() {
             join_token: token,
             requested_id: String::new(),
             csr: key.csr_der().expect("csr"),
+            ..Default::default()
         })
         .await
         .expect("enrol")
@@ -322,6 +327,7 @@ async fn join_tokens_are_one_time_expire_and_are_bound_to_id_and_region() {
         join_token: token.to_owned(),
         requested_id: id.to_owned(),
         csr: csr(),
+        ..Default::default()
     };
     let a2 = "spiffe://lattice.local/agent/eu/agent-2";
 
@@ -383,6 +389,7 @@ async fn oversized_and_malformed_requests_get_clear_statuses() {
             audience: AUDIENCE.into(),
             scopes: vec!["x".into(); 17],
             ttl_secs: 0,
+            ..Default::default()
         })
         .await
         .expect_err("too many scopes");
@@ -392,6 +399,7 @@ async fn oversized_and_malformed_requests_get_clear_statuses() {
             audience: AUDIENCE.into(),
             scopes: vec![],
             ttl_secs: 3600,
+            ..Default::default()
         })
         .await
         .expect_err("ttl too long");
@@ -400,6 +408,7 @@ async fn oversized_and_malformed_requests_get_clear_statuses() {
     let s = c
         .issue_certificate(pb::IssueCertificateRequest {
             csr: vec![0x30, 0x03, 1, 2, 3],
+            ..Default::default()
         })
         .await
         .expect_err("bad csr");
@@ -415,6 +424,7 @@ async fn oversized_and_malformed_requests_get_clear_statuses() {
             audience: AUDIENCE.into(),
             scopes: vec!["delete".into()],
             ttl_secs: 0,
+            ..Default::default()
         })
         .await
         .expect_err("scope");
@@ -446,6 +456,7 @@ async fn control_plane_and_cache_restart_with_identity_and_state_intact() {
         join_token: used.clone(),
         requested_id: String::new(),
         csr: csr.clone(),
+        ..Default::default()
     })
     .await
     .expect("enrols");
@@ -482,6 +493,7 @@ async fn control_plane_and_cache_restart_with_identity_and_state_intact() {
             join_token: used,
             requested_id: String::new(),
             csr,
+            ..Default::default()
         })
         .await
         .expect_err("still used");
@@ -703,6 +715,7 @@ async fn a_malformed_csr_does_not_burn_the_join_token() {
             join_token: token.clone(),
             requested_id: String::new(),
             csr: vec![0x30, 0x03, 1, 2, 3],
+            ..Default::default()
         })
         .await
         .expect_err("bad csr");
@@ -715,6 +728,7 @@ async fn a_malformed_csr_does_not_burn_the_join_token() {
         join_token: token,
         requested_id: String::new(),
         csr,
+        ..Default::default()
     })
     .await
     .expect("the token is still good");

@@ -36,13 +36,20 @@ async fn revocation_metrics_are_exported() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // The log also holds the two policy releases made at start.
+    let applied = format!(
+        "lattice_cache_applied_seq{{cache=\"spiffe://lattice.local/cache/eu/cache-1\"}} {}",
+        ev.seq
+    );
+    let head = format!("lattice_cp_log_head {}", ev.seq);
     for needle in [
         "lattice_revocation_propagation_seconds",
         "cache=\"spiffe://lattice.local/cache/us/cache-1\"",
-        "lattice_cache_applied_seq{cache=\"spiffe://lattice.local/cache/eu/cache-1\"} 1",
+        applied.as_str(),
         "lattice_cache_staleness_seconds{cache=\"spiffe://lattice.local/cache/eu/cache-1\"}",
         "lattice_cache_refusals_total{reason=\"stale\",cache=\"spiffe://lattice.local/cache/eu/cache-1\"} 1",
-        "lattice_cp_log_head 1",
+        head.as_str(),
+        "lattice_cache_policy_version 2",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }

@@ -32,6 +32,36 @@ fn binaries_run_alone_from_their_configuration() {
         admin_dir.to_str().expect("utf8"),
     ];
 
+    // Policy as code from the CLI: validate and test offline, push (the
+    // default bundle lets the bootstrap admin do it alone), list history.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policies/example");
+    let example = example.to_str().expect("utf8");
+    let out = run_ok(Command::new(bin("lattice")).args(["policy", "validate", example]));
+    assert!(out.contains("valid;"), "{out}");
+    let out = run_ok(Command::new(bin("lattice")).args(["policy", "test", example]));
+    assert!(out.contains(" 0 failed"), "{out}");
+    let out = run_ok(
+        Command::new(bin("lattice"))
+            .args(["policy", "push", example, "-m", "from the CLI"])
+            .args(admin),
+    );
+    assert!(out.contains("v2") && out.contains("from the CLI"), "{out}");
+    let out = run_ok(
+        Command::new(bin("lattice"))
+            .args(["policy", "history"])
+            .args(admin),
+    );
+    assert!(out.contains("v1") && out.contains("* v2"), "{out}");
+    let out = run_ok(
+        Command::new(bin("lattice"))
+            .args(["policy", "diff", example])
+            .args(admin),
+    );
+    assert!(
+        out.trim().is_empty(),
+        "nothing changes against the version in force: {out}"
+    );
+
     let cache_id = "spiffe://lattice.local/cache/eu/proc-cache";
     let token = run_ok(
         Command::new(bin("lattice"))
@@ -117,7 +147,12 @@ fn dev_walkthrough_exits_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
     for needle in [
-        "[4] agent generates its key",
+        "[5] agent generates its key",
+        "enforces version 3",
+        "forbidden by high-assurance-needs-patched-os",
+        "forbidden by internal-network-only",
+        "needs the approval of a second admin",
+        "approved by spiffe://lattice.local/admin/bob",
         "token: ey",
         "\"sub\": \"spiffe://lattice.local/agent/eu/agent-1\"",
         "JWKS holds 2 keys",
@@ -142,9 +177,9 @@ fn deploy_configurations_parse_and_validate() {
     )
     .expect("cache");
     cache.validate().expect("cache valid");
-    assert_eq!(cache.audiences.len(), 1);
     let agent: lattice_edge_agent::Config =
         lattice_shared::config::load(Some(&root.join("edge-agent.toml")), "LATTICE_TEST_NONE_")
             .expect("agent");
     agent.validate().expect("agent valid");
+    assert_eq!(agent.posture.os_patched, Some(true));
 }

@@ -2,8 +2,11 @@
 //! the one-time join tokens, the registry of enrolled caches and their signing
 //! keys, and serves the `ControlPlane` (caches) and `Admin` (operators) APIs.
 
+mod admin;
+pub mod approval;
 pub mod join;
 pub mod log;
+pub mod policy;
 mod service;
 pub mod sync;
 
@@ -207,6 +210,8 @@ pub struct State {
     tls_info: std::sync::Mutex<CertInfo>,
     /// The ordered event log and the revocations derived from it.
     pub log: Arc<log::EventLog>,
+    /// Policy releases and the engine in force.
+    pub policy: policy::Policies,
     pub links: sync::Links,
     /// Turns true when the control plane stops; long-lived streams end then.
     pub stopping: watch::Receiver<bool>,
@@ -231,6 +236,12 @@ pub struct App {
     kill: watch::Sender<bool>,
     server: JoinHandle<()>,
     renewer: JoinHandle<()>,
+}
+
+pub(crate) fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Files an operator needs: the root certificate and the bootstrap admin
@@ -315,7 +326,17 @@ impl App {
         let tls_cert = ReloadableCert::empty();
         let tls_info = issue_own_tls(&root, &id, &deps.clock, &tls_cert)?;
 
-        let log = Arc::new(log::EventLog::open(deps.store.clone())?);
+        let (log, released) = log::EventLog::open(deps.store.clone())?;
+        let log = Arc::new(log);
+        let policy = policy::Policies::open(
+            &root,
+            &id,
+            &deps.clock,
+            &deps.store,
+            &deps.vault,
+            &log,
+            released,
+        )?;
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
             cfg,
@@ -328,6 +349,7 @@ impl App {
             tls_cert: tls_cert.clone(),
             tls_info: std::sync::Mutex::new(tls_info),
             log: log.clone(),
+            policy,
             links: sync::Links::default(),
             stopping: rx.clone(),
         });
@@ -358,7 +380,7 @@ impl App {
                     .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
             )
             .add_service(
-                AdminServer::new(svc).max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+                AdminServer::new(svc).max_decoding_message_size(limits::MAX_ADMIN_MESSAGE_BYTES),
             );
         let server = tokio::spawn(async move {
             let stop = async move {
@@ -418,6 +440,27 @@ impl App {
         self.state.revoke(r)
     }
 
+    /// Releases a policy bundle as the control plane itself: the in-process
+    /// form of `Admin.PushPolicy` for harnesses, without an admin decision.
+    pub fn release_policy(
+        &self,
+        files: lattice_shared::policy::BundleFiles,
+        message: &str,
+    ) -> Result<lattice_shared::proto::PolicyVersion, Error> {
+        self.state.policy.release(
+            &self.state.log,
+            &self.state.clock,
+            policy::NewRelease {
+                files,
+                message: message.into(),
+                pushed_by: &self.state.id,
+                approved_by: None,
+                rollback_of: 0,
+                lockout_check: None,
+            },
+        )
+    }
+
     /// Stops serving and waits for the server task to end.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -466,6 +509,8 @@ impl State {
                 .first()
                 .and_then(|c| lattice_shared::pki::inspect(c).ok())
             && !past_half_life(self.clock.now(), info.not_before, info.not_after)
+            && lattice_shared::policy::AdminAttributes::of_cert(&info)
+                .is_ok_and(|a| !a.roles.is_empty())
         {
             return Ok(());
         }
@@ -473,11 +518,13 @@ impl State {
         let admin_id = SpiffeId::new(&self.td, Role::Admin, None, "bootstrap")
             .map_err(|e| Error::Config(e.to_string()))?;
         let key = PrivateKey::generate_p256()?;
-        let cert = self.root.issue(
+        let cert = self.issue_admin_cert(
             &key.csr_der()?,
             &admin_id,
-            Profile::TlsClient,
-            self.clock.now(),
+            &lattice_shared::policy::AdminAttributes {
+                roles: vec![lattice_shared::policy::AdminRole::PlatformAdmin],
+                regions: vec![],
+            },
             Duration::from_secs(self.cfg.admin_cert_ttl_days * 86400),
         )?;
         for p in [&files.key_pem, &files.cert_pem, &files.root_pem] {
@@ -495,10 +542,37 @@ impl State {
     }
 
     pub fn now_ms(&self) -> i64 {
-        let now = self.clock.now();
-        now.duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
+        unix_ms(self.clock.now())
+    }
+
+    /// An admin certificate for the key in `csr_der`, carrying `attrs`.
+    pub fn issue_admin_cert(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        attrs: &lattice_shared::policy::AdminAttributes,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, Error> {
+        if id.role() != Role::Admin || id.trust_domain() != &self.td {
+            return Err(Error::InvalidArgument(format!(
+                "{id} is not an admin id of trust domain {}",
+                self.td
+            )));
+        }
+        if attrs.roles.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an admin certificate needs at least one role".into(),
+            ));
+        }
+        let ttl = ttl.min(Duration::from_secs(self.cfg.admin_cert_ttl_days * 86400));
+        Ok(self.root.issue_with_org_unit(
+            csr_der,
+            id,
+            Profile::TlsClient,
+            self.clock.now(),
+            ttl,
+            Some(&attrs.to_org_unit()),
+        )?)
     }
 
     /// Validates and commits a revocation; durable when this returns.

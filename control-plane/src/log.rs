@@ -38,17 +38,20 @@ fn decode(bytes: &[u8]) -> Result<pb::LatticeEvent, Error> {
 }
 
 impl EventLog {
-    /// Opens the log and replays it; refuses a log with a gap.
-    pub fn open(store: SharedStore) -> Result<Self, Error> {
+    /// Opens the log and replays it; refuses a log with a gap. Also returns
+    /// the policy releases found.
+    pub fn open(store: SharedStore) -> Result<(Self, Vec<(u64, pb::SignedPolicy)>), Error> {
         let head = eventlog::read_seq(&*store, T_META, HEAD_KEY)?;
-        let revocations = eventlog::replay(&*store, T_EVENTS, head)?;
-        Ok(Self {
+        let replayed = eventlog::replay(&*store, T_EVENTS, head)?;
+        let revocations = replayed.revocations;
+        let log = Self {
             store,
             append_lock: Mutex::new(()),
             head: watch::channel(head).0,
             revocations: RwLock::new(revocations),
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
-        })
+        };
+        Ok((log, replayed.policies))
     }
 
     pub fn head(&self) -> u64 {
@@ -69,12 +72,30 @@ impl EventLog {
         r: &Revocation,
         now_ms: i64,
     ) -> Result<pb::LatticeEvent, Error> {
+        let ev = self.append(pb::lattice_event::Body::Revocation(r.into()), now_ms)?;
+        Ok(ev)
+    }
+
+    /// Appends a signed policy release durably.
+    pub fn append_policy(
+        &self,
+        p: pb::SignedPolicy,
+        now_ms: i64,
+    ) -> Result<pb::LatticeEvent, Error> {
+        self.append(pb::lattice_event::Body::Policy(p), now_ms)
+    }
+
+    fn append(
+        &self,
+        body: pb::lattice_event::Body,
+        now_ms: i64,
+    ) -> Result<pb::LatticeEvent, Error> {
         let _guard = self.append_lock.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.head() + 1;
         let event = pb::LatticeEvent {
             seq,
             committed_at_unix_ms: now_ms,
-            body: Some(pb::lattice_event::Body::Revocation(r.into())),
+            body: Some(body),
         };
         self.store.apply(vec![
             Write {
@@ -89,10 +110,14 @@ impl EventLog {
             },
         ])?;
         // Durable: now enforce here and announce.
-        self.revocations
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .apply(r);
+        if let Some(pb::lattice_event::Body::Revocation(r)) = &event.body
+            && let Ok(r) = Revocation::try_from(r)
+        {
+            self.revocations
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply(&r);
+        }
         {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if recent.len() == RECENT {
@@ -103,6 +128,14 @@ impl EventLog {
         self.head.send_replace(seq);
         metrics::gauge!("lattice_cp_log_head").set(seq as f64);
         Ok(event)
+    }
+
+    /// One event by sequence number.
+    pub fn get(&self, seq: u64) -> Result<Option<pb::LatticeEvent>, Error> {
+        Ok(self
+            .read_after(seq.saturating_sub(1), 1)?
+            .into_iter()
+            .find(|e| e.seq == seq))
     }
 
     /// Up to `limit` events after `after` from memory, when they are all
@@ -159,7 +192,7 @@ mod tests {
     #[test]
     fn sequences_are_contiguous_and_survive_reopen() {
         let store = MemStore::shared();
-        let log = EventLog::open(store.clone()).expect("open");
+        let log = EventLog::open(store.clone()).expect("open").0;
         for n in 1..=5 {
             assert_eq!(
                 log.append_revocation(&rev(n), 1000).expect("append").seq,
@@ -171,7 +204,7 @@ mod tests {
             events.iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
-        let again = EventLog::open(store).expect("reopen");
+        let again = EventLog::open(store).expect("reopen").0;
         assert_eq!(again.head(), 5);
         assert_eq!(again.revocations().len(), 5);
     }
@@ -179,7 +212,7 @@ mod tests {
     #[test]
     fn a_failed_write_consumes_no_sequence_and_announces_nothing() {
         let store = FaultStore::new(MemStore::shared());
-        let log = EventLog::open(store.clone()).expect("open");
+        let log = EventLog::open(store.clone()).expect("open").0;
         log.append_revocation(&rev(1), 1).expect("append");
         store.fail_next();
         assert!(log.append_revocation(&rev(2), 2).is_err());
@@ -194,7 +227,7 @@ mod tests {
     #[test]
     fn a_gap_is_refused_at_open() {
         let store = MemStore::shared();
-        let log = EventLog::open(store.clone()).expect("open");
+        let log = EventLog::open(store.clone()).expect("open").0;
         for n in 1..=3 {
             log.append_revocation(&rev(n), 0).expect("append");
         }

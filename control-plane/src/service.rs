@@ -3,14 +3,12 @@
 //! certificate; the `Enrol` call alone is open.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use lattice_shared::clock::unix_secs;
 use lattice_shared::id::{Role, SpiffeId};
 use lattice_shared::limits;
 use lattice_shared::net::{PeerIdentity, authenticated};
 use lattice_shared::pki::{MAX_DER_LEN, PkiError, inspect};
-use lattice_shared::proto::{self as pb, admin_server::Admin, control_plane_server::ControlPlane};
+use lattice_shared::proto::{self as pb, control_plane_server::ControlPlane};
 use tonic::{Request, Response, Status};
 
 use crate::join::{self, Redemption};
@@ -48,7 +46,7 @@ impl From<Error> for Status {
 }
 
 #[allow(clippy::result_large_err)]
-fn require_role<T>(
+pub(crate) fn require_role<T>(
     state: &State,
     req: &Request<T>,
     role: Role,
@@ -110,7 +108,7 @@ fn optional_id(s: &str) -> Result<Option<SpiffeId>, Status> {
         .map_err(|e| Status::invalid_argument(format!("requested_id: {e}")))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
@@ -262,96 +260,5 @@ impl ControlPlane for Service {
         let stream =
             crate::sync::open(self.state.clone(), peer.id.clone(), req.into_inner()).await?;
         Ok(Response::new(stream))
-    }
-}
-
-#[tonic::async_trait]
-impl Admin for Service {
-    async fn create_join_token(
-        &self,
-        req: Request<pb::CreateJoinTokenRequest>,
-    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-        let admin = require_role(&self.state, &req, Role::Admin)?;
-        let r = req.into_inner();
-        let id =
-            SpiffeId::parse(&r.id).map_err(|e| Status::invalid_argument(format!("id: {e}")))?;
-        let ttl = (r.ttl_secs > 0).then(|| Duration::from_secs(r.ttl_secs));
-        let state = self.state.clone();
-        let created = blocking(move || join::create(&state, &id, ttl)).await?;
-        tracing::info!(admin = %admin.id, id = %created.record.id, "admin created a join token");
-        Ok(Response::new(pb::CreateJoinTokenResponse {
-            token: created.token.to_string(),
-            id: created.record.id.to_string(),
-            region: created
-                .record
-                .id
-                .region()
-                .map(|r| r.to_string())
-                .unwrap_or_default(),
-            expires_at_unix: created.record.expires_at_unix,
-        }))
-    }
-
-    async fn status(
-        &self,
-        req: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
-        require_role(&self.state, &req, Role::Admin)?;
-        let state = self.state.clone();
-        let (caches, outstanding) =
-            blocking(move || Ok((state.caches()?, join::outstanding(&state)?))).await?;
-        let now = self.state.now_ms();
-        let revoked = self.state.log.revocations().clone();
-        let caches: Vec<pb::CacheStatus> = caches
-            .iter()
-            .map(|c| {
-                let ca = inspect(&c.ca_cert).ok();
-                let link = self.state.links.get(&c.id).unwrap_or_default();
-                pb::CacheStatus {
-                    cache_id: c.id.to_string(),
-                    region: c.id.region().map(|r| r.to_string()).unwrap_or_default(),
-                    enrolled_at_unix: c.enrolled_at_unix,
-                    ca_not_after_unix: ca.as_ref().map(|i| unix_secs(i.not_after)).unwrap_or(0),
-                    ca_serial: ca.map(|i| i.serial_hex).unwrap_or_default(),
-                    acked_seq: link.acked,
-                    last_contact_unix_ms: link.last_contact_ms,
-                    connected: link.connected,
-                    revoked: revoked.is_cache_revoked(&c.id),
-                    staleness_ms: if link.fresh_at_ms == 0 {
-                        0
-                    } else {
-                        u64::try_from(now - link.fresh_at_ms).unwrap_or(0)
-                    },
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::StatusResponse {
-            trust_domain: self.state.td.to_string(),
-            caches,
-            join_tokens_outstanding: outstanding,
-            head_seq: self.state.log.head(),
-            max_staleness_ms: self.state.cfg.max_staleness_ms,
-        }))
-    }
-
-    async fn revoke(
-        &self,
-        req: Request<pb::RevokeRequest>,
-    ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let admin = require_role(&self.state, &req, Role::Admin)?;
-        let r = req
-            .into_inner()
-            .revocation
-            .ok_or_else(|| Status::invalid_argument("revocation is required"))?;
-        let r = lattice_shared::revocation::Revocation::try_from(&r)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let state = self.state.clone();
-        let target = r.target.to_string();
-        let ev = blocking(move || state.revoke(&r)).await?;
-        tracing::info!(admin = %admin.id, seq = ev.seq, %target, "admin revoked");
-        Ok(Response::new(pb::RevokeResponse {
-            seq: ev.seq,
-            committed_at_unix_ms: ev.committed_at_unix_ms,
-        }))
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use lattice_shared::clock::unix_secs;
 use lattice_shared::id::SpiffeId;
+use lattice_shared::limits;
 use lattice_shared::proto::{self as pb, sync_down::Msg as Down, sync_up::Msg as Up};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -136,12 +137,23 @@ async fn serve(
                     tokio::task::spawn_blocking(move || st.log.read_after(after, BATCH)).await
                 }
             };
-            let batch = match read {
+            let mut batch = match read {
                 Ok(Ok(b)) if !b.is_empty() => b,
                 Ok(Ok(_)) => break,
                 Ok(Err(e)) => return format!("reading the log failed: {e}"),
                 Err(_) => return "log reader failed".into(),
             };
+            // Bounded in bytes too (policy bundles are large): at least one.
+            let mut bytes = 0usize;
+            let keep = batch
+                .iter()
+                .take_while(|e| {
+                    bytes += prost::Message::encoded_len(*e);
+                    bytes <= limits::MAX_SYNC_BATCH_BYTES
+                })
+                .count()
+                .max(1);
+            batch.truncate(keep);
             sent = batch.last().map(|e| e.seq).unwrap_or(sent);
             let msg = pb::SyncDown {
                 msg: Some(Down::Events(pb::EventBatch { events: batch })),

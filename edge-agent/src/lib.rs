@@ -39,6 +39,11 @@ pub struct Config {
     pub root_ca: PathBuf,
     /// One-time join token for the first start (LATTICE_AGENT_JOIN_TOKEN).
     pub join_token: Option<lattice_shared::secret::Secret>,
+    /// Device posture this agent reports with each request, for policy
+    /// (reported, not attested: a policy should weigh it accordingly).
+    pub posture: lattice_shared::policy::Posture,
+    /// The kind of work this agent does (reported), e.g. "inference".
+    pub job_type: String,
     pub log_json: bool,
 }
 
@@ -50,6 +55,8 @@ impl Default for Config {
             data_dir: PathBuf::from("./data/agent"),
             root_ca: PathBuf::from("./data/cp/root.crt"),
             join_token: None,
+            posture: lattice_shared::policy::Posture::default(),
+            job_type: String::new(),
             log_json: false,
         }
     }
@@ -63,7 +70,21 @@ impl Config {
                 "id: {id} is not an agent id (spiffe://TD/agent/REGION/NAME)"
             ));
         }
+        if self.job_type.len() > lattice_shared::policy::MAX_JOB_TYPE {
+            return Err(format!(
+                "job_type must be at most {} bytes",
+                lattice_shared::policy::MAX_JOB_TYPE
+            ));
+        }
         Ok(id)
+    }
+
+    /// What the agent reports about itself with each request.
+    pub fn claims(&self) -> pb::AgentClaims {
+        pb::AgentClaims {
+            posture: Some(self.posture.to_proto()),
+            job_type: self.job_type.clone(),
+        }
     }
 }
 
@@ -229,6 +250,7 @@ impl Agent {
                         join_token: token.expose().to_owned(),
                         requested_id: id.to_string(),
                         csr: key.csr_der()?,
+                        claims: Some(cfg.claims()),
                     })
                     .await?
                     .into_inner();
@@ -288,6 +310,7 @@ impl Agent {
                 audience: audience.to_owned(),
                 scopes: scopes.to_vec(),
                 ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+                claims: Some(self.cfg.claims()),
             })
             .await?
             .into_inner();
@@ -466,6 +489,7 @@ impl Agent {
             .client()
             .issue_certificate(pb::IssueCertificateRequest {
                 csr: key.csr_der()?,
+                claims: Some(self.cfg.claims()),
             })
             .await?
             .into_inner();

@@ -1,107 +1,98 @@
-//! The `Authorizer` seam: who may mint what. The foundation's rule is narrow
-//! and built in: an enrolled agent of this cache's region may mint tokens for
-//! the audiences this cache's configuration lists, with a subset of the
-//! scopes listed for that audience. The policy-as-code work replaces this
-//! implementation behind the same trait.
+//! The `Authorizer` seam: who may do what at this cache. The implementation
+//! is the Cedar policy release in force ([`PolicyAuthorizer`]), which the
+//! sync stream replaces whole when a verified release arrives. Decisions are
+//! cached per release: the cache key carries the release version and the
+//! whole request (context included), and a new release empties the cache.
 
-use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
 
-use lattice_shared::id::SpiffeId;
-use serde::{Deserialize, Serialize};
-
-/// A token request, as the authorizer sees it.
-#[derive(Debug)]
-pub struct MintRequest<'a> {
-    pub agent: &'a SpiffeId,
-    pub audience: &'a str,
-    pub scopes: &'a [String],
-    pub ttl: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Allow,
-    /// The reason is shown to the caller.
-    Deny(String),
-}
+use lattice_shared::policy::{AgentRequest, Engine, Outcome};
 
 pub trait Authorizer: Send + Sync + std::fmt::Debug + 'static {
-    fn authorize_mint(&self, req: &MintRequest<'_>) -> Decision;
+    fn authorize(&self, req: &AgentRequest) -> Outcome;
 }
 
-/// One audience agents may mint for, with the scopes allowed for it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AudienceRule {
-    pub name: String,
-    #[serde(default)]
-    pub scopes: Vec<String>,
+/// Largest number of cached decisions.
+const DECISION_CACHE: u64 = 100_000;
+
+pub struct PolicyAuthorizer {
+    engine: RwLock<Option<Arc<Engine>>>,
+    decisions: moka::sync::Cache<(u64, AgentRequest), Arc<Outcome>>,
+    cache_decisions: bool,
 }
 
-#[derive(Debug)]
-pub struct BuiltinAuthorizer {
-    audiences: HashMap<String, HashSet<String>>,
+impl std::fmt::Debug for PolicyAuthorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyAuthorizer")
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
 }
 
-impl BuiltinAuthorizer {
-    pub fn new(rules: &[AudienceRule]) -> Self {
+impl Default for PolicyAuthorizer {
+    fn default() -> Self {
+        Self::new(true)
+    }
+}
+
+impl PolicyAuthorizer {
+    pub fn new(cache_decisions: bool) -> Self {
         Self {
-            audiences: rules
-                .iter()
-                .map(|r| (r.name.clone(), r.scopes.iter().cloned().collect()))
-                .collect(),
+            engine: RwLock::new(None),
+            decisions: moka::sync::Cache::new(DECISION_CACHE),
+            cache_decisions,
         }
+    }
+
+    /// Puts a release in force; earlier decisions are forgotten.
+    pub fn install(&self, engine: Engine) {
+        let version = engine.version();
+        *self.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
+        self.decisions.invalidate_all();
+        metrics::gauge!("lattice_cache_policy_version").set(version as f64);
+    }
+
+    pub fn current(&self) -> Option<Arc<Engine>> {
+        self.engine
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The version in force (0: none yet).
+    pub fn version(&self) -> u64 {
+        self.current().map(|e| e.version()).unwrap_or(0)
+    }
+
+    /// Decisions currently cached (for tests and metrics).
+    pub fn cached_decisions(&self) -> u64 {
+        self.decisions.run_pending_tasks();
+        self.decisions.entry_count()
     }
 }
 
-impl Authorizer for BuiltinAuthorizer {
-    fn authorize_mint(&self, req: &MintRequest<'_>) -> Decision {
-        let Some(allowed) = self.audiences.get(req.audience) else {
-            return Decision::Deny(format!(
-                "audience {:?} is not allowed at this cache",
-                req.audience
-            ));
+impl Authorizer for PolicyAuthorizer {
+    fn authorize(&self, req: &AgentRequest) -> Outcome {
+        let Some(engine) = self.current() else {
+            return Outcome {
+                allowed: false,
+                version: 0,
+                policies: vec![],
+                errors: vec!["this cache has received no policy release yet".into()],
+            };
         };
-        if let Some(s) = req.scopes.iter().find(|s| !allowed.contains(*s)) {
-            return Decision::Deny(format!(
-                "scope {s:?} is not allowed for audience {:?}",
-                req.audience
-            ));
+        if !self.cache_decisions {
+            return engine.decide_agent(req);
         }
-        Decision::Allow
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn builtin_rule() {
-        let a = BuiltinAuthorizer::new(&[AudienceRule {
-            name: "api".into(),
-            scopes: vec!["read".into()],
-        }]);
-        let agent = SpiffeId::parse("spiffe://t/agent/eu/a").expect("id");
-        let ok = MintRequest {
-            agent: &agent,
-            audience: "api",
-            scopes: &["read".into()],
-            ttl: Duration::from_secs(60),
-        };
-        assert_eq!(a.authorize_mint(&ok), Decision::Allow);
-        let wide = MintRequest {
-            scopes: &["write".into()],
-            ..ok
-        };
-        assert!(matches!(a.authorize_mint(&wide), Decision::Deny(m) if m.contains("write")));
-        let other = MintRequest {
-            agent: &agent,
-            audience: "db",
-            scopes: &[],
-            ttl: Duration::from_secs(60),
-        };
-        assert!(matches!(a.authorize_mint(&other), Decision::Deny(_)));
+        let key = (engine.version(), req.clone());
+        if let Some(hit) = self.decisions.get(&key) {
+            metrics::counter!("lattice_cache_policy_decisions_total", "cached" => "true")
+                .increment(1);
+            return (*hit).clone();
+        }
+        let outcome = engine.decide_agent(req);
+        metrics::counter!("lattice_cache_policy_decisions_total", "cached" => "false").increment(1);
+        self.decisions.insert(key, Arc::new(outcome.clone()));
+        outcome
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-use crate::authz::{AudienceRule, Authorizer, BuiltinAuthorizer};
+use crate::authz::{Authorizer, PolicyAuthorizer};
 
 pub const SCHEMA_VERSION: u32 = 1;
 const T_IDENTITY: &str = "identity";
@@ -50,8 +50,6 @@ pub struct Config {
     pub agent_cert_ttl_secs: u64,
     pub token_default_ttl_secs: u64,
     pub token_max_ttl_secs: u64,
-    /// Audiences agents may mint tokens for (built-in authorizer).
-    pub audiences: Vec<AudienceRule>,
     pub jwks_refresh_secs: u64,
     pub renew_check_secs: u64,
     /// L: the cache refuses to mint once it cannot prove it holds every
@@ -73,10 +71,6 @@ impl Default for Config {
             agent_cert_ttl_secs: 3600,
             token_default_ttl_secs: 300,
             token_max_ttl_secs: 900,
-            audiences: vec![AudienceRule {
-                name: "https://api.example.com".into(),
-                scopes: vec!["read".into(), "write".into()],
-            }],
             jwks_refresh_secs: 30,
             renew_check_secs: 60,
             max_staleness_ms: 5000,
@@ -146,7 +140,7 @@ pub struct Deps {
     pub store: SharedStore,
     pub vault: Arc<dyn KeyVault>,
     pub listener: TcpListener,
-    /// `None`: the built-in audience rule from the configuration.
+    /// `None`: the Cedar policy release in force (from the sync stream).
     pub authorizer: Option<Arc<dyn Authorizer>>,
     /// Receives a record of every issuance and refusal (the audit trail).
     pub audit: Option<Arc<dyn AuditSink>>,
@@ -161,12 +155,16 @@ pub enum AuditEvent {
         jti: String,
         audience: String,
         at_unix_ms: i64,
+        /// The policy release that allowed it.
+        policy_version: u64,
     },
     Refused {
         cache: SpiffeId,
         agent: SpiffeId,
         reason: String,
         at_unix_ms: i64,
+        /// The policy release in force (that denied it, for a policy denial).
+        policy_version: u64,
     },
 }
 
@@ -219,6 +217,8 @@ pub struct State {
     jwks_json: RwLock<Arc<String>>,
     cp: ControlPlaneClient<Channel>,
     pub authorizer: Arc<dyn Authorizer>,
+    /// The policy release in force, fed by the sync stream.
+    pub policy: Arc<PolicyAuthorizer>,
     /// Freshness and revocations.
     pub sync: sync::Sync,
     pub audit: Option<Arc<dyn AuditSink>>,
@@ -619,16 +619,23 @@ impl App {
         let cp = ControlPlaneClient::new(
             lattice_shared::net::channel(cfg.control_plane, cp_tls)
                 .map_err(|e| Error::ControlPlane(e.to_string()))?,
-        );
+        )
+        .max_decoding_message_size(limits::MAX_SYNC_MESSAGE_BYTES);
+        let policy = Arc::new(PolicyAuthorizer::default());
         let authorizer = deps
             .authorizer
-            .unwrap_or_else(|| Arc::new(BuiltinAuthorizer::new(&cfg.audiences)));
+            .unwrap_or_else(|| policy.clone() as Arc<dyn Authorizer>);
         let own_signing = vec![identity.signing_cert.clone()];
         let sync = sync::Sync::load(
             id.clone(),
             &deps.store,
             deps.clock.clone(),
             Duration::from_millis(cfg.max_staleness_ms),
+            Some(sync::PolicyTrust {
+                root_der: bundle.root_der().to_vec(),
+                trust_domain: bundle.trust_domain().clone(),
+                authorizer: policy.clone(),
+            }),
         )?;
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
@@ -647,6 +654,7 @@ impl App {
             jwks_json: RwLock::new(Arc::new(String::new())),
             cp,
             authorizer,
+            policy,
             sync,
             audit: deps.audit,
         });

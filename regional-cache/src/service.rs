@@ -15,7 +15,9 @@ use lattice_shared::token::{Claims, Confirmation};
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
 
-use crate::authz::{Decision, MintRequest};
+use lattice_shared::net::peer_addr;
+use lattice_shared::policy::{AgentAction, AgentRequest, MAX_JOB_TYPE, Posture, hour_and_weekday};
+
 use crate::{AuditEvent, State};
 
 pub(crate) const OPEN_PATHS: &[&str] = &["/lattice.v1.Cache/Enrol", "/.well-known/jwks.json"];
@@ -132,8 +134,78 @@ impl Service {
             agent: peer.id.clone(),
             reason: reason.into(),
             at_unix_ms: self.state.now_ms(),
+            policy_version: self.state.policy.version(),
         });
         Err(status)
+    }
+
+    /// Asks the policy in force; returns the deciding version, or the
+    /// refusal naming the policies that determined it.
+    #[allow(clippy::too_many_arguments)]
+    fn policy_check(
+        &self,
+        agent: &SpiffeId,
+        action: AgentAction,
+        resource: &str,
+        source: Option<std::net::SocketAddr>,
+        ttl_secs: u64,
+        scopes: &[String],
+        claims: Option<&pb::AgentClaims>,
+    ) -> Result<u64, Status> {
+        let (posture, job_type) = match claims {
+            Some(c) => {
+                let posture = c
+                    .posture
+                    .as_ref()
+                    .map(Posture::from_proto)
+                    .transpose()
+                    .map_err(Status::invalid_argument)?
+                    .unwrap_or_default();
+                if c.job_type.len() > MAX_JOB_TYPE || c.job_type.chars().any(char::is_control) {
+                    return Err(Status::invalid_argument(format!(
+                        "claims.job_type must be at most {MAX_JOB_TYPE} printable bytes"
+                    )));
+                }
+                (posture, c.job_type.clone())
+            }
+            None => (Posture::default(), String::new()),
+        };
+        let (hour_utc, weekday) = hour_and_weekday(self.state.clock.now());
+        let outcome = self.state.authorizer.authorize(&AgentRequest {
+            principal: agent.clone(),
+            action,
+            resource: resource.to_string(),
+            region: self.state.region.to_string(),
+            source_ip: source
+                .map(|a| a.ip())
+                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
+            ttl_secs,
+            scopes: scopes.to_vec(),
+            posture,
+            job_type,
+            hour_utc,
+            weekday,
+        });
+        if outcome.allowed {
+            return Ok(outcome.version);
+        }
+        let reason = outcome.denial();
+        metrics::counter!("lattice_cache_refusals_total", "reason" => "policy", "cache" => self.state.id.to_string())
+            .increment(1);
+        tracing::info!(agent_id = %agent, action = action.name(), %resource, policy_version = outcome.version, %reason, "denied by policy");
+        self.audit(AuditEvent::Refused {
+            cache: self.state.id.clone(),
+            agent: agent.clone(),
+            reason: format!("policy: {reason}"),
+            at_unix_ms: self.state.now_ms(),
+            policy_version: outcome.version,
+        });
+        if outcome.version == 0 {
+            return Err(Status::unavailable(
+                "this cache has received no policy release yet; retry or use another cache",
+            ));
+        }
+        Err(Status::permission_denied(reason))
     }
 
     fn audit(&self, e: AuditEvent) {
@@ -195,6 +267,7 @@ impl Cache for Service {
         &self,
         req: Request<pb::EnrolAgentRequest>,
     ) -> Result<Response<pb::EnrolAgentResponse>, Status> {
+        let source = peer_addr(&req);
         let r = req.into_inner();
         if r.join_token.is_empty() || r.join_token.len() > limits::MAX_JOIN_TOKEN_LEN {
             return Err(Status::invalid_argument(
@@ -252,8 +325,17 @@ impl Cache for Service {
                 "{agent} has been revoked"
             )));
         }
+        let version = self.policy_check(
+            &agent,
+            AgentAction::Enrol,
+            self.state.region.as_str(),
+            source,
+            self.state.cfg.agent_cert_ttl_secs,
+            &[],
+            r.claims.as_ref(),
+        )?;
         let chain = self.issue_agent_cert(&agent, &r.csr)?;
-        tracing::info!(agent_id = %agent, "agent enrolled");
+        tracing::info!(agent_id = %agent, policy_version = version, "agent enrolled");
         Ok(Response::new(pb::EnrolAgentResponse {
             agent_id: agent.to_string(),
             chain: Some(chain),
@@ -266,8 +348,17 @@ impl Cache for Service {
     ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
         let peer = self.require_agent(&req)?;
         self.serve_check(&peer)?;
+        let version = self.policy_check(
+            &peer.id,
+            AgentAction::IssueCertificate,
+            self.state.region.as_str(),
+            peer_addr(&req),
+            self.state.cfg.agent_cert_ttl_secs,
+            &[],
+            req.get_ref().claims.as_ref(),
+        )?;
         let chain = self.issue_agent_cert(&peer.id, &req.get_ref().csr)?;
-        tracing::debug!(agent_id = %peer.id, "agent certificate renewed");
+        tracing::debug!(agent_id = %peer.id, policy_version = version, "agent certificate renewed");
         Ok(Response::new(pb::IssueCertificateResponse {
             chain: Some(chain),
         }))
@@ -279,6 +370,7 @@ impl Cache for Service {
     ) -> Result<Response<pb::MintTokenResponse>, Status> {
         let started = Instant::now();
         let peer = self.require_agent(&req)?;
+        let source = peer_addr(&req);
         let r = req.into_inner();
         let cfg = &self.state.cfg;
         if r.audience.is_empty()
@@ -308,18 +400,20 @@ impl Cache for Service {
                 cfg.token_max_ttl_secs
             )));
         }
-        let decision = self.state.authorizer.authorize_mint(&MintRequest {
-            agent: &peer.id,
-            audience: &r.audience,
-            scopes: &r.scopes,
-            ttl: Duration::from_secs(ttl_secs),
-        });
-        if let Decision::Deny(reason) = decision {
-            metrics::counter!("lattice_cache_mint_total", "outcome" => "denied").increment(1);
-            tracing::info!(agent_id = %peer.id, audience = %r.audience, %reason, "mint denied");
-            return Err(Status::permission_denied(reason));
-        }
         self.serve_check(&peer)?;
+        let policy_version = self
+            .policy_check(
+                &peer.id,
+                AgentAction::MintToken,
+                &r.audience,
+                source,
+                ttl_secs,
+                &r.scopes,
+                r.claims.as_ref(),
+            )
+            .inspect_err(|_| {
+                metrics::counter!("lattice_cache_mint_total", "outcome" => "denied").increment(1);
+            })?;
         let now = unix_secs(self.state.clock.now());
         // A token never outlives the certificate it is bound to.
         let exp = (now + i64::try_from(ttl_secs).unwrap_or(0)).min(unix_secs(peer.cert.not_after));
@@ -349,6 +443,7 @@ impl Cache for Service {
             jti: jti.clone(),
             audience: claims.aud.clone(),
             at_unix_ms: self.state.now_ms(),
+            policy_version,
         });
         metrics::histogram!("lattice_cache_mint_seconds").record(started.elapsed().as_secs_f64());
         Ok(Response::new(pb::MintTokenResponse {
@@ -356,6 +451,7 @@ impl Cache for Service {
             jti,
             expires_at_unix: exp,
             kid: ident.signer.kid().to_owned(),
+            policy_version,
         }))
     }
 

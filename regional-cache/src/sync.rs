@@ -55,10 +55,20 @@ struct Inner {
     connected: bool,
 }
 
+/// What a cache needs to accept policy releases: the root that signs the
+/// control plane's policy key, and where releases go into force.
+#[derive(Debug, Clone)]
+pub struct PolicyTrust {
+    pub root_der: Vec<u8>,
+    pub trust_domain: lattice_shared::id::TrustDomain,
+    pub authorizer: Arc<crate::authz::PolicyAuthorizer>,
+}
+
 /// Freshness and revocations of one cache.
 #[derive(Debug)]
 pub struct Sync {
     cache_id: lattice_shared::id::SpiffeId,
+    policy: Option<PolicyTrust>,
     inner: RwLock<Inner>,
     clock: SharedClock,
     max_staleness: Duration,
@@ -73,16 +83,32 @@ pub struct Sync {
 use lattice_shared::eventlog::seq_key;
 
 impl Sync {
-    /// Replays the events held durably.
+    /// Replays the events held durably; the newest policy release that
+    /// verifies goes into force.
     pub fn load(
         cache_id: lattice_shared::id::SpiffeId,
         store: &SharedStore,
         clock: SharedClock,
         max_staleness: Duration,
+        policy: Option<PolicyTrust>,
     ) -> Result<Self, Error> {
         let applied = lattice_shared::eventlog::read_seq(&**store, T_META, APPLIED_KEY)?;
-        let revocations = lattice_shared::eventlog::replay(&**store, T_EVENTS, applied)?;
+        let replayed = lattice_shared::eventlog::replay(&**store, T_EVENTS, applied)?;
+        let revocations = replayed.revocations;
+        if let Some(trust) = &policy {
+            for (seq, signed) in replayed.policies.iter().rev() {
+                match accept_release(trust, &revocations, 0, signed) {
+                    Ok(engine) => {
+                        tracing::info!(seq, version = engine.version(), "policy release restored");
+                        trust.authorizer.install(engine);
+                        break;
+                    }
+                    Err(e) => tracing::warn!(seq, error = %e, "stored policy release refused"),
+                }
+            }
+        }
         Ok(Self {
+            policy,
             cache_id,
             inner: RwLock::new(Inner {
                 applied,
@@ -193,6 +219,30 @@ impl Sync {
         self.read().revocations.is_agent_revoked(id)
     }
 
+    /// A policy release arrived: verify it and put it in force, or refuse
+    /// it and keep the one in force. Either way the event is applied, so
+    /// the stream goes on.
+    fn on_release(&self, seq: u64, signed: &pb::SignedPolicy) {
+        let Some(trust) = &self.policy else {
+            return;
+        };
+        let current = trust.authorizer.version();
+        let revocations = self.read().revocations.clone();
+        match accept_release(trust, &revocations, current, signed) {
+            Ok(engine) => {
+                tracing::info!(seq, version = engine.version(), "policy release in force");
+                metrics::counter!("lattice_cache_policy_releases_total", "outcome" => "accepted")
+                    .increment(1);
+                trust.authorizer.install(engine);
+            }
+            Err(e) => {
+                tracing::error!(seq, kept_version = current, error = %e, "policy release refused; keeping the one in force");
+                metrics::counter!("lattice_cache_policy_releases_total", "outcome" => "refused")
+                    .increment(1);
+            }
+        }
+    }
+
     fn on_pong(&self, pong: &pb::FreshnessPong) {
         let mut g = self.write();
         let Some(sent) = g.pings.remove(&pong.ping_id) else {
@@ -267,6 +317,10 @@ impl Sync {
             let r = match &ev.body {
                 Some(pb::lattice_event::Body::Revocation(r)) => {
                     Some(Revocation::try_from(r).map_err(|e| Error::ControlPlane(e.to_string()))?)
+                }
+                Some(pb::lattice_event::Body::Policy(p)) => {
+                    self.on_release(ev.seq, p);
+                    None
                 }
                 None => None,
             };
@@ -349,6 +403,29 @@ pub fn revocations_after(store: &SharedStore, after: u64, limit: usize) -> Resul
         }
     }
     Ok((out, n, last))
+}
+
+/// Verifies a release (signature, signer chain, signer not revoked, newer
+/// than `current`) and compiles it.
+fn accept_release(
+    trust: &PolicyTrust,
+    revocations: &RevocationSet,
+    current: u64,
+    signed: &pb::SignedPolicy,
+) -> Result<lattice_shared::policy::Engine, String> {
+    let verified =
+        lattice_shared::policy::sign::verify(signed, &trust.root_der, &trust.trust_domain)
+            .map_err(|e| e.to_string())?;
+    if revocations.is_serial_revoked(&verified.signer.serial_hex) {
+        return Err("the policy signing certificate has been revoked".into());
+    }
+    let version = verified.release.version;
+    if version <= current {
+        return Err(format!(
+            "release {version} is not newer than the one in force ({current})"
+        ));
+    }
+    lattice_shared::policy::Engine::compile(&verified.files, version).map_err(|e| e.to_string())
 }
 
 fn jittered(d: Duration, rng: &SystemRandom) -> Duration {
@@ -577,6 +654,7 @@ mod tests {
             &store,
             clock.shared(),
             Duration::from_secs(5),
+            None,
         )
         .expect("load");
         assert_eq!(s.apply_batch(&store, &[rev(1), rev(2)]).expect("apply"), 2);
@@ -588,6 +666,7 @@ mod tests {
             &store,
             clock.shared(),
             Duration::from_secs(5),
+            None,
         )
         .expect("reload");
         assert_eq!(again.applied(), 2);
@@ -603,6 +682,7 @@ mod tests {
             &store,
             clock.shared(),
             Duration::from_secs(5),
+            None,
         )
         .expect("load");
         assert!(!s.is_fresh(), "never fresh before the first pong");

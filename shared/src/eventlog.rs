@@ -1,7 +1,7 @@
 //! Storage layout of an ordered event log, shared by the control plane (the
 //! authority) and the caches (its replicas): events keyed by big-endian
 //! sequence number, contiguous from 1, and the revocation set derived by
-//! replaying them.
+//! replaying them, with the policy releases they carry.
 
 use prost::Message;
 
@@ -28,10 +28,20 @@ pub fn decode(bytes: &[u8]) -> Result<pb::LatticeEvent, StoreError> {
     pb::LatticeEvent::decode(bytes).map_err(|e| StoreError::Corrupt(format!("event: {e}")))
 }
 
+/// What replaying a log yields.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub revocations: RevocationSet,
+    /// Every policy release, in order, with its sequence number (not verified
+    /// here: whoever enforces a release verifies it).
+    pub policies: Vec<(u64, pb::SignedPolicy)>,
+}
+
 /// Replays the events of `tree`: they must run from 1 to exactly `head`
-/// without a gap. Returns the revocations they carry.
-pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<RevocationSet, StoreError> {
+/// without a gap.
+pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, StoreError> {
     let mut revocations = RevocationSet::default();
+    let mut policies = Vec::new();
     let mut next = 1u64;
     loop {
         let batch = store.scan_from(tree, &seq_key(next), 1024)?;
@@ -45,10 +55,14 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<RevocationSet,
                     "stored events have a gap at {next}"
                 )));
             }
-            if let Some(pb::lattice_event::Body::Revocation(r)) = &ev.body
-                && let Ok(r) = Revocation::try_from(r)
-            {
-                revocations.apply(&r);
+            match ev.body {
+                Some(pb::lattice_event::Body::Revocation(r)) => {
+                    if let Ok(r) = Revocation::try_from(&r) {
+                        revocations.apply(&r);
+                    }
+                }
+                Some(pb::lattice_event::Body::Policy(p)) => policies.push((ev.seq, p)),
+                None => {}
             }
             next += 1;
         }
@@ -59,5 +73,8 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<RevocationSet,
             next - 1
         )));
     }
-    Ok(revocations)
+    Ok(Replayed {
+        revocations,
+        policies,
+    })
 }

@@ -4,6 +4,14 @@ use std::time::Duration;
 
 /// Largest decoded gRPC message a server accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest Admin request (a policy bundle and its envelope).
+pub const MAX_ADMIN_MESSAGE_BYTES: usize = crate::policy::MAX_BUNDLE_BYTES + 64 * 1024;
+/// Largest event batch the control plane sends (at least one event is sent
+/// whatever its size), and the largest sync message a cache accepts.
+pub const MAX_SYNC_BATCH_BYTES: usize = 2 * 1024 * 1024;
+pub const MAX_SYNC_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Outstanding admin requests waiting for a second admin, and their life.
+pub const MAX_PENDING_APPROVALS: usize = 1000;
 /// Largest join token accepted.
 pub const MAX_JOIN_TOKEN_LEN: usize = 128;
 /// Audience length and count of scopes in a token request.

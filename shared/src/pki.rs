@@ -149,6 +149,9 @@ pub struct CertInfo {
     /// Explicit extended key usages.
     pub eku_client_auth: bool,
     pub eku_server_auth: bool,
+    /// The subject's organizational unit: admin certificates carry their
+    /// roles and regions there (see `policy::AdminAttributes`).
+    pub org_unit: Option<String>,
 }
 
 impl CertInfo {
@@ -205,6 +208,12 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
         not_after: crate::clock::from_unix_secs(validity.not_after.timestamp()),
         is_ca: cert.is_ca(),
         sha256: sha256(der),
+        org_unit: cert
+            .subject()
+            .iter_organizational_unit()
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_owned),
     })
 }
 
@@ -338,6 +347,20 @@ impl Authority {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<Vec<u8>, PkiError> {
+        self.issue_with_org_unit(csr_der, id, profile, now, ttl, None)
+    }
+
+    /// As [`Authority::issue`], with an organizational unit in the subject
+    /// (admin roles).
+    pub fn issue_with_org_unit(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        profile: Profile,
+        now: SystemTime,
+        ttl: Duration,
+        org_unit: Option<&str>,
+    ) -> Result<Vec<u8>, PkiError> {
         let csr = parse_csr(csr_der)?;
         // The issuer's own scope rule, applied before signing as well as at
         // every verifier.
@@ -356,6 +379,11 @@ impl Authority {
         params
             .distinguished_name
             .push(DnType::CommonName, common_name(id));
+        if let Some(ou) = org_unit {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+        }
         params.not_before = to_offset(now - BACKDATE);
         params.not_after = to_offset((now + ttl).min(self.info.not_after));
         params.serial_number = Some(random_serial()?);

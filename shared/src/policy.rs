@@ -134,9 +134,7 @@ impl BundleFiles {
                 return Err(PolicyError::Bundle(format!("{name:?} appears twice")));
             }
             if out.len() > MAX_FILES {
-                return Err(PolicyError::Bundle(format!(
-                    "more than {MAX_FILES} files"
-                )));
+                return Err(PolicyError::Bundle(format!("more than {MAX_FILES} files")));
             }
         }
         Ok(Self { files: out })
@@ -200,11 +198,7 @@ impl BundleFiles {
     }
 
     pub fn from_proto(p: &crate::proto::PolicyBundleFiles) -> Result<Self, PolicyError> {
-        Self::from_files(
-            p.files
-                .iter()
-                .map(|f| (f.path.clone(), f.content.clone())),
-        )
+        Self::from_files(p.files.iter().map(|f| (f.path.clone(), f.content.clone())))
     }
 
     /// SHA-256 of the canonical encoding (files sorted by name).
@@ -404,6 +398,62 @@ impl std::fmt::Display for AdminRole {
     }
 }
 
+/// What an admin certificate says of its holder: roles, and the regions a
+/// regional operator is confined to. Encoded in the subject's OU as
+/// `roles=a,b;regions=x,y`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAttributes {
+    pub roles: Vec<AdminRole>,
+    pub regions: Vec<String>,
+}
+
+impl AdminAttributes {
+    pub fn to_org_unit(&self) -> String {
+        let roles: Vec<&str> = self.roles.iter().map(|r| r.as_str()).collect();
+        format!(
+            "roles={};regions={}",
+            roles.join(","),
+            self.regions.join(",")
+        )
+    }
+
+    /// Unknown roles are refused, not skipped: a certificate is read as a whole.
+    pub fn from_org_unit(ou: &str) -> Result<Self, String> {
+        let mut out = Self::default();
+        for part in ou.split(';') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("admin attributes {ou:?} are malformed"))?;
+            let items = v.split(',').filter(|s| !s.is_empty());
+            match k {
+                "roles" => {
+                    for r in items {
+                        out.roles.push(r.parse()?);
+                    }
+                }
+                "regions" => {
+                    for r in items {
+                        crate::id::RegionId::new(r).map_err(|e| e.to_string())?;
+                        out.regions.push(r.to_string());
+                    }
+                }
+                _ => return Err(format!("unknown admin attribute {k:?}")),
+            }
+        }
+        out.roles.sort();
+        out.roles.dedup();
+        Ok(out)
+    }
+
+    /// The attributes of an admin's certificate (none: no roles).
+    pub fn of_cert(cert: &crate::pki::CertInfo) -> Result<Self, String> {
+        match &cert.org_unit {
+            Some(ou) => Self::from_org_unit(ou),
+            None => Ok(Self::default()),
+        }
+    }
+}
+
 /// Device posture reported by an agent. Unreported claims are absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -423,7 +473,10 @@ pub const MAX_JOB_TYPE: usize = 128;
 
 impl Posture {
     pub fn from_proto(p: &crate::proto::Posture) -> Result<Self, String> {
-        if p.os_version.as_ref().is_some_and(|v| v.len() > MAX_POSTURE_STRING) {
+        if p.os_version
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_POSTURE_STRING)
+        {
             return Err(format!(
                 "posture.os_version is longer than {MAX_POSTURE_STRING} bytes"
             ));
@@ -535,23 +588,21 @@ pub struct Outcome {
 impl Outcome {
     /// A message for the caller of a denied request.
     pub fn denial(&self) -> String {
+        format!(
+            "denied by policy version {}: {}",
+            self.version,
+            self.reason()
+        )
+    }
+
+    /// Why it was denied, without the version.
+    pub fn reason(&self) -> String {
         if !self.errors.is_empty() {
-            format!(
-                "denied by policy version {}: evaluation error in {}",
-                self.version,
-                self.errors.join("; ")
-            )
+            format!("evaluation error in {}", self.errors.join("; "))
         } else if self.policies.is_empty() {
-            format!(
-                "denied by policy version {}: no policy permits this request",
-                self.version
-            )
+            "no policy permits this request".to_string()
         } else {
-            format!(
-                "denied by policy version {}: forbidden by {}",
-                self.version,
-                self.policies.join(", ")
-            )
+            format!("forbidden by {}", self.policies.join(", "))
         }
     }
 }
@@ -858,9 +909,9 @@ impl Engine {
                             ));
                         }
                     }
-                    _ => report.problems.push(format!(
-                        "{ENTITIES_FILE}: {id:?} is not an agent SPIFFE id"
-                    )),
+                    _ => report
+                        .problems
+                        .push(format!("{ENTITIES_FILE}: {id:?} is not an agent SPIFFE id")),
                 }
             }
             if t == format!("{NS}::Admin") {
@@ -1221,16 +1272,9 @@ impl Engine {
             .and_then(|r| self.slices.get(action, r))
             .unwrap_or(&self.policies);
         let resp = self.authorizer.is_authorized(request, set, entities);
-        let errors: Vec<String> = resp
-            .diagnostics()
-            .errors()
-            .map(|e| e.to_string())
-            .collect();
-        let mut policies: Vec<String> = resp
-            .diagnostics()
-            .reason()
-            .map(|p| p.to_string())
-            .collect();
+        let errors: Vec<String> = resp.diagnostics().errors().map(|e| e.to_string()).collect();
+        let mut policies: Vec<String> =
+            resp.diagnostics().reason().map(|p| p.to_string()).collect();
         policies.sort();
         Outcome {
             allowed: resp.decision() == Decision::Allow && errors.is_empty(),
@@ -1278,9 +1322,12 @@ impl Engine {
                         report.passed.push(case.name.clone());
                     } else {
                         let why = if outcome.allowed {
-                            format!("expected deny, got allow (permitted by {})", outcome.policies.join(", "))
+                            format!(
+                                "expected deny, got allow (permitted by {})",
+                                outcome.policies.join(", ")
+                            )
                         } else {
-                            format!("expected allow, got {}", outcome.denial())
+                            format!("expected allow, got a denial: {}", outcome.reason())
                         };
                         report.failed.push((case.name.clone(), why));
                     }
@@ -1295,20 +1342,28 @@ impl Engine {
         let principal = SpiffeId::parse(&case.principal).map_err(|e| format!("principal: {e}"))?;
         let action: Action = case.action.parse()?;
         let at = match &case.context.time {
-            Some(t) => time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                .map_err(|e| format!("context.time: {e}"))?,
+            Some(t) => {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| format!("context.time: {e}"))?
+            }
             // Monday 2026-01-05 12:00 UTC.
             None => time::OffsetDateTime::from_unix_timestamp(1_767_614_400)
                 .map_err(|e| e.to_string())?,
         };
         let (hour_utc, weekday) = (at.hour(), at.weekday().number_from_monday());
-        let source_ip = case.context.source_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let source_ip = case
+            .context
+            .source_ip
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
         match action {
             Action::Agent(action) => {
                 if principal.role() != Role::Agent {
                     return Err(format!("{} is not an agent id", case.principal));
                 }
-                let region = principal.region().map(|r| r.to_string()).unwrap_or_default();
+                let region = principal
+                    .region()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default();
                 Ok(self.decide_agent(&AgentRequest {
                     action,
                     resource: case.resource.clone(),
@@ -1428,7 +1483,10 @@ mod tests {
             ENTITIES_FILE,
             r#"[{"uid":{"type":"Lattice::Audience","id":"api"},"attrs":{"scopes":"read","labels":[]},"parents":[]}]"#,
         )]);
-        assert!(matches!(Engine::compile(&files, 2), Err(PolicyError::Rejected(_))));
+        assert!(matches!(
+            Engine::compile(&files, 2),
+            Err(PolicyError::Rejected(_))
+        ));
     }
 
     #[test]
@@ -1472,7 +1530,11 @@ mod tests {
         assert_eq!(ok.policies, vec!["mint-listed-scopes".to_string()]);
         let wide = mint(&engine, "spiffe://t/agent/eu/a", "api", &["write"]);
         assert!(!wide.allowed);
-        assert!(wide.denial().contains("no policy permits"), "{}", wide.denial());
+        assert!(
+            wide.denial().contains("no policy permits"),
+            "{}",
+            wide.denial()
+        );
         // The forbid applies even though "admin" is not a listed scope.
         let forbidden = mint(&engine, "spiffe://t/agent/eu/a", "api", &["admin"]);
         assert!(!forbidden.allowed);
@@ -1514,9 +1576,21 @@ mod tests {
             hour_utc: 12,
             weekday: 1,
         };
-        assert!(engine.decide_admin(&req(vec![AdminRole::PlatformAdmin], AdminAction::Revoke)).allowed);
-        assert!(!engine.decide_admin(&req(vec![AdminRole::Auditor], AdminAction::Revoke)).allowed);
-        assert!(!engine.decide_admin(&req(vec![AdminRole::RegionalOperator], AdminAction::Revoke)).allowed);
+        assert!(
+            engine
+                .decide_admin(&req(vec![AdminRole::PlatformAdmin], AdminAction::Revoke))
+                .allowed
+        );
+        assert!(
+            !engine
+                .decide_admin(&req(vec![AdminRole::Auditor], AdminAction::Revoke))
+                .allowed
+        );
+        assert!(
+            !engine
+                .decide_admin(&req(vec![AdminRole::RegionalOperator], AdminAction::Revoke))
+                .allowed
+        );
         let mut r = req(vec![AdminRole::RegionalOperator], AdminAction::Revoke);
         r.regions = vec!["eu".into()];
         assert!(engine.decide_admin(&r).allowed);
@@ -1533,11 +1607,25 @@ mod tests {
     }
 
     #[test]
+    fn admin_attributes_round_trip_and_refuse_unknown_roles() {
+        let a = AdminAttributes {
+            roles: vec![AdminRole::PlatformAdmin, AdminRole::Auditor],
+            regions: vec!["eu".into()],
+        };
+        assert_eq!(AdminAttributes::from_org_unit(&a.to_org_unit()), Ok(a));
+        assert!(AdminAttributes::from_org_unit("roles=root").is_err());
+        assert!(AdminAttributes::from_org_unit("garbage").is_err());
+    }
+
+    #[test]
     fn diff_shows_changed_lines() {
         let a = default_bundle();
         let b = with(&[("extra.cedar", "forbid(principal, action, resource);\n")]);
         let d = a.diff(&b);
-        assert!(d.contains("+++ b/extra.cedar") && d.contains("+forbid"), "{d}");
+        assert!(
+            d.contains("+++ b/extra.cedar") && d.contains("+forbid"),
+            "{d}"
+        );
         assert!(a.diff(&a).is_empty());
     }
 }

@@ -273,6 +273,7 @@ mod tests {
             sha256: [0; 32],
             eku_client_auth: false,
             eku_server_auth: false,
+            org_unit: None,
         }
     }
 
@@ -358,6 +359,7 @@ mod tests {
             sha256: [0; 32],
             eku_client_auth: true,
             eku_server_auth: false,
+            org_unit: None,
         };
         let mut set = RevocationSet::default();
         assert!(set.check_cert(&cert, Some(&ca_info(&cache))).is_ok());

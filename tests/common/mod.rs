@@ -64,6 +64,7 @@ pub fn mint_req(audience: &str) -> pb::MintTokenRequest {
         audience: audience.into(),
         scopes: vec!["read".into()],
         ttl_secs: 0,
+        ..Default::default()
     }
 }
 

@@ -79,7 +79,9 @@ pub fn verify(
         _ => return Err(bad("the signer is not this trust domain's control plane")),
     }
     if signer.is_ca || signer.eku_client_auth || signer.eku_server_auth {
-        return Err(bad("the signer certificate is not a policy signing certificate"));
+        return Err(bad(
+            "the signer certificate is not a policy signing certificate",
+        ));
     }
     let (_, root) = x509_parser::certificate::X509Certificate::from_der(root_der)
         .map_err(|e| bad(&format!("root: {e}")))?;
@@ -97,7 +99,9 @@ pub fn verify(
         .map_err(|e| bad(&format!("release: {e}")))?;
     let at = crate::clock::from_unix_secs(release.released_at_unix_ms.div_euclid(1000));
     if at < signer.not_before || at > signer.not_after {
-        return Err(bad("released outside the validity of the signer certificate"));
+        return Err(bad(
+            "released outside the validity of the signer certificate",
+        ));
     }
     let files = BundleFiles::from_proto(
         release

@@ -1,0 +1,137 @@
+//! The two-person rule: an admin request that policy allows only with a
+//! second admin's approval is stored here, durably, until another admin
+//! approves it (which runs it) or it expires. Taking a request out is a
+//! compare-and-swap, so one request runs at most once.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use lattice_shared::id::SpiffeId;
+use lattice_shared::limits;
+use lattice_shared::policy::{AdminAction, AdminAttributes, AdminRole};
+use lattice_shared::store::SharedStore;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+const T_PENDING: &str = "pending";
+/// How long a request waits for its approval.
+pub const APPROVAL_TTL: Duration = Duration::from_secs(3600);
+
+/// A request waiting for a second admin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pending {
+    pub id: String,
+    pub action: AdminAction,
+    pub requested_by: SpiffeId,
+    pub roles: Vec<AdminRole>,
+    pub regions: Vec<String>,
+    pub target_region: String,
+    pub resource: String,
+    pub source_ip: std::net::IpAddr,
+    /// The encoded request message, run as it was when approved.
+    pub payload_b64: String,
+    pub created_at_unix: i64,
+    pub expires_at_unix: i64,
+    pub summary: String,
+}
+
+impl Pending {
+    pub fn payload(&self) -> Result<Vec<u8>, Error> {
+        B64.decode(&self.payload_b64)
+            .map_err(|e| Error::Corrupt(format!("pending request {}: {e}", self.id)))
+    }
+    pub fn attributes(&self) -> AdminAttributes {
+        AdminAttributes {
+            roles: self.roles.clone(),
+            regions: self.regions.clone(),
+        }
+    }
+}
+
+/// What to store for a new pending request.
+pub struct NewPending<'a> {
+    pub action: AdminAction,
+    pub requested_by: &'a SpiffeId,
+    pub attrs: &'a AdminAttributes,
+    pub target_region: &'a str,
+    pub resource: &'a str,
+    pub source_ip: std::net::IpAddr,
+    pub payload: Vec<u8>,
+    pub summary: String,
+    pub now_unix: i64,
+}
+
+pub fn create(store: &SharedStore, new: NewPending<'_>) -> Result<Pending, Error> {
+    // Expired requests are dropped here, so the store stays bounded.
+    let live = list(store, new.now_unix)?;
+    if live.len() >= limits::MAX_PENDING_APPROVALS {
+        return Err(Error::FailedPrecondition(format!(
+            "{} requests already wait for approval; approve or let some expire first",
+            live.len()
+        )));
+    }
+    let mut raw = [0u8; 12];
+    SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| Error::Corrupt("rng".into()))?;
+    let p = Pending {
+        id: hex::encode(raw),
+        action: new.action,
+        requested_by: new.requested_by.clone(),
+        roles: new.attrs.roles.clone(),
+        regions: new.attrs.regions.clone(),
+        target_region: new.target_region.to_string(),
+        resource: new.resource.to_string(),
+        source_ip: new.source_ip,
+        payload_b64: B64.encode(&new.payload),
+        created_at_unix: new.now_unix,
+        expires_at_unix: new.now_unix + i64::try_from(APPROVAL_TTL.as_secs()).unwrap_or(3600),
+        summary: new.summary,
+    };
+    let bytes = serde_json::to_vec(&p).map_err(|e| Error::Corrupt(e.to_string()))?;
+    store.put(T_PENDING, p.id.as_bytes(), &bytes)?;
+    Ok(p)
+}
+
+/// Live requests, oldest first; expired ones are deleted on the way.
+pub fn list(store: &SharedStore, now_unix: i64) -> Result<Vec<Pending>, Error> {
+    let mut out = Vec::new();
+    for (k, v) in store.scan_prefix(T_PENDING, b"", limits::MAX_PENDING_APPROVALS * 2)? {
+        let p: Pending = serde_json::from_slice(&v).map_err(|e| Error::Corrupt(e.to_string()))?;
+        if p.expires_at_unix <= now_unix {
+            store.delete(T_PENDING, &k)?;
+            continue;
+        }
+        out.push(p);
+    }
+    out.sort_by_key(|p| p.created_at_unix);
+    Ok(out)
+}
+
+pub fn get(store: &SharedStore, id: &str, now_unix: i64) -> Result<(Pending, Vec<u8>), Error> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(Error::InvalidArgument("request_id is malformed".into()));
+    }
+    let Some(raw) = store.get(T_PENDING, id.as_bytes())? else {
+        return Err(Error::NotFound(format!(
+            "no pending request {id:?} (approved already, expired, or never made)"
+        )));
+    };
+    let p: Pending = serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(e.to_string()))?;
+    if p.expires_at_unix <= now_unix {
+        store.delete(T_PENDING, id.as_bytes())?;
+        return Err(Error::FailedPrecondition(format!(
+            "request {id} expired unapproved; make it again"
+        )));
+    }
+    Ok((p, raw))
+}
+
+/// Removes a request if it is still exactly `raw`; false if someone else
+/// took it first.
+pub fn take(store: &SharedStore, id: &str, raw: &[u8]) -> Result<bool, Error> {
+    Ok(store.compare_and_swap(T_PENDING, id.as_bytes(), Some(raw), None)?)
+}
