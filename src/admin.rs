@@ -68,6 +68,8 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
             "revoked"
         } else if !c.connected {
             "disconnected"
+        } else if c.staleness_ms == 0 {
+            "syncing"
         } else if c.staleness_ms > r.max_staleness_ms {
             "stale"
         } else {

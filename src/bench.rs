@@ -15,6 +15,9 @@ pub struct Options {
     pub connections: usize,
     pub duration: Duration,
     pub warmup: Duration,
+    /// Release a generated bundle of this many policies first (0: the
+    /// harness's small default bundle).
+    pub policies: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +124,7 @@ pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
         agents: vec![("eu".into(), "bench".into())],
         // An in-memory trail of millions of issuances would measure the Vec.
         record_audit: false,
+        policy: (opts.policies > 0).then(|| large_bundle(opts.policies)),
         ..Spec::default()
     };
     let lattice = Lattice::start(spec, SystemClock::shared()).await?;
@@ -258,5 +262,162 @@ pub async fn propagation(caches: usize, revocations: usize) -> anyhow::Result<Pr
         all_max_us: all.last().copied().unwrap_or(0),
         durable_p50_us: percentile(&durable, 0.5),
         durable_p99_us: percentile(&durable, 0.99),
+    })
+}
+
+/// A bundle of `n` context-aware policies (one permit per audience, with
+/// scope, time, address and posture conditions, and a forbid for every
+/// tenth), plus the default bundle's, over `n` audiences, one of which is
+/// the mint benchmark's.
+pub fn large_bundle(n: usize) -> lattice_shared::policy::BundleFiles {
+    use std::fmt::Write as _;
+    let mut policies = String::new();
+    let mut entities = Vec::new();
+    for i in 0..n {
+        let aud = if i == 0 {
+            "https://api.example.com".to_string()
+        } else {
+            format!("https://aud-{i}.example.com")
+        };
+        let mut cond = String::from("resource.scopes.containsAll(context.scopes)");
+        if i % 3 == 1 {
+            cond.push_str(" && context.hour_utc >= 0 && context.weekday <= 7");
+        }
+        if i % 4 == 2 {
+            cond.push_str(" && context.source_ip.isInRange(ip(\"127.0.0.0/8\"))");
+        }
+        if i % 5 == 3 {
+            cond.push_str(" && context.posture has os_patched && context.posture.os_patched");
+        }
+        let _ = writeln!(
+            policies,
+            "@id(\"p{i}\")\npermit(principal is Lattice::Agent, action == Lattice::Action::\"MintToken\", resource == Lattice::Audience::\"{aud}\") when {{ {cond} }};"
+        );
+        if i % 10 == 9 {
+            let _ = writeln!(
+                policies,
+                "@id(\"f{i}\")\nforbid(principal is Lattice::Agent, action == Lattice::Action::\"MintToken\", resource == Lattice::Audience::\"{aud}\") when {{ principal.labels.contains(\"untrusted\") && context.ttl_secs > 60 }};"
+            );
+        }
+        entities.push(serde_json::json!({
+            "uid": {"type": "Lattice::Audience", "id": aud},
+            "attrs": {"scopes": ["read", "write"], "labels": []},
+            "parents": []
+        }));
+    }
+    let default = lattice_shared::policy::default_bundle();
+    lattice_shared::policy::BundleFiles::from_files(
+        default
+            .iter()
+            .map(|(k, v)| {
+                let v = match k {
+                    lattice_shared::policy::ENTITIES_FILE => {
+                        serde_json::Value::Array(entities.clone()).to_string()
+                    }
+                    lattice_shared::policy::TESTS_FILE => "[]".to_string(),
+                    _ => v.to_string(),
+                };
+                (k.to_string(), v)
+            })
+            .chain([("bench.cedar".to_string(), policies.clone())]),
+    )
+    .expect("generated names are valid") // fixed names
+}
+
+/// Result of `bench policy`.
+#[derive(Debug, Clone)]
+pub struct PolicyBench {
+    pub policies: usize,
+    pub compile_ms: f64,
+    pub uncached: (u64, u64),
+    pub cached: (u64, u64),
+    pub decisions: usize,
+}
+
+impl std::fmt::Display for PolicyBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} policies (compiled, validated and indexed in {:.0} ms); per decision over {} requests:\n  uncached (Cedar evaluation of the sliced set, request built) p50 {:.1} µs p99 {:.1} µs\n  decision cache hit (what a cache pays for a repeated request)  p50 {:.1} µs p99 {:.1} µs",
+            self.policies,
+            self.compile_ms,
+            self.decisions,
+            self.uncached.0 as f64 / 1000.0,
+            self.uncached.1 as f64 / 1000.0,
+            self.cached.0 as f64 / 1000.0,
+            self.cached.1 as f64 / 1000.0,
+        )
+    }
+}
+
+/// Decision cost with an `n`-policy bundle: `decisions` requests spread
+/// over every audience and a few agents, first uncached, then through the
+/// cache's decision cache (warm).
+pub fn policy(n: usize, decisions: usize) -> anyhow::Result<PolicyBench> {
+    use lattice_regional_cache::authz::{Authorizer as _, PolicyAuthorizer};
+    use lattice_shared::policy::{AgentAction, AgentRequest, Engine, Posture};
+    let files = large_bundle(n);
+    let t = Instant::now();
+    let engine = Engine::compile(&files, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let policies = engine.policy_count();
+    let requests: Vec<AgentRequest> = (0..n.max(1) * 4)
+        .map(|i| AgentRequest {
+            principal: lattice_shared::id::SpiffeId::parse(&format!(
+                "spiffe://lattice.local/agent/eu/a{}",
+                i % 8
+            ))
+            .expect("valid id"), // fixed pattern
+            action: AgentAction::MintToken,
+            resource: if i % n.max(1) == 0 {
+                "https://api.example.com".to_string()
+            } else {
+                format!("https://aud-{}.example.com", i % n.max(1))
+            },
+            region: "eu".into(),
+            source_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            ttl_secs: 300,
+            scopes: vec!["read".into()],
+            posture: Posture {
+                os_patched: Some(i % 2 == 0),
+                ..Posture::default()
+            },
+            job_type: "inference".into(),
+            hour_utc: 12,
+            weekday: 2,
+        })
+        .collect();
+    let time_each = |f: &dyn Fn(&AgentRequest) -> bool| {
+        let mut lat = Vec::with_capacity(decisions);
+        let mut allowed = 0usize;
+        for i in 0..decisions {
+            let r = &requests[i % requests.len()];
+            let t = Instant::now();
+            let ok = std::hint::black_box(f(r));
+            lat.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            allowed += usize::from(ok);
+        }
+        lat.sort_unstable();
+        (percentile(&lat, 0.5), percentile(&lat, 0.99), allowed)
+    };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.set_message("uncached decisions");
+    let (u50, u99, allowed) = time_each(&|r| engine.decide_agent(r).allowed);
+    anyhow::ensure!(allowed > 0, "the generated bundle allows nothing");
+    let authz = PolicyAuthorizer::default();
+    authz.install(Engine::compile(&files, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
+    for r in &requests {
+        authz.authorize(r);
+    }
+    bar.set_message("cached decisions");
+    let (c50, c99, _) = time_each(&|r| authz.authorize(r).allowed);
+    bar.finish_and_clear();
+    Ok(PolicyBench {
+        policies,
+        compile_ms,
+        uncached: (u50, u99),
+        cached: (c50, c99),
+        decisions,
     })
 }

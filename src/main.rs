@@ -219,6 +219,14 @@ enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         revocations: usize,
     },
+    /// Policy decision cost with a generated bundle of N context-aware
+    /// policies, uncached and through the decision cache.
+    Policy {
+        #[arg(long, default_value_t = 200)]
+        policies: usize,
+        #[arg(long, default_value_t = 50_000)]
+        decisions: usize,
+    },
     /// MintToken vs the bare echo RPC at one cache over mTLS.
     Mint {
         #[arg(long, default_value_t = 32)]
@@ -227,6 +235,10 @@ enum BenchCommand {
         connections: usize,
         #[arg(long, default_value = "10s")]
         duration: humantime::Duration,
+        /// Release a generated bundle of this many policies first (0: the
+        /// small default bundle).
+        #[arg(long, default_value_t = 200)]
+        policies: usize,
     },
 }
 
@@ -449,10 +461,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench {
             command:
+                BenchCommand::Policy {
+                    policies,
+                    decisions,
+                },
+        } => {
+            if policies == 0 || policies > 10_000 || decisions == 0 {
+                anyhow::bail!("--policies takes 1..=10000 and --decisions a positive count");
+            }
+            println!("bench policy: {policies} generated policies, {decisions} decisions");
+            println!("{}", lattice::bench::policy(policies, decisions)?);
+            Ok(())
+        }
+        Command::Bench {
+            command:
                 BenchCommand::Mint {
                     concurrency,
                     connections,
                     duration,
+                    policies,
                 },
         } => {
             let opts = lattice::bench::Options {
@@ -460,9 +487,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 connections,
                 duration: duration.into(),
                 warmup: Duration::from_secs(2),
+                policies,
             };
             println!(
-                "bench mint: {concurrency} in flight over {connections} mTLS connections, {duration} per phase"
+                "bench mint: {concurrency} in flight over {connections} mTLS connections, {duration} per phase, policy bundle of {policies} generated policies"
             );
             let (echo, mint) = lattice::bench::mint(opts).await?;
             println!("{echo}\n{mint}");

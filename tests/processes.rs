@@ -113,6 +113,17 @@ fn binaries_run_alone_from_their_configuration() {
         c.env("RUST_LOG", "warn");
         run_ok(&mut c)
     };
+    // The cache serves once it is fresh: it has applied the log head it
+    // asked for (both policy releases included). Poll the operator's view.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = run_ok(Command::new(bin("lattice")).arg("status").args(admin));
+        if status.lines().any(|l| l.contains("proc-cache") && l.ends_with("fresh")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cache never became fresh:\n{status}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let jwt = agent(Some(token.trim()));
     let parts: Vec<&str> = jwt.trim().split('.').collect();
     assert_eq!(parts.len(), 3, "a compact JWS: {jwt}");

@@ -404,10 +404,11 @@ impl Admin for Service {
                     last_contact_unix_ms: link.last_contact_ms,
                     connected: link.connected,
                     revoked: revoked.is_cache_revoked(&c.id),
+                    // 0 means never fresh; a fresh cache reads at least 1.
                     staleness_ms: if link.fresh_at_ms == 0 {
                         0
                     } else {
-                        u64::try_from(now - link.fresh_at_ms).unwrap_or(0)
+                        u64::try_from(now - link.fresh_at_ms).unwrap_or(0).max(1)
                     },
                 }
             })

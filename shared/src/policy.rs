@@ -1137,9 +1137,10 @@ impl Engine {
         &self,
         req: &AgentRequest,
         with_schema: bool,
-    ) -> Result<(Request, Option<Entities>), String> {
+    ) -> Result<(Request, Entities), String> {
         let principal = self.agent_entity(&req.principal)?;
         let resource = self.resource_entity(req.action.resource_type(), &req.resource);
+        let resource_uid = resource.clone();
         let context = Context::from_pairs([
             (
                 "region".to_string(),
@@ -1178,20 +1179,26 @@ impl Engine {
             schema,
         )
         .map_err(|e| e.to_string())?;
-        self.with_principal(principal, schema)
-            .map(|entities| (request, entities))
+        let entities = self.request_entities(
+            principal,
+            &resource_uid,
+            &action_uid(req.action.name()),
+            schema,
+        )?;
+        Ok((request, entities))
     }
 
     fn admin_parts(
         &self,
         req: &AdminRequest,
         with_schema: bool,
-    ) -> Result<(Request, Option<Entities>), String> {
+    ) -> Result<(Request, Entities), String> {
         let principal = self.admin_entity(&req.principal, &req.roles, &req.regions)?;
         let resource = match req.action.resource_type() {
             "Secret" => self.resource_entity("Secret", &req.resource),
             _ => self.resource_entity("ControlPlane", "control-plane"),
         };
+        let resource_uid = resource.clone();
         let approvers: Vec<&Approval> = req
             .approvals
             .iter()
@@ -1237,36 +1244,64 @@ impl Engine {
             schema,
         )
         .map_err(|e| e.to_string())?;
-        let entities = self
-            .entities
-            .clone()
-            .upsert_entities([principal], schema)
-            .map_err(|e| e.to_string())?;
-        Ok((request, Some(entities)))
+        let entities = self.request_entities(
+            principal,
+            &resource_uid,
+            &action_uid(req.action.name()),
+            schema,
+        )?;
+        Ok((request, entities))
     }
 
-    /// The bundle's entities plus `principal` (`None`: the bundle's own
-    /// entities already hold it as built).
-    fn with_principal(
+    /// The entities a request can reach: the principal as built, the
+    /// resource and the action as the bundle holds them, and the ancestors
+    /// of each (Cedar's entity slicing). A policy that reads an attribute of
+    /// any other entity meets an evaluation error, which denies; the bundle's
+    /// tests run through this same path, so authors see it at `test` time.
+    fn request_entities(
         &self,
         principal: Entity,
+        resource: &EntityUid,
+        action: &EntityUid,
         schema: Option<&Schema>,
-    ) -> Result<Option<Entities>, String> {
-        if schema.is_none()
-            && let Some(known) = self.entities.get(&principal.uid())
-            && known == &principal
-        {
-            return Ok(None);
+    ) -> Result<Entities, String> {
+        let mut seen: HashSet<EntityUid> = HashSet::new();
+        let mut list: Vec<Entity> = Vec::with_capacity(4);
+        seen.insert(principal.uid());
+        let mut roots: Vec<EntityUid> = vec![resource.clone(), action.clone()];
+        roots.extend(
+            self.entities
+                .get(&principal.uid())
+                .map(|_| {
+                    self.entities
+                        .ancestors(&principal.uid())
+                        .into_iter()
+                        .flatten()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+        );
+        for uid in roots {
+            if !seen.insert(uid.clone()) {
+                continue;
+            }
+            if let Some(e) = self.entities.get(&uid) {
+                list.push(e.clone());
+            }
+            for a in self.entities.ancestors(&uid).into_iter().flatten() {
+                if seen.insert(a.clone())
+                    && let Some(e) = self.entities.get(a)
+                {
+                    list.push(e.clone());
+                }
+            }
         }
-        self.entities
-            .clone()
-            .upsert_entities([principal], schema)
-            .map(Some)
-            .map_err(|e| e.to_string())
+        list.push(principal);
+        Entities::from_entities(list, schema).map_err(|e| e.to_string())
     }
 
-    fn decide(&self, action: &str, request: &Request, entities: Option<&Entities>) -> Outcome {
-        let entities = entities.unwrap_or(&self.entities);
+    fn decide(&self, action: &str, request: &Request, entities: &Entities) -> Outcome {
         let set = request
             .resource()
             .and_then(|r| self.slices.get(action, r))
@@ -1286,14 +1321,14 @@ impl Engine {
 
     pub fn decide_agent(&self, req: &AgentRequest) -> Outcome {
         match self.agent_parts(req, false) {
-            Ok((request, entities)) => self.decide(req.action.name(), &request, entities.as_ref()),
+            Ok((request, entities)) => self.decide(req.action.name(), &request, &entities),
             Err(e) => self.build_error(e),
         }
     }
 
     pub fn decide_admin(&self, req: &AdminRequest) -> Outcome {
         match self.admin_parts(req, false) {
-            Ok((request, entities)) => self.decide(req.action.name(), &request, entities.as_ref()),
+            Ok((request, entities)) => self.decide(req.action.name(), &request, &entities),
             Err(e) => self.build_error(e),
         }
     }
