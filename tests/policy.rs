@@ -550,6 +550,28 @@ async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
 
     let s = bob.approve(approve(&id)).await.expect_err("runs once");
     assert_eq!(s.code(), Code::NotFound);
+
+    // The admin trail holds each decision, both admins of the approval.
+    use lattice_control_plane::audit::{self, Outcome};
+    let trail = audit::list(&l.cp().state.store, 1000).expect("trail");
+    let has = |admin: &str, action: &str, outcome: Outcome| {
+        trail
+            .iter()
+            .any(|r| r.admin.ends_with(admin) && r.action == action && r.outcome == outcome)
+    };
+    assert!(has("/admin/audrey", "Revoke", Outcome::Denied));
+    assert!(has("/admin/erin", "Revoke", Outcome::Allowed));
+    assert!(has("/admin/alice", "PushPolicy", Outcome::Pending));
+    assert!(has("/admin/carol", "Approve", Outcome::Denied));
+    assert!(trail.iter().any(|r| {
+        r.outcome == Outcome::Approved
+            && r.admin.ends_with("/admin/alice")
+            && r.approved_by
+                .as_deref()
+                .is_some_and(|b| b.ends_with("/admin/bob"))
+            && r.request_id.as_deref() == Some(id.as_str())
+            && r.policies.contains(&"policy-change-two-person".to_string())
+    }));
     assert!(l.cp().state.log.head() > head);
     l.shutdown().await;
 }

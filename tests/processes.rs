@@ -118,10 +118,16 @@ fn binaries_run_alone_from_their_configuration() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let status = run_ok(Command::new(bin("lattice")).arg("status").args(admin));
-        if status.lines().any(|l| l.contains("proc-cache") && l.ends_with("fresh")) {
+        if status
+            .lines()
+            .any(|l| l.contains("proc-cache") && l.ends_with("fresh"))
+        {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the cache never became fresh:\n{status}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache never became fresh:\n{status}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let jwt = agent(Some(token.trim()));

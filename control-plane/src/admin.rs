@@ -20,6 +20,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::approval::{self, NewPending};
+use crate::audit;
 use crate::policy::{NewRelease, push_again, with_any_approval};
 use crate::service::{Service, blocking, require_role};
 use crate::{Error, join};
@@ -54,6 +55,36 @@ fn check_message(m: &str) -> Result<(), Status> {
 }
 
 impl Service {
+    /// Writes an admin trail record durably.
+    async fn trail(&self, r: audit::AdminRecord) -> Result<(), Status> {
+        let state = self.state.clone();
+        blocking(move || audit::record(&state.store, &r)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn trail_record(
+        &self,
+        c: &Caller,
+        action: AdminAction,
+        outcome: audit::Outcome,
+        decided: &lattice_shared::policy::Outcome,
+        approved_by: Option<&SpiffeId>,
+        request_id: Option<&str>,
+        summary: &str,
+    ) -> audit::AdminRecord {
+        audit::AdminRecord {
+            at_unix_ms: self.state.now_ms(),
+            action: action.name().to_string(),
+            admin: c.id.to_string(),
+            outcome,
+            approved_by: approved_by.map(|a| a.to_string()),
+            request_id: request_id.map(str::to_owned),
+            policy_version: decided.version,
+            policies: decided.policies.clone(),
+            summary: summary.to_string(),
+        }
+    }
+
     #[allow(clippy::result_large_err)]
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let peer = require_role(&self.state, req, Role::Admin)?;
@@ -101,6 +132,12 @@ impl Service {
             return Ok(());
         }
         tracing::warn!(admin = %c.id, action = action.name(), policy_version = outcome.version, "admin action denied");
+        let state = self.state.clone();
+        let r = self.trail_record(c, action, audit::Outcome::Denied, &outcome, None, None, "");
+        if let Err(e) = audit::record(&state.store, &r) {
+            tracing::error!(error = %e, "writing the admin trail failed");
+            return Err(Status::internal("internal error; see control-plane logs"));
+        }
         Err(Status::permission_denied(format!(
             "{} may not {}: {}",
             c.id,
@@ -124,10 +161,30 @@ impl Service {
         let outcome = engine.decide_admin(&req);
         if outcome.allowed {
             tracing::info!(admin = %c.id, action = action.name(), policy_version = outcome.version, policies = ?outcome.policies, "admin action allowed");
+            self.trail(self.trail_record(
+                c,
+                action,
+                audit::Outcome::Allowed,
+                &outcome,
+                None,
+                None,
+                &summary,
+            ))
+            .await?;
             return Ok(Allowed { approved_by: None });
         }
         if !engine.decide_admin(&with_any_approval(&req)).allowed {
             tracing::warn!(admin = %c.id, action = action.name(), policy_version = outcome.version, "admin action denied");
+            self.trail(self.trail_record(
+                c,
+                action,
+                audit::Outcome::Denied,
+                &outcome,
+                None,
+                None,
+                &summary,
+            ))
+            .await?;
             return Err(Status::permission_denied(format!(
                 "{} may not {}: {}",
                 c.id,
@@ -137,8 +194,12 @@ impl Service {
         }
         let state = self.state.clone();
         let new_payload = payload.encode_to_vec();
-        let (caller, target_region, resource) =
-            (c.clone(), target_region.to_string(), resource.to_string());
+        let (caller, target_region, resource, what) = (
+            c.clone(),
+            target_region.to_string(),
+            resource.to_string(),
+            summary.clone(),
+        );
         let now_unix = unix_secs(self.state.clock.now());
         let pending = blocking(move || {
             approval::create(
@@ -151,13 +212,23 @@ impl Service {
                     resource: &resource,
                     source_ip: caller.ip,
                     payload: new_payload,
-                    summary,
+                    summary: what,
                     now_unix,
                 },
             )
         })
         .await?;
         tracing::info!(admin = %c.id, action = action.name(), request_id = %pending.id, "admin action waits for a second admin");
+        self.trail(self.trail_record(
+            c,
+            action,
+            audit::Outcome::Pending,
+            &outcome,
+            None,
+            Some(&pending.id),
+            &summary,
+        ))
+        .await?;
         let mut status = Status::failed_precondition(format!(
             "{} by {} needs the approval of a second admin: request {} waits (until {}); \
              another admin runs `lattice approve {}`",
@@ -559,6 +630,20 @@ impl Admin for Service {
             }],
         ));
         if !outcome.allowed {
+            self.trail(self.trail_record(
+                &approver,
+                AdminAction::Approve,
+                audit::Outcome::Denied,
+                &outcome,
+                None,
+                Some(&id),
+                &format!(
+                    "approve {} by {}",
+                    pending.action.name(),
+                    pending.requested_by
+                ),
+            ))
+            .await?;
             return Err(Status::permission_denied(format!(
                 "{} cannot approve {} by {}: {}",
                 approver.id,
@@ -584,6 +669,16 @@ impl Admin for Service {
             policy_version = outcome.version,
             "admin request approved; running it"
         );
+        self.trail(self.trail_record(
+            &requester,
+            pending.action,
+            audit::Outcome::Approved,
+            &outcome,
+            Some(&approver.id),
+            Some(&id),
+            &pending.summary,
+        ))
+        .await?;
         let allowed = Allowed {
             approved_by: Some(approver.id.clone()),
         };

@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod approval;
+pub mod audit;
 pub mod join;
 pub mod log;
 pub mod policy;

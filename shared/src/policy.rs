@@ -610,8 +610,71 @@ impl Outcome {
 // ---------------------------------------------------------------------------
 // Cedar helpers.
 
+const TYPES: [&str; 9] = [
+    "Agent",
+    "Cache",
+    "Admin",
+    "Role",
+    "Region",
+    "ControlPlane",
+    "Audience",
+    "Secret",
+    "Action",
+];
+
+/// Type names parsed once: parsing one runs Cedar's parser, which costs
+/// more than a whole decision.
+static TYPE_NAMES: std::sync::LazyLock<HashMap<&'static str, EntityTypeName>> =
+    std::sync::LazyLock::new(|| {
+        TYPES
+            .iter()
+            .map(|t| {
+                (
+                    *t,
+                    EntityTypeName::from_str(&format!("{NS}::{t}"))
+                        .expect("lattice type names are valid"), // fixed names
+                )
+            })
+            .collect()
+    });
+
+static ACTION_UIDS: std::sync::LazyLock<HashMap<&'static str, EntityUid>> =
+    std::sync::LazyLock::new(|| {
+        AgentAction::ALL
+            .iter()
+            .map(|a| a.name())
+            .chain(AdminAction::ALL.iter().map(|a| a.name()))
+            .map(|n| (n, uid("Action", n)))
+            .collect()
+    });
+
+/// `ip("…")` expressions by address: Cedar resolves the extension's name
+/// with its parser on every construction, which costs a sixth of a
+/// decision. Bounded: cleared when full.
+static IP_EXPRS: std::sync::LazyLock<std::sync::Mutex<HashMap<IpAddr, RestrictedExpression>>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
+const MAX_IP_EXPRS: usize = 4096;
+
+fn ip_expr(ip: IpAddr) -> RestrictedExpression {
+    let mut g = IP_EXPRS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = g.get(&ip) {
+        return e.clone();
+    }
+    if g.len() >= MAX_IP_EXPRS {
+        g.clear();
+    }
+    let e = RestrictedExpression::new_ip(ip.to_string());
+    g.insert(ip, e.clone());
+    e
+}
+
 fn type_name(t: &str) -> EntityTypeName {
-    EntityTypeName::from_str(&format!("{NS}::{t}")).expect("lattice type names are valid")
+    match TYPE_NAMES.get(t) {
+        Some(n) => n.clone(),
+        None => {
+            EntityTypeName::from_str(&format!("{NS}::{t}")).expect("lattice type names are valid")
+        } // callers pass the names above
+    }
 }
 
 fn uid(t: &str, id: &str) -> EntityUid {
@@ -619,7 +682,10 @@ fn uid(t: &str, id: &str) -> EntityUid {
 }
 
 fn action_uid(name: &str) -> EntityUid {
-    uid("Action", name)
+    match ACTION_UIDS.get(name) {
+        Some(u) => u.clone(),
+        None => uid("Action", name),
+    }
 }
 
 fn string_set(items: impl IntoIterator<Item = String>) -> RestrictedExpression {
@@ -1146,10 +1212,7 @@ impl Engine {
                 "region".to_string(),
                 RestrictedExpression::new_string(req.region.clone()),
             ),
-            (
-                "source_ip".to_string(),
-                RestrictedExpression::new_ip(req.source_ip.to_string()),
-            ),
+            ("source_ip".to_string(), ip_expr(req.source_ip)),
             (
                 "ttl_secs".to_string(),
                 RestrictedExpression::new_long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX)),
@@ -1212,10 +1275,7 @@ impl Engine {
         approver_roles.dedup();
         let distinct: HashSet<&SpiffeId> = approvers.iter().map(|a| &a.admin).collect();
         let context = Context::from_pairs([
-            (
-                "source_ip".to_string(),
-                RestrictedExpression::new_ip(req.source_ip.to_string()),
-            ),
+            ("source_ip".to_string(), ip_expr(req.source_ip)),
             (
                 "target_region".to_string(),
                 RestrictedExpression::new_string(req.target_region.clone()),
