@@ -250,12 +250,7 @@ impl Service {
         allowed: Allowed,
         r: pb::PushPolicyRequest,
     ) -> Result<pb::PolicyVersion, Status> {
-        let files = BundleFiles::from_proto(
-            r.bundle
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("bundle is required"))?,
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let files = bundle_of(&r)?;
         let lockout = push_again(&self.admin_request(by, AdminAction::PushPolicy, "", "", vec![]));
         let state = self.state.clone();
         let by = by.id.clone();
@@ -364,6 +359,16 @@ impl Service {
             not_after_unix: unix_secs(info.not_after),
         })
     }
+}
+
+#[allow(clippy::result_large_err)]
+fn bundle_of(r: &pb::PushPolicyRequest) -> Result<BundleFiles, Status> {
+    BundleFiles::from_proto(
+        r.bundle
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("bundle is required"))?,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 #[allow(clippy::result_large_err)]
@@ -523,12 +528,7 @@ impl Admin for Service {
         let r = req.into_inner();
         check_message(&r.message)?;
         // Refuse a broken bundle before anyone is asked to approve it.
-        let files = BundleFiles::from_proto(
-            r.bundle
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("bundle is required"))?,
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let files = bundle_of(&r)?;
         let checked = files.clone();
         blocking(move || Ok(lattice_shared::policy::check(&checked, 0)?)).await?;
         let summary = format!(

@@ -1206,7 +1206,6 @@ impl Engine {
     ) -> Result<(Request, Entities), String> {
         let principal = self.agent_entity(&req.principal)?;
         let resource = self.resource_entity(req.action.resource_type(), &req.resource);
-        let resource_uid = resource.clone();
         let context = Context::from_pairs([
             (
                 "region".to_string(),
@@ -1233,22 +1232,7 @@ impl Engine {
             ),
         ])
         .map_err(|e| e.to_string())?;
-        let schema = with_schema.then_some(&self.schema);
-        let request = Request::new(
-            principal.uid(),
-            action_uid(req.action.name()),
-            resource,
-            context,
-            schema,
-        )
-        .map_err(|e| e.to_string())?;
-        let entities = self.request_entities(
-            principal,
-            &resource_uid,
-            &action_uid(req.action.name()),
-            schema,
-        )?;
-        Ok((request, entities))
+        self.request_parts(principal, resource, req.action.name(), context, with_schema)
     }
 
     fn admin_parts(
@@ -1261,7 +1245,6 @@ impl Engine {
             "Secret" => self.resource_entity("Secret", &req.resource),
             _ => self.resource_entity("ControlPlane", "control-plane"),
         };
-        let resource_uid = resource.clone();
         let approvers: Vec<&Approval> = req
             .approvals
             .iter()
@@ -1295,21 +1278,29 @@ impl Engine {
             ),
         ])
         .map_err(|e| e.to_string())?;
+        self.request_parts(principal, resource, req.action.name(), context, with_schema)
+    }
+
+    /// The Cedar request and the entities it can reach.
+    fn request_parts(
+        &self,
+        principal: Entity,
+        resource: EntityUid,
+        action: &str,
+        context: Context,
+        with_schema: bool,
+    ) -> Result<(Request, Entities), String> {
         let schema = with_schema.then_some(&self.schema);
+        let action = action_uid(action);
         let request = Request::new(
             principal.uid(),
-            action_uid(req.action.name()),
-            resource,
+            action.clone(),
+            resource.clone(),
             context,
             schema,
         )
         .map_err(|e| e.to_string())?;
-        let entities = self.request_entities(
-            principal,
-            &resource_uid,
-            &action_uid(req.action.name()),
-            schema,
-        )?;
+        let entities = self.request_entities(principal, &resource, &action, schema)?;
         Ok((request, entities))
     }
 
