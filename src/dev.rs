@@ -247,13 +247,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         9,
         "two-person rule: under the example bundle a policy change waits for a second admin",
     );
-    let pending = admin
+    let pending = match admin
         .push_policy(pb::PushPolicyRequest {
             bundle: Some(example.to_proto()),
             message: "re-release, approved".into(),
         })
         .await
-        .expect_err("the example bundle puts pushes under the two-person rule");
+    {
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => s,
+        Err(s) => return Err(crate::admin::refused(s)),
+        Ok(_) => anyhow::bail!("the example bundle should put pushes under the two-person rule"),
+    };
     let request_id = pending
         .metadata()
         .get("lattice-approval-id")

@@ -195,7 +195,7 @@ enum RevokeTarget {
     Token { jti: String },
     /// One certificate, by hex serial.
     Cert { serial: String },
-    /// Every credential of an agent issued before a time.
+    /// Every credential of an agent or admin issued before a time.
     Before {
         #[arg(long)]
         subject: String,

@@ -575,3 +575,135 @@ async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
     assert!(l.cp().state.log.head() > head);
     l.shutdown().await;
 }
+
+#[tokio::test]
+async fn revoking_the_policy_signer_re_signs_the_policy_with_a_new_key() {
+    let (l, _clock) = common::lattice().await;
+    let before = l.cp().state.policy.current().version();
+    let old = lattice_shared::pki::inspect(&l.cp().state.policy.signer_cert()).expect("cert");
+    let ev = l
+        .revoke(lattice_shared::revocation::Target::CertSerial(
+            old.serial_hex.clone(),
+        ))
+        .expect("revoke");
+    let resigned = l
+        .cp()
+        .state
+        .policy
+        .history()
+        .last()
+        .cloned()
+        .expect("a release");
+    assert!(
+        resigned.seq > ev.seq && resigned.version == before + 1,
+        "{resigned:?}"
+    );
+    let new = lattice_shared::pki::inspect(&l.cp().state.policy.signer_cert()).expect("cert");
+    assert_ne!(new.serial_hex, old.serial_hex);
+    l.wait_all_applied(resigned.seq).await.expect("applied");
+    for c in &l.caches {
+        assert_eq!(c.app().state.policy.version(), resigned.version);
+    }
+    let v = l
+        .cp()
+        .release_policy(audience_bundle(&[Audience::new(AUDIENCE, &[])]), "later")
+        .expect("release");
+    l.wait_all_applied(v.seq).await.expect("applied");
+    for c in &l.caches {
+        assert_eq!(
+            c.app().state.policy.version(),
+            v.version,
+            "later releases still go in"
+        );
+    }
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn approvals_do_not_overwrite_newer_policy_nor_run_for_revoked_requesters() {
+    let spec = Spec {
+        policy: Some(lattice::example_bundle()),
+        ..Spec::default()
+    };
+    let (l, _clock) = common::lattice_with(spec).await;
+    let mut alice = l
+        .admin("alice", &[AdminRole::PlatformAdmin], &[])
+        .expect("alice");
+    let mut bob = l
+        .admin("bob", &[AdminRole::PlatformAdmin], &[])
+        .expect("bob");
+    let push = |m: &str| pb::PushPolicyRequest {
+        bundle: Some(lattice::example_bundle().to_proto()),
+        message: m.into(),
+    };
+    let id_of = |s: tonic::Status| {
+        assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+        s.metadata()
+            .get("lattice-approval-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("id")
+            .to_string()
+    };
+    let stale = id_of(alice.push_policy(push("stale")).await.expect_err("waits"));
+    // Another release lands before the approval.
+    l.cp()
+        .release_policy(lattice::example_bundle(), "meanwhile")
+        .expect("release");
+    let s = bob
+        .approve(pb::ApproveRequest { request_id: stale })
+        .await
+        .expect_err("policy moved on");
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert!(s.message().contains("policy changed"), "{}", s.message());
+
+    // A request whose maker is revoked meanwhile does not run.
+    let revoked = id_of(
+        alice
+            .push_policy(push("then revoked"))
+            .await
+            .expect_err("waits"),
+    );
+    l.revoke(lattice_shared::revocation::Target::SubjectBefore {
+        subject: lattice_shared::id::SpiffeId::parse(&format!(
+            "spiffe://{}/admin/alice",
+            lattice::harness::TRUST_DOMAIN
+        ))
+        .expect("id"),
+        issued_before_unix: 0,
+    })
+    .expect("revoke");
+    let s = bob
+        .approve(pb::ApproveRequest {
+            request_id: revoked,
+        })
+        .await
+        .expect_err("requester revoked");
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bundle_that_leaves_no_one_to_approve_policy_is_refused() {
+    let (l, _clock) = common::lattice().await;
+    let mut admin = l.bootstrap_admin().expect("admin");
+    // Pushes need an approval, but no role may approve.
+    let no_approvers = with_file(
+        &audience_bundle(&[Audience::new(AUDIENCE, &[])]),
+        "lattice.cedar",
+        "@id(\"two-person\")\npermit(principal in Lattice::Role::\"platform-admin\", action == Lattice::Action::\"PushPolicy\", resource) when { context.approvals >= 1 };",
+    );
+    let s = admin
+        .push_policy(pb::PushPolicyRequest {
+            bundle: Some(no_approvers.to_proto()),
+            message: String::new(),
+        })
+        .await
+        .expect_err("lockout");
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(
+        s.message().contains("no longer push policy"),
+        "{}",
+        s.message()
+    );
+    l.shutdown().await;
+}

@@ -33,12 +33,16 @@ pub(crate) struct Caller {
     pub id: SpiffeId,
     pub attrs: AdminAttributes,
     pub ip: IpAddr,
+    /// The certificate the call was made with (checked again at approval).
+    pub cert: lattice_shared::pki::CertInfo,
 }
 
 /// How a call was allowed.
 #[derive(Debug, Clone)]
 struct Allowed {
     approved_by: Option<SpiffeId>,
+    /// For an approved policy change: the version it was asked against.
+    base_version: Option<u64>,
 }
 
 fn region_of(id: &SpiffeId) -> String {
@@ -93,6 +97,7 @@ impl Service {
         })?;
         Ok(Caller {
             id: peer.id.clone(),
+            cert: peer.cert.clone(),
             attrs,
             ip: peer_addr(req)
                 .map(|a| a.ip())
@@ -171,7 +176,10 @@ impl Service {
                 &summary,
             ))
             .await?;
-            return Ok(Allowed { approved_by: None });
+            return Ok(Allowed {
+                approved_by: None,
+                base_version: None,
+            });
         }
         if !engine.decide_admin(&with_any_approval(&req)).allowed {
             tracing::warn!(admin = %c.id, action = action.name(), policy_version = outcome.version, "admin action denied");
@@ -201,11 +209,14 @@ impl Service {
             summary.clone(),
         );
         let now_unix = unix_secs(self.state.clock.now());
+        let policy_version = engine.version();
         let pending = blocking(move || {
             approval::create(
                 &state.store,
                 NewPending {
                     action,
+                    policy_version,
+                    requester_cert: &caller.cert,
                     requested_by: &caller.id,
                     attrs: &caller.attrs,
                     target_region: &target_region,
@@ -255,18 +266,15 @@ impl Service {
         let state = self.state.clone();
         let by = by.id.clone();
         blocking(move || {
-            state.policy.release(
-                &state.log,
-                &state.clock,
-                NewRelease {
-                    files,
-                    message: r.message,
-                    pushed_by: &by,
-                    approved_by: allowed.approved_by.as_ref(),
-                    rollback_of: 0,
-                    lockout_check: Some(lockout),
-                },
-            )
+            state.release_policy(NewRelease {
+                files,
+                message: r.message,
+                pushed_by: &by,
+                approved_by: allowed.approved_by.as_ref(),
+                rollback_of: 0,
+                lockout_check: Some(lockout),
+                base_version: allowed.base_version,
+            })
         })
         .await
     }
@@ -285,18 +293,15 @@ impl Service {
                 return Err(Error::InvalidArgument("to_version is required".into()));
             }
             let (_, files) = state.policy.get(&state.log, r.to_version)?;
-            state.policy.release(
-                &state.log,
-                &state.clock,
-                NewRelease {
-                    files,
-                    message: r.message,
-                    pushed_by: &by,
-                    approved_by: allowed.approved_by.as_ref(),
-                    rollback_of: r.to_version,
-                    lockout_check: Some(lockout),
-                },
-            )
+            state.release_policy(NewRelease {
+                files,
+                message: r.message,
+                pushed_by: &by,
+                approved_by: allowed.approved_by.as_ref(),
+                rollback_of: r.to_version,
+                lockout_check: Some(lockout),
+                base_version: allowed.base_version,
+            })
         })
         .await
     }
@@ -527,16 +532,27 @@ impl Admin for Service {
         let c = self.caller(&req)?;
         let r = req.into_inner();
         check_message(&r.message)?;
-        // Refuse a broken bundle before anyone is asked to approve it.
         let files = bundle_of(&r)?;
-        let checked = files.clone();
-        blocking(move || Ok(lattice_shared::policy::check(&checked, 0)?)).await?;
         let summary = format!(
             "push policy bundle sha256:{} ({} files): {}",
             hex::encode(files.sha256()),
             files.len(),
             r.message
         );
+        // Only an admin who may push (perhaps with an approval) makes the
+        // control plane compile and test a bundle.
+        let may = crate::policy::may_act(
+            &self.state.policy.current(),
+            &self.admin_request(&c, AdminAction::PushPolicy, "", "", vec![]),
+        );
+        if !may {
+            self.gate(&c, AdminAction::PushPolicy, "", "", &r, summary)
+                .await?;
+            return Err(Status::permission_denied("policy push denied"));
+        }
+        // Refuse a broken bundle before anyone is asked to approve it.
+        let checked = files.clone();
+        blocking(move || Ok(lattice_shared::policy::check(&checked, 0)?)).await?;
         let allowed = self
             .gate(&c, AdminAction::PushPolicy, "", "", &r, summary)
             .await?;
@@ -617,7 +633,21 @@ impl Admin for Service {
             id: pending.requested_by.clone(),
             attrs: pending.attributes(),
             ip: pending.source_ip,
+            cert: pending.requester_cert(),
         };
+        // The requester's certificate must still be good: a revoked or
+        // expired admin's requests are not run.
+        if self.state.clock.now() > requester.cert.not_after {
+            return Err(Status::failed_precondition(format!(
+                "the certificate {} made request {id} with has expired; it must ask again",
+                requester.id
+            )));
+        }
+        self.state
+            .log
+            .revocations()
+            .check_cert(&requester.cert, None)
+            .map_err(|e| Status::permission_denied(format!("request {id} cannot run: {e}")))?;
         let engine = self.state.policy.current();
         let outcome = engine.decide_admin(&self.admin_request(
             &requester,
@@ -681,6 +711,7 @@ impl Admin for Service {
         .await?;
         let allowed = Allowed {
             approved_by: Some(approver.id.clone()),
+            base_version: Some(pending.policy_version),
         };
         let payload = pending
             .payload()

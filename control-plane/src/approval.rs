@@ -9,6 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use lattice_shared::id::SpiffeId;
 use lattice_shared::limits;
+use lattice_shared::pki::CertInfo;
 use lattice_shared::policy::{AdminAction, AdminAttributes, AdminRole};
 use lattice_shared::store::SharedStore;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -17,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 
 const T_PENDING: &str = "pending";
+/// Requests one admin may have waiting at once.
+pub const MAX_PENDING_PER_ADMIN: usize = 16;
 /// How long a request waits for its approval.
 pub const APPROVAL_TTL: Duration = Duration::from_secs(3600);
 
@@ -36,6 +39,13 @@ pub struct Pending {
     pub created_at_unix: i64,
     pub expires_at_unix: i64,
     pub summary: String,
+    /// The policy version in force when it was asked.
+    pub policy_version: u64,
+    /// The requester's certificate: serial and validity, checked again when
+    /// the request is approved.
+    pub requester_serial: String,
+    pub requester_not_before_unix: i64,
+    pub requester_not_after_unix: i64,
 }
 
 impl Pending {
@@ -43,6 +53,20 @@ impl Pending {
         B64.decode(&self.payload_b64)
             .map_err(|e| Error::Corrupt(format!("pending request {}: {e}", self.id)))
     }
+    pub fn requester_cert(&self) -> CertInfo {
+        CertInfo {
+            id: Some(self.requested_by.clone()),
+            serial_hex: self.requester_serial.clone(),
+            not_before: lattice_shared::clock::from_unix_secs(self.requester_not_before_unix),
+            not_after: lattice_shared::clock::from_unix_secs(self.requester_not_after_unix),
+            is_ca: false,
+            sha256: [0; 32],
+            eku_client_auth: true,
+            eku_server_auth: false,
+            org_unit: Some(self.attributes().to_org_unit()),
+        }
+    }
+
     pub fn attributes(&self) -> AdminAttributes {
         AdminAttributes {
             roles: self.roles.clone(),
@@ -54,6 +78,8 @@ impl Pending {
 /// What to store for a new pending request.
 pub struct NewPending<'a> {
     pub action: AdminAction,
+    pub policy_version: u64,
+    pub requester_cert: &'a CertInfo,
     pub requested_by: &'a SpiffeId,
     pub attrs: &'a AdminAttributes,
     pub target_region: &'a str,
@@ -73,6 +99,16 @@ pub fn create(store: &SharedStore, new: NewPending<'_>) -> Result<Pending, Error
             live.len()
         )));
     }
+    let own = live
+        .iter()
+        .filter(|p| &p.requested_by == new.requested_by)
+        .count();
+    if own >= MAX_PENDING_PER_ADMIN {
+        return Err(Error::FailedPrecondition(format!(
+            "{} already has {own} requests waiting for approval",
+            new.requested_by
+        )));
+    }
     let mut raw = [0u8; 12];
     SystemRandom::new()
         .fill(&mut raw)
@@ -90,6 +126,10 @@ pub fn create(store: &SharedStore, new: NewPending<'_>) -> Result<Pending, Error
         created_at_unix: new.now_unix,
         expires_at_unix: new.now_unix + i64::try_from(APPROVAL_TTL.as_secs()).unwrap_or(3600),
         summary: new.summary,
+        policy_version: new.policy_version,
+        requester_serial: new.requester_cert.serial_hex.clone(),
+        requester_not_before_unix: lattice_shared::clock::unix_secs(new.requester_cert.not_before),
+        requester_not_after_unix: lattice_shared::clock::unix_secs(new.requester_cert.not_after),
     };
     let bytes = serde_json::to_vec(&p).map_err(|e| Error::Corrupt(e.to_string()))?;
     store.put(T_PENDING, p.id.as_bytes(), &bytes)?;

@@ -207,6 +207,7 @@ pub struct State {
     pub store: SharedStore,
     pub root: Authority,
     pub bundle: Arc<TrustBundle>,
+    vault: Arc<dyn KeyVault>,
     tls_cert: Arc<ReloadableCert>,
     tls_info: std::sync::Mutex<CertInfo>,
     /// The ordered event log and the revocations derived from it.
@@ -347,6 +348,7 @@ impl App {
             store: deps.store,
             root,
             bundle: bundle.clone(),
+            vault: deps.vault.clone(),
             tls_cert: tls_cert.clone(),
             tls_info: std::sync::Mutex::new(tls_info),
             log: log.clone(),
@@ -448,18 +450,15 @@ impl App {
         files: lattice_shared::policy::BundleFiles,
         message: &str,
     ) -> Result<lattice_shared::proto::PolicyVersion, Error> {
-        self.state.policy.release(
-            &self.state.log,
-            &self.state.clock,
-            policy::NewRelease {
-                files,
-                message: message.into(),
-                pushed_by: &self.state.id,
-                approved_by: None,
-                rollback_of: 0,
-                lockout_check: None,
-            },
-        )
+        self.state.release_policy(policy::NewRelease {
+            files,
+            message: message.into(),
+            pushed_by: &self.state.id,
+            approved_by: None,
+            rollback_of: 0,
+            lockout_check: None,
+            base_version: None,
+        })
     }
 
     /// Stops serving and waits for the server task to end.
@@ -546,6 +545,35 @@ impl State {
         unix_ms(self.clock.now())
     }
 
+    /// Releases policy, first replacing the signing key if its certificate
+    /// has been revoked (caches refuse releases it signs).
+    pub fn release_policy(
+        &self,
+        new: policy::NewRelease<'_>,
+    ) -> Result<lattice_shared::proto::PolicyVersion, Error> {
+        self.ensure_policy_signer()?;
+        self.policy.release(&self.log, &self.clock, new)
+    }
+
+    /// True when a new signing key was made.
+    fn ensure_policy_signer(&self) -> Result<bool, Error> {
+        let info = lattice_shared::pki::inspect(&self.policy.signer_cert())?;
+        if self.log.revocations().check_cert(&info, None).is_ok() {
+            return Ok(false);
+        }
+        let signer = policy::load_or_create_signer(
+            &self.root,
+            &self.id,
+            &self.clock,
+            &self.store,
+            &self.vault,
+            true,
+        )?;
+        self.policy.replace_signer(signer);
+        tracing::warn!(revoked_serial = %info.serial_hex, "policy signing certificate revoked; made a new signing key");
+        Ok(true)
+    }
+
     /// An admin certificate for the key in `csr_der`, carrying `attrs`.
     pub fn issue_admin_cert(
         &self,
@@ -582,6 +610,12 @@ impl State {
         r: &lattice_shared::revocation::Revocation,
     ) -> Result<lattice_shared::proto::LatticeEvent, Error> {
         use lattice_shared::revocation::Target;
+        // What the caches will read back from the log: refuse here what
+        // they would refuse there.
+        lattice_shared::revocation::Revocation::try_from(&lattice_shared::proto::Revocation::from(
+            r,
+        ))
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let foreign = match &r.target {
             Target::Agent(id) | Target::Cache(id) => Some(id),
             Target::SubjectBefore { subject, .. } => Some(subject),
@@ -618,6 +652,27 @@ impl State {
         let ev = self.log.append_revocation(r, now_ms)?;
         metrics::counter!("lattice_cp_revocations_total").increment(1);
         tracing::info!(seq = ev.seq, target = %r.target, "revocation committed");
+        // Revoking the policy signer must not leave the caches unable to take
+        // any later release: re-sign the policy in force with a new key now.
+        if self.ensure_policy_signer()? {
+            let (info, files) = self.policy.get(&self.log, 0)?;
+            self.policy.release(
+                &self.log,
+                &self.clock,
+                policy::NewRelease {
+                    files,
+                    message: format!(
+                        "v{} re-signed: the policy signing key was revoked",
+                        info.version
+                    ),
+                    pushed_by: &self.id,
+                    approved_by: None,
+                    rollback_of: info.version,
+                    lockout_check: None,
+                    base_version: None,
+                },
+            )?;
+        }
         Ok(ev)
     }
 

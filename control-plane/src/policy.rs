@@ -32,7 +32,8 @@ pub struct Released {
 
 #[derive(Debug)]
 pub struct Policies {
-    signer: PolicySigner,
+    /// Replaced when its certificate is revoked (see `State::release_policy`).
+    signer: RwLock<Arc<PolicySigner>>,
     /// Serialises releases, so versions are consecutive.
     release_lock: Mutex<()>,
     current: RwLock<Arc<Engine>>,
@@ -71,17 +72,22 @@ fn version_info(
     }
 }
 
-fn load_or_create_signer(
+/// The stored policy signer, or a new one when there is none, it is past
+/// half-life or `fresh` is asked for (its certificate was revoked).
+pub fn load_or_create_signer(
     root: &Authority,
     id: &SpiffeId,
     clock: &SharedClock,
     store: &SharedStore,
     vault: &Arc<dyn KeyVault>,
+    fresh: bool,
 ) -> Result<PolicySigner, Error> {
-    if let (Some(cert), Some(sealed)) = (
-        store.get(T_IDENTITY, b"policy_cert")?,
-        store.get(T_IDENTITY, b"policy_key")?,
-    ) {
+    if !fresh
+        && let (Some(cert), Some(sealed)) = (
+            store.get(T_IDENTITY, b"policy_cert")?,
+            store.get(T_IDENTITY, b"policy_key")?,
+        )
+    {
         let info = lattice_shared::pki::inspect(&cert)?;
         if !past_half_life(clock.now(), info.not_before, info.not_after) {
             let key = PrivateKey::from_pkcs8(&vault.open(&sealed, KEY_AAD)?)?;
@@ -125,6 +131,9 @@ pub struct NewRelease<'a> {
     /// The pusher's own request to push again: the new bundle must still
     /// allow it (at most with an approval), so no push can lock out policy.
     pub lockout_check: Option<AdminRequest>,
+    /// The version the change was asked against: refused if another release
+    /// came in between (an approval must not overwrite what it never saw).
+    pub base_version: Option<u64>,
 }
 
 impl Policies {
@@ -139,7 +148,7 @@ impl Policies {
         log: &EventLog,
         released: Vec<(u64, pb::SignedPolicy)>,
     ) -> Result<Self, Error> {
-        let signer = load_or_create_signer(root, id, clock, store, vault)?;
+        let signer = load_or_create_signer(root, id, clock, store, vault, false)?;
         let mut versions = Vec::with_capacity(released.len());
         let mut last: Option<pb::PolicyRelease> = None;
         for (seq, signed) in &released {
@@ -160,7 +169,7 @@ impl Policies {
             None => Engine::compile(&policy::default_bundle(), 0)?,
         };
         let this = Self {
-            signer,
+            signer: RwLock::new(Arc::new(signer)),
             release_lock: Mutex::new(()),
             current: RwLock::new(Arc::new(engine)),
             versions: RwLock::new(versions),
@@ -176,10 +185,24 @@ impl Policies {
                     approved_by: None,
                     rollback_of: 0,
                     lockout_check: None,
+                    base_version: None,
                 },
             )?;
         }
         Ok(this)
+    }
+
+    /// The certificate of the signing key in force.
+    pub fn signer_cert(&self) -> Vec<u8> {
+        self.signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .cert_der()
+            .to_vec()
+    }
+
+    pub fn replace_signer(&self, signer: PolicySigner) {
+        *self.signer.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(signer);
     }
 
     pub fn current(&self) -> Arc<Engine> {
@@ -249,6 +272,14 @@ impl Policies {
             .map(|r| r.info.version)
             .unwrap_or(0)
             + 1;
+        if let Some(base) = new.base_version
+            && base + 1 != version
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "policy changed since this was asked (version {base} then, {} now); review the change and make it again",
+                version - 1
+            )));
+        }
         let (engine, tests) = policy::check(&new.files, version)?;
         if let Some(req) = &new.lockout_check
             && !may_act(&engine, req)
@@ -270,7 +301,12 @@ impl Policies {
             message: new.message,
             rollback_of: new.rollback_of,
         };
-        let signed = self.signer.sign(&release)?;
+        let signer = self
+            .signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let signed = signer.sign(&release)?;
         let ev = log.append_policy(signed, now_ms)?;
         let info = version_info(ev.seq, &release, Some(&engine), tests.passed.len());
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(engine);
@@ -301,9 +337,25 @@ impl Policies {
     }
 }
 
-/// Is `req` allowed, or would it be with one approval by any other admin?
+/// Is `req` allowed, or would it be with one approval by another admin who
+/// may approve?
 pub fn may_act(engine: &Engine, req: &AdminRequest) -> bool {
-    engine.decide_admin(req).allowed || engine.decide_admin(&with_any_approval(req)).allowed
+    if engine.decide_admin(req).allowed {
+        return true;
+    }
+    let approved = with_any_approval(req);
+    let Some(approver) = approved.approvals.first() else {
+        return false;
+    };
+    let approve = AdminRequest {
+        principal: approver.admin.clone(),
+        roles: approver.roles.clone(),
+        regions: req.regions.clone(),
+        action: AdminAction::Approve,
+        approvals: vec![],
+        ..req.clone()
+    };
+    engine.decide_admin(&approved).allowed && engine.decide_admin(&approve).allowed
 }
 
 /// `req` as if another admin holding every role had approved it.

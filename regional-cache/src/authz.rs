@@ -12,8 +12,22 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug + 'static {
     fn authorize(&self, req: &AgentRequest) -> Outcome;
 }
 
-/// Largest number of cached decisions.
-const DECISION_CACHE: u64 = 100_000;
+/// Bytes of cached decisions at most (keys weigh what they hold).
+const DECISION_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+fn weight(key: &(u64, AgentRequest), value: &Arc<Outcome>) -> u32 {
+    let r = &key.1;
+    let bytes = 256
+        + r.principal.as_str().len()
+        + r.resource.len()
+        + r.region.len()
+        + r.job_type.len()
+        + r.scopes.iter().map(|s| s.len() + 24).sum::<usize>()
+        + r.posture.os_version.as_ref().map_or(0, String::len)
+        + value.policies.iter().map(|p| p.len() + 24).sum::<usize>()
+        + value.errors.iter().map(|e| e.len() + 24).sum::<usize>();
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
 
 pub struct PolicyAuthorizer {
     engine: RwLock<Option<Arc<Engine>>>,
@@ -39,7 +53,10 @@ impl PolicyAuthorizer {
     pub fn new(cache_decisions: bool) -> Self {
         Self {
             engine: RwLock::new(None),
-            decisions: moka::sync::Cache::new(DECISION_CACHE),
+            decisions: moka::sync::Cache::builder()
+                .max_capacity(DECISION_CACHE_BYTES)
+                .weigher(weight)
+                .build(),
             cache_decisions,
         }
     }

@@ -180,7 +180,13 @@ impl Service {
                 .map(|a| a.ip())
                 .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
             ttl_secs,
-            scopes: scopes.to_vec(),
+            // A set: one cache key for every order and repetition.
+            scopes: {
+                let mut s = scopes.to_vec();
+                s.sort_unstable();
+                s.dedup();
+                s
+            },
             posture,
             job_type,
             hour_utc,

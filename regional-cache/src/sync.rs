@@ -416,9 +416,9 @@ fn accept_release(
     let verified =
         lattice_shared::policy::sign::verify(signed, &trust.root_der, &trust.trust_domain)
             .map_err(|e| e.to_string())?;
-    if revocations.is_serial_revoked(&verified.signer.serial_hex) {
-        return Err("the policy signing certificate has been revoked".into());
-    }
+    revocations
+        .check_cert(&verified.signer, None)
+        .map_err(|e| format!("the policy signing certificate is revoked: {e}"))?;
     let version = verified.release.version;
     if version <= current {
         return Err(format!(

@@ -865,6 +865,9 @@ pub struct Engine {
     policies: PolicySet,
     slices: Slices,
     entities: Entities,
+    /// Evaluate against every entity (entity-valued attributes present)
+    /// instead of the per-request slice.
+    full_store: bool,
     tests: Vec<TestCase>,
     authorizer: Authorizer,
     policy_count: usize,
@@ -988,15 +991,49 @@ impl Engine {
             }
         }
         // Action entities, so that `action in [...]` groups resolve.
-        let entities = match schema.action_entities() {
-            Ok(actions) => entities
-                .add_entities(actions, None)
-                .unwrap_or_else(|_| Entities::empty()),
+        let entities = match schema
+            .action_entities()
+            .map_err(|e| e.to_string())
+            .and_then(|actions| {
+                entities
+                    .clone()
+                    .add_entities(actions, None)
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(all) => all,
             Err(e) => {
-                report.problems.push(format!("{SCHEMA_FILE}: {e}"));
+                report.problems.push(format!("{SCHEMA_FILE}: actions: {e}"));
                 entities
             }
         };
+        // Entity-valued attributes lead policies to entities that no
+        // request names; such bundles are evaluated against every entity.
+        // So do conditions that name an entity (its attributes could be read,
+        // and `has` on an entity outside a slice would read false).
+        let names_entities = policies.policies().any(|p| {
+            p.to_json()
+                .map(|j| {
+                    j.get("conditions")
+                        .is_some_and(|c| c.to_string().contains("__entity"))
+                })
+                .unwrap_or(true)
+        });
+        let full_store = names_entities
+            || entities.iter().any(|e| {
+                fn holds_entity(v: &cedar_policy::EvalResult) -> bool {
+                    match v {
+                        cedar_policy::EvalResult::EntityUid(_) => true,
+                        cedar_policy::EvalResult::Set(s) => s.iter().any(holds_entity),
+                        cedar_policy::EvalResult::Record(r) => {
+                            r.iter().any(|(_, v)| holds_entity(v))
+                        }
+                        _ => false,
+                    }
+                }
+                // An attribute that is not a value is treated as one that may be.
+                e.attrs()
+                    .any(|(_, v)| v.as_ref().map(holds_entity).unwrap_or(true))
+            });
 
         let tests: Vec<TestCase> = match files.get(TESTS_FILE) {
             None => Vec::new(),
@@ -1034,6 +1071,7 @@ impl Engine {
             policies,
             slices,
             entities,
+            full_store,
             tests,
             authorizer: Authorizer::new(),
             policy_count,
@@ -1306,9 +1344,10 @@ impl Engine {
 
     /// The entities a request can reach: the principal as built, the
     /// resource and the action as the bundle holds them, and the ancestors
-    /// of each (Cedar's entity slicing). A policy that reads an attribute of
-    /// any other entity meets an evaluation error, which denies; the bundle's
-    /// tests run through this same path, so authors see it at `test` time.
+    /// of each and of the principal's parents (Cedar's entity slicing). No
+    /// other entity can be reached: a bundle whose conditions name an entity,
+    /// or whose entities hold entity-valued attributes, is evaluated against
+    /// every entity instead.
     fn request_entities(
         &self,
         principal: Entity,
@@ -1316,10 +1355,20 @@ impl Engine {
         action: &EntityUid,
         schema: Option<&Schema>,
     ) -> Result<Entities, String> {
+        if self.full_store {
+            return self
+                .entities
+                .clone()
+                .upsert_entities([principal], schema)
+                .map_err(|e| e.to_string());
+        }
         let mut seen: HashSet<EntityUid> = HashSet::new();
         let mut list: Vec<Entity> = Vec::with_capacity(4);
         seen.insert(principal.uid());
         let mut roots: Vec<EntityUid> = vec![resource.clone(), action.clone()];
+        // The principal's parents as built (an admin's roles), so that a
+        // hierarchy the bundle gives them is seen.
+        roots.extend(principal.clone().into_inner().2);
         roots.extend(
             self.entities
                 .get(&principal.uid())
@@ -1436,6 +1485,7 @@ impl Engine {
             None => time::OffsetDateTime::from_unix_timestamp(1_767_614_400)
                 .map_err(|e| e.to_string())?,
         };
+        let at = at.to_offset(time::UtcOffset::UTC);
         let (hour_utc, weekday) = (at.hour(), at.weekday().number_from_monday());
         let source_ip = case
             .context
@@ -1680,6 +1730,56 @@ mod tests {
         let mut r = req(vec![AdminRole::RegionalOperator], AdminAction::Revoke);
         r.regions = vec!["eu".into()];
         assert!(engine.decide_admin(&r).allowed);
+    }
+
+    #[test]
+    fn a_role_hierarchy_in_entity_data_is_seen_through_the_slice() {
+        let files = with(&[
+            (
+                ENTITIES_FILE,
+                r#"[{"uid":{"type":"Lattice::Role","id":"platform-admin"},"attrs":{},"parents":[{"type":"Lattice::Role","id":"frozen"}]}]"#,
+            ),
+            (
+                "freeze.cedar",
+                "@id(\"frozen\")\nforbid(principal in Lattice::Role::\"frozen\", action == Lattice::Action::\"Revoke\", resource);",
+            ),
+        ]);
+        let engine = Engine::compile(&files, 2).expect("compile");
+        assert!(!engine.full_store, "no entity literal in a condition");
+        let o = engine.decide_admin(&AdminRequest {
+            principal: SpiffeId::parse("spiffe://t/admin/a").expect("id"),
+            roles: vec![AdminRole::PlatformAdmin],
+            regions: vec![],
+            action: AdminAction::Revoke,
+            resource: String::new(),
+            target_region: "eu".into(),
+            source_ip: IpAddr::from([127, 0, 0, 1]),
+            approvals: vec![],
+            hour_utc: 12,
+            weekday: 1,
+        });
+        assert!(!o.allowed);
+        assert_eq!(o.policies, vec!["frozen".to_string()]);
+    }
+
+    #[test]
+    fn conditions_naming_entities_use_the_whole_store() {
+        let files = with(&[
+            (
+                ENTITIES_FILE,
+                r#"[{"uid":{"type":"Lattice::Audience","id":"ref"},"attrs":{"scopes":["x"],"labels":["closed"]},"parents":[]},
+                   {"uid":{"type":"Lattice::Audience","id":"api"},"attrs":{"scopes":[],"labels":[]},"parents":[]}]"#,
+            ),
+            (
+                "f.cedar",
+                "@id(\"closed-by-ref\")\nforbid(principal, action == Lattice::Action::\"MintToken\", resource) when { Lattice::Audience::\"ref\".labels.contains(\"closed\") };",
+            ),
+        ]);
+        let engine = Engine::compile(&files, 2).expect("compile");
+        assert!(engine.full_store);
+        let o = mint(&engine, "spiffe://t/agent/eu/a", "api", &[]);
+        assert!(!o.allowed);
+        assert_eq!(o.policies, vec!["closed-by-ref".to_string()]);
     }
 
     #[test]

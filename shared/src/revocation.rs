@@ -74,8 +74,8 @@ impl TryFrom<&pb::Revocation> for Revocation {
             T::SubjectBefore(sb) => {
                 let subject =
                     SpiffeId::parse(&sb.subject).map_err(|e| InvalidRevocation(e.to_string()))?;
-                if subject.role() != Role::Agent {
-                    return Err(bad("subject_before applies to agent ids"));
+                if !matches!(subject.role(), Role::Agent | Role::Admin) {
+                    return Err(bad("subject_before applies to agent and admin ids"));
                 }
                 Target::SubjectBefore {
                     subject,
