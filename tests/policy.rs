@@ -119,6 +119,8 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
     let Some(pb::lattice_event::Body::Policy(mut signed)) = ev.body else {
         panic!("not a policy event");
     };
+    // Replayed: the genuine release in force, sent again, is not newer.
+    let replayed = signed.clone();
     let mut release = pb::PolicyRelease::decode(signed.release.as_slice()).expect("decode");
     let files = with_file(
         &BundleFiles::from_proto(release.bundle.as_ref().expect("bundle")).expect("files"),
@@ -168,7 +170,13 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
         .append_policy(forged, now_ms)
         .expect("append");
 
-    l.wait_all_applied(bad2.seq)
+    let bad3 = l
+        .cp()
+        .state
+        .log
+        .append_policy(replayed, now_ms)
+        .expect("append");
+    l.wait_all_applied(bad3.seq)
         .await
         .expect("the stream goes on");
     assert!(bad.seq < bad2.seq);
@@ -322,6 +330,38 @@ async fn pushes_are_validated_and_tested_at_the_control_plane() {
         "{}",
         s.message()
     );
+
+    // Oversized and malformed bundles never reach the compiler.
+    let huge = pb::PushPolicyRequest {
+        bundle: Some(pb::PolicyBundleFiles {
+            files: vec![pb::PolicyFile {
+                path: "huge.cedar".into(),
+                content: "/".repeat(lattice_shared::policy::MAX_BUNDLE_BYTES + 100_000),
+            }],
+        }),
+        message: String::new(),
+    };
+    let s = admin.push_policy(huge).await.expect_err("too large");
+    assert!(
+        matches!(
+            s.code(),
+            Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument
+        ),
+        "{s:?}"
+    );
+    let s = admin
+        .push_policy(pb::PushPolicyRequest {
+            bundle: Some(pb::PolicyBundleFiles {
+                files: vec![pb::PolicyFile {
+                    path: "../escape.cedar".into(),
+                    content: String::new(),
+                }],
+            }),
+            message: String::new(),
+        })
+        .await
+        .expect_err("bad name");
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
 
     assert_eq!(l.cp().state.log.head(), head, "nothing was released");
     l.shutdown().await;
