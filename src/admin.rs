@@ -48,26 +48,36 @@ pub fn connect_with(
     Ok(AdminClient::new(lattice_shared::net::channel(addr, tls)?))
 }
 
-/// `lattice status` as text: the log head, then one line per cache with its
-/// acknowledged sequence, lag, staleness, last contact and state.
+/// `lattice status` as text: the log head and the policy in force, then one
+/// line per cache with its acknowledged sequence, lag, staleness, last
+/// contact, the policy version it enforces and its state.
 pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "trust domain {}; log head {}; {} outstanding join tokens; staleness bound {} ms",
-        r.trust_domain, r.head_seq, r.join_tokens_outstanding, r.max_staleness_ms
+        "trust domain {}; log head {}; {} outstanding join tokens; staleness bound {} ms; policy v{} (event {})",
+        r.trust_domain,
+        r.head_seq,
+        r.join_tokens_outstanding,
+        r.max_staleness_ms,
+        r.policy_version,
+        r.policy_seq
     );
     let _ = writeln!(
         out,
-        "{:<44} {:>8} {:>6} {:>12} {:>14}  state",
-        "cache", "applied", "lag", "staleness", "last contact"
+        "{:<44} {:>8} {:>6} {:>12} {:>14} {:>7}  state",
+        "cache", "applied", "lag", "staleness", "last contact", "policy"
     );
     for c in &r.caches {
+        // Past the release's event yet enforcing an older one: it refused it.
+        let refused = c.acked_seq >= r.policy_seq && c.policy_version < r.policy_version;
         let state = if c.revoked {
             "revoked"
         } else if !c.connected {
             "disconnected"
+        } else if refused {
+            "refused policy"
         } else if c.staleness_ms == 0 {
             "syncing"
         } else if c.staleness_ms > r.max_staleness_ms {
@@ -82,12 +92,13 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
         };
         let _ = writeln!(
             out,
-            "{:<44} {:>8} {:>6} {:>9} ms {:>14}  {state}",
+            "{:<44} {:>8} {:>6} {:>9} ms {:>14} {:>7}  {state}",
             c.cache_id,
             c.acked_seq,
             r.head_seq.saturating_sub(c.acked_seq),
             c.staleness_ms,
-            contact
+            contact,
+            format!("v{}", c.policy_version)
         );
     }
     out
@@ -157,4 +168,47 @@ pub fn render_pending(p: &lattice_shared::proto::ListPendingResponse) -> String 
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lattice_shared::proto as pb;
+
+    #[test]
+    fn status_shows_a_cache_that_refused_the_release_in_force() {
+        let cache = |id: &str, acked, policy_version| pb::CacheStatus {
+            cache_id: id.into(),
+            acked_seq: acked,
+            connected: true,
+            staleness_ms: 10,
+            policy_version,
+            ..Default::default()
+        };
+        let r = pb::StatusResponse {
+            head_seq: 9,
+            max_staleness_ms: 5000,
+            policy_version: 4,
+            policy_seq: 7,
+            caches: vec![
+                cache("ok", 9, 4),
+                cache("behind", 6, 3),
+                cache("refused", 9, 3),
+            ],
+            ..Default::default()
+        };
+        let text = render_status(&r, 0);
+        let line = |id: &str| {
+            text.lines()
+                .find(|l| l.starts_with(id))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(line("ok").ends_with("fresh"), "{text}");
+        assert!(
+            line("behind").ends_with("fresh"),
+            "still catching up: {text}"
+        );
+        assert!(line("refused").ends_with("refused policy"), "{text}");
+    }
 }

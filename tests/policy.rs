@@ -252,6 +252,32 @@ async fn rollback_is_an_ordered_event_that_both_caches_apply_even_after_a_partit
         .await
         .expect("allowed again after the rollback");
 
+    // The operator sees which release each cache enforces.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = admin
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if s.caches.iter().all(|c| c.acked_seq >= rolled.seq) {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "acks arrive: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (status.policy_version, status.policy_seq),
+        (rolled.version, rolled.seq)
+    );
+    assert!(
+        status
+            .caches
+            .iter()
+            .all(|c| c.policy_version == rolled.version),
+        "{status:?}"
+    );
+
     let history = admin
         .policy_history(pb::PolicyHistoryRequest {})
         .await

@@ -485,6 +485,7 @@ impl Admin for Service {
                     last_contact_unix_ms: link.last_contact_ms,
                     connected: link.connected,
                     revoked: revoked.is_cache_revoked(&c.id),
+                    policy_version: link.policy_version,
                     // 0 means never fresh; a fresh cache reads at least 1.
                     staleness_ms: if link.fresh_at_ms == 0 {
                         0
@@ -501,6 +502,13 @@ impl Admin for Service {
             head_seq: self.state.log.head(),
             max_staleness_ms: self.state.cfg.max_staleness_ms,
             policy_version: self.state.policy.current().version(),
+            policy_seq: self
+                .state
+                .policy
+                .history()
+                .last()
+                .map(|v| v.seq)
+                .unwrap_or(0),
         }))
     }
 

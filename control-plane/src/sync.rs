@@ -33,6 +33,8 @@ pub struct Link {
     pub last_contact_ms: i64,
     /// Control-plane time of the latest pong whose head the cache has acked.
     pub fresh_at_ms: i64,
+    /// The policy release the cache says it enforces (0: not reported).
+    pub policy_version: u64,
     pongs: VecDeque<(i64, u64)>,
 }
 
@@ -205,6 +207,7 @@ async fn serve(
                         metrics::gauge!("lattice_cp_cache_acked_seq", "cache" => cache.to_string()).set(acked as f64);
                         state.links.update(cache, |l| {
                             l.acked = acked;
+                            l.policy_version = a.policy_version;
                             l.last_contact_ms = now;
                             while l.pongs.front().is_some_and(|(_, h)| *h <= acked) {
                                 if let Some((t, _)) = l.pongs.pop_front() {

@@ -534,7 +534,10 @@ async fn session(
                     .set(last as f64);
                 if up
                     .send(pb::SyncUp {
-                        msg: Some(Up::Ack(pb::SyncAck { seq: last })),
+                        msg: Some(Up::Ack(pb::SyncAck {
+                            seq: last,
+                            policy_version: state.policy.version(),
+                        })),
                     })
                     .await
                     .is_err()
