@@ -688,6 +688,20 @@ fn action_uid(name: &str) -> EntityUid {
     }
 }
 
+/// The time fields every context carries.
+fn time_pairs(hour_utc: u8, weekday: u8) -> [(String, RestrictedExpression); 2] {
+    [
+        (
+            "hour_utc".to_string(),
+            RestrictedExpression::new_long(hour_utc.into()),
+        ),
+        (
+            "weekday".to_string(),
+            RestrictedExpression::new_long(weekday.into()),
+        ),
+    ]
+}
+
 fn string_set(items: impl IntoIterator<Item = String>) -> RestrictedExpression {
     RestrictedExpression::new_set(items.into_iter().map(RestrictedExpression::new_string))
 }
@@ -1244,31 +1258,27 @@ impl Engine {
     ) -> Result<(Request, Entities), String> {
         let principal = self.agent_entity(&req.principal)?;
         let resource = self.resource_entity(req.action.resource_type(), &req.resource);
-        let context = Context::from_pairs([
-            (
-                "region".to_string(),
-                RestrictedExpression::new_string(req.region.clone()),
-            ),
-            ("source_ip".to_string(), ip_expr(req.source_ip)),
-            (
-                "ttl_secs".to_string(),
-                RestrictedExpression::new_long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX)),
-            ),
-            ("scopes".to_string(), string_set(req.scopes.iter().cloned())),
-            ("posture".to_string(), req.posture.expr()),
-            (
-                "job_type".to_string(),
-                RestrictedExpression::new_string(req.job_type.clone()),
-            ),
-            (
-                "hour_utc".to_string(),
-                RestrictedExpression::new_long(req.hour_utc.into()),
-            ),
-            (
-                "weekday".to_string(),
-                RestrictedExpression::new_long(req.weekday.into()),
-            ),
-        ])
+        let context = Context::from_pairs(
+            [
+                (
+                    "region".to_string(),
+                    RestrictedExpression::new_string(req.region.clone()),
+                ),
+                ("source_ip".to_string(), ip_expr(req.source_ip)),
+                (
+                    "ttl_secs".to_string(),
+                    RestrictedExpression::new_long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX)),
+                ),
+                ("scopes".to_string(), string_set(req.scopes.iter().cloned())),
+                ("posture".to_string(), req.posture.expr()),
+                (
+                    "job_type".to_string(),
+                    RestrictedExpression::new_string(req.job_type.clone()),
+                ),
+            ]
+            .into_iter()
+            .chain(time_pairs(req.hour_utc, req.weekday)),
+        )
         .map_err(|e| e.to_string())?;
         self.request_parts(principal, resource, req.action.name(), context, with_schema)
     }
@@ -1295,26 +1305,22 @@ impl Engine {
         approver_roles.sort();
         approver_roles.dedup();
         let distinct: HashSet<&SpiffeId> = approvers.iter().map(|a| &a.admin).collect();
-        let context = Context::from_pairs([
-            ("source_ip".to_string(), ip_expr(req.source_ip)),
-            (
-                "target_region".to_string(),
-                RestrictedExpression::new_string(req.target_region.clone()),
-            ),
-            (
-                "approvals".to_string(),
-                RestrictedExpression::new_long(i64::try_from(distinct.len()).unwrap_or(0)),
-            ),
-            ("approver_roles".to_string(), string_set(approver_roles)),
-            (
-                "hour_utc".to_string(),
-                RestrictedExpression::new_long(req.hour_utc.into()),
-            ),
-            (
-                "weekday".to_string(),
-                RestrictedExpression::new_long(req.weekday.into()),
-            ),
-        ])
+        let context = Context::from_pairs(
+            [
+                ("source_ip".to_string(), ip_expr(req.source_ip)),
+                (
+                    "target_region".to_string(),
+                    RestrictedExpression::new_string(req.target_region.clone()),
+                ),
+                (
+                    "approvals".to_string(),
+                    RestrictedExpression::new_long(i64::try_from(distinct.len()).unwrap_or(0)),
+                ),
+                ("approver_roles".to_string(), string_set(approver_roles)),
+            ]
+            .into_iter()
+            .chain(time_pairs(req.hour_utc, req.weekday)),
+        )
         .map_err(|e| e.to_string())?;
         self.request_parts(principal, resource, req.action.name(), context, with_schema)
     }
