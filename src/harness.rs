@@ -531,7 +531,8 @@ impl Lattice {
         self.add_agent_configured(region, name, token, adjust).await
     }
 
-    async fn add_agent_configured(
+    /// Enrols and starts an agent with `token` and an adjusted configuration.
+    pub async fn add_agent_configured(
         &mut self,
         region: &str,
         name: &str,

@@ -748,3 +748,41 @@ async fn approvals_do_not_overwrite_newer_policy_nor_run_for_revoked_requesters(
     assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
     l.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_enrolment_denied_by_policy_does_not_burn_the_join_token() {
+    let bundle = with_file(
+        &audience_bundle(&[Audience::new(AUDIENCE, &[])]),
+        "enrol.cedar",
+        "@id(\"enrol-patched-only\")\nforbid(principal, action == Lattice::Action::\"Enrol\", resource) unless { context.posture has os_patched && context.posture.os_patched };",
+    );
+    let spec = Spec {
+        agents: vec![],
+        policy: Some(bundle),
+        ..Spec::default()
+    };
+    let (mut l, _clock) = common::lattice_with(spec).await;
+    let token = l
+        .join_token(&Lattice::agent_id("eu", "p"), None)
+        .expect("token");
+    let e = l
+        .add_agent_configured("eu", "p", token.clone(), |_| {})
+        .await
+        .expect_err("an unpatched device may not enrol");
+    let e = e
+        .downcast::<lattice_edge_agent::Error>()
+        .expect("an agent error");
+    let (code, msg) = refusal(&e);
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("join token was not used"), "{msg}");
+    assert!(
+        !msg.contains("enrol-patched-only"),
+        "no policy detail for an unauthenticated caller: {msg}"
+    );
+    l.add_agent_configured("eu", "p", token, |cfg| {
+        cfg.posture.os_patched = Some(true);
+    })
+    .await
+    .expect("the same token enrols a patched device");
+    l.shutdown().await;
+}

@@ -294,6 +294,24 @@ impl Cache for Service {
                     self.state.region
                 )));
             }
+            // Policy first, so that a denial does not burn the one-time
+            // token. The caller is not authenticated yet: the reason stays
+            // in our logs and audit trail.
+            self.policy_check(
+                &want,
+                AgentAction::Enrol,
+                self.state.region.as_str(),
+                source,
+                self.state.cfg.agent_cert_ttl_secs,
+                &[],
+                r.claims.as_ref(),
+            )
+            .map_err(|s| match s.code() {
+                tonic::Code::PermissionDenied => Status::permission_denied(
+                    "enrolment denied by policy; the join token was not used",
+                ),
+                _ => s,
+            })?;
         }
         // A malformed request must not burn the one-time token.
         lattice_shared::pki::check_csr(&r.csr).map_err(pki_status)?;
