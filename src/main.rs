@@ -45,7 +45,8 @@ struct AdminArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start a whole local lattice (control plane, two caches, an edge agent)
-    /// in a temporary directory and walk through enrolment and issuance.
+    /// in a temporary directory and walk through enrolment, policy, issuance
+    /// and revocation.
     Dev {
         /// Exit 0 after the walkthrough instead of serving until Ctrl-C.
         #[arg(long)]
@@ -59,7 +60,8 @@ enum Command {
         #[command(subcommand)]
         command: JoinTokenCommand,
     },
-    /// Enrolled caches and outstanding join tokens.
+    /// Enrolled caches (applied sequence, staleness, policy version) and
+    /// outstanding join tokens.
     Status {
         #[command(flatten)]
         admin: AdminArgs,
