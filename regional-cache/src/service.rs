@@ -214,6 +214,24 @@ impl Service {
         Err(Status::permission_denied(reason))
     }
 
+    /// May `agent` enrol at this cache (its region) with `claims`?
+    fn enrol_decision(
+        &self,
+        agent: &SpiffeId,
+        source: Option<std::net::SocketAddr>,
+        claims: Option<&pb::AgentClaims>,
+    ) -> Result<u64, Status> {
+        self.policy_check(
+            agent,
+            AgentAction::Enrol,
+            self.state.region.as_str(),
+            source,
+            self.state.cfg.agent_cert_ttl_secs,
+            &[],
+            claims,
+        )
+    }
+
     fn audit(&self, e: AuditEvent) {
         if let Some(sink) = &self.state.audit {
             sink.record(e);
@@ -297,21 +315,13 @@ impl Cache for Service {
             // Policy first, so that a denial does not burn the one-time
             // token. The caller is not authenticated yet: the reason stays
             // in our logs and audit trail.
-            self.policy_check(
-                &want,
-                AgentAction::Enrol,
-                self.state.region.as_str(),
-                source,
-                self.state.cfg.agent_cert_ttl_secs,
-                &[],
-                r.claims.as_ref(),
-            )
-            .map_err(|s| match s.code() {
-                tonic::Code::PermissionDenied => Status::permission_denied(
-                    "enrolment denied by policy; the join token was not used",
-                ),
-                _ => s,
-            })?;
+            self.enrol_decision(&want, source, r.claims.as_ref())
+                .map_err(|s| match s.code() {
+                    tonic::Code::PermissionDenied => Status::permission_denied(
+                        "enrolment denied by policy; the join token was not used",
+                    ),
+                    _ => s,
+                })?;
         }
         // A malformed request must not burn the one-time token.
         lattice_shared::pki::check_csr(&r.csr).map_err(pki_status)?;
@@ -349,15 +359,9 @@ impl Cache for Service {
                 "{agent} has been revoked"
             )));
         }
-        let version = self.policy_check(
-            &agent,
-            AgentAction::Enrol,
-            self.state.region.as_str(),
-            source,
-            self.state.cfg.agent_cert_ttl_secs,
-            &[],
-            r.claims.as_ref(),
-        )?;
+        // Again for the id the token is bound to, under the release in force
+        // now (a cached decision when nothing changed).
+        let version = self.enrol_decision(&agent, source, r.claims.as_ref())?;
         let chain = self.issue_agent_cert(&agent, &r.csr)?;
         tracing::info!(agent_id = %agent, policy_version = version, "agent enrolled");
         Ok(Response::new(pb::EnrolAgentResponse {
