@@ -140,32 +140,24 @@ pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
     // LATTICE_BENCH_ONLY=echo|mint runs one phase (for profiling).
     let only = std::env::var("LATTICE_BENCH_ONLY").unwrap_or_default();
     let skip = |name: &str| !only.is_empty() && only != name;
-    bar.set_message(format!("echo for {:?}", opts.duration));
-    let echo = if skip("echo") {
-        Stats {
-            name: "echo",
-            requests: 0,
-            errors: 0,
-            rps: 0.0,
-            p50_us: 0,
-            p99_us: 0,
-        }
-    } else {
-        load(&clients, Call::Echo, &opts, true).await
-    };
-    bar.set_message(format!("mint for {:?}", opts.duration));
-    let mint = if skip("mint") {
-        Stats {
-            name: "mint",
-            requests: 0,
-            errors: 0,
-            rps: 0.0,
-            p50_us: 0,
-            p99_us: 0,
-        }
-    } else {
-        load(&clients, Call::Mint, &opts, true).await
-    };
+    let mut phases = Vec::with_capacity(2);
+    for (call, name) in [(Call::Echo, "echo"), (Call::Mint, "mint")] {
+        bar.set_message(format!("{name} for {:?}", opts.duration));
+        phases.push(if skip(name) {
+            Stats {
+                name,
+                requests: 0,
+                errors: 0,
+                rps: 0.0,
+                p50_us: 0,
+                p99_us: 0,
+            }
+        } else {
+            load(&clients, call, &opts, true).await
+        });
+    }
+    let mint = phases.pop().expect("two phases ran"); // pushed just above
+    let echo = phases.pop().expect("two phases ran"); // pushed just above
     bar.finish_and_clear();
     lattice.shutdown().await;
     Ok((echo, mint))

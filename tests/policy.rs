@@ -47,6 +47,15 @@ fn with_file(files: &BundleFiles, name: &str, content: &str) -> BundleFiles {
     .expect("files")
 }
 
+/// The default lattice under the example bundle.
+async fn example_lattice() -> Lattice {
+    let spec = Spec {
+        policy: Some(lattice::example_bundle()),
+        ..Spec::default()
+    };
+    common::lattice_with(spec).await.0
+}
+
 const FORBID_API: &str = "@id(\"no-api\")\nforbid(principal, action == Lattice::Action::\"MintToken\", resource == Lattice::Audience::\"https://api.example.com\");\n";
 
 #[tokio::test]
@@ -487,11 +496,7 @@ async fn the_example_bundle_rules_hold_end_to_end() {
 
 #[tokio::test]
 async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
-    let spec = Spec {
-        policy: Some(lattice::example_bundle()),
-        ..Spec::default()
-    };
-    let (l, _clock) = common::lattice_with(spec).await;
+    let l = example_lattice().await;
     let head = l.cp().state.log.head();
     let mut alice = l
         .admin("alice", &[AdminRole::PlatformAdmin], &[])
@@ -688,11 +693,7 @@ async fn revoking_the_policy_signer_re_signs_the_policy_with_a_new_key() {
 
 #[tokio::test]
 async fn approvals_do_not_overwrite_newer_policy_nor_run_for_revoked_requesters() {
-    let spec = Spec {
-        policy: Some(lattice::example_bundle()),
-        ..Spec::default()
-    };
-    let (l, _clock) = common::lattice_with(spec).await;
+    let l = example_lattice().await;
     let mut alice = l
         .admin("alice", &[AdminRole::PlatformAdmin], &[])
         .expect("alice");
