@@ -7,8 +7,10 @@ pub mod proto {
 
 pub mod clock;
 pub mod config;
+pub mod envelope;
 pub mod eventlog;
 pub mod id;
+pub mod kms;
 pub mod limits;
 pub mod net;
 pub mod pem;

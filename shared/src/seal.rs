@@ -83,14 +83,14 @@ impl LocalKeyFile {
 }
 
 #[cfg(unix)]
-fn is_private(path: &Path) -> bool {
+pub(crate) fn is_private(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path)
         .map(|m| m.permissions().mode() & 0o077 == 0)
         .unwrap_or(false)
 }
 #[cfg(not(unix))]
-fn is_private(_: &Path) -> bool {
+pub(crate) fn is_private(_: &Path) -> bool {
     true
 }
 
