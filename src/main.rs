@@ -9,6 +9,8 @@ use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use lattice_shared::proto as pb;
 
+mod secret_cmd;
+
 /// Lattice: short-lived credentials for AI agents, from a control plane
 /// through regional caches to edge devices.
 #[derive(Debug, Parser)]
@@ -22,7 +24,7 @@ struct Cli {
 }
 
 #[derive(Debug, clap::Args)]
-struct AdminArgs {
+pub(crate) struct AdminArgs {
     /// Control-plane address.
     #[arg(
         long,
@@ -30,7 +32,7 @@ struct AdminArgs {
         env = "LATTICE_CONTROL_PLANE",
         default_value = "127.0.0.1:7443"
     )]
-    control_plane: SocketAddr,
+    pub(crate) control_plane: SocketAddr,
     /// Directory with admin.crt, admin.key and root.crt (the control plane
     /// writes a bootstrap one to DATA/admin).
     #[arg(
@@ -39,7 +41,7 @@ struct AdminArgs {
         env = "LATTICE_ADMIN_DIR",
         default_value = "./data/cp/admin"
     )]
-    admin_dir: PathBuf,
+    pub(crate) admin_dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +102,17 @@ enum Command {
     AdminCert {
         #[command(subcommand)]
         command: AdminCertCommand,
+    },
+    /// Upstream secrets (API keys): put, list, versions, rollback, rotate,
+    /// rekey, revoke-version, delete. Values never come from the command line.
+    Secret {
+        #[command(subcommand)]
+        command: secret_cmd::SecretCommand,
+    },
+    /// The KMS that wraps secrets' DEKs.
+    Kms {
+        #[command(subcommand)]
+        command: secret_cmd::KmsCommand,
     },
     /// Load commands.
     Bench {
@@ -357,6 +370,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Policy { command } => policy(command).await,
+        Command::Secret { command } => secret_cmd::run(command).await,
+        Command::Kms { command } => secret_cmd::run_kms(command).await,
         Command::Approve { request_id, admin } => {
             let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
             let r = client
@@ -377,6 +392,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     eprintln!("admin certificate (give it to its holder as admin.crt):");
                     print!("{}", lattice_shared::pem::encode("CERTIFICATE", &c.cert));
                 }
+                Some(R::Secret(v)) => println!("{}", secret_cmd::render_version(&v)),
+                Some(R::Kms(k)) => println!(
+                    "{}: KEK version {}; {} DEK(s) rewrapped",
+                    k.kms, k.kek_version, k.rewrapped
+                ),
                 None => {}
             }
             Ok(())

@@ -5,6 +5,8 @@
 //! request id; `Approve` by another admin runs it, and both names are kept
 //! (in the policy release itself, and in the logs).
 
+mod secrets;
+
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -39,7 +41,7 @@ pub(crate) struct Caller {
 
 /// How a call was allowed.
 #[derive(Debug, Clone)]
-struct Allowed {
+pub(crate) struct Allowed {
     approved_by: Option<SpiffeId>,
     /// For an approved policy change: the version it was asked against.
     base_version: Option<u64>,
@@ -520,6 +522,20 @@ impl Admin for Service {
         let r = req.into_inner();
         let rev = parse_revocation(r.revocation.as_ref())?;
         let summary = format!("revoke {}", rev.target);
+        if let lattice_shared::revocation::Target::SecretVersion { name, version } = &rev.target {
+            // A secret's custodians decide over its versions.
+            let change = pb::PendingSecretChange {
+                op: "revoke-version".into(),
+                name: name.clone(),
+                version: *version,
+                reason: rev.reason.clone(),
+                ..Default::default()
+            };
+            return match self.secret_change(&c, change, summary).await? {
+                secrets::SecretOutcome::Revoked(r) => Ok(Response::new(r)),
+                _ => Err(Status::internal("unexpected outcome")),
+            };
+        }
         let allowed = self
             .gate(
                 &c,
@@ -757,6 +773,17 @@ impl Admin for Service {
                         .await?,
                 )
             }
+            AdminAction::PutSecret | AdminAction::RotateSecret | AdminAction::RotateKmsKey => {
+                let change = pb::PendingSecretChange::decode(payload.as_slice()).map_err(bad)?;
+                if secrets::action_of(&change.op) != Some(pending.action) {
+                    return Err(Status::internal(
+                        "stored secret change does not match its action",
+                    ));
+                }
+                self.exec_secret(&requester, allowed, change)
+                    .await?
+                    .into_approval()
+            }
             AdminAction::IssueAdminCertificate => R::AdminCertificate(
                 self.exec_issue_admin(
                     &requester,
@@ -819,5 +846,196 @@ impl Admin for Service {
             .gate(&c, AdminAction::IssueAdminCertificate, "", "", &r, summary)
             .await?;
         Ok(Response::new(self.exec_issue_admin(&c, allowed, r).await?))
+    }
+    async fn put_secret(
+        &self,
+        req: Request<pb::PutSecretRequest>,
+    ) -> Result<Response<pb::SecretVersionInfo>, Status> {
+        let c = self.caller(&req)?;
+        match self.put_secret_change(&c, req.into_inner()).await? {
+            secrets::SecretOutcome::Version(v) => Ok(Response::new(v)),
+            _ => Err(Status::internal("unexpected outcome")),
+        }
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let c = self.caller(&req)?;
+        self.gate_read(&c, AdminAction::ReadStatus)?;
+        let state = self.state.clone();
+        let secrets = blocking(move || {
+            Ok(state
+                .secret_records()?
+                .iter()
+                .filter(|r| !r.deleted)
+                .map(|r| state.secret_summary(r))
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+    }
+
+    async fn secret_versions(
+        &self,
+        req: Request<pb::SecretVersionsRequest>,
+    ) -> Result<Response<pb::SecretVersionsResponse>, Status> {
+        let c = self.caller(&req)?;
+        self.gate_read(&c, AdminAction::ReadStatus)?;
+        let name = req.into_inner().name;
+        secrets::check_name(&name)?;
+        let state = self.state.clone();
+        let resp = blocking(move || {
+            let rec = state.secret_record(&name)?;
+            Ok(state.secret_versions(&rec))
+        })
+        .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn rollback_secret(
+        &self,
+        req: Request<pb::RollbackSecretRequest>,
+    ) -> Result<Response<pb::SecretVersionsResponse>, Status> {
+        self.simple_secret_change(req, "rollback").await
+    }
+
+    async fn delete_secret(
+        &self,
+        req: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let c = self.caller(&req)?;
+        let name = req.into_inner().name;
+        secrets::check_name(&name)?;
+        let change = pb::PendingSecretChange {
+            op: "delete".into(),
+            name: name.clone(),
+            ..Default::default()
+        };
+        match self
+            .secret_change(&c, change, format!("delete secret {name}"))
+            .await?
+        {
+            secrets::SecretOutcome::Deleted(d) => Ok(Response::new(d)),
+            _ => Err(Status::internal("unexpected outcome")),
+        }
+    }
+
+    async fn rekey_secret(
+        &self,
+        req: Request<pb::RekeySecretRequest>,
+    ) -> Result<Response<pb::SecretVersionsResponse>, Status> {
+        self.simple_secret_change(req, "rekey").await
+    }
+
+    type RotateSecretStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::RotationProgress, Status>>;
+
+    async fn rotate_secret(
+        &self,
+        req: Request<pb::RotateSecretRequest>,
+    ) -> Result<Response<Self::RotateSecretStream>, Status> {
+        let c = self.caller(&req)?;
+        let name = req.into_inner().name;
+        secrets::check_name(&name)?;
+        let change = pb::PendingSecretChange {
+            op: "rotate".into(),
+            name: name.clone(),
+            ..Default::default()
+        };
+        let allowed = self
+            .gate(
+                &c,
+                AdminAction::RotateSecret,
+                "",
+                &name,
+                &change,
+                format!("rotate secret {name}"),
+            )
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (ptx, mut prx) = tokio::sync::mpsc::channel(16);
+        let state = self.state.clone();
+        let by = c.id.to_string();
+        let approved = allowed
+            .approved_by
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        // The rotation runs to its end even if the caller goes away.
+        tokio::spawn(async move {
+            let forward = async {
+                while let Some(p) = prx.recv().await {
+                    let _ = tx.send(Ok(p)).await;
+                }
+            };
+            let (result, ()) = tokio::join!(
+                crate::rotation::rotate(&state, &name, &by, &approved, Some(ptx)),
+                forward
+            );
+            if let Err(e) = result {
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn rotate_kms(
+        &self,
+        req: Request<pb::RotateKmsRequest>,
+    ) -> Result<Response<pb::RotateKmsResponse>, Status> {
+        let c = self.caller(&req)?;
+        let change = pb::PendingSecretChange {
+            op: "kms-rotate".into(),
+            ..Default::default()
+        };
+        match self
+            .secret_change(&c, change, "rotate the KEK and rewrap every DEK".into())
+            .await?
+        {
+            secrets::SecretOutcome::Kms(k) => Ok(Response::new(k)),
+            _ => Err(Status::internal("unexpected outcome")),
+        }
+    }
+}
+
+/// Requests that name only a secret.
+trait NamedSecret {
+    fn name(&self) -> &str;
+}
+impl NamedSecret for pb::RollbackSecretRequest {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+impl NamedSecret for pb::RekeySecretRequest {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Service {
+    async fn simple_secret_change<T: NamedSecret>(
+        &self,
+        req: Request<T>,
+        op: &str,
+    ) -> Result<Response<pb::SecretVersionsResponse>, Status> {
+        let c = self.caller(&req)?;
+        let name = req.get_ref().name().to_string();
+        secrets::check_name(&name)?;
+        let change = pb::PendingSecretChange {
+            op: op.into(),
+            name: name.clone(),
+            ..Default::default()
+        };
+        match self
+            .secret_change(&c, change, format!("{op} secret {name}"))
+            .await?
+        {
+            secrets::SecretOutcome::Versions(v) => Ok(Response::new(v)),
+            _ => Err(Status::internal("unexpected outcome")),
+        }
     }
 }

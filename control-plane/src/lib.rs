@@ -8,6 +8,8 @@ pub mod audit;
 pub mod join;
 pub mod log;
 pub mod policy;
+pub mod rotation;
+pub mod secrets;
 mod service;
 pub mod sync;
 
@@ -60,6 +62,51 @@ pub struct Config {
     pub max_staleness_ms: u64,
     pub metrics_listen: Option<SocketAddr>,
     pub log_json: bool,
+    /// Where KEKs live (default: versioned key files in `DATA_DIR/kms`).
+    pub kms: KmsConfig,
+    /// How long a replaced secret version stays leasable (and can be
+    /// rolled back to).
+    pub secret_grace_secs: u64,
+    /// Upstream key rotation: one rotator per secret.
+    pub rotation: Vec<rotation::RotationConfig>,
+    /// How often scheduled rotations are looked for.
+    pub rotation_check_secs: u64,
+}
+
+/// The KMS holding the KEKs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KmsConfig {
+    pub kind: KmsKind,
+    /// `local`: the KEK directory (default `DATA_DIR/kms`).
+    pub dir: Option<PathBuf>,
+    /// `pkcs11`: module, token and PIN (prefer LATTICE_CP_KMS__PKCS11__PIN).
+    pub pkcs11: Option<lattice_shared::kms::pkcs11::Pkcs11Config>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KmsKind {
+    #[default]
+    Local,
+    Pkcs11,
+}
+
+impl KmsConfig {
+    pub fn open(&self, data_dir: &Path) -> Result<Arc<dyn lattice_shared::kms::Kms>, Error> {
+        Ok(match self.kind {
+            KmsKind::Local => {
+                let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("kms"));
+                Arc::new(lattice_shared::kms::LocalKms::open_or_create(&dir)?)
+            }
+            KmsKind::Pkcs11 => {
+                let cfg = self.pkcs11.as_ref().ok_or_else(|| {
+                    Error::Config("kms.kind = \"pkcs11\" needs a [kms.pkcs11] section".into())
+                })?;
+                Arc::new(lattice_shared::kms::pkcs11::Pkcs11Kms::open(cfg)?)
+            }
+        })
+    }
 }
 
 impl Default for Config {
@@ -78,6 +125,10 @@ impl Default for Config {
             max_staleness_ms: 5000,
             metrics_listen: None,
             log_json: false,
+            kms: KmsConfig::default(),
+            secret_grace_secs: 3600,
+            rotation: Vec::new(),
+            rotation_check_secs: 60,
         }
     }
 }
@@ -105,6 +156,16 @@ impl Config {
             return Err(
                 "join_token_default_ttl_secs must be within 1..=join_token_max_ttl_secs".into(),
             );
+        }
+        if self.secret_grace_secs > 30 * 86400 {
+            return Err("secret_grace_secs may not exceed 30 days".into());
+        }
+        if self.rotation_check_secs == 0 {
+            return Err("rotation_check_secs must be positive".into());
+        }
+        for r in &self.rotation {
+            r.validate()
+                .map_err(|e| format!("rotation for {:?}: {e}", r.secret))?;
         }
         Ok(())
     }
@@ -136,6 +197,8 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("KMS: {0}")]
+    Kms(String),
 }
 
 /// What the control plane is given from outside.
@@ -160,6 +223,9 @@ pub struct CacheRecord {
     /// JWKS until they expire so tokens they signed remain verifiable.
     #[serde(with = "b64_vec")]
     pub signing_certs: Vec<Vec<u8>>,
+    /// X25519 key the cache receives sealed secrets with (empty: none yet).
+    #[serde(default, with = "b64")]
+    pub hpke_public_key: Vec<u8>,
 }
 
 mod b64 {
@@ -215,6 +281,10 @@ pub struct State {
     /// Policy releases and the engine in force.
     pub policy: policy::Policies,
     pub links: sync::Links,
+    /// Upstream secrets: the KMS and what orders changes.
+    pub secrets: secrets::Secrets,
+    /// Rotators of upstream keys, by secret name.
+    pub rotators: rotation::Rotators,
     /// Turns true when the control plane stops; long-lived streams end then.
     pub stopping: watch::Receiver<bool>,
 }
@@ -339,8 +409,13 @@ impl App {
             &log,
             released,
         )?;
+        let kms = cfg.kms.open(&cfg.data_dir)?;
+        let secrets = secrets::Secrets::open(&deps.store, &deps.vault, kms)?;
+        let rotators = rotation::Rotators::from_config(&cfg.rotation)?;
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
+            secrets,
+            rotators,
             cfg,
             td,
             id,
@@ -360,6 +435,8 @@ impl App {
         let root_pem = state.cfg.data_dir.join("root.crt");
         std::fs::write(&root_pem, pem::encode("CERTIFICATE", state.root.cert_der()))?;
         state.ensure_admin_files(&AdminFiles::in_dir(&state.cfg.data_dir.join("admin")))?;
+        // Finish any distribution a crash interrupted.
+        state.reconcile_secrets()?;
 
         let tls = lattice_shared::tls::server_config(
             bundle,
@@ -397,10 +474,18 @@ impl App {
             let state = state.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(60));
+                let mut rotations =
+                    tokio::time::interval(Duration::from_secs(state.cfg.rotation_check_secs));
                 loop {
-                    tick.tick().await;
-                    if let Err(e) = state.renew_own_tls_if_due() {
-                        tracing::error!(error = %e, "renewing the control plane's TLS certificate failed");
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            if let Err(e) = state.renew_own_tls_if_due() {
+                                tracing::error!(error = %e, "renewing the control plane's TLS certificate failed");
+                            }
+                        }
+                        _ = rotations.tick() => {
+                            rotation::run_due(&state).await;
+                        }
                     }
                 }
             })
@@ -616,6 +701,9 @@ impl State {
             r,
         ))
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if let Target::SecretVersion { name, version } = &r.target {
+            return self.revoke_secret_version(name, *version, &r.reason);
+        }
         let foreign = match &r.target {
             Target::Agent(id) | Target::Cache(id) => Some(id),
             Target::SubjectBefore { subject, .. } => Some(subject),
@@ -652,6 +740,10 @@ impl State {
         let ev = self.log.append_revocation(r, now_ms)?;
         metrics::counter!("lattice_cp_revocations_total").increment(1);
         tracing::info!(seq = ev.seq, target = %r.target, "revocation committed");
+        if matches!(r.target, Target::Cache(_)) {
+            // No longer a holder of any secret.
+            self.reconcile_secrets()?;
+        }
         // Revoking the policy signer must not leave the caches unable to take
         // any later release: re-sign the policy in force with a new key now.
         if self.ensure_policy_signer()? {
@@ -698,7 +790,13 @@ impl State {
         &self,
         cache_id: &SpiffeId,
         csrs: &lattice_shared::proto::CacheCsrs,
+        hpke_public_key: &[u8],
     ) -> Result<CacheRecord, Error> {
+        if !hpke_public_key.is_empty() {
+            lattice_shared::envelope::check_public_key(hpke_public_key).map_err(|_| {
+                Error::InvalidArgument("hpke_public_key is not an X25519 public key".into())
+            })?;
+        }
         if self.log.revocations().is_cache_revoked(cache_id) {
             return Err(Error::Denied(format!("{cache_id} has been revoked")));
         }
@@ -729,8 +827,17 @@ impl State {
         // Bounded whatever a cache does: the newest few stay verifiable.
         let excess = signing_certs.len().saturating_sub(MAX_SIGNING_CERTS);
         signing_certs.drain(..excess);
+        let hpke_public_key = if hpke_public_key.is_empty() {
+            previous
+                .as_ref()
+                .map(|p| p.hpke_public_key.clone())
+                .unwrap_or_default()
+        } else {
+            hpke_public_key.to_vec()
+        };
         let record = CacheRecord {
             id: cache_id.clone(),
+            hpke_public_key,
             enrolled_at_unix: previous
                 .map(|p| p.enrolled_at_unix)
                 .unwrap_or_else(|| unix_secs(now)),

@@ -85,6 +85,15 @@ impl EventLog {
         self.append(pb::lattice_event::Body::Policy(p), now_ms)
     }
 
+    /// Appends a secret event (sealed envelopes or the versions in force).
+    pub fn append_secret(
+        &self,
+        e: pb::SecretEvent,
+        now_ms: i64,
+    ) -> Result<pb::LatticeEvent, Error> {
+        self.append(pb::lattice_event::Body::Secret(e), now_ms)
+    }
+
     fn append(
         &self,
         body: pb::lattice_event::Body,

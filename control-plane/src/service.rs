@@ -30,6 +30,10 @@ impl From<Error> for Status {
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::NotFound(m) => Status::not_found(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::Kms(m) => {
+                tracing::error!(error = %m, "KMS call failed");
+                Status::unavailable("the KMS is unavailable; see control-plane logs")
+            }
             Error::Pki(
                 e @ (PkiError::BadCsr
                 | PkiError::UnsupportedKey
@@ -43,6 +47,17 @@ impl From<Error> for Status {
             }
         }
     }
+}
+
+/// An X25519 public key, or none (a cache that does not take secrets).
+#[allow(clippy::result_large_err)]
+fn check_hpke(key: &[u8]) -> Result<Vec<u8>, Status> {
+    if !key.is_empty() && lattice_shared::envelope::check_public_key(key).is_err() {
+        return Err(Status::invalid_argument(
+            "hpke_public_key must be a 32-byte X25519 public key",
+        ));
+    }
+    Ok(key.to_vec())
 }
 
 #[allow(clippy::result_large_err)]
@@ -131,6 +146,7 @@ impl ControlPlane for Service {
         }
         let requested = optional_id(&r.requested_id)?;
         let csrs = check_csrs(r.csrs.as_ref())?.clone();
+        let hpke = check_hpke(&r.hpke_public_key)?;
         let state = self.state.clone();
         let token_hash = join::token_hash(&r.join_token);
         let record = blocking(move || {
@@ -143,8 +159,10 @@ impl ControlPlane for Service {
                     requested_id: requested.as_ref(),
                 },
             )?;
-            let record = state.certify_cache(&id, &csrs)?;
+            let record = state.certify_cache(&id, &csrs, &hpke)?;
             tracing::info!(cache_id = %id, "cache enrolled");
+            // A new holder: seal it the secrets of its region.
+            state.reconcile_secrets()?;
             Ok(record)
         })
         .await?;
@@ -159,6 +177,7 @@ impl ControlPlane for Service {
     ) -> Result<Response<pb::RenewCaResponse>, Status> {
         let peer = require_role(&self.state, &req, Role::Cache)?;
         let csrs = check_csrs(req.get_ref().csrs.as_ref())?.clone();
+        let hpke = check_hpke(&req.get_ref().hpke_public_key)?;
         let state = self.state.clone();
         let record = blocking(move || {
             let Some(record) = state.cache_record(&peer.id)? else {
@@ -177,7 +196,12 @@ impl ControlPlane for Service {
                     peer.id
                 )));
             }
-            state.certify_cache(&peer.id, &csrs)
+            let had_key = !record.hpke_public_key.is_empty();
+            let record = state.certify_cache(&peer.id, &csrs, &hpke)?;
+            if !had_key && !record.hpke_public_key.is_empty() {
+                state.reconcile_secrets()?;
+            }
+            Ok(record)
         })
         .await?;
         tracing::info!(cache_id = %record.id, "cache certificates renewed");

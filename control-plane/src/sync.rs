@@ -69,6 +69,22 @@ fn now_ms(state: &State) -> i64 {
         )
 }
 
+/// A cache receives its own sealed DEK and nothing sealed to another; a
+/// version it may not hold reaches it without ciphertext (the sequence stays
+/// contiguous).
+fn only_for(e: &mut pb::LatticeEvent, cache: &str) {
+    if let Some(pb::lattice_event::Body::Secret(pb::SecretEvent {
+        change: Some(pb::secret_event::Change::Version(v)),
+        ..
+    })) = &mut e.body
+    {
+        v.seals.retain(|s| s.cache_id == cache);
+        if v.seals.is_empty() {
+            v.ciphertext.clear();
+        }
+    }
+}
+
 pub(crate) async fn open(
     state: Arc<State>,
     cache: SpiffeId,
@@ -156,6 +172,10 @@ async fn serve(
                 .count()
                 .max(1);
             batch.truncate(keep);
+            let me = cache.as_str();
+            for e in &mut batch {
+                only_for(e, me);
+            }
             sent = batch.last().map(|e| e.seq).unwrap_or(sent);
             let msg = pb::SyncDown {
                 msg: Some(Down::Events(pb::EventBatch { events: batch })),

@@ -382,7 +382,7 @@ impl Agent {
                     .remove(j);
                 false
             }
-            Target::JoinToken(_) => false,
+            Target::JoinToken(_) | Target::SecretVersion { .. } => false,
         };
         if me && !self.is_revoked() {
             self.forget();

@@ -4,6 +4,7 @@
 //! certificates and mints short-lived, scope-limited tokens.
 
 pub mod authz;
+pub mod secrets;
 mod service;
 pub mod sync;
 
@@ -33,6 +34,9 @@ use crate::authz::{Authorizer, PolicyAuthorizer};
 pub const SCHEMA_VERSION: u32 = 1;
 const T_IDENTITY: &str = "identity";
 
+/// No secret lease outlives 15 minutes.
+pub const MAX_LEASE_TTL_SECS: u64 = 900;
+
 /// Cache configuration (TOML, `LATTICE_CACHE_*` environment overrides).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -50,6 +54,9 @@ pub struct Config {
     pub agent_cert_ttl_secs: u64,
     pub token_default_ttl_secs: u64,
     pub token_max_ttl_secs: u64,
+    /// Secret leases: default and longest (at most 900 s).
+    pub lease_default_ttl_secs: u64,
+    pub lease_max_ttl_secs: u64,
     pub jwks_refresh_secs: u64,
     pub renew_check_secs: u64,
     /// L: the cache refuses to mint once it cannot prove it holds every
@@ -71,6 +78,8 @@ impl Default for Config {
             agent_cert_ttl_secs: 3600,
             token_default_ttl_secs: 300,
             token_max_ttl_secs: 900,
+            lease_default_ttl_secs: 300,
+            lease_max_ttl_secs: 900,
             jwks_refresh_secs: 30,
             renew_check_secs: 60,
             max_staleness_ms: 5000,
@@ -94,6 +103,14 @@ impl Config {
         }
         if self.token_max_ttl_secs > 3600 {
             return Err("token_max_ttl_secs may not exceed 3600: tokens are short-lived".into());
+        }
+        if self.lease_default_ttl_secs == 0
+            || self.lease_default_ttl_secs > self.lease_max_ttl_secs
+            || self.lease_max_ttl_secs > MAX_LEASE_TTL_SECS
+        {
+            return Err(format!(
+                "lease ttls must satisfy 1 <= lease_default_ttl_secs <= lease_max_ttl_secs <= {MAX_LEASE_TTL_SECS}"
+            ));
         }
         if self.agent_cert_ttl_secs < 60 || self.agent_cert_ttl_secs > 86400 {
             return Err("agent_cert_ttl_secs must be within 60..=86400".into());
@@ -156,6 +173,18 @@ pub enum AuditEvent {
         audience: String,
         at_unix_ms: i64,
         /// The policy release that allowed it.
+        policy_version: u64,
+    },
+    /// A secret served: the keyed fingerprint names the value, never shows it.
+    Leased {
+        cache: SpiffeId,
+        agent: SpiffeId,
+        secret: String,
+        version: u64,
+        lease_id: String,
+        fingerprint: String,
+        expires_at_unix: i64,
+        at_unix_ms: i64,
         policy_version: u64,
     },
     Refused {
@@ -221,6 +250,8 @@ pub struct State {
     pub policy: Arc<PolicyAuthorizer>,
     /// Freshness and revocations.
     pub sync: sync::Sync,
+    /// Secrets' DEKs are sealed to this key (private half sealed at rest).
+    pub(crate) hpke: lattice_shared::envelope::HpkeKeyPair,
     pub audit: Option<Arc<dyn AuditSink>>,
     /// Turns true when the cache stops; long-lived streams end then.
     pub stopping: watch::Receiver<bool>,
@@ -259,6 +290,27 @@ struct Keys {
 const AAD_CA: &str = "cache/ca-key";
 const AAD_TLS: &str = "cache/tls-key";
 const AAD_SIGNING: &str = "cache/signing-key";
+const AAD_HPKE: &str = "cache/hpke-key";
+
+/// The cache's X25519 key for sealed secrets: created once, kept sealed.
+fn load_or_create_hpke(
+    store: &SharedStore,
+    vault: &Arc<dyn KeyVault>,
+) -> Result<lattice_shared::envelope::HpkeKeyPair, Error> {
+    use lattice_shared::envelope::HpkeKeyPair;
+    if let Some(sealed) = store.get(T_IDENTITY, b"hpke_key")? {
+        let bytes = vault.open(&sealed, AAD_HPKE)?;
+        return HpkeKeyPair::from_private_bytes(&bytes)
+            .map_err(|e| Error::Corrupt(format!("stored HPKE key: {e}")));
+    }
+    let pair = HpkeKeyPair::generate();
+    store.apply(vec![Write {
+        tree: T_IDENTITY,
+        key: b"hpke_key".to_vec(),
+        value: Some(vault.seal(&pair.private_bytes(), AAD_HPKE)?),
+    }])?;
+    Ok(pair)
+}
 
 fn new_keys() -> Result<(Keys, pb::CacheCsrs), Error> {
     let keys = Keys {
@@ -513,7 +565,10 @@ impl State {
         let resp = self
             .cp
             .clone()
-            .renew_ca(pb::RenewCaRequest { csrs: Some(csrs) })
+            .renew_ca(pb::RenewCaRequest {
+                csrs: Some(csrs),
+                hpke_public_key: self.hpke.public_bytes(),
+            })
             .await
             .map_err(|s| status_to_error("renewing certificates", s))?
             .into_inner();
@@ -561,6 +616,7 @@ impl App {
         lattice_shared::store::check_schema(&*deps.store, "regional-cache", SCHEMA_VERSION)?;
 
         let tls_cert = ReloadableCert::empty();
+        let hpke = load_or_create_hpke(&deps.store, &deps.vault)?;
         let (identity, tls_der, tls_key) = match State::load_identity(&deps.store, &deps.vault)? {
             Some(loaded) => loaded,
             None => {
@@ -580,6 +636,7 @@ impl App {
                         join_token: token.expose().to_owned(),
                         requested_id: id.to_string(),
                         csrs: Some(csrs),
+                        hpke_public_key: hpke.public_bytes(),
                     })
                     .await
                     .map_err(|s| status_to_error("enrolment refused", s))?
@@ -656,6 +713,7 @@ impl App {
             authorizer,
             policy,
             sync,
+            hpke,
             audit: deps.audit,
         });
         state.rebuild_jwks();

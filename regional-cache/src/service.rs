@@ -483,6 +483,127 @@ impl Cache for Service {
         }))
     }
 
+    async fn lease_secret(
+        &self,
+        req: Request<pb::LeaseSecretRequest>,
+    ) -> Result<Response<pb::LeaseSecretResponse>, Status> {
+        use crate::secrets::Lookup;
+        let started = Instant::now();
+        let peer = self.require_agent(&req)?;
+        let source = peer_addr(&req);
+        let r = req.into_inner();
+        let cfg = &self.state.cfg;
+        lattice_shared::envelope::check_secret_name(&r.name).map_err(Status::invalid_argument)?;
+        let ttl_secs = if r.ttl_secs == 0 {
+            cfg.lease_default_ttl_secs
+        } else {
+            r.ttl_secs
+        };
+        if ttl_secs > cfg.lease_max_ttl_secs {
+            return Err(Status::invalid_argument(format!(
+                "requested lease ttl {ttl_secs}s exceeds this cache's maximum of {}s",
+                cfg.lease_max_ttl_secs
+            )));
+        }
+        let refused = |reason: &'static str| {
+            metrics::counter!("lattice_cache_lease_total", "outcome" => reason).increment(1);
+        };
+        self.serve_check(&peer)
+            .inspect_err(|_| refused("unavailable"))?;
+        let policy_version = self
+            .policy_check(
+                &peer.id,
+                AgentAction::LeaseSecret,
+                &r.name,
+                source,
+                ttl_secs,
+                &[],
+                r.claims.as_ref(),
+            )
+            .inspect_err(|_| refused("denied"))?;
+        let now = unix_secs(self.state.clock.now());
+        let (found, sealed) = self.state.sync.secrets.lookup(&r.name, r.version, now);
+        let what = |v: u64| {
+            if v == 0 {
+                format!("secret {}", r.name)
+            } else {
+                format!("secret {} version {v}", r.name)
+            }
+        };
+        let (version, grace_until, sealed) = match (found, sealed) {
+            (Lookup::Found(v, until), Some(s)) => (v, until, s),
+            (Lookup::GraceOver(v), _) => {
+                refused("retired");
+                return Err(Status::failed_precondition(format!(
+                    "{}: its grace window as the previous version has ended",
+                    what(v)
+                )));
+            }
+            (Lookup::Retired(v), _) => {
+                refused("retired");
+                return Err(Status::failed_precondition(format!(
+                    "{} is neither active nor previous",
+                    what(v)
+                )));
+            }
+            _ => {
+                refused("unknown");
+                return Err(Status::not_found(format!(
+                    "{} is not held by this cache (unknown, not active, or not distributed to region {})",
+                    what(r.version),
+                    self.state.region
+                )));
+            }
+        };
+        if self
+            .state
+            .sync
+            .revocations()
+            .is_secret_version_revoked(&r.name, version)
+        {
+            refused("revoked");
+            return Err(Status::permission_denied(format!(
+                "{} has been revoked",
+                what(version)
+            )));
+        }
+        let me = self.state.id.to_string();
+        let value = crate::secrets::open(&self.state.hpke, &me, &r.name, version, &sealed)
+            .map_err(|e| {
+                refused("corrupt");
+                tracing::error!(secret = %r.name, version, error = %e, "a stored envelope does not open");
+                Status::internal(format!("{}: the envelope held here does not open; see cache logs", what(version)))
+            })?;
+        let mut exp = now + i64::try_from(ttl_secs).unwrap_or(0);
+        if let Some(until) = grace_until {
+            exp = exp.min(until);
+        }
+        let lease_id = self.random_id()?;
+        metrics::counter!("lattice_cache_lease_total", "outcome" => "leased").increment(1);
+        tracing::info!(agent_id = %peer.id, secret = %r.name, version, lease_id = %lease_id, fingerprint = %sealed.fingerprint, policy_version, "secret leased");
+        self.audit(AuditEvent::Leased {
+            cache: self.state.id.clone(),
+            agent: peer.id.clone(),
+            secret: r.name.clone(),
+            version,
+            lease_id: lease_id.clone(),
+            fingerprint: sealed.fingerprint.clone(),
+            expires_at_unix: exp,
+            at_unix_ms: self.state.now_ms(),
+            policy_version,
+        });
+        metrics::histogram!("lattice_cache_lease_seconds").record(started.elapsed().as_secs_f64());
+        // The response buffer is tonic's from here; our copy is zeroized.
+        Ok(Response::new(pb::LeaseSecretResponse {
+            value: value.to_vec(),
+            lease_id,
+            version,
+            expires_at_unix: exp,
+            policy_version,
+            fingerprint: sealed.fingerprint,
+        }))
+    }
+
     async fn jwks(
         &self,
         req: Request<pb::JwksRequest>,

@@ -68,6 +68,7 @@ pub struct PolicyTrust {
 #[derive(Debug)]
 pub struct Sync {
     cache_id: lattice_shared::id::SpiffeId,
+    me: String,
     policy: Option<PolicyTrust>,
     inner: RwLock<Inner>,
     clock: SharedClock,
@@ -78,6 +79,8 @@ pub struct Sync {
     fresh_tx: watch::Sender<Option<Duration>>,
     notices: broadcast::Sender<(u64, pb::Revocation)>,
     ping_now: Notify,
+    /// Envelopes of the secrets streamed to this cache (sealed).
+    pub secrets: crate::secrets::SecretIndex,
 }
 
 use lattice_shared::eventlog::seq_key;
@@ -95,6 +98,11 @@ impl Sync {
         let applied = lattice_shared::eventlog::read_seq(&**store, T_META, APPLIED_KEY)?;
         let replayed = lattice_shared::eventlog::replay(&**store, T_EVENTS, applied)?;
         let revocations = replayed.revocations;
+        let secrets = crate::secrets::SecretIndex::default();
+        let me = cache_id.to_string();
+        for (_, ev) in &replayed.secrets {
+            secrets.apply(&me, ev);
+        }
         if let Some(trust) = &policy {
             for (seq, signed) in replayed.policies.iter().rev() {
                 match accept_release(trust, &revocations, 0, signed) {
@@ -122,6 +130,8 @@ impl Sync {
             fresh_tx: watch::channel(None).0,
             notices: broadcast::channel(1024).0,
             ping_now: Notify::new(),
+            secrets,
+            me,
         })
     }
 
@@ -320,6 +330,10 @@ impl Sync {
                 }
                 Some(pb::lattice_event::Body::Policy(p)) => {
                     self.on_release(ev.seq, p);
+                    None
+                }
+                Some(pb::lattice_event::Body::Secret(e)) => {
+                    self.secrets.apply(&self.me, e);
                     None
                 }
                 None => None,

@@ -34,6 +34,29 @@ pub enum EnvelopeError {
     Rng,
 }
 
+pub const MAX_SECRET_NAME_LEN: usize = 64;
+/// Largest secret value accepted (an API key, a certificate bundle).
+pub const MAX_SECRET_VALUE_LEN: usize = 64 * 1024;
+
+/// Secret names: 1..=64 of `a-z 0-9 . _ -`, starting with a letter or digit
+/// (they appear in Cedar entity ids, log lines and AADs).
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SECRET_NAME_LEN
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "secret name {:?} is invalid: use 1 to {MAX_SECRET_NAME_LEN} characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+            name.chars().take(80).collect::<String>()
+        ))
+    }
+}
+
 /// A fresh random DEK.
 pub fn new_dek() -> Result<Zeroizing<[u8; DEK_LEN]>, EnvelopeError> {
     let mut dek = Zeroizing::new([0u8; DEK_LEN]);
@@ -84,9 +107,10 @@ pub fn decrypt(dek: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8
     Ok(body)
 }
 
-/// The AAD of a secret value: its name and version.
-pub fn value_aad(name: &str, version: u64) -> Vec<u8> {
-    format!("lattice/secret/{name}/v{version}").into_bytes()
+/// The AAD of a secret value: its name. (Each version has its own DEK, and
+/// the sealed DEK is bound to the version.)
+pub fn value_aad(name: &str) -> Vec<u8> {
+    format!("lattice/secret/{name}").into_bytes()
 }
 
 /// The AAD of a DEK sealed to a cache: recipient, name and version.
@@ -195,25 +219,25 @@ mod tests {
     #[test]
     fn value_round_trip_binding_and_tamper() {
         let dek = new_dek().expect("dek");
-        let ct = encrypt(&*dek, b"sk-live-marker", &value_aad("openai", 1)).expect("encrypt");
+        let ct = encrypt(&*dek, b"sk-live-marker", &value_aad("openai")).expect("encrypt");
         assert!(!ct.windows(7).any(|w| w == b"sk-live"));
         assert_eq!(
-            &*decrypt(&*dek, &ct, &value_aad("openai", 1)).expect("decrypt"),
+            &*decrypt(&*dek, &ct, &value_aad("openai")).expect("decrypt"),
             b"sk-live-marker"
         );
         assert_eq!(
-            decrypt(&*dek, &ct, &value_aad("openai", 2)),
+            decrypt(&*dek, &ct, &value_aad("anthropic")),
             Err(EnvelopeError::Open)
         );
         let mut bad = ct.clone();
         bad[20] ^= 0x40;
         assert_eq!(
-            decrypt(&*dek, &bad, &value_aad("openai", 1)),
+            decrypt(&*dek, &bad, &value_aad("openai")),
             Err(EnvelopeError::Open)
         );
         let other = new_dek().expect("dek");
         assert_eq!(
-            decrypt(&*other, &ct, &value_aad("openai", 1)),
+            decrypt(&*other, &ct, &value_aad("openai")),
             Err(EnvelopeError::Open)
         );
         assert_eq!(decrypt(&*dek, &ct[..10], b""), Err(EnvelopeError::Open));
@@ -247,6 +271,16 @@ mod tests {
             seal_to(b"short", &*dek, &aad),
             Err(EnvelopeError::PublicKey)
         );
+    }
+
+    #[test]
+    fn secret_names() {
+        for ok in ["openai", "db.prod-1", "a", "9_x"] {
+            assert!(check_secret_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "OpenAI", "-x", "a/b", "a b", &"x".repeat(65), "é"] {
+            assert!(check_secret_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

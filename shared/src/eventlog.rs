@@ -35,6 +35,8 @@ pub struct Replayed {
     /// Every policy release, in order, with its sequence number (not verified
     /// here: whoever enforces a release verifies it).
     pub policies: Vec<(u64, pb::SignedPolicy)>,
+    /// Every secret event, in order (sealed: replaying opens nothing).
+    pub secrets: Vec<(u64, pb::SecretEvent)>,
 }
 
 /// Replays the events of `tree`: they must run from 1 to exactly `head`
@@ -42,6 +44,7 @@ pub struct Replayed {
 pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, StoreError> {
     let mut revocations = RevocationSet::default();
     let mut policies = Vec::new();
+    let mut secrets = Vec::new();
     let mut next = 1u64;
     loop {
         let batch = store.scan_from(tree, &seq_key(next), 1024)?;
@@ -62,6 +65,7 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, Stor
                     }
                 }
                 Some(pb::lattice_event::Body::Policy(p)) => policies.push((ev.seq, p)),
+                Some(pb::lattice_event::Body::Secret(e)) => secrets.push((ev.seq, e)),
                 None => {}
             }
             next += 1;
@@ -76,5 +80,6 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, Stor
     Ok(Replayed {
         revocations,
         policies,
+        secrets,
     })
 }

@@ -13,7 +13,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-// pub mod pkcs11; (PKCS11-PENDING)
+pub mod pkcs11;
 
 const KEK_LEN: usize = 32;
 const TAG_LEN: usize = 16;

@@ -25,6 +25,11 @@ pub enum Target {
     /// A cache: its signing keys leave every JWKS and its intermediate CA is refused.
     Cache(SpiffeId),
     JoinToken([u8; 32]),
+    /// One version of an upstream secret: no cache leases it again.
+    SecretVersion {
+        name: String,
+        version: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +93,16 @@ impl TryFrom<&pb::Revocation> for Revocation {
                     .try_into()
                     .map_err(|_| bad("join_token_sha256 must be 32 bytes"))?,
             ),
+            T::SecretVersion(v) => {
+                crate::envelope::check_secret_name(&v.name).map_err(|e| bad(&e))?;
+                if v.version == 0 {
+                    return Err(bad("secret versions start at 1"));
+                }
+                Target::SecretVersion {
+                    name: v.name.clone(),
+                    version: v.version,
+                }
+            }
         };
         Ok(Revocation {
             target,
@@ -112,6 +127,10 @@ impl From<&Revocation> for pb::Revocation {
             }),
             Target::Cache(id) => T::CacheId(id.to_string()),
             Target::JoinToken(h) => T::JoinTokenSha256(h.to_vec()),
+            Target::SecretVersion { name, version } => T::SecretVersion(pb::SecretVersionRef {
+                name: name.clone(),
+                version: *version,
+            }),
         };
         pb::Revocation {
             target: Some(target),
@@ -137,6 +156,9 @@ impl std::fmt::Display for Target {
             }
             Target::Cache(id) => write!(f, "cache {id}"),
             Target::JoinToken(h) => write!(f, "join token {}…", hex::encode(&h[..6])),
+            Target::SecretVersion { name, version } => {
+                write!(f, "secret {name} version {version}")
+            }
         }
     }
 }
@@ -150,6 +172,7 @@ pub struct RevocationSet {
     before: HashMap<SpiffeId, i64>,
     caches: HashSet<SpiffeId>,
     join_tokens: HashSet<[u8; 32]>,
+    secret_versions: HashSet<(String, u64)>,
     count: u64,
 }
 
@@ -179,6 +202,9 @@ impl RevocationSet {
             Target::JoinToken(h) => {
                 self.join_tokens.insert(*h);
             }
+            Target::SecretVersion { name, version } => {
+                self.secret_versions.insert((name.clone(), *version));
+            }
         }
     }
 
@@ -194,6 +220,11 @@ impl RevocationSet {
     }
     pub fn is_cache_revoked(&self, id: &SpiffeId) -> bool {
         self.caches.contains(id)
+    }
+    pub fn is_secret_version_revoked(&self, name: &str, version: u64) -> bool {
+        // Allocation-free lookups would need a borrowed key type; secrets
+        // are few and this runs once per lease.
+        self.secret_versions.contains(&(name.to_string(), version))
     }
     pub fn is_jti_revoked(&self, jti: &str) -> bool {
         self.jtis.contains(jti)
@@ -307,6 +338,10 @@ mod tests {
             },
             Target::Cache(id("spiffe://t/cache/eu/c")),
             Target::JoinToken([7; 32]),
+            Target::SecretVersion {
+                name: "openai".into(),
+                version: 3,
+            },
         ];
         for target in cases {
             let r = Revocation {
