@@ -37,12 +37,26 @@ pub struct Spec {
     /// Audiences agents may mint for, with their scopes: the harness
     /// releases the default policy bundle with these as entity data.
     pub audiences: Vec<Audience>,
-    /// A bundle to release instead (then `audiences` is unused).
+    /// Secrets every agent may lease (listed with the label "agents").
+    pub secrets: Vec<String>,
+    /// A bundle to release instead (then `audiences` and `secrets` are unused).
     pub policy: Option<lattice_shared::policy::BundleFiles>,
     /// L, the caches' staleness bound.
     pub max_staleness: Duration,
     /// Record every issuance in memory (`Lattice::audit`), for tests.
     pub record_audit: bool,
+    /// Adjusts the control plane's configuration (KMS, rotation, grace).
+    pub cp_config: Option<CpConfigFn>,
+}
+
+/// A change to the control plane's configuration.
+#[derive(Clone)]
+pub struct CpConfigFn(pub Arc<dyn Fn(&mut cp::Config) + Send + Sync>);
+
+impl std::fmt::Debug for CpConfigFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CpConfigFn")
+    }
 }
 
 impl Default for Spec {
@@ -54,9 +68,11 @@ impl Default for Spec {
             ],
             agents: vec![("eu".into(), "agent-1".into())],
             audiences: vec![Audience::new("https://api.example.com", &["read", "write"])],
+            secrets: Vec::new(),
             policy: None,
             max_staleness: Duration::from_millis(cache::Config::default().max_staleness_ms),
             record_audit: true,
+            cp_config: None,
         }
     }
 }
@@ -79,6 +95,15 @@ impl Audience {
 
 /// The default bundle with `audiences` as its entity data.
 pub fn audience_bundle(audiences: &[Audience]) -> lattice_shared::policy::BundleFiles {
+    lattice_bundle(audiences, &[])
+}
+
+/// The default bundle with these audiences and secrets (leasable by every
+/// agent) as its entity data.
+pub fn lattice_bundle(
+    audiences: &[Audience],
+    secrets: &[String],
+) -> lattice_shared::policy::BundleFiles {
     let entities: Vec<serde_json::Value> = audiences
         .iter()
         .map(|a| {
@@ -88,6 +113,13 @@ pub fn audience_bundle(audiences: &[Audience]) -> lattice_shared::policy::Bundle
                 "parents": []
             })
         })
+        .chain(secrets.iter().map(|s| {
+            serde_json::json!({
+                "uid": {"type": "Lattice::Secret", "id": s},
+                "attrs": {"labels": ["agents"]},
+                "parents": []
+            })
+        }))
         .collect();
     let default = lattice_shared::policy::default_bundle();
     lattice_shared::policy::BundleFiles::from_files(default.iter().map(|(k, v)| {
@@ -261,13 +293,16 @@ impl Lattice {
     /// Starts the whole lattice with its data under `dir`.
     pub async fn start_in(dir: &Path, spec: Spec, clock: SharedClock) -> anyhow::Result<Self> {
         lattice_shared::tls::install_crypto_provider();
-        let cp_cfg = cp::Config {
+        let mut cp_cfg = cp::Config {
             trust_domain: TRUST_DOMAIN.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: dir.join("cp"),
             max_staleness_ms: u64::try_from(spec.max_staleness.as_millis()).unwrap_or(u64::MAX),
             ..cp::Config::default()
         };
+        if let Some(adjust) = &spec.cp_config {
+            (adjust.0)(&mut cp_cfg);
+        }
         let mut l = Lattice {
             dir: dir.to_owned(),
             _tmp: None,
@@ -285,7 +320,7 @@ impl Lattice {
         let bundle = spec
             .policy
             .clone()
-            .unwrap_or_else(|| audience_bundle(&spec.audiences));
+            .unwrap_or_else(|| lattice_bundle(&spec.audiences, &spec.secrets));
         l.cp().release_policy(bundle, "harness")?;
         for (region, name) in &spec.caches {
             l.add_cache(region, name).await?;

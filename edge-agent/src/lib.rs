@@ -88,6 +88,28 @@ impl Config {
     }
 }
 
+/// A leased secret value: zeroized on drop, redacted in `Debug`.
+pub struct Lease {
+    pub value: zeroize::Zeroizing<Vec<u8>>,
+    pub lease_id: String,
+    pub version: u64,
+    pub expires_at_unix: i64,
+    pub fingerprint: String,
+    pub policy_version: u64,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("value", &"<redacted>")
+            .field("lease_id", &self.lease_id)
+            .field("version", &self.version)
+            .field("expires_at_unix", &self.expires_at_unix)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("configuration: {0}")]
@@ -322,6 +344,37 @@ impl Agent {
             },
         );
         Ok(resp)
+    }
+
+    /// Leases an upstream secret (`version` 0: the active one) from the
+    /// cache. The value is the caller's to drop (zeroized) by `expires_at`.
+    pub async fn lease_secret(
+        &self,
+        name: &str,
+        version: u64,
+        ttl: Option<Duration>,
+    ) -> Result<Lease, Error> {
+        if self.is_revoked() {
+            return Err(Error::Revoked);
+        }
+        let r = self
+            .client()
+            .lease_secret(pb::LeaseSecretRequest {
+                name: name.to_owned(),
+                version,
+                ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+                claims: Some(self.cfg.claims()),
+            })
+            .await?
+            .into_inner();
+        Ok(Lease {
+            value: zeroize::Zeroizing::new(r.value),
+            lease_id: r.lease_id,
+            version: r.version,
+            expires_at_unix: r.expires_at_unix,
+            fingerprint: r.fingerprint,
+            policy_version: r.policy_version,
+        })
     }
 
     /// The jtis of tokens the agent holds (not known to be revoked).

@@ -522,6 +522,18 @@ impl Cache for Service {
             )
             .inspect_err(|_| refused("denied"))?;
         let now = unix_secs(self.state.clock.now());
+        if r.version != 0
+            && self
+                .state
+                .sync
+                .is_secret_version_revoked(&r.name, r.version)
+        {
+            refused("revoked");
+            return Err(Status::permission_denied(format!(
+                "secret {} version {} has been revoked",
+                r.name, r.version
+            )));
+        }
         let (found, sealed) = self.state.sync.secrets.lookup(&r.name, r.version, now);
         let what = |v: u64| {
             if v == 0 {
@@ -555,12 +567,7 @@ impl Cache for Service {
                 )));
             }
         };
-        if self
-            .state
-            .sync
-            .revocations()
-            .is_secret_version_revoked(&r.name, version)
-        {
+        if self.state.sync.is_secret_version_revoked(&r.name, version) {
             refused("revoked");
             return Err(Status::permission_denied(format!(
                 "{} has been revoked",

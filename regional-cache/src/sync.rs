@@ -151,6 +151,12 @@ impl Sync {
     pub fn connected(&self) -> bool {
         self.read().connected
     }
+    /// Without cloning the set (a lease asks this every time).
+    pub fn is_secret_version_revoked(&self, name: &str, version: u64) -> bool {
+        self.read()
+            .revocations
+            .is_secret_version_revoked(name, version)
+    }
     pub fn revocations(&self) -> RevocationSet {
         self.read().revocations.clone()
     }

@@ -1,0 +1,843 @@
+//! Upstream secrets end to end over real mTLS: envelopes reach only the
+//! caches of a secret's regions, sealed to each; leases are Cedar decisions
+//! with a bounded TTL and an audit fingerprint; no data file ever holds a
+//! value; restarts, version revocation, rollback and grace, KEK and DEK
+//! rotation, deletion, the two-person rule, and upstream key rotation
+//! through a webhook rotator (including a failed check rolling back).
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lattice::harness::{CpConfigFn, Lattice, Spec};
+use lattice_regional_cache::AuditEvent;
+use lattice_shared::policy::AdminRole;
+use lattice_shared::proto as pb;
+use lattice_shared::proto::admin_client::AdminClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MARKER: &[u8] = b"sk-live-MARKER-7f3a9c1e5d";
+const MARKER2: &[u8] = b"sk-live-SECOND-0b8e2d4f6a";
+
+fn spec() -> Spec {
+    Spec {
+        agents: vec![
+            ("eu".into(), "agent-1".into()),
+            ("us".into(), "agent-2".into()),
+        ],
+        secrets: vec!["openai".into(), "anthropic".into()],
+        ..Spec::default()
+    }
+}
+
+fn custodian(l: &Lattice, name: &str) -> AdminClient<Channel> {
+    l.admin(name, &[AdminRole::SecretCustodian], &[])
+        .expect("custodian")
+}
+
+async fn put(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    value: &[u8],
+    regions: &[&str],
+) -> pb::SecretVersionInfo {
+    admin
+        .put_secret(pb::PutSecretRequest {
+            name: name.into(),
+            value: value.to_vec(),
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            message: String::new(),
+        })
+        .await
+        .expect("put")
+        .into_inner()
+}
+
+/// Waits until every cache has applied everything the log holds now.
+async fn settle(l: &Lattice) {
+    let head = l.cp().state.log.head();
+    l.wait_all_applied(head).await.expect("applied");
+}
+
+fn refusal(e: &lattice_edge_agent::Error) -> (Code, String) {
+    match e {
+        lattice_edge_agent::Error::Refused { code, message } => (*code, message.clone()),
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn a_secret_reaches_only_its_regions_and_is_leased_with_an_audited_fingerprint() {
+    let (l, _clock) = common::lattice_with(spec()).await;
+    let mut carol = custodian(&l, "carol");
+    let v = put(&mut carol, "openai", MARKER, &["eu"]).await;
+    assert_eq!((v.version, v.state.as_str()), (1, "active"));
+    assert_eq!(v.created_by, "spiffe://lattice.local/admin/carol");
+    settle(&l).await;
+
+    let eu = l.cache_in("eu").expect("eu");
+    let us = l.cache_in("us").expect("us");
+    assert_eq!(
+        eu.app().state.sync.secrets.held(),
+        vec![("openai".to_string(), vec![1])]
+    );
+    assert!(
+        us.app().state.sync.secrets.held().is_empty(),
+        "a cache outside the secret's regions holds nothing"
+    );
+
+    let lease = l.agents[0]
+        .lease_secret("openai", 0, Some(Duration::from_secs(120)))
+        .await
+        .expect("lease");
+    assert_eq!(&*lease.value, MARKER);
+    assert_eq!(lease.version, 1);
+    assert_eq!(lease.fingerprint, v.fingerprint);
+    assert!(!lease.lease_id.is_empty());
+    let now = lattice_shared::clock::unix_secs(l.clock.now());
+    assert_eq!(lease.expires_at_unix, now + 120);
+    assert!(!format!("{lease:?}").contains("MARKER"), "Debug redacts");
+
+    // The audit record names the value by its keyed fingerprint only.
+    let leased: Vec<_> = l
+        .audit
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, AuditEvent::Leased { .. }))
+        .collect();
+    assert_eq!(leased.len(), 1);
+    match &leased[0] {
+        AuditEvent::Leased {
+            secret,
+            version,
+            fingerprint,
+            lease_id,
+            ..
+        } => {
+            assert_eq!((secret.as_str(), *version), ("openai", 1));
+            assert_eq!(fingerprint, &v.fingerprint);
+            assert_eq!(lease_id, &lease.lease_id);
+        }
+        _ => unreachable!(),
+    }
+    assert!(!format!("{:?}", l.audit.events()).contains("MARKER"));
+
+    // The us agent's cache does not hold it.
+    let e = l.agents[1]
+        .lease_secret("openai", 0, None)
+        .await
+        .expect_err("not held in us");
+    assert_eq!(refusal(&e).0, Code::NotFound);
+    // A secret the policy does not list is refused by Cedar.
+    let e = l.agents[0]
+        .lease_secret("unlisted", 0, None)
+        .await
+        .expect_err("unlisted");
+    let (code, msg) = refusal(&e);
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    // Bounds: at most 15 minutes, a valid name.
+    let e = l.agents[0]
+        .lease_secret("openai", 0, Some(Duration::from_secs(901)))
+        .await
+        .expect_err("too long");
+    assert_eq!(refusal(&e).0, Code::InvalidArgument);
+    let e = l.agents[0]
+        .lease_secret("Not A Name", 0, None)
+        .await
+        .expect_err("bad name");
+    assert_eq!(refusal(&e).0, Code::InvalidArgument);
+
+    // Listing shows fingerprints and holders, never values.
+    let list = carol
+        .list_secrets(pb::ListSecretsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.secrets.len(), 1);
+    assert_eq!(
+        list.secrets[0].holders,
+        vec![eu.id().to_string()],
+        "only the eu cache holds it"
+    );
+    assert!(!format!("{list:?}").contains("MARKER"));
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_data_file_of_the_control_plane_or_a_cache_holds_a_value() {
+    // Our own directory: it must outlive the lattice to be scanned.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = lattice_shared::clock::FakeClock::new();
+    let mut l = Lattice::start_in(tmp.path(), spec(), clock.shared())
+        .await
+        .expect("lattice");
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["*"]).await;
+    put(&mut carol, "openai", MARKER2, &["*"]).await;
+    settle(&l).await;
+    for a in &l.agents {
+        a.lease_secret("openai", 0, None).await.expect("lease");
+    }
+    // Restarts write their state again; then everything is flushed.
+    l.restart_cache(0).await.expect("restart");
+    l.restart_cp().await.expect("restart cp");
+    settle(&l).await;
+    l.shutdown().await;
+    let all = files(tmp.path());
+    assert!(all.len() > 10, "the data dirs hold files: {}", all.len());
+    for f in all {
+        let bytes = std::fs::read(&f).expect("read");
+        for m in [MARKER, MARKER2] {
+            assert!(
+                !contains(&bytes, m),
+                "{} holds a secret value in plaintext",
+                f.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_cache_serves_from_its_sealed_envelopes() {
+    let (mut l, _clock) = common::lattice_with(spec()).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["eu"]).await;
+    settle(&l).await;
+    let applied = l.caches[0].app().state.sync.applied();
+    l.restart_cache(0).await.expect("restart");
+    // It resumes after what it holds: the envelope is not sent again.
+    assert_eq!(l.caches[0].app().state.sync.applied(), applied);
+    assert_eq!(
+        l.caches[0].app().state.sync.secrets.held(),
+        vec![("openai".to_string(), vec![1])],
+        "restored from the local log"
+    );
+    l.caches[0].wait_fresh().await.expect("fresh");
+    let lease = l.agents[0]
+        .lease_secret("openai", 0, None)
+        .await
+        .expect("lease after restart");
+    assert_eq!(&*lease.value, MARKER);
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoking_a_version_makes_every_cache_refuse_it() {
+    let (l, _clock) = common::lattice_with(spec()).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["*"]).await;
+    put(&mut carol, "openai", MARKER2, &["*"]).await;
+    settle(&l).await;
+    // v1 is the previous version, leasable by name during its grace window.
+    for a in &l.agents {
+        let prev = a.lease_secret("openai", 1, None).await.expect("previous");
+        assert_eq!(&*prev.value, MARKER);
+        assert_eq!(
+            &*a.lease_secret("openai", 0, None)
+                .await
+                .expect("active")
+                .value,
+            MARKER2
+        );
+    }
+    let seq = carol
+        .revoke(pb::RevokeRequest {
+            revocation: Some(pb::Revocation {
+                target: Some(pb::revocation::Target::SecretVersion(
+                    pb::SecretVersionRef {
+                        name: "openai".into(),
+                        version: 1,
+                    },
+                )),
+                reason: "leaked in a log".into(),
+            }),
+        })
+        .await
+        .expect("revoke")
+        .into_inner()
+        .seq;
+    l.wait_all_applied(seq).await.expect("applied");
+    for a in &l.agents {
+        let e = a
+            .lease_secret("openai", 1, None)
+            .await
+            .expect_err("revoked");
+        let (code, msg) = refusal(&e);
+        assert_eq!(code, Code::PermissionDenied, "{msg}");
+        assert!(msg.contains("revoked"), "{msg}");
+        // The active version is untouched.
+        a.lease_secret("openai", 0, None).await.expect("active");
+    }
+    // Revoking the active version stops every lease of the secret.
+    let v2 = l
+        .cp()
+        .state
+        .revoke(&lattice_shared::revocation::Revocation {
+            target: lattice_shared::revocation::Target::SecretVersion {
+                name: "openai".into(),
+                version: 2,
+            },
+            reason: String::new(),
+        })
+        .expect("revoke v2");
+    l.wait_all_applied(v2.seq).await.expect("applied");
+    for a in &l.agents {
+        let e = a
+            .lease_secret("openai", 0, None)
+            .await
+            .expect_err("revoked");
+        assert_eq!(refusal(&e).0, Code::PermissionDenied);
+    }
+    let versions = carol
+        .secret_versions(pb::SecretVersionsRequest {
+            name: "openai".into(),
+        })
+        .await
+        .expect("versions")
+        .into_inner();
+    let states: Vec<&str> = versions.versions.iter().map(|v| v.state.as_str()).collect();
+    assert_eq!(states, vec!["revoked", "revoked"]);
+    // An unknown version is a clear NOT_FOUND.
+    let e = carol
+        .revoke(pb::RevokeRequest {
+            revocation: Some(pb::Revocation {
+                target: Some(pb::revocation::Target::SecretVersion(
+                    pb::SecretVersionRef {
+                        name: "openai".into(),
+                        version: 9,
+                    },
+                )),
+                reason: String::new(),
+            }),
+        })
+        .await
+        .expect_err("unknown version");
+    assert_eq!(e.code(), Code::NotFound);
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn rollback_activates_the_previous_version_within_its_grace_window() {
+    // Shorter than the agents' certificates, which the clock must not outrun.
+    let spec = Spec {
+        cp_config: Some(CpConfigFn(Arc::new(|c| c.secret_grace_secs = 600))),
+        ..spec()
+    };
+    let (l, clock) = common::lattice_with(spec).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["eu"]).await;
+    put(&mut carol, "openai", MARKER2, &["eu"]).await;
+    let r = carol
+        .rollback_secret(pb::RollbackSecretRequest {
+            name: "openai".into(),
+        })
+        .await
+        .expect("rollback")
+        .into_inner();
+    let summary = r.summary.expect("summary");
+    assert_eq!((summary.active, summary.previous), (1, 2));
+    settle(&l).await;
+    let lease = l.agents[0]
+        .lease_secret("openai", 0, None)
+        .await
+        .expect("lease");
+    assert_eq!((lease.value.as_slice(), lease.version), (MARKER, 1));
+    // A lease of the previous version ends with its grace window.
+    let grace = l.cp().state.cfg.secret_grace_secs;
+    clock.advance(Duration::from_secs(grace - 60));
+    l.caches[0].wait_fresh().await.expect("fresh");
+    let prev = l.agents[0]
+        .lease_secret("openai", 2, Some(Duration::from_secs(900)))
+        .await
+        .expect("previous");
+    let now = lattice_shared::clock::unix_secs(l.clock.now());
+    assert!(
+        prev.expires_at_unix <= now + 60,
+        "capped by the grace window"
+    );
+    clock.advance(Duration::from_secs(120));
+    l.caches[0].wait_fresh().await.expect("fresh");
+    let e = l.agents[0]
+        .lease_secret("openai", 2, None)
+        .await
+        .expect_err("grace over");
+    assert_eq!(refusal(&e).0, Code::FailedPrecondition);
+    let e = carol
+        .rollback_secret(pb::RollbackSecretRequest {
+            name: "openai".into(),
+        })
+        .await
+        .expect_err("grace over");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("grace window"), "{}", e.message());
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn kek_rotation_rewraps_every_dek_and_every_version_stays_readable() {
+    let (mut l, _clock) = common::lattice_with(spec()).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["*"]).await;
+    put(&mut carol, "openai", MARKER2, &["*"]).await;
+    put(&mut carol, "anthropic", b"sk-ant-third-value", &["us"]).await;
+    let before = l.cp().state.secret_record("openai").expect("record");
+    let r = carol
+        .rotate_kms(pb::RotateKmsRequest {})
+        .await
+        .expect("rotate kms")
+        .into_inner();
+    assert_eq!(r.kek_version, 2);
+    assert_eq!(
+        r.rewrapped, 3,
+        "two live versions of openai, one of anthropic"
+    );
+    assert!(r.kms.starts_with("local:"));
+    let after = l.cp().state.secret_record("openai").expect("record");
+    for v in [1, 2] {
+        let (b, a) = (&before.versions[&v], &after.versions[&v]);
+        assert_eq!(a.wrapped_dek.as_ref().map(|w| w.kek_version), Some(2));
+        assert_eq!(a.ciphertext, b.ciphertext, "no ciphertext is touched");
+        assert_ne!(a.wrapped_dek, b.wrapped_dek);
+    }
+    // Readable after a restart (the KEKs are reloaded from their files).
+    l.restart_cp().await.expect("restart");
+    assert_eq!(
+        &*l.cp().state.open_secret_version("openai", 1).expect("v1"),
+        MARKER
+    );
+    assert_eq!(
+        &*l.cp().state.open_secret_version("openai", 2).expect("v2"),
+        MARKER2
+    );
+    settle(&l).await;
+    assert_eq!(
+        &*l.agents[0]
+            .lease_secret("openai", 0, None)
+            .await
+            .expect("lease")
+            .value,
+        MARKER2
+    );
+
+    // DEK rotation: new DEKs and ciphertexts, the same values, sealed again.
+    let applied = l.cp().state.log.head();
+    let r = carol
+        .rekey_secret(pb::RekeySecretRequest {
+            name: "openai".into(),
+        })
+        .await
+        .expect("rekey")
+        .into_inner();
+    assert_eq!(r.summary.expect("summary").active, 2);
+    let rekeyed = l.cp().state.secret_record("openai").expect("record");
+    assert_ne!(
+        rekeyed.versions[&2].ciphertext,
+        after.versions[&2].ciphertext
+    );
+    assert_eq!(
+        rekeyed.versions[&2].fingerprint,
+        after.versions[&2].fingerprint
+    );
+    assert!(l.cp().state.log.head() > applied, "new envelopes streamed");
+    settle(&l).await;
+    for a in &l.agents {
+        let lease = a.lease_secret("openai", 0, None).await.expect("lease");
+        assert_eq!(&*lease.value, MARKER2);
+    }
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn another_kek_gives_a_clear_error_not_a_value() {
+    let (mut l, _clock) = common::lattice_with(spec()).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["eu"]).await;
+    l.stop_cp().await.expect("stop");
+    let kms_dir = l.dir.join("cp").join("kms");
+    std::fs::rename(&kms_dir, l.dir.join("kms-original")).expect("move the KEKs away");
+    l.restart_cp()
+        .await
+        .expect("a new KEK directory is created");
+    let e = l
+        .cp()
+        .state
+        .open_secret_version("openai", 1)
+        .expect_err("another KEK");
+    let msg = e.to_string();
+    assert!(msg.contains("wrong KEK"), "{msg}");
+    assert!(!msg.contains("MARKER"));
+    // Rewrapping cannot proceed either, and says why.
+    let e = carol
+        .rotate_kms(pb::RotateKmsRequest {})
+        .await
+        .expect_err("cannot rewrap");
+    assert_eq!(e.code(), Code::Internal);
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn deleting_a_secret_withdraws_it_from_every_cache() {
+    let (l, _clock) = common::lattice_with(spec()).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["*"]).await;
+    settle(&l).await;
+    let r = carol
+        .delete_secret(pb::DeleteSecretRequest {
+            name: "openai".into(),
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(r.versions_revoked, 1);
+    settle(&l).await;
+    for c in &l.caches {
+        assert!(c.app().state.sync.secrets.held().is_empty());
+    }
+    for a in &l.agents {
+        let e = a
+            .lease_secret("openai", 0, None)
+            .await
+            .expect_err("deleted");
+        assert!(matches!(
+            refusal(&e).0,
+            Code::NotFound | Code::PermissionDenied
+        ));
+    }
+    // A later put starts above every revoked version.
+    let v = put(&mut carol, "openai", MARKER2, &["eu"]).await;
+    assert_eq!(v.version, 2);
+    settle(&l).await;
+    assert_eq!(
+        &*l.agents[0]
+            .lease_secret("openai", 0, None)
+            .await
+            .expect("lease")
+            .value,
+        MARKER2
+    );
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_put_under_the_two_person_rule_waits_encrypted_and_runs_on_approval() {
+    let spec = Spec {
+        policy: Some(lattice::example_bundle()),
+        ..spec()
+    };
+    let (l, _clock) = common::lattice_with(spec).await;
+    let mut carol = custodian(&l, "carol");
+    let mut dave = custodian(&l, "dave");
+    let e = carol
+        .put_secret(pb::PutSecretRequest {
+            name: "openai".into(),
+            value: MARKER.to_vec(),
+            regions: vec!["eu".into()],
+            message: String::new(),
+        })
+        .await
+        .expect_err("waits");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let id = e
+        .metadata()
+        .get("lattice-approval-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("id")
+        .to_string();
+    // While it waits the value is stored only encrypted.
+    for (_, v) in l
+        .cp()
+        .state
+        .store
+        .scan_prefix("pending", b"", 100)
+        .expect("scan")
+    {
+        assert!(!contains(&v, MARKER));
+    }
+    // A platform admin may not approve a secret change.
+    let e = l
+        .bootstrap_admin()
+        .expect("admin")
+        .approve(pb::ApproveRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .expect_err("wrong role");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let r = dave
+        .approve(pb::ApproveRequest { request_id: id })
+        .await
+        .expect("approve")
+        .into_inner();
+    match r.result {
+        Some(pb::approve_response::Result::Secret(v)) => {
+            assert_eq!((v.version, v.state.as_str()), (1, "active"));
+            assert_eq!(v.created_by, "spiffe://lattice.local/admin/carol");
+            assert_eq!(v.approved_by, "spiffe://lattice.local/admin/dave");
+        }
+        other => panic!("expected a secret version, got {other:?}"),
+    }
+    assert_eq!(
+        &*l.cp().state.open_secret_version("openai", 1).expect("open"),
+        MARKER
+    );
+    l.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Upstream key rotation through a webhook rotator.
+
+#[derive(Default)]
+struct Upstream {
+    calls: Vec<(String, u64)>,
+    fail: Option<String>,
+    created: u32,
+}
+
+/// A local rotation webhook: creates keys `sk-rotated-N`, and fails the
+/// step named in `fail`.
+async fn webhook(up: Arc<Mutex<Upstream>>) -> String {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/rotate",
+        post(move |raw: axum::body::Bytes| {
+            let up = up.clone();
+            async move {
+                let body: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+                let step = body["step"].as_str().unwrap_or_default().to_string();
+                let version = body["version"].as_u64().unwrap_or(0);
+                let mut u = up.lock().expect("lock");
+                u.calls.push((step.clone(), version));
+                if u.fail.as_deref() == Some(step.as_str()) {
+                    return (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "upstream says no".to_string(),
+                    );
+                }
+                if step == "create" {
+                    u.created += 1;
+                    let v = format!("sk-rotated-{}", u.created);
+                    return (
+                        axum::http::StatusCode::OK,
+                        serde_json::json!({ "value": v }).to_string(),
+                    );
+                }
+                (axum::http::StatusCode::OK, "{}".to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/rotate")
+}
+
+async fn rotate(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+) -> (Vec<String>, Result<u64, tonic::Status>) {
+    let mut stream = match admin
+        .rotate_secret(pb::RotateSecretRequest { name: name.into() })
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(e) => return (vec![], Err(e)),
+    };
+    let mut steps = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(p)) => {
+                steps.push(p.step.clone());
+                if p.done {
+                    return (steps, Ok(p.new_version));
+                }
+            }
+            Ok(None) => return (steps, Err(tonic::Status::unknown("ended without done"))),
+            Err(s) => return (steps, Err(s)),
+        }
+    }
+}
+
+fn rotation_spec(url: String, every_secs: u64) -> Spec {
+    Spec {
+        cp_config: Some(CpConfigFn(Arc::new(move |c| {
+            c.rotation = vec![lattice_control_plane::rotation::RotationConfig {
+                secret: "openai".into(),
+                webhook: url.clone(),
+                every_secs,
+                timeout_secs: 5,
+            }];
+        }))),
+        ..spec()
+    }
+}
+
+#[tokio::test]
+async fn rotation_creates_checks_activates_and_revokes_the_old_key() {
+    let up = Arc::new(Mutex::new(Upstream::default()));
+    let url = webhook(up.clone()).await;
+    let (l, _clock) = common::lattice_with(rotation_spec(url, 0)).await;
+    let mut carol = custodian(&l, "carol");
+    let old = put(&mut carol, "openai", MARKER, &["*"]).await;
+    let (steps, result) = rotate(&mut carol, "openai").await;
+    assert_eq!(result.expect("rotated"), 2);
+    let mut distinct = steps.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct,
+        vec![
+            "create",
+            "pre-check",
+            "activate",
+            "post-check",
+            "retire",
+            "done"
+        ]
+    );
+    let calls = up.lock().expect("lock").calls.clone();
+    assert_eq!(
+        calls,
+        vec![
+            ("create".to_string(), 0),
+            ("pre-check".to_string(), 2),
+            ("post-check".to_string(), 2),
+            ("retire".to_string(), 1),
+        ]
+    );
+    settle(&l).await;
+    for a in &l.agents {
+        let lease = a.lease_secret("openai", 0, None).await.expect("lease");
+        assert_eq!(
+            (lease.value.as_slice(), lease.version),
+            (&b"sk-rotated-1"[..], 2)
+        );
+        let e = a
+            .lease_secret("openai", 1, None)
+            .await
+            .expect_err("old key");
+        assert_eq!(
+            refusal(&e).0,
+            Code::PermissionDenied,
+            "the old key is revoked"
+        );
+    }
+    let versions = carol
+        .secret_versions(pb::SecretVersionsRequest {
+            name: "openai".into(),
+        })
+        .await
+        .expect("versions")
+        .into_inner();
+    assert_eq!(versions.versions[0].state, "revoked");
+    assert_eq!(versions.versions[1].origin, "rotation");
+    assert_ne!(versions.versions[1].fingerprint, old.fingerprint);
+    // Without a rotator configured the command says what to do.
+    put(&mut carol, "anthropic", b"sk-ant-x", &["eu"]).await;
+    let (_, e) = rotate(&mut carol, "anthropic").await;
+    let e = e.expect_err("no rotator");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("[[rotation]]"), "{}", e.message());
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_post_check_rolls_back_and_a_failed_pre_check_changes_nothing() {
+    let up = Arc::new(Mutex::new(Upstream::default()));
+    let url = webhook(up.clone()).await;
+    let (l, _clock) = common::lattice_with(rotation_spec(url, 0)).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["*"]).await;
+
+    up.lock().expect("lock").fail = Some("post-check".into());
+    let (steps, result) = rotate(&mut carol, "openai").await;
+    let e = result.expect_err("post-check fails");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("rolled back to version 1"),
+        "{}",
+        e.message()
+    );
+    assert!(steps.contains(&"rollback".to_string()), "{steps:?}");
+    assert!(
+        up.lock()
+            .expect("lock")
+            .calls
+            .contains(&("retire".to_string(), 2)),
+        "the failed new key is retired upstream"
+    );
+    settle(&l).await;
+    for a in &l.agents {
+        let lease = a.lease_secret("openai", 0, None).await.expect("lease");
+        assert_eq!((lease.value.as_slice(), lease.version), (MARKER, 1));
+        let e = a
+            .lease_secret("openai", 2, None)
+            .await
+            .expect_err("new key");
+        assert_eq!(
+            refusal(&e).0,
+            Code::PermissionDenied,
+            "the failed key is revoked"
+        );
+    }
+
+    up.lock().expect("lock").fail = Some("pre-check".into());
+    let head = l.cp().state.log.head();
+    let (_, result) = rotate(&mut carol, "openai").await;
+    let e = result.expect_err("pre-check fails");
+    assert!(e.message().contains("nothing changed"), "{}", e.message());
+    assert_eq!(l.cp().state.log.head(), head, "no event was written");
+    assert_eq!(l.cp().state.secret_record("openai").expect("rec").active, 1);
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_scheduled_rotation_runs_when_the_active_version_is_old_enough() {
+    let up = Arc::new(Mutex::new(Upstream::default()));
+    let url = webhook(up.clone()).await;
+    let (l, clock) = common::lattice_with(rotation_spec(url, 3600)).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["eu"]).await;
+    let state = l.cp().state.clone();
+    lattice_control_plane::rotation::run_due(&state).await;
+    assert_eq!(
+        state.secret_record("openai").expect("rec").active,
+        1,
+        "not due yet"
+    );
+    clock.advance(Duration::from_secs(3601));
+    lattice_control_plane::rotation::run_due(&state).await;
+    let rec = state.secret_record("openai").expect("rec");
+    assert_eq!(rec.active, 2, "due: rotated");
+    assert_eq!(rec.versions[&2].created_by, state.id.to_string());
+    // Just rotated: not due again.
+    lattice_control_plane::rotation::run_due(&state).await;
+    assert_eq!(state.secret_record("openai").expect("rec").active, 2);
+    l.shutdown().await;
+}
