@@ -841,3 +841,60 @@ async fn a_scheduled_rotation_runs_when_the_active_version_is_old_enough() {
     assert_eq!(state.secret_record("openai").expect("rec").active, 2);
     l.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------
+// KEKs in an HSM (SoftHSM2 through PKCS#11).
+
+#[tokio::test]
+async fn the_control_plane_keeps_its_keks_in_a_pkcs11_token() {
+    use lattice_shared::kms::pkcs11::testing;
+    // Runs in a child process pointed at a throwaway token (see `softhsm`);
+    // skipped with a message when SoftHSM2 is absent, unless CI requires it.
+    let Some(()) = testing::softhsm(
+        "the_control_plane_keeps_its_keks_in_a_pkcs11_token",
+        &["lattice-cp"],
+    ) else {
+        return;
+    };
+    let spec = Spec {
+        cp_config: Some(CpConfigFn(Arc::new(|c| {
+            c.kms = lattice_control_plane::KmsConfig {
+                kind: lattice_control_plane::KmsKind::Pkcs11,
+                dir: None,
+                pkcs11: Some(testing::config("lattice-cp")),
+            };
+        }))),
+        ..spec()
+    };
+    let (mut l, _clock) = common::lattice_with(spec).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["eu"]).await;
+    settle(&l).await;
+    assert_eq!(
+        &*l.agents[0]
+            .lease_secret("openai", 0, None)
+            .await
+            .expect("lease")
+            .value,
+        MARKER
+    );
+    let r = carol
+        .rotate_kms(pb::RotateKmsRequest {})
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(
+        (r.kms.as_str(), r.kek_version, r.rewrapped),
+        ("pkcs11:lattice-cp", 2, 1)
+    );
+    l.restart_cp().await.expect("restart");
+    assert_eq!(
+        &*l.cp().state.open_secret_version("openai", 1).expect("open"),
+        MARKER
+    );
+    assert!(
+        !l.dir.join("cp").join("kms").exists(),
+        "no KEK file is written when the KMS is PKCS#11"
+    );
+    l.shutdown().await;
+}

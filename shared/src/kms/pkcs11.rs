@@ -571,23 +571,26 @@ impl Kms for Pkcs11Kms {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Runs a test against throwaway SoftHSM2 tokens (unit and integration
+/// tests). Not for production use.
+#[cfg(any(test, feature = "dangerous-test-util"))]
+pub mod testing {
+    use std::path::PathBuf;
     use std::process::Command;
-    use std::sync::Arc;
 
-    use super::*;
+    use super::Pkcs11Config;
+    use crate::secret::Secret;
 
-    const CHILD_ENV: &str = "LATTICE_SOFTHSM_TEST_CHILD";
-    const PIN: &str = "1234";
+    pub const CHILD_ENV: &str = "LATTICE_SOFTHSM_TEST_CHILD";
+    pub const PIN: &str = "1234";
     const SO_PIN: &str = "5678";
 
-    fn module() -> PathBuf {
+    pub fn module() -> PathBuf {
         std::env::var_os("LATTICE_SOFTHSM2_MODULE")
             .map_or_else(|| "/usr/lib/softhsm/libsofthsm2.so".into(), PathBuf::from)
     }
 
-    fn config(token: &str) -> Pkcs11Config {
+    pub fn config(token: &str) -> Pkcs11Config {
         Pkcs11Config::new(module(), token, Secret::new(PIN))
     }
 
@@ -602,7 +605,10 @@ mod tests {
     /// `Some` and runs the body, the parent gets `None` once the child has
     /// passed. This also gives every test its own tokens and its own
     /// `C_Initialize`.
-    fn softhsm(test: &str, tokens: &[&str]) -> Option<()> {
+    /// `test` is the name libtest knows the calling test by (its path
+    /// inside the test crate, e.g. `kms::pkcs11::tests::x` or just `x` for an
+    /// integration test).
+    pub fn softhsm(test: &str, tokens: &[&str]) -> Option<()> {
         if std::env::var_os(CHILD_ENV).is_some() {
             return Some(());
         }
@@ -656,11 +662,7 @@ mod tests {
             );
         }
 
-        // The test's path without the crate name, as libtest names it.
-        let path = module_path!()
-            .split_once("::")
-            .map_or(module_path!(), |(_, p)| p);
-        let name = format!("{path}::{test}");
+        let name = test.to_string();
         let out = Command::new(std::env::current_exe().expect("test binary"))
             .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, "1")
@@ -676,10 +678,26 @@ mod tests {
         );
         None
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::testing::config;
+    use super::*;
+
+    /// The name libtest knows a test of this module by.
+    fn name(test: &str) -> String {
+        let path = module_path!()
+            .split_once("::")
+            .map_or(module_path!(), |(_, p)| p);
+        format!("{path}::{test}")
+    }
 
     #[test]
     fn conforms_on_softhsm() {
-        let Some(()) = softhsm("conforms_on_softhsm", &["conformance"]) else {
+        let Some(()) = testing::softhsm(&name("conforms_on_softhsm"), &["conformance"]) else {
             return;
         };
         let kms = Pkcs11Kms::open(&config("conformance")).expect("open");
@@ -725,7 +743,8 @@ mod tests {
 
     #[test]
     fn reopen_sees_versions_and_unwraps() {
-        let Some(()) = softhsm("reopen_sees_versions_and_unwraps", &["reopen"]) else {
+        let Some(()) = testing::softhsm(&name("reopen_sees_versions_and_unwraps"), &["reopen"])
+        else {
             return;
         };
         let first = Pkcs11Kms::open(&config("reopen")).expect("open");
@@ -767,7 +786,7 @@ mod tests {
 
     #[test]
     fn wrong_pin_is_a_login_error() {
-        let Some(()) = softhsm("wrong_pin_is_a_login_error", &["wrong-pin"]) else {
+        let Some(()) = testing::softhsm(&name("wrong_pin_is_a_login_error"), &["wrong-pin"]) else {
             return;
         };
         let mut cfg = config("wrong-pin");
@@ -784,7 +803,7 @@ mod tests {
 
     #[test]
     fn unknown_token_is_named() {
-        let Some(()) = softhsm("unknown_token_is_named", &["present"]) else {
+        let Some(()) = testing::softhsm(&name("unknown_token_is_named"), &["present"]) else {
             return;
         };
         let err = Pkcs11Kms::open(&config("absent-token")).expect_err("no such token");
@@ -796,8 +815,8 @@ mod tests {
 
     #[test]
     fn another_tokens_kek_does_not_unwrap() {
-        let Some(()) = softhsm(
-            "another_tokens_kek_does_not_unwrap",
+        let Some(()) = testing::softhsm(
+            &name("another_tokens_kek_does_not_unwrap"),
             &["token-a", "token-b"],
         ) else {
             return;
@@ -819,7 +838,7 @@ mod tests {
 
     #[test]
     fn shared_across_threads() {
-        let Some(()) = softhsm("shared_across_threads", &["threads"]) else {
+        let Some(()) = testing::softhsm(&name("shared_across_threads"), &["threads"]) else {
             return;
         };
         let kms = Arc::new(Pkcs11Kms::open(&config("threads")).expect("open"));
@@ -847,7 +866,8 @@ mod tests {
 
     #[test]
     fn reconnects_after_the_token_logs_out() {
-        let Some(()) = softhsm("reconnects_after_the_token_logs_out", &["relogin"]) else {
+        let Some(()) = testing::softhsm(&name("reconnects_after_the_token_logs_out"), &["relogin"])
+        else {
             return;
         };
         let kms = Pkcs11Kms::open(&config("relogin")).expect("open");
