@@ -1,6 +1,7 @@
-//! `lattice bench mint`: MintToken at one cache over mTLS with many requests
-//! in flight, next to the bare `Ping` echo of the same server stack measured
-//! in the same run, so the ratio shows what minting itself costs.
+//! `lattice bench mint` and `lattice bench lease`: MintToken or LeaseSecret
+//! at one cache over mTLS with many requests in flight, next to the bare
+//! `Ping` echo of the same server stack measured in the same run, so the
+//! ratio shows what minting (or opening a sealed secret) itself costs.
 
 use std::time::{Duration, Instant};
 
@@ -40,11 +41,15 @@ impl std::fmt::Display for Stats {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Call {
     Echo,
     Mint,
+    Lease,
 }
+
+/// The secret `bench lease` leases (64 bytes, like a long API key).
+const BENCH_SECRET: &str = "bench-secret";
 
 async fn load(
     clients: &[pb::cache_client::CacheClient<tonic::transport::Channel>],
@@ -79,6 +84,15 @@ async fn load(
                         })
                         .await
                         .is_ok(),
+                    Call::Lease => c
+                        .lease_secret(pb::LeaseSecretRequest {
+                            name: BENCH_SECRET.into(),
+                            version: 0,
+                            ttl_secs: 0,
+                            claims: None,
+                        })
+                        .await
+                        .is_ok(),
                 };
                 if ok {
                     lat.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
@@ -108,6 +122,7 @@ async fn load(
         name: match call {
             Call::Echo => "echo",
             Call::Mint => "mint",
+            Call::Lease => "lease",
         },
         requests: all.len(),
         errors,
@@ -119,15 +134,43 @@ async fn load(
 
 /// Runs echo then mint against one cache of an in-process lattice.
 pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
+    pair(opts, Call::Mint).await
+}
+
+/// Runs echo then LeaseSecret (a 64-byte secret held sealed at the cache).
+pub async fn lease(opts: Options) -> anyhow::Result<(Stats, Stats)> {
+    pair(opts, Call::Lease).await
+}
+
+async fn pair(opts: Options, what: Call) -> anyhow::Result<(Stats, Stats)> {
     let spec = Spec {
         caches: vec![("eu".into(), "bench".into())],
         agents: vec![("eu".into(), "bench".into())],
         // An in-memory trail of millions of issuances would measure the Vec.
         record_audit: false,
-        policy: (opts.policies > 0).then(|| large_bundle(opts.policies)),
+        policy: (what == Call::Mint && opts.policies > 0).then(|| large_bundle(opts.policies)),
+        secrets: vec![BENCH_SECRET.into()],
         ..Spec::default()
     };
     let lattice = Lattice::start(spec, SystemClock::shared()).await?;
+    if what == Call::Lease {
+        let mut custodian = lattice.admin(
+            "bench-custodian",
+            &[lattice_shared::policy::AdminRole::SecretCustodian],
+            &[],
+        )?;
+        custodian
+            .put_secret(pb::PutSecretRequest {
+                name: BENCH_SECRET.into(),
+                value: vec![b'k'; 64],
+                regions: vec!["eu".into()],
+                message: "bench".into(),
+            })
+            .await?;
+        lattice
+            .wait_all_applied(lattice.cp().state.log.head())
+            .await?;
+    }
     let agent = &lattice.agents[0];
     let clients: Vec<_> = (0..opts.connections.max(1))
         .map(|_| agent.new_cache_client())
@@ -136,12 +179,13 @@ pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
     bar.enable_steady_tick(Duration::from_millis(200));
     bar.set_message("warming up");
     load(&clients, Call::Echo, &opts, false).await;
-    load(&clients, Call::Mint, &opts, false).await;
-    // LATTICE_BENCH_ONLY=echo|mint runs one phase (for profiling).
+    load(&clients, what, &opts, false).await;
+    // LATTICE_BENCH_ONLY=echo|mint|lease runs one phase (for profiling).
     let only = std::env::var("LATTICE_BENCH_ONLY").unwrap_or_default();
     let skip = |name: &str| !only.is_empty() && only != name;
     let mut phases = Vec::with_capacity(2);
-    for (call, name) in [(Call::Echo, "echo"), (Call::Mint, "mint")] {
+    let name = if what == Call::Lease { "lease" } else { "mint" };
+    for (call, name) in [(Call::Echo, "echo"), (what, name)] {
         bar.set_message(format!("{name} for {:?}", opts.duration));
         phases.push(if skip(name) {
             Stats {
@@ -156,11 +200,11 @@ pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
             load(&clients, call, &opts, true).await
         });
     }
-    let mint = phases.pop().expect("two phases ran"); // pushed just above
+    let measured = phases.pop().expect("two phases ran"); // pushed just above
     let echo = phases.pop().expect("two phases ran"); // pushed just above
     bar.finish_and_clear();
     lattice.shutdown().await;
-    Ok((echo, mint))
+    Ok((echo, measured))
 }
 
 /// Result of `bench propagation`.

@@ -242,6 +242,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 50_000)]
         decisions: usize,
     },
+    /// LeaseSecret (open the sealed envelope, Cedar decision, audit) vs the
+    /// bare echo RPC at one cache over mTLS.
+    Lease {
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+    },
     /// MintToken vs the bare echo RPC at one cache over mTLS.
     Mint {
         #[arg(long, default_value_t = 32)]
@@ -519,6 +529,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "mint/echo throughput ratio: {:.2}",
                 mint.rps / echo.rps.max(1.0)
+            );
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Lease {
+                    concurrency,
+                    connections,
+                    duration,
+                },
+        } => {
+            let opts = lattice::bench::Options {
+                concurrency,
+                connections,
+                duration: duration.into(),
+                warmup: Duration::from_secs(2),
+                policies: 0,
+            };
+            println!(
+                "bench lease: {concurrency} in flight over {connections} mTLS connections, {duration} per phase, a 64-byte secret sealed at the cache"
+            );
+            let (echo, lease) = lattice::bench::lease(opts).await?;
+            println!("{echo}\n{lease}");
+            println!(
+                "lease/echo throughput ratio: {:.2}",
+                lease.rps / echo.rps.max(1.0)
             );
             Ok(())
         }

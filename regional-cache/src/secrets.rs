@@ -1,22 +1,48 @@
 //! The cache's sealed secrets: the envelopes the control plane streamed to
 //! this cache (value ciphertext and the DEK sealed to our X25519 key), kept
 //! sealed in memory and at rest (they are events of the local log). A lease
-//! opens one in memory; the DEK and the value are zeroized when it is done.
+//! opens one in memory; the value is zeroized when it is done.
+//!
+//! An opened DEK is kept in memory (zeroizing) for up to `DEK_CACHE_SECS`
+//! and dropped with its version: opening costs two X25519 operations, more
+//! than the rest of a lease. This widens nothing: the process holds the HPKE
+//! private key, which opens every envelope, all the time anyway.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 
 use lattice_shared::envelope::{self, EnvelopeError, HpkeKeyPair};
 use lattice_shared::proto as pb;
 use zeroize::Zeroizing;
 
+/// How long an opened DEK is reused.
+pub const DEK_CACHE_SECS: i64 = 60;
+
 /// One version as this cache holds it: still sealed.
-#[derive(Clone)]
 pub struct SealedVersion {
     pub ciphertext: Vec<u8>,
     pub enc: Vec<u8>,
     pub sealed_dek: Vec<u8>,
     pub fingerprint: String,
+    /// The opened DEK and until when (unix seconds) it may be reused.
+    dek: Mutex<Option<(Zeroizing<Vec<u8>>, i64)>>,
+}
+
+impl SealedVersion {
+    pub fn new(
+        ciphertext: Vec<u8>,
+        enc: Vec<u8>,
+        sealed_dek: Vec<u8>,
+        fingerprint: String,
+    ) -> Self {
+        Self {
+            ciphertext,
+            enc,
+            sealed_dek,
+            fingerprint,
+            dek: Mutex::new(None),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -24,7 +50,7 @@ struct Entry {
     active: u64,
     previous: u64,
     previous_until_unix: i64,
-    versions: BTreeMap<u64, SealedVersion>,
+    versions: BTreeMap<u64, Arc<SealedVersion>>,
 }
 
 /// Which version a lease may have, and until when.
@@ -62,12 +88,12 @@ impl SecretIndex {
                 };
                 entries.entry(ev.name.clone()).or_default().versions.insert(
                     v.version,
-                    SealedVersion {
-                        ciphertext: v.ciphertext.clone(),
-                        enc: seal.enc.clone(),
-                        sealed_dek: seal.sealed_dek.clone(),
-                        fingerprint: v.fingerprint.clone(),
-                    },
+                    Arc::new(SealedVersion::new(
+                        v.ciphertext.clone(),
+                        seal.enc.clone(),
+                        seal.sealed_dek.clone(),
+                        v.fingerprint.clone(),
+                    )),
                 );
             }
             Some(pb::secret_event::Change::State(s)) => {
@@ -93,7 +119,7 @@ impl SecretIndex {
         name: &str,
         version: u64,
         now_unix: i64,
-    ) -> (Lookup, Option<SealedVersion>) {
+    ) -> (Lookup, Option<Arc<SealedVersion>>) {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         let Some(e) = entries.get(name) else {
             return (Lookup::Unknown, None);
@@ -127,19 +153,35 @@ impl SecretIndex {
     }
 }
 
-/// Opens a sealed version in memory: the DEK with our HPKE key, then the value.
+/// Opens a sealed version in memory: the DEK with our HPKE key (or the one
+/// opened less than `DEK_CACHE_SECS` ago), then the value.
 pub fn open(
     key: &HpkeKeyPair,
     me: &str,
     name: &str,
     version: u64,
     sealed: &SealedVersion,
+    now_unix: i64,
 ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
-    let dek = key.open(
-        &sealed.enc,
-        &sealed.sealed_dek,
-        &envelope::seal_aad(me, name, version),
-    )?;
+    let cached = {
+        let g = sealed.dek.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref()
+            .filter(|(_, until)| now_unix < *until)
+            .map(|(d, _)| d.clone())
+    };
+    let dek = match cached {
+        Some(d) => d,
+        None => {
+            let d = key.open(
+                &sealed.enc,
+                &sealed.sealed_dek,
+                &envelope::seal_aad(me, name, version),
+            )?;
+            *sealed.dek.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((d.clone(), now_unix + DEK_CACHE_SECS));
+            d
+        }
+    };
     envelope::decrypt(&dek, &sealed.ciphertext, &envelope::value_aad(name))
 }
 
@@ -198,7 +240,7 @@ mod tests {
         idx.apply(ME, &state_event("openai", 1, 0, 0, &[ME]));
         let (l, s) = idx.lookup("openai", 0, 100);
         assert_eq!(l, Lookup::Found(1, None));
-        let value = open(&key, ME, "openai", 1, &s.expect("sealed")).expect("open");
+        let value = open(&key, ME, "openai", 1, &s.expect("sealed"), 0).expect("open");
         assert_eq!(&*value, b"sk-one");
 
         idx.apply(ME, &version_event(&key, "openai", 2, b"sk-two"));
@@ -244,24 +286,70 @@ mod tests {
         idx.apply(ME, &version_event(&key, "openai", 1, b"sk-one"));
         idx.apply(ME, &state_event("openai", 1, 0, 0, &[ME]));
         let sealed = idx.lookup("openai", 0, 0).1.expect("sealed");
-        let mut bad = sealed.clone();
-        bad.ciphertext[15] ^= 1;
-        assert_eq!(open(&key, ME, "openai", 1, &bad), Err(EnvelopeError::Open));
-        let mut bad = sealed.clone();
-        bad.sealed_dek[0] ^= 1;
+        let copy = |f: &dyn Fn(&mut Vec<u8>, &mut Vec<u8>)| {
+            let (mut ct, mut sd) = (sealed.ciphertext.clone(), sealed.sealed_dek.clone());
+            f(&mut ct, &mut sd);
+            SealedVersion::new(ct, sealed.enc.clone(), sd, String::new())
+        };
+        let bad = copy(&|ct, _| ct[15] ^= 1);
         assert_eq!(
-            open(&key, ME, "openai", 1, &bad),
+            open(&key, ME, "openai", 1, &bad, 0),
+            Err(EnvelopeError::Open)
+        );
+        let bad = copy(&|_, sd| sd[0] ^= 1);
+        assert_eq!(
+            open(&key, ME, "openai", 1, &bad, 0),
             Err(EnvelopeError::Unseal)
         );
         // Presented as another version: the seal's AAD does not match.
+        let fresh = copy(&|_, _| {});
         assert_eq!(
-            open(&key, ME, "openai", 2, &sealed),
+            open(&key, ME, "openai", 2, &fresh, 0),
             Err(EnvelopeError::Unseal)
         );
         let stranger = HpkeKeyPair::generate();
         assert_eq!(
-            open(&stranger, ME, "openai", 1, &sealed),
+            open(&stranger, ME, "openai", 1, &fresh, 0),
             Err(EnvelopeError::Unseal)
         );
+    }
+
+    #[test]
+    fn an_opened_dek_is_reused_only_within_its_window() {
+        let key = HpkeKeyPair::generate();
+        let idx = SecretIndex::default();
+        idx.apply(ME, &version_event(&key, "openai", 1, b"sk-one"));
+        idx.apply(ME, &state_event("openai", 1, 0, 0, &[ME]));
+        let sealed = idx.lookup("openai", 0, 0).1.expect("sealed");
+        assert_eq!(
+            &*open(&key, ME, "openai", 1, &sealed, 100).expect("open"),
+            b"sk-one"
+        );
+        // Within the window the DEK is not unsealed again: a stranger's key
+        // (which could not unseal it) still gets the value.
+        let stranger = HpkeKeyPair::generate();
+        assert_eq!(
+            &*open(
+                &stranger,
+                ME,
+                "openai",
+                1,
+                &sealed,
+                100 + DEK_CACHE_SECS - 1
+            )
+            .expect("cached"),
+            b"sk-one"
+        );
+        // After it, the envelope is opened again.
+        assert_eq!(
+            open(&stranger, ME, "openai", 1, &sealed, 100 + DEK_CACHE_SECS),
+            Err(EnvelopeError::Unseal)
+        );
+        // A withdrawn version takes its DEK with it.
+        idx.apply(
+            ME,
+            &state_event("openai", 1, 0, 0, &["spiffe://td/cache/us/c2"]),
+        );
+        assert!(idx.lookup("openai", 0, 100).1.is_none());
     }
 }

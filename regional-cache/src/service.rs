@@ -575,7 +575,7 @@ impl Cache for Service {
             )));
         }
         let me = self.state.id.to_string();
-        let value = crate::secrets::open(&self.state.hpke, &me, &r.name, version, &sealed)
+        let value = crate::secrets::open(&self.state.hpke, &me, &r.name, version, &sealed, now)
             .map_err(|e| {
                 refused("corrupt");
                 tracing::error!(secret = %r.name, version, error = %e, "a stored envelope does not open");
@@ -607,7 +607,7 @@ impl Cache for Service {
             version,
             expires_at_unix: exp,
             policy_version,
-            fingerprint: sealed.fingerprint,
+            fingerprint: sealed.fingerprint.clone(),
         }))
     }
 
