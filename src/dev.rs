@@ -283,8 +283,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         );
     }
 
+    secret_step(&lattice).await?;
+
     step(
-        10,
+        11,
         "revoke the agent at the control plane and measure how fast every cache enforces it",
     );
     let agent = lattice.agents[0].clone();
@@ -348,6 +350,108 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     println!("\nServing until Ctrl-C.");
     tokio::signal::ctrl_c().await?;
     lattice.shutdown().await;
+    Ok(())
+}
+
+/// Step 10: an upstream API key under the two-person rule, sealed to the eu
+/// cache only, leased, then one version revoked.
+async fn secret_step(lattice: &Lattice) -> anyhow::Result<()> {
+    use lattice_shared::policy::AdminRole;
+    step(
+        10,
+        "upstream API key: custodian carol stores it (dave approves), the eu cache receives it sealed to its own key, the agent leases it",
+    );
+    let mut carol = lattice.admin("carol", &[AdminRole::SecretCustodian], &[])?;
+    let mut dave = lattice.admin("dave", &[AdminRole::SecretCustodian], &[])?;
+    // Two-person requests: carol asks, dave approves, the approval runs it.
+    async fn approve(
+        dave: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+        s: tonic::Status,
+    ) -> anyhow::Result<pb::ApproveResponse> {
+        if s.code() != tonic::Code::FailedPrecondition {
+            return Err(crate::admin::refused(s));
+        }
+        let id = s
+            .metadata()
+            .get("lattice-approval-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        Ok(dave
+            .approve(pb::ApproveRequest { request_id: id })
+            .await
+            .map_err(crate::admin::refused)?
+            .into_inner())
+    }
+    for demo_value in [b"sk-demo-first-0123456789", b"sk-demo-second-987654321"] {
+        let waiting = carol
+            .put_secret(pb::PutSecretRequest {
+                name: "openai".into(),
+                value: demo_value.to_vec(),
+                regions: vec!["eu".into()],
+                message: "walkthrough".into(),
+            })
+            .await;
+        if let Err(s) = waiting {
+            let r = approve(&mut dave, s).await?;
+            if let Some(pb::approve_response::Result::Secret(v)) = r.result {
+                println!(
+                    "    v{} stored: fingerprint {}, DEK wrapped by KEK v{}, put by carol, approved by dave",
+                    v.version, v.fingerprint, v.kek_version
+                );
+            }
+        }
+    }
+    lattice
+        .wait_all_applied(lattice.cp().state.log.head())
+        .await?;
+    for c in &lattice.caches {
+        let held = c.app().state.sync.secrets.held();
+        println!("    {:<42} holds (sealed) {held:?}", c.cfg.id);
+    }
+    let agent = &lattice.agents[0];
+    let lease = agent
+        .lease_secret("openai", 0, Some(std::time::Duration::from_secs(300)))
+        .await?;
+    println!(
+        "    agent leased v{} ({} bytes, fingerprint {}), lease {} until unix {}",
+        lease.version,
+        lease.value.len(),
+        lease.fingerprint,
+        lease.lease_id,
+        lease.expires_at_unix
+    );
+    drop(lease);
+    let revoke = carol
+        .revoke(pb::RevokeRequest {
+            revocation: Some(pb::Revocation {
+                target: Some(pb::revocation::Target::SecretVersion(pb::SecretVersionRef {
+                    name: "openai".into(),
+                    version: 2,
+                })),
+                reason: "walkthrough".into(),
+            }),
+        })
+        .await;
+    let t0 = Instant::now();
+    let seq = match revoke {
+        Ok(r) => r.into_inner().seq,
+        Err(s) => match approve(&mut dave, s).await?.result {
+            Some(pb::approve_response::Result::Revoke(r)) => r.seq,
+            _ => anyhow::bail!("the approval did not revoke"),
+        },
+    };
+    for c in &lattice.caches {
+        c.wait_applied(seq).await?;
+    }
+    println!(
+        "    carol revokes v2, dave approves (sequence {seq}); every cache applied it {:.2} ms after carol asked",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    match agent.lease_secret("openai", 0, None).await {
+        Err(e) => println!("    the agent's next lease is refused: {e}"),
+        Ok(_) => anyhow::bail!("a revoked version could still be leased"),
+    }
     Ok(())
 }
 
