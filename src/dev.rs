@@ -425,10 +425,12 @@ async fn secret_step(lattice: &Lattice) -> anyhow::Result<()> {
     let revoke = carol
         .revoke(pb::RevokeRequest {
             revocation: Some(pb::Revocation {
-                target: Some(pb::revocation::Target::SecretVersion(pb::SecretVersionRef {
-                    name: "openai".into(),
-                    version: 2,
-                })),
+                target: Some(pb::revocation::Target::SecretVersion(
+                    pb::SecretVersionRef {
+                        name: "openai".into(),
+                        version: 2,
+                    },
+                )),
                 reason: "walkthrough".into(),
             }),
         })

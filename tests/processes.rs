@@ -32,6 +32,21 @@ fn binaries_run_alone_from_their_configuration() {
         admin_dir.to_str().expect("utf8"),
     ];
 
+    // Two secret custodians, certified while the default bundle lets the
+    // bootstrap admin do it alone (the example bundle wants two admins).
+    let custodian = |name: &str| {
+        let out = d.join(name);
+        run_ok(
+            Command::new(bin("lattice"))
+                .args(["admin-cert", "issue", "--role", "secret-custodian"])
+                .args(["--id", &format!("spiffe://lattice.local/admin/{name}")])
+                .args(["--out", out.to_str().expect("utf8")])
+                .args(admin),
+        );
+        out
+    };
+    let (carol, dave) = (custodian("carol"), custodian("dave"));
+
     // Policy as code from the CLI: validate and test offline, push (the
     // default bundle lets the bootstrap admin do it alone), list history.
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policies/example");
@@ -149,6 +164,70 @@ fn binaries_run_alone_from_their_configuration() {
     let status = run_ok(Command::new(bin("lattice")).arg("status").args(admin));
     assert!(status.contains(cache_id), "{status}");
     assert!(status.contains("0 outstanding join tokens"), "{status}");
+
+    // An upstream API key: carol puts it from stdin (never argv), the
+    // example bundle's two-person rule parks it, dave approves, the agent
+    // leases it and prints it for a script.
+    // `args` then the admin's credential (global options of the subcommand).
+    let as_admin = |dir: &Path, args: &[&str]| {
+        let mut c = Command::new(bin("lattice"));
+        c.args(args)
+            .args(["--control-plane", &cp_addr.to_string()])
+            .args(["--admin-dir", dir.to_str().expect("utf8")]);
+        c
+    };
+    let mut put = as_admin(&carol, &["secret", "put", "openai", "--region", "eu"]);
+    put.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = put.spawn().expect("spawn put");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"sk-proc-test-value\n")
+            .expect("write the value");
+    }
+    let out = child.wait_with_output().expect("put runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "waits for a second custodian: {err}");
+    let id = err
+        .split("lattice approve ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_hexdigit()).next())
+        .unwrap_or_else(|| panic!("no request id in: {err}"))
+        .to_string();
+    assert!(!err.contains("sk-proc-test-value"), "{err}");
+    let out = run_ok(&mut as_admin(&dave, &["approve", &id]));
+    assert!(out.contains("openai v1 active"), "{out}");
+    let out = run_ok(&mut as_admin(&carol, &["secret", "versions", "openai"]));
+    assert!(
+        out.contains("active v1") && out.contains("approved by spiffe://lattice.local/admin/dave"),
+        "{out}"
+    );
+    let mut lease = Command::new(bin("lattice-agent"));
+    lease
+        .args(["--config", agent_cfg.to_str().expect("utf8")])
+        .args(["secret", "openai", "--ttl-secs", "60"])
+        .env("RUST_LOG", "warn");
+    // The cache applies the approval's events shortly after it is durable.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let value = loop {
+        let out = lease.output().expect("runs");
+        if out.status.success() {
+            break out.stdout;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never succeeded: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        value, b"sk-proc-test-value",
+        "the trailing newline is stripped at put"
+    );
 }
 
 #[test]
@@ -176,6 +255,8 @@ fn dev_walkthrough_exits_zero() {
         "enforcing after",
         "next mint is refused: PermissionDenied",
         "revoked = true",
+        "holds (sealed) [(\"openai\", [1, 2])]",
+        "next lease is refused",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }

@@ -37,6 +37,17 @@ enum Command {
         #[arg(long)]
         ttl_secs: Option<u64>,
     },
+    /// Lease an upstream secret and print its value on stdout, for scripts
+    /// (lease id and expiry on stderr). Nothing is kept on disk.
+    Secret {
+        name: String,
+        /// A version other than the active one (e.g. the previous one).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Lease lifetime in seconds (default: the cache's; at most 900).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
     /// Keep the identity fresh until interrupted.
     Run,
 }
@@ -94,6 +105,28 @@ async fn run(cfg: Config, command: Command) -> anyhow::Result<()> {
                 .mint(&audience, &scopes, ttl_secs.map(Duration::from_secs))
                 .await?;
             println!("{}", t.token);
+        }
+        Command::Secret {
+            name,
+            version,
+            ttl_secs,
+        } => {
+            use std::io::Write as _;
+            agent.renew_if_due().await?;
+            let lease = agent
+                .lease_secret(
+                    &name,
+                    version.unwrap_or(0),
+                    ttl_secs.map(Duration::from_secs),
+                )
+                .await?;
+            eprintln!(
+                "{name} v{} lease {} until unix {} (fingerprint {})",
+                lease.version, lease.lease_id, lease.expires_at_unix, lease.fingerprint
+            );
+            let mut out = std::io::stdout().lock();
+            out.write_all(&lease.value)?;
+            out.flush()?;
         }
         Command::Run => {
             eprintln!("lattice-agent {} running; Ctrl-C to stop", agent.id);
