@@ -292,6 +292,10 @@ async fn revoking_a_version_makes_every_cache_refuse_it() {
         // The active version is untouched.
         a.lease_secret("openai", 0, None).await.expect("active");
     }
+    assert!(
+        l.audit.events().iter().any(|e| matches!(e, AuditEvent::Refused { reason, .. } if reason.contains("version 1 has been revoked"))),
+        "a lease of a revoked version is audited"
+    );
     // Revoking the active version stops every lease of the secret.
     let v2 = l
         .cp()

@@ -67,7 +67,8 @@ pub struct VersionRecord {
     #[serde(with = "crate::b64")]
     pub ciphertext: Vec<u8>,
     pub wrapped_dek: Option<WrappedKey>,
-    /// Caches that were sent this version's DEK (sealed to them).
+    /// Caches that were sent this version's DEK, as `ID#KEY` (see
+    /// `seal_key`): a cache that re-enrols with a new key is sealed anew.
     #[serde(default)]
     pub sealed_for: BTreeSet<String>,
 }
@@ -140,6 +141,14 @@ impl std::fmt::Debug for Secrets {
             .field("kms", &self.kms.describe())
             .finish_non_exhaustive()
     }
+}
+
+/// A holder as `sealed_for` records it: its id and which key it was sealed to.
+fn seal_key(id: &str, public_key: &[u8]) -> String {
+    format!(
+        "{id}#{}",
+        hex::encode(&lattice_shared::pki::sha256(public_key)[..8])
+    )
 }
 
 fn dek_aad(name: &str, dek_id: &str) -> Vec<u8> {
@@ -584,6 +593,8 @@ impl State {
             self.holders(&rec.regions)?
         };
         let holder_ids: BTreeSet<String> = holders.iter().map(|(id, _)| id.clone()).collect();
+        let holder_keys: BTreeSet<String> =
+            holders.iter().map(|(id, pk)| seal_key(id, pk)).collect();
         let revoked = self.log.revocations().clone();
         let live: Vec<u64> = rec.live().collect();
         for v in live {
@@ -591,7 +602,7 @@ impl State {
             let Some(vr) = rec.versions.get_mut(&v) else {
                 continue;
             };
-            vr.sealed_for.retain(|c| holder_ids.contains(c));
+            vr.sealed_for.retain(|c| holder_keys.contains(c));
             if revoked.is_secret_version_revoked(&name, v) {
                 continue;
             }
@@ -600,7 +611,7 @@ impl State {
             };
             let missing: Vec<&(String, Vec<u8>)> = holders
                 .iter()
-                .filter(|(id, _)| !vr.sealed_for.contains(id))
+                .filter(|(id, pk)| !vr.sealed_for.contains(&seal_key(id, pk)))
                 .collect();
             if missing.is_empty() {
                 continue;
@@ -634,7 +645,7 @@ impl State {
                 self.now_ms(),
             )?;
             vr.sealed_for
-                .extend(missing.iter().map(|(id, _)| id.clone()));
+                .extend(missing.iter().map(|(id, pk)| seal_key(id, pk)));
         }
         let state = Published {
             active: rec.active,

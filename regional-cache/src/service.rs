@@ -232,6 +232,17 @@ impl Service {
         )
     }
 
+    /// A refusal that is not a policy decision (those record themselves).
+    fn audit_refusal(&self, agent: &SpiffeId, reason: &str) {
+        self.audit(AuditEvent::Refused {
+            cache: self.state.id.clone(),
+            agent: agent.clone(),
+            reason: reason.to_string(),
+            at_unix_ms: self.state.now_ms(),
+            policy_version: self.state.policy.version(),
+        });
+    }
+
     fn audit(&self, e: AuditEvent) {
         if let Some(sink) = &self.state.audit {
             sink.record(e);
@@ -529,10 +540,9 @@ impl Cache for Service {
                 .is_secret_version_revoked(&r.name, r.version)
         {
             refused("revoked");
-            return Err(Status::permission_denied(format!(
-                "secret {} version {} has been revoked",
-                r.name, r.version
-            )));
+            let reason = format!("secret {} version {} has been revoked", r.name, r.version);
+            self.audit_refusal(&peer.id, &reason);
+            return Err(Status::permission_denied(reason));
         }
         let (found, sealed) = self.state.sync.secrets.lookup(&r.name, r.version, now);
         let what = |v: u64| {
@@ -569,10 +579,9 @@ impl Cache for Service {
         };
         if self.state.sync.is_secret_version_revoked(&r.name, version) {
             refused("revoked");
-            return Err(Status::permission_denied(format!(
-                "{} has been revoked",
-                what(version)
-            )));
+            let reason = format!("{} has been revoked", what(version));
+            self.audit_refusal(&peer.id, &reason);
+            return Err(Status::permission_denied(reason));
         }
         let me = self.state.id.to_string();
         let value = crate::secrets::open(&self.state.hpke, &me, &r.name, version, &sealed, now)
