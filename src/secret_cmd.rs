@@ -88,7 +88,10 @@ pub enum KmsCommand {
 }
 
 fn read_value(file: Option<&PathBuf>, keep_newline: bool) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let mut buf = Zeroizing::new(Vec::new());
+    // Allocated once: a growing buffer would leave copies in freed memory.
+    let mut buf = Zeroizing::new(Vec::with_capacity(
+        lattice_shared::envelope::MAX_SECRET_VALUE_LEN + 2,
+    ));
     match file {
         Some(p) => {
             std::fs::File::open(p)

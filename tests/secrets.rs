@@ -90,6 +90,40 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// `value` as it would appear stored raw, hex, or inside base64 (at each
+/// of the three alignments, whole groups only) or JSON-escaped.
+fn encodings(value: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let mut out = vec![value.to_vec(), hex::encode(value).into_bytes()];
+    for k in 0..3 {
+        let whole = (value.len() - k) / 3 * 3;
+        for engine in [
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            out.push(engine.encode(&value[k..k + whole]).into_bytes());
+        }
+    }
+    out
+}
+
+/// Whether `hay` holds `value` in any of its `encodings`.
+fn holds(hay: &[u8], value: &[u8]) -> bool {
+    encodings(value).iter().any(|e| contains(hay, e))
+}
+
+#[test]
+fn the_plaintext_scan_sees_encoded_values() {
+    use base64::Engine;
+    let stored = format!(
+        "{{\"x\":\"{}\"}}",
+        base64::engine::general_purpose::STANDARD.encode([b"ab".as_slice(), MARKER].concat())
+    );
+    assert!(holds(stored.as_bytes(), MARKER));
+    assert!(holds(hex::encode(MARKER).as_bytes(), MARKER));
+    assert!(!holds(b"nothing here", MARKER));
+}
+
 #[tokio::test]
 async fn a_secret_reaches_only_its_regions_and_is_leased_with_an_audited_fingerprint() {
     let (l, _clock) = common::lattice_with(spec()).await;
@@ -213,7 +247,7 @@ async fn no_data_file_of_the_control_plane_or_a_cache_holds_a_value() {
         let bytes = std::fs::read(&f).expect("read");
         for m in [MARKER, MARKER2] {
             assert!(
-                !contains(&bytes, m),
+                !holds(&bytes, m),
                 "{} holds a secret value in plaintext",
                 f.display()
             );
@@ -493,7 +527,6 @@ async fn another_kek_gives_a_clear_error_not_a_value() {
         .expect_err("another KEK");
     let msg = e.to_string();
     assert!(msg.contains("wrong KEK"), "{msg}");
-    assert!(!msg.contains("MARKER"));
     // Rewrapping cannot proceed either, and says why.
     let e = carol
         .rotate_kms(pb::RotateKmsRequest {})
@@ -572,6 +605,7 @@ async fn a_put_under_the_two_person_rule_waits_encrypted_and_runs_on_approval() 
         .expect("id")
         .to_string();
     // While it waits the value is stored only encrypted.
+    let mut waiting = 0;
     for (_, v) in l
         .cp()
         .state
@@ -579,8 +613,10 @@ async fn a_put_under_the_two_person_rule_waits_encrypted_and_runs_on_approval() 
         .scan_prefix("pending", b"", 100)
         .expect("scan")
     {
-        assert!(!contains(&v, MARKER));
+        assert!(!holds(&v, MARKER), "a waiting put holds the value");
+        waiting += 1;
     }
+    assert_eq!(waiting, 1, "the put waits in the pending table");
     // A platform admin may not approve a secret change.
     let e = l
         .bootstrap_admin()
@@ -608,7 +644,60 @@ async fn a_put_under_the_two_person_rule_waits_encrypted_and_runs_on_approval() 
         &*l.cp().state.open_secret_version("openai", 1).expect("open"),
         MARKER
     );
+
+    // An approval runs what was asked: a rollback asked while v1 was the
+    // previous version does not restore whatever is previous later.
+    let waits = |r: Result<tonic::Response<pb::SecretVersionInfo>, tonic::Status>| {
+        approval_id(&r.expect_err("waits for a second custodian"))
+    };
+    let id = waits(carol.put_secret(put_req("openai", MARKER2)).await);
+    dave.approve(pb::ApproveRequest { request_id: id })
+        .await
+        .expect("v2");
+    let rollback = approval_id(
+        &carol
+            .rollback_secret(pb::RollbackSecretRequest {
+                name: "openai".into(),
+            })
+            .await
+            .expect_err("waits"),
+    );
+    let id = waits(
+        carol
+            .put_secret(put_req("openai", b"sk-third-value-xyz"))
+            .await,
+    );
+    dave.approve(pb::ApproveRequest { request_id: id })
+        .await
+        .expect("v3");
+    let e = dave
+        .approve(pb::ApproveRequest {
+            request_id: rollback,
+        })
+        .await
+        .expect_err("the previous version changed");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("changed since"), "{}", e.message());
+    assert_eq!(l.cp().state.secret_record("openai").expect("rec").active, 3);
     l.shutdown().await;
+}
+
+fn put_req(name: &str, value: &[u8]) -> pb::PutSecretRequest {
+    pb::PutSecretRequest {
+        name: name.into(),
+        value: value.to_vec(),
+        regions: vec!["eu".into()],
+        message: String::new(),
+    }
+}
+
+fn approval_id(e: &tonic::Status) -> String {
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    e.metadata()
+        .get("lattice-approval-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("approval id")
+        .to_string()
 }
 
 // ---------------------------------------------------------------------------
@@ -818,6 +907,32 @@ async fn a_failed_post_check_rolls_back_and_a_failed_pre_check_changes_nothing()
     assert!(e.message().contains("nothing changed"), "{}", e.message());
     assert_eq!(l.cp().state.log.head(), head, "no event was written");
     assert_eq!(l.cp().state.secret_record("openai").expect("rec").active, 1);
+
+    // A leaked key: v1 is revoked, then rotated. Rolling back to a revoked
+    // version would leave nothing to serve, so a failed post-check keeps
+    // the new version and says so.
+    l.cp()
+        .state
+        .revoke(&lattice_shared::revocation::Revocation {
+            target: lattice_shared::revocation::Target::SecretVersion {
+                name: "openai".into(),
+                version: 1,
+            },
+            reason: "leaked".into(),
+        })
+        .expect("revoke v1");
+    up.lock().expect("lock").fail = Some("post-check".into());
+    let (_, result) = rotate(&mut carol, "openai").await;
+    let e = result.expect_err("post-check fails");
+    assert!(e.message().contains("stays active"), "{}", e.message());
+    let rec = l.cp().state.secret_record("openai").expect("rec");
+    assert_eq!(rec.active, 3, "the new version serves");
+    settle(&l).await;
+    let lease = l.agents[0]
+        .lease_secret("openai", 0, None)
+        .await
+        .expect("the new key is leased");
+    assert_eq!(lease.version, 3);
     l.shutdown().await;
 }
 

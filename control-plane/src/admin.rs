@@ -153,6 +153,22 @@ impl Service {
         )))
     }
 
+    /// Whether `c` could do `action` at all, with an approval if need be
+    /// (a cheap refusal before expensive preparation; `gate` decides).
+    #[allow(clippy::result_large_err)]
+    fn may_ever(&self, c: &Caller, action: AdminAction, resource: &str) -> Result<(), Status> {
+        let engine = self.state.policy.current();
+        let req = self.admin_request(c, action, "", resource, vec![]);
+        if engine.decide_admin(&with_any_approval(&req)).allowed {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "{} may not {}",
+            c.id,
+            action.name()
+        )))
+    }
+
     /// A change: allowed, or parked for a second admin, or denied.
     async fn gate<M: Message>(
         &self,
@@ -1025,15 +1041,21 @@ impl Service {
         let c = self.caller(&req)?;
         let name = req.get_ref().name().to_string();
         secrets::check_name(&name)?;
-        let change = pb::PendingSecretChange {
+        let mut change = pb::PendingSecretChange {
             op: op.into(),
             name: name.clone(),
             ..Default::default()
         };
-        match self
-            .secret_change(&c, change, format!("{op} secret {name}"))
-            .await?
-        {
+        let mut summary = format!("{op} secret {name}");
+        if op == "rollback" {
+            // Pin the version being restored: an approval runs what was asked.
+            let state = self.state.clone();
+            let n = name.clone();
+            let rec = blocking(move || state.secret_record(&n)).await?;
+            change.version = rec.previous;
+            summary = format!("roll secret {name} back to version {}", rec.previous);
+        }
+        match self.secret_change(&c, change, summary).await? {
             secrets::SecretOutcome::Versions(v) => Ok(Response::new(v)),
             _ => Err(Status::internal("unexpected outcome")),
         }

@@ -304,6 +304,16 @@ impl Rotators {
     }
 }
 
+impl Rotators {
+    /// Whether a rotation of `secret` is running (other changes wait).
+    pub fn is_running(&self, secret: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(secret)
+    }
+}
+
 /// Marks a secret's rotation as running for as long as it lives.
 struct Running<'a>(&'a Rotators, String);
 
@@ -470,6 +480,19 @@ pub async fn rotate(
         .check(secret, "post-check", new, &new_fp)
         .await
     {
+        let (st, name) = (state.clone(), secret.to_string());
+        if let Err(why) = blocking(move || st.restore_after_failed_rotation(&name, old, new)).await
+        {
+            report(
+                &progress,
+                "rollback",
+                format!("post-check failed: {e}; {why}"),
+            )
+            .await;
+            return Err(fail(format!(
+                "rotation of {secret}: post-check failed: {e}; {why}"
+            )));
+        }
         report(
             &progress,
             "rollback",
@@ -478,8 +501,6 @@ pub async fn rotate(
             ),
         )
         .await;
-        let (st, name) = (state.clone(), secret.to_string());
-        blocking(move || st.restore_after_failed_rotation(&name, old, new)).await?;
         if let Err(r) = entry.rotator.retire(secret, new, &new_fp).await {
             tracing::warn!(secret, error = %r, "retiring the failed upstream key failed");
         }
@@ -491,8 +512,15 @@ pub async fn rotate(
     if old != 0 {
         report(&progress, "retire", format!("revoking version {old}")).await;
         let (st, name) = (state.clone(), secret.to_string());
-        blocking(move || st.revoke_secret_version(&name, old, "rotated")).await?;
-        if let Err(e) = entry.rotator.retire(secret, old, &old_fp).await {
+        let revoked = blocking(move || st.revoke_replaced(&name, old, new)).await?;
+        if revoked.is_none() {
+            report(
+                &progress,
+                "retire",
+                format!("secret {secret} changed meanwhile; version {old} is left as it is"),
+            )
+            .await;
+        } else if let Err(e) = entry.rotator.retire(secret, old, &old_fp).await {
             report(
                 &progress,
                 "retire",

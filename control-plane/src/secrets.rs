@@ -354,11 +354,18 @@ impl State {
     }
 
     /// Activates the previous version again (within its grace window).
-    pub fn rollback_secret(&self, name: &str) -> Result<SecretRecord, Error> {
+    /// `expected`: the previous version the caller saw (0: any); a change
+    /// in between (a put) refuses the rollback rather than surprise.
+    pub fn rollback_secret(&self, name: &str, expected: u64) -> Result<SecretRecord, Error> {
         let _g = self.secrets.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut rec = self.live_secret(name)?;
         let now = unix_secs(self.clock.now());
         let prev = rec.previous;
+        if expected != 0 && prev != expected {
+            return Err(Error::FailedPrecondition(format!(
+                "secret {name} changed since the rollback was asked: the previous version is now {prev}, not {expected}; ask again"
+            )));
+        }
         if prev == 0 {
             return Err(Error::FailedPrecondition(format!(
                 "secret {name} has no previous version to roll back to"
@@ -422,7 +429,10 @@ impl State {
         Ok(ev)
     }
 
-    /// After a failed post-check: `old` is active again, `new` revoked.
+    /// After a failed post-check: `old` is active again and `new` revoked,
+    /// if nothing else changed the secret meanwhile and `old` can still
+    /// serve (not revoked, not shredded); otherwise `new` stays and the
+    /// error says why.
     pub fn restore_after_failed_rotation(
         &self,
         name: &str,
@@ -431,6 +441,23 @@ impl State {
     ) -> Result<(), Error> {
         let _g = self.secrets.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut rec = self.live_secret(name)?;
+        if rec.active != new {
+            return Err(Error::FailedPrecondition(format!(
+                "secret {name} changed during the rotation (active is now version {}); nothing was rolled back",
+                rec.active
+            )));
+        }
+        let usable = old != 0
+            && !self.log.revocations().is_secret_version_revoked(name, old)
+            && rec
+                .versions
+                .get(&old)
+                .is_some_and(|v| v.wrapped_dek.is_some());
+        if !usable {
+            return Err(Error::FailedPrecondition(format!(
+                "version {old} of secret {name} is revoked or gone, so version {new} stays active although its post-check failed; fix the upstream key and rotate again"
+            )));
+        }
         self.log.append_revocation(
             &lattice_shared::revocation::Revocation {
                 target: lattice_shared::revocation::Target::SecretVersion {
@@ -446,6 +473,26 @@ impl State {
         rec.previous_until_unix = 0;
         rec.shred_retired();
         self.reconcile(&mut rec)
+    }
+
+    /// The last step of a rotation: revokes `old` if `new` is still the
+    /// active version (a put or rollback meanwhile leaves it alone).
+    pub fn revoke_replaced(
+        &self,
+        name: &str,
+        old: u64,
+        new: u64,
+    ) -> Result<Option<pb::LatticeEvent>, Error> {
+        {
+            let _g = self.secrets.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let rec = self.live_secret(name)?;
+            if rec.active != new || old == new {
+                return Ok(None);
+            }
+        }
+        // Between the check and the revocation only another rotation could
+        // change the secret, and rotations of one secret do not overlap.
+        self.revoke_secret_version(name, old, "rotated").map(Some)
     }
 
     /// DEK rotation: the live versions are re-encrypted under new DEKs and
@@ -587,6 +634,9 @@ impl State {
 
     /// Brings the caches in line with `rec` (see the module doc) and saves it.
     fn reconcile(&self, rec: &mut SecretRecord) -> Result<(), Error> {
+        // The record first: after a crash between here and the last save,
+        // the next reconcile sees what was meant and publishes it again.
+        self.save_secret(rec)?;
         let holders = if rec.deleted {
             Vec::new()
         } else {
@@ -595,17 +645,18 @@ impl State {
         let holder_ids: BTreeSet<String> = holders.iter().map(|(id, _)| id.clone()).collect();
         let holder_keys: BTreeSet<String> =
             holders.iter().map(|(id, pk)| seal_key(id, pk)).collect();
-        let revoked = self.log.revocations().clone();
-        let live: Vec<u64> = rec.live().collect();
+        let live: Vec<u64> = {
+            let revoked = self.log.revocations();
+            rec.live()
+                .filter(|v| !revoked.is_secret_version_revoked(&rec.name, *v))
+                .collect()
+        };
         for v in live {
             let name = rec.name.clone();
             let Some(vr) = rec.versions.get_mut(&v) else {
                 continue;
             };
             vr.sealed_for.retain(|c| holder_keys.contains(c));
-            if revoked.is_secret_version_revoked(&name, v) {
-                continue;
-            }
             let Some(wrapped) = vr.wrapped_dek.as_ref() else {
                 continue;
             };
@@ -621,16 +672,28 @@ impl State {
                 .kms
                 .unwrap(wrapped, &dek_aad(&name, &vr.dek_id))?;
             let mut seals = Vec::with_capacity(missing.len());
+            let mut sealed_to = Vec::with_capacity(missing.len());
             for (id, pk) in &missing {
-                let (enc, sealed_dek) =
-                    envelope::seal_to(pk, &dek, &envelope::seal_aad(id, &name, v))?;
-                seals.push(pb::SealedDek {
-                    cache_id: id.clone(),
-                    enc,
-                    sealed_dek,
-                });
+                // One bad key must not hold the others back.
+                match envelope::seal_to(pk, &dek, &envelope::seal_aad(id, &name, v)) {
+                    Ok((enc, sealed_dek)) => {
+                        seals.push(pb::SealedDek {
+                            cache_id: id.clone(),
+                            enc,
+                            sealed_dek,
+                        });
+                        sealed_to.push(seal_key(id, pk));
+                    }
+                    Err(e) => {
+                        metrics::counter!("lattice_cp_secret_seal_failures_total").increment(1);
+                        tracing::error!(cache_id = %id, secret = %name, version = v, error = %e, "cannot seal to this cache's key; it does not receive the secret");
+                    }
+                }
             }
             drop(dek);
+            if seals.is_empty() {
+                continue;
+            }
             self.log.append_secret(
                 pb::SecretEvent {
                     name: name.clone(),
@@ -644,8 +707,7 @@ impl State {
                 },
                 self.now_ms(),
             )?;
-            vr.sealed_for
-                .extend(missing.iter().map(|(id, pk)| seal_key(id, pk)));
+            vr.sealed_for.extend(sealed_to);
         }
         let state = Published {
             active: rec.active,

@@ -161,8 +161,12 @@ impl ControlPlane for Service {
             )?;
             let record = state.certify_cache(&id, &csrs, &hpke)?;
             tracing::info!(cache_id = %id, "cache enrolled");
-            // A new holder: seal it the secrets of its region.
-            state.reconcile_secrets()?;
+            // A new holder: seal it the secrets of its region. Best effort:
+            // the token is spent and the cache enrolled; the next change (or
+            // restart) reconciles again.
+            if let Err(e) = state.reconcile_secrets() {
+                tracing::error!(cache_id = %id, error = %e, "sealing secrets to the new cache failed");
+            }
             Ok(record)
         })
         .await?;
@@ -196,10 +200,12 @@ impl ControlPlane for Service {
                     peer.id
                 )));
             }
-            let had_key = !record.hpke_public_key.is_empty();
+            let old_key = record.hpke_public_key.clone();
             let record = state.certify_cache(&peer.id, &csrs, &hpke)?;
-            if !had_key && !record.hpke_public_key.is_empty() {
-                state.reconcile_secrets()?;
+            if record.hpke_public_key != old_key
+                && let Err(e) = state.reconcile_secrets()
+            {
+                tracing::error!(cache_id = %peer.id, error = %e, "sealing secrets to the renewed cache failed");
             }
             Ok(record)
         })

@@ -345,11 +345,16 @@ mod tests {
             open(&stranger, ME, "openai", 1, &sealed, 100 + DEK_CACHE_SECS),
             Err(EnvelopeError::Unseal)
         );
-        // A withdrawn version takes its DEK with it.
+        // A withdrawn version takes its DEK with it: once the last lease
+        // using it is done, nothing holds it.
+        let weak = Arc::downgrade(&sealed);
+        drop(sealed);
+        assert!(weak.upgrade().is_some(), "the index still holds it");
         idx.apply(
             ME,
             &state_event("openai", 1, 0, 0, &["spiffe://td/cache/us/c2"]),
         );
         assert!(idx.lookup("openai", 0, 100).1.is_none());
+        assert!(weak.upgrade().is_none(), "dropped (and its DEK zeroized)");
     }
 }

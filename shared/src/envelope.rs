@@ -2,8 +2,9 @@
 //! (ChaCha20-Poly1305, ring) under its own random DEK; the control plane
 //! keeps the DEK wrapped by a KEK (`kms`) and gives it to a cache only sealed
 //! to that cache's own X25519 key with HPKE (RFC 9180, base mode,
-//! DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / ChaCha20-Poly1305). Every
-//! ciphertext is bound by its AAD to the secret, version and recipient.
+//! DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / ChaCha20-Poly1305). A value
+//! is bound by its AAD to its secret (each version has its own DEK); a
+//! sealed DEK to its secret, version and recipient cache.
 
 use hpke::aead::ChaCha20Poly1305;
 use hpke::kdf::HkdfSha256;
@@ -197,11 +198,11 @@ pub fn seal_to(
     Ok((enc.to_bytes().to_vec(), ct))
 }
 
-/// Checks that a public key is a well-formed X25519 key.
+/// Checks that a public key can be sealed to: 32 bytes that HPKE accepts,
+/// and not a low-order point (the Diffie-Hellman would be all zeros, which
+/// HPKE refuses at seal time). A trial seal decides.
 pub fn check_public_key(public_key: &[u8]) -> Result<(), EnvelopeError> {
-    <X25519HkdfSha256 as hpke::Kem>::PublicKey::from_bytes(public_key)
-        .map(|_| ())
-        .map_err(|_| EnvelopeError::PublicKey)
+    seal_to(public_key, b"probe", b"lattice/probe").map(|_| ())
 }
 
 /// A keyed fingerprint of a secret value (HMAC-SHA256, first 16 bytes, hex):
@@ -271,6 +272,9 @@ mod tests {
             seal_to(b"short", &*dek, &aad),
             Err(EnvelopeError::PublicKey)
         );
+        // A low-order point is refused up front (enrolment checks this).
+        assert_eq!(check_public_key(&[0u8; 32]), Err(EnvelopeError::PublicKey));
+        assert!(check_public_key(&cache.public_bytes()).is_ok());
     }
 
     #[test]

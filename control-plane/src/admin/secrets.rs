@@ -91,6 +91,13 @@ impl Service {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let name = change.name.clone();
+        if !matches!(change.op.as_str(), "rotate" | "kms-rotate")
+            && self.state.rotators.is_running(&name)
+        {
+            return Err(Status::failed_precondition(format!(
+                "a rotation of secret {name} is running; retry when it has finished"
+            )));
+        }
         match change.op.as_str() {
             "put" => {
                 let staged: Staged = serde_json::from_slice(&change.staged_json)
@@ -127,7 +134,7 @@ impl Service {
             }
             "rollback" => {
                 blocking(move || {
-                    let rec = state.rollback_secret(&name)?;
+                    let rec = state.rollback_secret(&name, change.version)?;
                     Ok(SecretOutcome::Versions(state.secret_versions(&rec)))
                 })
                 .await
@@ -192,6 +199,9 @@ impl Service {
         regions.sort();
         regions.dedup();
         check_regions(&regions).map_err(Status::from)?;
+        // Refuse early a caller who could never put (not even approved):
+        // staging costs a KMS call.
+        self.may_ever(c, AdminAction::PutSecret, &r.name)?;
         let state = self.state.clone();
         let (name, value) = (r.name.clone(), zeroize::Zeroizing::new(r.value));
         let staged = blocking(move || state.secrets.stage(&name, &value)).await?;
