@@ -12,6 +12,7 @@ pub mod eventlog;
 pub mod id;
 pub mod kms;
 pub mod limits;
+pub mod merkle;
 pub mod net;
 pub mod pem;
 pub mod pki;
