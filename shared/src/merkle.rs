@@ -338,9 +338,9 @@ mod tests {
         for n in 1..=leaves.len() {
             let tree = &leaves[..n];
             let r = root(tree);
-            for i in 0..n {
+            for (i, leaf) in tree.iter().enumerate() {
                 let p = inclusion_proof(tree, i).expect("proof");
-                assert!(verify_inclusion(i as u64, n as u64, &leaves[i], &p, &r));
+                assert!(verify_inclusion(i as u64, n as u64, leaf, &p, &r));
             }
             for m in 1..=n {
                 let p = consistency_proof(tree, m).expect("proof");
