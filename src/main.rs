@@ -9,6 +9,7 @@ use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use lattice_shared::proto as pb;
 
+mod audit_cmd;
 mod secret_cmd;
 
 /// Lattice: short-lived credentials for AI agents, from a control plane
@@ -108,6 +109,11 @@ enum Command {
     Secret {
         #[command(subcommand)]
         command: secret_cmd::SecretCommand,
+    },
+    /// The tamper-evident audit log: verify, tail, query, proofs.
+    Audit {
+        #[command(subcommand)]
+        command: audit_cmd::AuditCommand,
     },
     /// The KMS that wraps secrets' DEKs.
     Kms {
@@ -382,6 +388,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Policy { command } => policy(command).await,
         Command::Secret { command } => secret_cmd::run(command).await,
         Command::Kms { command } => secret_cmd::run_kms(command).await,
+        Command::Audit { command } => audit_cmd::run(command).await,
         Command::Approve { request_id, admin } => {
             let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
             let r = client
@@ -686,6 +693,16 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn connect(
+    a: &AdminArgs,
+) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    lattice::admin::connect(a.control_plane, &a.admin_dir)
+}
+
+fn admin_refused(s: tonic::Status) -> anyhow::Error {
+    lattice::admin::refused(s)
 }
 
 fn now_ms() -> i64 {

@@ -625,7 +625,7 @@ async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
 
     // The admin trail holds each decision, both admins of the approval.
     use lattice_control_plane::audit::{self, Outcome};
-    let trail = audit::list(&l.cp().state.store, 1000).expect("trail");
+    let trail = audit::list(&l.cp().state, 1000).expect("trail");
     let has = |admin: &str, action: &str, outcome: Outcome| {
         trail
             .iter()

@@ -34,18 +34,22 @@ fn binaries_run_alone_from_their_configuration() {
 
     // Two secret custodians, certified while the default bundle lets the
     // bootstrap admin do it alone (the example bundle wants two admins).
-    let custodian = |name: &str| {
+    let certify = |name: &str, role: &str| {
         let out = d.join(name);
         run_ok(
             Command::new(bin("lattice"))
-                .args(["admin-cert", "issue", "--role", "secret-custodian"])
+                .args(["admin-cert", "issue", "--role", role])
                 .args(["--id", &format!("spiffe://lattice.local/admin/{name}")])
                 .args(["--out", out.to_str().expect("utf8")])
                 .args(admin),
         );
         out
     };
-    let (carol, dave) = (custodian("carol"), custodian("dave"));
+    let (carol, dave) = (
+        certify("carol", "secret-custodian"),
+        certify("dave", "secret-custodian"),
+    );
+    let ann = certify("ann", "auditor");
 
     // Policy as code from the CLI: validate and test offline, push (the
     // default bundle lets the bootstrap admin do it alone), list history.
@@ -228,6 +232,70 @@ fn binaries_run_alone_from_their_configuration() {
         value, b"sk-proc-test-value",
         "the trailing newline is stripped at put"
     );
+
+    // The audit log from the CLI: every admin decision above is an entry;
+    // verify recomputes the tree and checks the signed heads; a proof
+    // printed for entry 1 checks offline against the root certificate.
+    let out = run_ok(&mut as_admin(&ann, &["audit", "tail", "-n", "5"]));
+    assert_eq!(out.lines().count(), 5, "{out}");
+    assert!(
+        out.lines()
+            .all(|l| l.starts_with('{') && l.contains("\"index\"")),
+        "{out}"
+    );
+    let out = run_ok(&mut as_admin(
+        &ann,
+        &[
+            "audit",
+            "query",
+            "--kind",
+            "admin",
+            "--subject",
+            "spiffe://lattice.local/admin/dave",
+        ],
+    ));
+    assert!(out.contains("Approve") || out.contains("approved"), "{out}");
+    // Tree heads are signed every few seconds: wait for one past entry 1.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let proof = loop {
+        let out = as_admin(&ann, &["audit", "proof", "1"])
+            .output()
+            .expect("runs");
+        if out.status.success() {
+            break out.stdout;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no signed head: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let proof_file = write(&d.join("proof.json"), &String::from_utf8_lossy(&proof));
+    let out = run_ok(Command::new(bin("lattice")).args([
+        "audit",
+        "check-proof",
+        proof_file.to_str().expect("utf8"),
+        "--root",
+        d.join("cp/root.crt").to_str().expect("utf8"),
+    ]));
+    assert!(out.starts_with("ok: entry 1 is in the tree head"), "{out}");
+    let out = run_ok(&mut as_admin(&ann, &["audit", "verify"]));
+    assert!(out.starts_with("ok:"), "{out}");
+    // An altered proof is refused.
+    let forged = String::from_utf8_lossy(&proof).replacen("\"index\": 1", "\"index\": 0", 1);
+    let forged_file = write(&d.join("forged.json"), &forged);
+    let out = Command::new(bin("lattice"))
+        .args([
+            "audit",
+            "check-proof",
+            forged_file.to_str().expect("utf8"),
+            "--root",
+            d.join("cp/root.crt").to_str().expect("utf8"),
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "a forged proof must fail");
 }
 
 #[test]

@@ -64,7 +64,7 @@ impl Service {
     /// Writes an admin trail record durably.
     async fn trail(&self, r: audit::AdminRecord) -> Result<(), Status> {
         let state = self.state.clone();
-        blocking(move || audit::record(&state.store, &r)).await
+        blocking(move || audit::record(&state, &r)).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -141,7 +141,7 @@ impl Service {
         tracing::warn!(admin = %c.id, action = action.name(), policy_version = outcome.version, "admin action denied");
         let state = self.state.clone();
         let r = self.trail_record(c, action, audit::Outcome::Denied, &outcome, None, None, "");
-        if let Err(e) = audit::record(&state.store, &r) {
+        if let Err(e) = audit::record(&state, &r) {
             tracing::error!(error = %e, "writing the admin trail failed");
             return Err(Status::internal("internal error; see control-plane logs"));
         }
@@ -996,6 +996,93 @@ impl Admin for Service {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+
+    async fn audit_entries(
+        &self,
+        req: Request<pb::AuditEntriesRequest>,
+    ) -> Result<Response<pb::AuditEntriesResponse>, Status> {
+        let c = self.caller(&req)?;
+        self.gate_read(&c, AdminAction::ReadAudit)?;
+        let r = req.into_inner();
+        let state = self.state.clone();
+        let (entries, tree_size) = blocking(move || {
+            Ok((
+                state.audit_log.entries(r.start, r.limit)?,
+                state.audit_log.size(),
+            ))
+        })
+        .await?;
+        Ok(Response::new(pb::AuditEntriesResponse {
+            entries,
+            tree_size,
+        }))
+    }
+
+    async fn audit_tree_heads(
+        &self,
+        req: Request<pb::AuditTreeHeadsRequest>,
+    ) -> Result<Response<pb::AuditTreeHeadsResponse>, Status> {
+        let c = self.caller(&req)?;
+        self.gate_read(&c, AdminAction::ReadAudit)?;
+        let state = self.state.clone();
+        let heads = blocking(move || state.audit_log.heads()).await?;
+        Ok(Response::new(pb::AuditTreeHeadsResponse { heads }))
+    }
+
+    async fn audit_proof(
+        &self,
+        req: Request<pb::AuditProofRequest>,
+    ) -> Result<Response<pb::AuditProofResponse>, Status> {
+        let c = self.caller(&req)?;
+        self.gate_read(&c, AdminAction::ReadAudit)?;
+        let r = req.into_inner();
+        let state = self.state.clone();
+        let resp = blocking(move || {
+            let log = &state.audit_log;
+            let (size, head) = log.head(r.tree_size)?.ok_or_else(|| {
+                Error::NotFound(format!("no signed tree head of size {}", r.tree_size))
+            })?;
+            if r.index >= size {
+                return Err(Error::InvalidArgument(format!(
+                    "entry {} is not in the tree head of size {size}",
+                    r.index
+                )));
+            }
+            let entry = log
+                .entries(r.index, 1)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::NotFound(format!("no entry {}", r.index)))?;
+            let inclusion = log
+                .inclusion(r.index, size)
+                .ok_or_else(|| Error::Corrupt("inclusion proof".into()))?;
+            let (consistency, first_head) = if r.first_size == 0 {
+                (Vec::new(), None)
+            } else {
+                let (_, first) = log.head(r.first_size)?.ok_or_else(|| {
+                    Error::NotFound(format!("no signed tree head of size {}", r.first_size))
+                })?;
+                if r.first_size > size {
+                    return Err(Error::InvalidArgument(
+                        "first_size is larger than the tree head's size".into(),
+                    ));
+                }
+                let proof = log
+                    .consistency(r.first_size, size)
+                    .ok_or_else(|| Error::Corrupt("consistency proof".into()))?;
+                (proof, Some(first))
+            };
+            Ok(pb::AuditProofResponse {
+                entry: Some(entry),
+                inclusion: inclusion.iter().map(|h| h.to_vec()).collect(),
+                head: Some(head),
+                consistency: consistency.iter().map(|h| h.to_vec()).collect(),
+                first_head,
+            })
+        })
+        .await?;
+        Ok(Response::new(resp))
     }
 
     async fn rotate_kms(

@@ -1,16 +1,11 @@
 //! The admin trail: every admin decision at the control plane (allowed,
-//! denied, parked for a second admin, approved), written durably before the
-//! caller learns the outcome. Both admins of a two-person action are in the
-//! approval's record. Not yet tamper-evident: the audit log work chains
-//! these records (and the caches' issuance records) into a Merkle log.
+//! denied, parked for a second admin, approved), written durably to the
+//! tamper-evident audit log (`auditlog`) before the caller learns the
+//! outcome. Both admins of a two-person action are in the approval's record.
 
-use lattice_shared::store::SharedStore;
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
-
-const T_ADMIN_AUDIT: &str = "admin_audit";
+use crate::{Error, State};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,25 +35,26 @@ pub struct AdminRecord {
     pub summary: String,
 }
 
-/// Appends a record durably; keys sort by time.
-pub fn record(store: &SharedStore, r: &AdminRecord) -> Result<(), Error> {
-    let mut key = Vec::with_capacity(16);
-    key.extend_from_slice(&r.at_unix_ms.to_be_bytes());
-    let mut rnd = [0u8; 8];
-    SystemRandom::new()
-        .fill(&mut rnd)
-        .map_err(|_| Error::Corrupt("rng".into()))?;
-    key.extend_from_slice(&rnd);
-    let bytes = serde_json::to_vec(r).map_err(|e| Error::Corrupt(e.to_string()))?;
-    store.put(T_ADMIN_AUDIT, &key, &bytes)?;
-    Ok(())
+/// An audit log leaf, tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    Admin(AdminRecord),
 }
 
-/// The oldest `limit` records, in time order.
-pub fn list(store: &SharedStore, limit: usize) -> Result<Vec<AdminRecord>, Error> {
-    store
-        .scan_prefix(T_ADMIN_AUDIT, b"", limit)?
-        .into_iter()
-        .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| Error::Corrupt(e.to_string())))
-        .collect()
+/// Appends an admin record durably to the audit log.
+pub fn record(state: &State, r: &AdminRecord) -> Result<(), Error> {
+    state.audit(&Record::Admin(r.clone())).map(|_| ())
+}
+
+/// The oldest `limit` admin records, in log order.
+pub fn list(state: &State, limit: u32) -> Result<Vec<AdminRecord>, Error> {
+    let mut out = Vec::new();
+    for e in state.audit_log.entries(0, limit)? {
+        match serde_json::from_slice(&e.record) {
+            Ok(Record::Admin(r)) => out.push(r),
+            Err(e) => return Err(Error::Corrupt(format!("audit record: {e}"))),
+        }
+    }
+    Ok(out)
 }

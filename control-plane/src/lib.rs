@@ -5,6 +5,7 @@
 mod admin;
 pub mod approval;
 pub mod audit;
+pub mod auditlog;
 pub mod join;
 pub mod log;
 pub mod policy;
@@ -283,6 +284,8 @@ pub struct State {
     pub links: sync::Links,
     /// Upstream secrets: the KMS and what orders changes.
     pub secrets: secrets::Secrets,
+    /// The tamper-evident audit log.
+    pub audit_log: auditlog::AuditLog,
     /// Rotators of upstream keys, by secret name.
     pub rotators: rotation::Rotators,
     /// Turns true when the control plane stops; long-lived streams end then.
@@ -412,8 +415,10 @@ impl App {
         let kms = cfg.kms.open(&cfg.data_dir)?;
         let secrets = secrets::Secrets::open(&deps.store, &deps.vault, kms)?;
         let rotators = rotation::Rotators::from_config(&cfg.rotation)?;
+        let audit_log = auditlog::AuditLog::open(deps.store.clone())?;
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
+            audit_log,
             secrets,
             rotators,
             cfg,
@@ -437,6 +442,9 @@ impl App {
         state.ensure_admin_files(&AdminFiles::in_dir(&state.cfg.data_dir.join("admin")))?;
         // Finish any distribution a crash interrupted.
         state.reconcile_secrets()?;
+        state
+            .audit_log
+            .sign_head(&state.policy.signer(), state.now_ms())?;
 
         let tls = lattice_shared::tls::server_config(
             bundle,
@@ -476,6 +484,7 @@ impl App {
                 let mut tick = tokio::time::interval(Duration::from_secs(60));
                 let mut rotations =
                     tokio::time::interval(Duration::from_secs(state.cfg.rotation_check_secs));
+                let mut heads = tokio::time::interval(Duration::from_secs(5));
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
@@ -485,6 +494,16 @@ impl App {
                         }
                         _ = rotations.tick() => {
                             rotation::run_due(&state).await;
+                        }
+                        _ = heads.tick() => {
+                            let st = state.clone();
+                            let signed = tokio::task::spawn_blocking(move || {
+                                st.audit_log.sign_head(&st.policy.signer(), st.now_ms())
+                            })
+                            .await;
+                            if let Ok(Err(e)) = signed {
+                                tracing::error!(error = %e, "signing an audit tree head failed");
+                            }
                         }
                     }
                 }
@@ -687,6 +706,18 @@ impl State {
             ttl,
             Some(&attrs.to_org_unit()),
         )?)
+    }
+
+    /// Appends an audit record durably (a signed head follows at least every
+    /// `auditlog::HEAD_EVERY` entries). Returns its index.
+    pub fn audit(&self, record: &impl Serialize) -> Result<u64, Error> {
+        let bytes = serde_json::to_vec(record).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let (index, head_due) = self.audit_log.append(&bytes)?;
+        if head_due {
+            self.audit_log
+                .sign_head(&self.policy.signer(), self.now_ms())?;
+        }
+        Ok(index)
     }
 
     /// Validates and commits a revocation; durable when this returns.

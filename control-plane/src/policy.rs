@@ -201,6 +201,14 @@ impl Policies {
             .to_vec()
     }
 
+    /// The signing key in force (it also signs the audit log's tree heads).
+    pub fn signer(&self) -> Arc<PolicySigner> {
+        self.signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn replace_signer(&self, signer: PolicySigner) {
         *self.signer.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(signer);
     }

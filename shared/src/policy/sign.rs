@@ -44,6 +44,16 @@ impl PolicySigner {
         &self.cert_der
     }
 
+    /// Signs `bytes` under another domain-separation `context` (e.g. the
+    /// audit log's tree heads): the same certified key, never confusable
+    /// with a release.
+    pub fn sign_detached(&self, context: &[u8], bytes: &[u8]) -> Result<Vec<u8>, PolicyError> {
+        let mut m = Vec::with_capacity(context.len() + bytes.len());
+        m.extend_from_slice(context);
+        m.extend_from_slice(bytes);
+        rcgen::SigningKey::sign(&self.key, &m).map_err(|e| PolicyError::Signature(e.to_string()))
+    }
+
     pub fn sign(&self, release: &pb::PolicyRelease) -> Result<pb::SignedPolicy, PolicyError> {
         let bytes = release.encode_to_vec();
         let signature = rcgen::SigningKey::sign(&self.key, &message(&bytes))
@@ -73,28 +83,14 @@ pub fn verify(
     td: &TrustDomain,
 ) -> Result<VerifiedRelease, PolicyError> {
     let bad = |m: &str| PolicyError::Signature(m.to_string());
-    let signer = inspect(&signed.signer_cert).map_err(|e| bad(&format!("signer: {e}")))?;
-    match &signer.id {
-        Some(id) if id.role() == Role::ControlPlane && id.trust_domain() == td => {}
-        _ => return Err(bad("the signer is not this trust domain's control plane")),
-    }
-    if signer.is_ca || signer.eku_client_auth || signer.eku_server_auth {
-        return Err(bad(
-            "the signer certificate is not a policy signing certificate",
-        ));
-    }
-    let (_, root) = x509_parser::certificate::X509Certificate::from_der(root_der)
-        .map_err(|e| bad(&format!("root: {e}")))?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&signed.signer_cert)
-        .map_err(|e| bad(&format!("signer: {e}")))?;
-    cert.verify_signature(Some(root.public_key()))
-        .map_err(|_| bad("the signer certificate was not issued by the root"))?;
-    let key = ring::signature::UnparsedPublicKey::new(
-        &ring::signature::ED25519,
-        cert.public_key().subject_public_key.data.as_ref(),
-    );
-    key.verify(&message(&signed.release), &signed.signature)
-        .map_err(|_| bad("the signature does not match the release"))?;
+    let signer = check_signature(
+        SIGNING_CONTEXT,
+        &signed.release,
+        &signed.signature,
+        &signed.signer_cert,
+        root_der,
+        td,
+    )?;
     let release = pb::PolicyRelease::decode(signed.release.as_slice())
         .map_err(|e| bad(&format!("release: {e}")))?;
     let at = crate::clock::from_unix_secs(release.released_at_unix_ms.div_euclid(1000));
@@ -117,6 +113,46 @@ pub fn verify(
         files,
         signer,
     })
+}
+
+/// Checks `signature` over `context || bytes` by the control plane's
+/// signing certificate `signer_cert`, issued by the root `root_der` to the
+/// control plane of `td`. Returns the signer (the caller checks dates).
+pub fn check_signature(
+    context: &[u8],
+    bytes: &[u8],
+    signature: &[u8],
+    signer_cert: &[u8],
+    root_der: &[u8],
+    td: &TrustDomain,
+) -> Result<CertInfo, PolicyError> {
+    let bad = |m: &str| PolicyError::Signature(m.to_string());
+    let signer = inspect(signer_cert).map_err(|e| bad(&format!("signer: {e}")))?;
+    match &signer.id {
+        Some(id) if id.role() == Role::ControlPlane && id.trust_domain() == td => {}
+        _ => return Err(bad("the signer is not this trust domain's control plane")),
+    }
+    if signer.is_ca || signer.eku_client_auth || signer.eku_server_auth {
+        return Err(bad(
+            "the signer certificate is not a policy signing certificate",
+        ));
+    }
+    let (_, root) = x509_parser::certificate::X509Certificate::from_der(root_der)
+        .map_err(|e| bad(&format!("root: {e}")))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(signer_cert)
+        .map_err(|e| bad(&format!("signer: {e}")))?;
+    cert.verify_signature(Some(root.public_key()))
+        .map_err(|_| bad("the signer certificate was not issued by the root"))?;
+    let key = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ED25519,
+        cert.public_key().subject_public_key.data.as_ref(),
+    );
+    let mut m = Vec::with_capacity(context.len() + bytes.len());
+    m.extend_from_slice(context);
+    m.extend_from_slice(bytes);
+    key.verify(&m, signature)
+        .map_err(|_| bad("the signature does not match the signed bytes"))?;
+    Ok(signer)
 }
 
 /// When a release was made.

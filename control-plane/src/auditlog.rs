@@ -1,0 +1,249 @@
+//! The tamper-evident audit log: an append-only RFC 6962 Merkle tree whose
+//! leaves are audit records (JSON, never a secret value). Each leaf is
+//! durable before its append returns. Tree heads (size, root, time) are
+//! signed with the control plane's certified signing key every
+//! `HEAD_EVERY` entries and by a timer, and kept; anyone holding the root
+//! certificate can check a head, and with the Admin API's proofs that an
+//! entry is in it and that an older head is a prefix of a newer one.
+//!
+//! Leaf hashes are kept in memory (32 bytes per entry) and the root is
+//! recomputed per head: fine for millions of entries, not for billions
+//! (stored subtree hashes are the scale path).
+
+use std::sync::Mutex;
+
+use lattice_shared::merkle::{self, Hash};
+use lattice_shared::policy::sign::PolicySigner;
+use lattice_shared::proto as pb;
+use lattice_shared::store::SharedStore;
+use prost::Message;
+
+use crate::Error;
+
+const T_LEAVES: &str = "audit_leaves";
+const T_HEADS: &str = "audit_heads";
+/// Domain separation of tree-head signatures.
+pub const HEAD_CONTEXT: &[u8] = b"lattice audit tree head v1\0";
+/// A head is signed at least every this many entries.
+pub const HEAD_EVERY: u64 = 64;
+/// Largest page of entries served.
+pub const MAX_PAGE: u32 = 1000;
+
+#[derive(Debug, Default)]
+struct Inner {
+    leaves: Vec<Hash>,
+    last_head: u64,
+}
+
+#[derive(Debug)]
+pub struct AuditLog {
+    store: SharedStore,
+    inner: Mutex<Inner>,
+}
+
+fn key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+impl AuditLog {
+    /// Loads the leaves (they must run from 0 without a gap).
+    pub fn open(store: SharedStore) -> Result<Self, Error> {
+        let mut leaves = Vec::new();
+        loop {
+            let batch = store.scan_from(T_LEAVES, &key(leaves.len() as u64), 4096)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (k, v) in batch {
+                if k.as_slice() != key(leaves.len() as u64) {
+                    return Err(Error::Corrupt(format!(
+                        "audit log has a gap at entry {}",
+                        leaves.len()
+                    )));
+                }
+                leaves.push(merkle::leaf_hash(&v));
+            }
+        }
+        let last_head = store
+            .scan_prefix(T_HEADS, b"", usize::MAX)?
+            .last()
+            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_slice()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        Ok(Self {
+            store,
+            inner: Mutex::new(Inner { leaves, last_head }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn size(&self) -> u64 {
+        self.lock().leaves.len() as u64
+    }
+
+    /// Appends one record durably; returns its index and whether a head is
+    /// due.
+    pub fn append(&self, record: &[u8]) -> Result<(u64, bool), Error> {
+        let mut g = self.lock();
+        let index = g.leaves.len() as u64;
+        self.store.put(T_LEAVES, &key(index), record)?;
+        g.leaves.push(merkle::leaf_hash(record));
+        Ok((index, index + 1 - g.last_head >= HEAD_EVERY))
+    }
+
+    /// Signs and keeps a head of the whole log, unless the newest head
+    /// already covers it.
+    pub fn sign_head(
+        &self,
+        signer: &PolicySigner,
+        now_ms: i64,
+    ) -> Result<Option<pb::SignedTreeHead>, Error> {
+        let mut g = self.lock();
+        let size = g.leaves.len() as u64;
+        if size == g.last_head && size != 0 {
+            return Ok(None);
+        }
+        let head = pb::TreeHead {
+            tree_size: size,
+            root_hash: merkle::root(&g.leaves).to_vec(),
+            timestamp_unix_ms: now_ms,
+        }
+        .encode_to_vec();
+        let signature = signer
+            .sign_detached(HEAD_CONTEXT, &head)
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        let signed = pb::SignedTreeHead {
+            tree_head: head,
+            signature,
+            signer_cert: signer.cert_der().to_vec(),
+        };
+        self.store
+            .put(T_HEADS, &key(size), &signed.encode_to_vec())?;
+        g.last_head = size;
+        metrics::gauge!("lattice_cp_audit_tree_size").set(size as f64);
+        Ok(Some(signed))
+    }
+
+    /// Every signed head, oldest first.
+    pub fn heads(&self) -> Result<Vec<pb::SignedTreeHead>, Error> {
+        self.store
+            .scan_prefix(T_HEADS, b"", usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| {
+                pb::SignedTreeHead::decode(v.as_slice())
+                    .map_err(|e| Error::Corrupt(format!("tree head: {e}")))
+            })
+            .collect()
+    }
+
+    /// The head of `size` entries (0: the newest).
+    pub fn head(&self, size: u64) -> Result<Option<(u64, pb::SignedTreeHead)>, Error> {
+        let found = if size == 0 {
+            self.store.scan_prefix(T_HEADS, b"", usize::MAX)?.pop()
+        } else {
+            self.store
+                .get(T_HEADS, &key(size))?
+                .map(|v| (key(size).to_vec(), v))
+        };
+        found
+            .map(|(k, v)| {
+                let size = <[u8; 8]>::try_from(k.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| Error::Corrupt("tree head key".into()))?;
+                let head = pb::SignedTreeHead::decode(v.as_slice())
+                    .map_err(|e| Error::Corrupt(format!("tree head: {e}")))?;
+                Ok((size, head))
+            })
+            .transpose()
+    }
+
+    pub fn entries(&self, start: u64, limit: u32) -> Result<Vec<pb::AuditEntry>, Error> {
+        let limit = limit.clamp(1, MAX_PAGE) as usize;
+        self.store
+            .scan_from(T_LEAVES, &key(start), limit)?
+            .into_iter()
+            .map(|(k, v)| {
+                let index = <[u8; 8]>::try_from(k.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| Error::Corrupt("audit entry key".into()))?;
+                Ok(pb::AuditEntry { index, record: v })
+            })
+            .collect()
+    }
+
+    /// The audit path of entry `index` in the tree of `size` entries.
+    pub fn inclusion(&self, index: u64, size: u64) -> Option<Vec<Hash>> {
+        let g = self.lock();
+        let size = usize::try_from(size).ok()?;
+        if size > g.leaves.len() {
+            return None;
+        }
+        merkle::inclusion_proof(&g.leaves[..size], usize::try_from(index).ok()?)
+    }
+
+    /// That the tree of `first` entries is a prefix of the tree of `size`.
+    pub fn consistency(&self, first: u64, size: u64) -> Option<Vec<Hash>> {
+        let g = self.lock();
+        let size = usize::try_from(size).ok()?;
+        if size > g.leaves.len() {
+            return None;
+        }
+        merkle::consistency_proof(&g.leaves[..size], usize::try_from(first).ok()?)
+    }
+}
+
+/// What `lattice audit verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub entries: u64,
+    pub heads: usize,
+}
+
+/// Recomputes the tree from `records` (index order, from 0) and checks every
+/// head: signature by the control plane's key chained to `root_der`, and
+/// root equal to the recomputed root of its size.
+pub fn verify(
+    records: &[Vec<u8>],
+    heads: &[pb::SignedTreeHead],
+    root_der: &[u8],
+    td: &lattice_shared::id::TrustDomain,
+) -> Result<Verified, String> {
+    let leaves: Vec<Hash> = records.iter().map(|r| merkle::leaf_hash(r)).collect();
+    let mut last = 0u64;
+    for (i, h) in heads.iter().enumerate() {
+        lattice_shared::policy::sign::check_signature(
+            HEAD_CONTEXT,
+            &h.tree_head,
+            &h.signature,
+            &h.signer_cert,
+            root_der,
+            td,
+        )
+        .map_err(|e| format!("tree head #{i}: {e}"))?;
+        let head = pb::TreeHead::decode(h.tree_head.as_slice())
+            .map_err(|e| format!("tree head #{i}: {e}"))?;
+        if head.tree_size < last {
+            return Err(format!("tree head #{i}: size {} shrinks", head.tree_size));
+        }
+        last = head.tree_size;
+        let size = usize::try_from(head.tree_size).map_err(|e| e.to_string())?;
+        if size > leaves.len() {
+            return Err(format!(
+                "tree head #{i} covers {size} entries but the log holds {}",
+                leaves.len()
+            ));
+        }
+        if merkle::root(&leaves[..size]).as_slice() != head.root_hash.as_slice() {
+            return Err(format!(
+                "tree head #{i} (size {size}): the entries do not hash to its root: the log was altered"
+            ));
+        }
+    }
+    Ok(Verified {
+        entries: leaves.len() as u64,
+        heads: heads.len(),
+    })
+}

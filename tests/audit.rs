@@ -1,0 +1,250 @@
+//! The tamper-evident audit log over the Admin API: every admin decision is
+//! a leaf; signed tree heads verify against the root; altering a stored
+//! entry or head is detected; inclusion and consistency proofs verify and
+//! fail when altered.
+
+mod common;
+
+use lattice::harness::Lattice;
+use lattice_control_plane::auditlog;
+use lattice_shared::merkle;
+use lattice_shared::policy::AdminRole;
+use lattice_shared::proto as pb;
+use lattice_shared::proto::admin_client::AdminClient;
+use prost::Message;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn records(auditor: &mut AdminClient<Channel>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let r = auditor
+            .audit_entries(pb::AuditEntriesRequest {
+                start: out.len() as u64,
+                limit: 1000,
+            })
+            .await
+            .expect("entries")
+            .into_inner();
+        if r.entries.is_empty() {
+            return out;
+        }
+        out.extend(r.entries.into_iter().map(|e| e.record));
+    }
+}
+
+async fn heads(auditor: &mut AdminClient<Channel>) -> Vec<pb::SignedTreeHead> {
+    auditor
+        .audit_tree_heads(pb::AuditTreeHeadsRequest {})
+        .await
+        .expect("heads")
+        .into_inner()
+        .heads
+}
+
+fn root_der(l: &Lattice) -> Vec<u8> {
+    l.cp().state.root.cert_der().to_vec()
+}
+
+fn sign_head(l: &Lattice) {
+    let state = &l.cp().state;
+    state
+        .audit_log
+        .sign_head(&state.policy.signer(), state.now_ms())
+        .expect("sign");
+}
+
+#[tokio::test]
+async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected() {
+    let (l, _clock) = common::lattice().await;
+    let mut auditor = l.admin("ann", &[AdminRole::Auditor], &[]).expect("auditor");
+    // A platform admin may not read the audit log; the denial is recorded.
+    let e = l
+        .bootstrap_admin()
+        .expect("admin")
+        .audit_entries(pb::AuditEntriesRequest {
+            start: 0,
+            limit: 10,
+        })
+        .await
+        .expect_err("no ReadAudit");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Some admin decisions: allowed and denied.
+    let mut admin = l.bootstrap_admin().expect("admin");
+    admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            id: "spiffe://lattice.local/agent/eu/new-1".into(),
+            ttl_secs: 60,
+        })
+        .await
+        .expect("token");
+    let _ = auditor
+        .create_join_token(pb::CreateJoinTokenRequest {
+            id: "spiffe://lattice.local/agent/eu/new-2".into(),
+            ttl_secs: 60,
+        })
+        .await
+        .expect_err("auditors read only");
+    sign_head(&l);
+
+    let recs = records(&mut auditor).await;
+    let text: Vec<String> = recs
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert!(
+        text.iter().any(|t| t.contains("\"kind\":\"admin\"")
+            && t.contains("CreateJoinToken")
+            && t.contains("\"outcome\":\"allowed\"")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("ReadAudit") && t.contains("denied"))
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("admin/ann") && t.contains("denied"))
+    );
+    let hs = heads(&mut auditor).await;
+    assert!(hs.len() >= 2, "the start head and ours");
+    let td = lattice_shared::id::TrustDomain::new("lattice.local").expect("td");
+    let v = auditlog::verify(&recs, &hs, &root_der(&l), &td).expect("verifies");
+    assert_eq!(v.entries, recs.len() as u64);
+
+    // Altering a stored entry: the recomputed tree no longer matches.
+    let state = &l.cp().state;
+    let original = state
+        .store
+        .get("audit_leaves", &1u64.to_be_bytes())
+        .expect("get")
+        .expect("entry 1");
+    // Entry 1 is the allowed join token: rewrite it as denied.
+    let forged = String::from_utf8_lossy(&original).replace("allowed", "denied");
+    assert_ne!(forged.as_bytes(), original.as_slice());
+    state
+        .store
+        .put("audit_leaves", &1u64.to_be_bytes(), forged.as_bytes())
+        .expect("tamper");
+    let err = auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+        .expect_err("tampering is detected");
+    assert!(err.contains("altered"), "{err}");
+    state
+        .store
+        .put("audit_leaves", &1u64.to_be_bytes(), &original)
+        .expect("restore");
+
+    // Altering a head: its signature no longer holds.
+    let mut bad = hs.clone();
+    let last = bad.len() - 1;
+    let mut th = pb::TreeHead::decode(bad[last].tree_head.as_slice()).expect("head");
+    th.root_hash[0] ^= 1;
+    bad[last].tree_head = th.encode_to_vec();
+    let err = auditlog::verify(&recs, &bad, &root_der(&l), &td).expect_err("forged head");
+    assert!(err.contains("signature"), "{err}");
+    // A head signed by anyone else (another lattice's root) is refused.
+    let other = lattice_shared::pki::Authority::new_root(
+        &td,
+        lattice_shared::pki::PrivateKey::generate_p256().expect("key"),
+        std::time::SystemTime::now(),
+        std::time::Duration::from_secs(3600),
+    )
+    .expect("root");
+    assert!(auditlog::verify(&recs, &hs, other.cert_der(), &td).is_err());
+    l.shutdown().await;
+}
+
+#[tokio::test]
+async fn proofs_verify_and_fail_when_altered() {
+    let (l, _clock) = common::lattice().await;
+    let mut auditor = l.admin("ann", &[AdminRole::Auditor], &[]).expect("auditor");
+    let state = l.cp().state.clone();
+    for i in 0..5 {
+        state
+            .audit(&serde_json::json!({"kind": "test", "n": i}))
+            .expect("append");
+    }
+    sign_head(&l);
+    let first = state.audit_log.size();
+    // A head is signed on its own every HEAD_EVERY entries.
+    let before = heads(&mut auditor).await.len();
+    for i in 0..auditlog::HEAD_EVERY {
+        state
+            .audit(&serde_json::json!({"kind": "test", "n": 100 + i}))
+            .expect("append");
+    }
+    assert!(
+        heads(&mut auditor).await.len() > before,
+        "a head was signed"
+    );
+    sign_head(&l);
+    let p = auditor
+        .audit_proof(pb::AuditProofRequest {
+            index: 2,
+            tree_size: 0,
+            first_size: first,
+        })
+        .await
+        .expect("proof")
+        .into_inner();
+    let entry = p.entry.expect("entry");
+    let head = pb::TreeHead::decode(p.head.expect("head").tree_head.as_slice()).expect("head");
+    let first_head =
+        pb::TreeHead::decode(p.first_head.expect("first").tree_head.as_slice()).expect("first");
+    let h = |v: &Vec<u8>| <merkle::Hash>::try_from(v.as_slice()).expect("32 bytes");
+    let path: Vec<merkle::Hash> = p.inclusion.iter().map(h).collect();
+    let leaf = merkle::leaf_hash(&entry.record);
+    let root = h(&head.root_hash);
+    assert!(merkle::verify_inclusion(
+        2,
+        head.tree_size,
+        &leaf,
+        &path,
+        &root
+    ));
+    let mut bad = path.clone();
+    bad[0][0] ^= 1;
+    assert!(!merkle::verify_inclusion(
+        2,
+        head.tree_size,
+        &leaf,
+        &bad,
+        &root
+    ));
+    assert!(!merkle::verify_inclusion(
+        3,
+        head.tree_size,
+        &leaf,
+        &path,
+        &root
+    ));
+    let cons: Vec<merkle::Hash> = p.consistency.iter().map(h).collect();
+    assert!(merkle::verify_consistency(
+        first_head.tree_size,
+        head.tree_size,
+        &h(&first_head.root_hash),
+        &root,
+        &cons
+    ));
+    let mut bad = cons.clone();
+    let last = bad.len() - 1;
+    bad[last][3] ^= 1;
+    assert!(!merkle::verify_consistency(
+        first_head.tree_size,
+        head.tree_size,
+        &h(&first_head.root_hash),
+        &root,
+        &bad
+    ));
+    // Out of range: a clear error.
+    let e = auditor
+        .audit_proof(pb::AuditProofRequest {
+            index: 1_000_000,
+            tree_size: 0,
+            first_size: 0,
+        })
+        .await
+        .expect_err("out of range");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    l.shutdown().await;
+}
