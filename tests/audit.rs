@@ -248,3 +248,138 @@ async fn proofs_verify_and_fail_when_altered() {
     assert_eq!(e.code(), Code::InvalidArgument);
     l.shutdown().await;
 }
+
+/// The records the control plane's log holds from `cache`, as JSON.
+fn cache_records(l: &Lattice, cache: &str) -> Vec<serde_json::Value> {
+    let log = &l.cp().state.audit_log;
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let page = log.entries(start, 1000).expect("entries");
+        if page.is_empty() {
+            return out;
+        }
+        start = page.last().map(|e| e.index + 1).unwrap_or(start);
+        for e in page {
+            let v: serde_json::Value = serde_json::from_slice(&e.record).expect("json");
+            if v["cache"] == cache {
+                out.push(v);
+            }
+        }
+    }
+}
+
+/// Polls until `n` records of `cache` are in the log (no event to wait on
+/// across the two processes' worth of tasks; bounded by a deadline).
+async fn wait_records(l: &Lattice, cache: &str, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + lattice::harness::WAIT;
+    loop {
+        let got = cache_records(l, cache);
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} records of {cache} arrived",
+            got.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
+    let spec = lattice::harness::Spec {
+        secrets: vec!["openai".into()],
+        ..lattice::harness::Spec::default()
+    };
+    let (mut l, _clock) = common::lattice_with(spec).await;
+    let eu = l.caches[0].id().to_string();
+    let mut carol = l
+        .admin("carol", &[AdminRole::SecretCustodian], &[])
+        .expect("custodian");
+    carol
+        .put_secret(pb::PutSecretRequest {
+            name: "openai".into(),
+            value: b"sk-audit-test-value".to_vec(),
+            regions: vec!["eu".into()],
+            message: String::new(),
+        })
+        .await
+        .expect("put");
+    l.wait_all_applied(l.cp().state.log.head())
+        .await
+        .expect("applied");
+    let agent = l.agents[0].clone();
+    agent
+        .mint(common::AUDIENCE, &["read".into()], None)
+        .await
+        .expect("mint");
+    agent.lease_secret("openai", 0, None).await.expect("lease");
+    agent
+        .mint("https://not-listed.example.com", &[], None)
+        .await
+        .expect_err("denied");
+    let got = wait_records(&l, &eu, 3).await;
+    let kinds: Vec<&str> = got.iter().filter_map(|v| v["kind"].as_str()).collect();
+    assert_eq!(kinds, vec!["issued", "leased", "refused"]);
+    assert_eq!(got[1]["secret"], "openai");
+    assert!(
+        !got.iter()
+            .any(|v| v.to_string().contains("sk-audit-test-value")),
+        "never the value"
+    );
+    assert_eq!(got[0]["agent"], agent.id.as_str());
+
+    // Partitioned: records wait in the cache's outbox on disk.
+    l.caches[0].partition();
+    for _ in 0..3 {
+        agent
+            .mint(common::AUDIENCE, &["read".into()], None)
+            .await
+            .expect("mint while partitioned (still fresh on the fake clock)");
+    }
+    let outbox = l.caches[0].app().state.outbox.clone();
+    let deadline = std::time::Instant::now() + lattice::harness::WAIT;
+    while outbox.backlog() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records never became durable"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(outbox); // it holds the cache's store, which a restart reopens
+    assert_eq!(
+        cache_records(&l, &eu).len(),
+        3,
+        "nothing crossed the partition"
+    );
+    l.caches[0].heal();
+    wait_records(&l, &eu, 6).await;
+
+    // A restart: the cache's numbering goes on and nothing is sent twice.
+    agent
+        .mint(common::AUDIENCE, &["read".into()], None)
+        .await
+        .expect("mint");
+    l.restart_cache(0).await.expect("restart");
+    l.caches[0].wait_fresh().await.expect("fresh");
+    let agent = l.agents[0].clone();
+    agent
+        .mint(common::AUDIENCE, &["read".into()], None)
+        .await
+        .expect("mint after restart");
+    let got = wait_records(&l, &eu, 8).await;
+    let seqs: Vec<u64> = got.iter().filter_map(|v| v["cache_seq"].as_u64()).collect();
+    assert_eq!(
+        seqs,
+        (1..=8).collect::<Vec<u64>>(),
+        "each record once, in order"
+    );
+    assert_eq!(
+        l.caches[0].app().state.outbox.backlog(),
+        0,
+        "acked records are deleted"
+    );
+    l.shutdown().await;
+}

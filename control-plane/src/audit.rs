@@ -51,7 +51,12 @@ pub fn record(state: &State, r: &AdminRecord) -> Result<(), Error> {
 pub fn list(state: &State, limit: u32) -> Result<Vec<AdminRecord>, Error> {
     let mut out = Vec::new();
     for e in state.audit_log.entries(0, limit)? {
-        match serde_json::from_slice(&e.record) {
+        let v: serde_json::Value = serde_json::from_slice(&e.record)
+            .map_err(|e| Error::Corrupt(format!("audit record: {e}")))?;
+        if v.get("kind").and_then(|k| k.as_str()) != Some("admin") {
+            continue; // caches' records
+        }
+        match serde_json::from_value(v) {
             Ok(Record::Admin(r)) => out.push(r),
             Err(e) => return Err(Error::Corrupt(format!("audit record: {e}"))),
         }

@@ -94,6 +94,32 @@ impl AuditLog {
         Ok((index, index + 1 - g.last_head >= HEAD_EVERY))
     }
 
+    /// Appends several records and `extra` writes in one durable batch;
+    /// returns the first index and whether a head is due.
+    pub fn append_batch(
+        &self,
+        records: &[Vec<u8>],
+        extra: Vec<lattice_shared::store::Write>,
+    ) -> Result<(u64, bool), Error> {
+        let mut g = self.lock();
+        let first = g.leaves.len() as u64;
+        let mut writes: Vec<lattice_shared::store::Write> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| lattice_shared::store::Write {
+                tree: T_LEAVES,
+                key: key(first + i as u64).to_vec(),
+                value: Some(r.clone()),
+            })
+            .collect();
+        writes.extend(extra);
+        self.store.apply(writes)?;
+        g.leaves
+            .extend(records.iter().map(|r| merkle::leaf_hash(r)));
+        let size = g.leaves.len() as u64;
+        Ok((first, size - g.last_head >= HEAD_EVERY))
+    }
+
     /// Signs and keeps a head of the whole log, unless the newest head
     /// already covers it.
     pub fn sign_head(

@@ -85,6 +85,100 @@ fn only_for(e: &mut pb::LatticeEvent, cache: &str) {
     }
 }
 
+/// Audit records forwarded by caches: appended to the audit log once each,
+/// wrapped with the sender's authenticated id.
+mod cache_audit {
+    use lattice_shared::id::SpiffeId;
+    use lattice_shared::proto as pb;
+    use lattice_shared::store::Write;
+
+    use crate::{Error, State};
+
+    const T_HWM: &str = "audit_hwm";
+    /// Records one batch may carry, and the size of one record.
+    pub const MAX_RECORDS: usize = 1024;
+    pub const MAX_RECORD_BYTES: usize = 16 * 1024;
+    const KINDS: [&str; 3] = ["issued", "leased", "refused"];
+
+    fn key(cache: &SpiffeId, epoch: u64) -> Vec<u8> {
+        format!("{cache}#{epoch:016x}").into_bytes()
+    }
+
+    pub fn hwm(state: &State, cache: &SpiffeId, epoch: u64) -> Result<u64, Error> {
+        Ok(lattice_shared::eventlog::read_seq(
+            &*state.store,
+            T_HWM,
+            &key(cache, epoch),
+        )?)
+    }
+
+    /// Appends the records after `hwm`; returns the new mark.
+    pub fn append(
+        state: &State,
+        cache: &SpiffeId,
+        epoch: u64,
+        hwm: u64,
+        batch: pb::AuditBatch,
+    ) -> Result<u64, Error> {
+        if batch.records.len() > MAX_RECORDS {
+            return Err(Error::InvalidArgument(format!(
+                "more than {MAX_RECORDS} records"
+            )));
+        }
+        if batch.first == 0 || batch.first > hwm + 1 {
+            return Err(Error::InvalidArgument(format!(
+                "records start at {} but {} is the next expected",
+                batch.first,
+                hwm + 1
+            )));
+        }
+        let skip = usize::try_from(hwm + 1 - batch.first).unwrap_or(usize::MAX);
+        let mut leaves = Vec::new();
+        for (i, r) in batch.records.iter().enumerate().skip(skip) {
+            if r.len() > MAX_RECORD_BYTES {
+                return Err(Error::InvalidArgument(format!(
+                    "record {} is larger than {MAX_RECORD_BYTES} bytes",
+                    batch.first + i as u64
+                )));
+            }
+            let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(r)
+                .map_err(|e| Error::InvalidArgument(format!("record is not a JSON object: {e}")))?;
+            match v.get("kind").and_then(|k| k.as_str()) {
+                Some(k) if KINDS.contains(&k) => {}
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "record kind {other:?} is not one a cache sends"
+                    )));
+                }
+            }
+            // Who sent it is the certificate's id, whatever the record says.
+            v.insert("cache".into(), cache.as_str().into());
+            v.insert("cache_seq".into(), (batch.first + i as u64).into());
+            leaves.push(serde_json::Value::Object(v).to_string().into_bytes());
+        }
+        if leaves.is_empty() {
+            return Ok(hwm);
+        }
+        let upto = hwm + leaves.len() as u64;
+        let (_, head_due) = state.audit_log.append_batch(
+            &leaves,
+            vec![Write {
+                tree: T_HWM,
+                key: key(cache, epoch),
+                value: Some(upto.to_be_bytes().to_vec()),
+            }],
+        )?;
+        if head_due {
+            state
+                .audit_log
+                .sign_head(&state.policy.signer(), state.now_ms())?;
+        }
+        metrics::counter!("lattice_cp_audit_records_total", "cache" => cache.to_string())
+            .increment(leaves.len() as u64);
+        Ok(upto)
+    }
+}
+
 pub(crate) async fn open(
     state: Arc<State>,
     cache: SpiffeId,
@@ -119,7 +213,7 @@ pub(crate) async fn open(
         });
         let mut stopping = state.stopping.clone();
         let reason = tokio::select! {
-            r = serve(&state, &cache, hello.resume_after, inbound, &tx) => r,
+            r = serve(&state, &cache, hello.resume_after, hello.audit_epoch, inbound, &tx) => r,
             // Also when `serve` is blocked on a cache that reads nothing.
             _ = lattice_shared::net::until_true(&mut stopping) => "control plane stopping".into(),
         };
@@ -133,10 +227,27 @@ async fn serve(
     state: &Arc<State>,
     cache: &SpiffeId,
     resume_after: u64,
+    audit_epoch: u64,
     mut inbound: Streaming<pb::SyncUp>,
     tx: &mpsc::Sender<Result<pb::SyncDown, Status>>,
 ) -> String {
     let mut heads = state.log.subscribe();
+    // Where this cache's audit records stand: told first, so it resends
+    // only what is missing.
+    let mut audit_hwm = {
+        let (st, id) = (state.clone(), cache.clone());
+        match tokio::task::spawn_blocking(move || cache_audit::hwm(&st, &id, audit_epoch)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => return format!("reading the audit mark failed: {e}"),
+            Err(_) => return "audit worker failed".into(),
+        }
+    };
+    let ack = pb::SyncDown {
+        msg: Some(Down::AuditAck(pb::AuditAck { upto: audit_hwm })),
+    };
+    if tx.send(Ok(ack)).await.is_err() {
+        return "cache went away".into();
+    }
     let mut sent = resume_after;
     let mut acked = resume_after;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(state.cfg.heartbeat_ms));
@@ -251,6 +362,26 @@ async fn serve(
                         });
                         let pong = pb::FreshnessPong { ping_id: p.ping_id, sent_mono_ms: p.sent_mono_ms, head_seq: head };
                         if tx.send(Ok(pb::SyncDown { msg: Some(Down::Pong(pong)) })).await.is_err() {
+                            return "cache went away".into();
+                        }
+                    }
+                    Some(Up::Audit(batch)) => {
+                        let (st, id) = (state.clone(), cache.clone());
+                        let hwm = audit_hwm;
+                        let appended = tokio::task::spawn_blocking(move || {
+                            cache_audit::append(&st, &id, audit_epoch, hwm, batch)
+                        })
+                        .await;
+                        match appended {
+                            Ok(Ok(upto)) => audit_hwm = upto,
+                            Ok(Err(e)) => {
+                                let _ = tx.send(Err(Status::invalid_argument(format!("audit batch: {e}")))).await;
+                                return format!("bad audit batch: {e}");
+                            }
+                            Err(_) => return "audit worker failed".into(),
+                        }
+                        let ack = pb::SyncDown { msg: Some(Down::AuditAck(pb::AuditAck { upto: audit_hwm })) };
+                        if tx.send(Ok(ack)).await.is_err() {
                             return "cache went away".into();
                         }
                     }

@@ -4,6 +4,7 @@
 //! certificates and mints short-lived, scope-limited tokens.
 
 pub mod authz;
+pub mod outbox;
 pub mod secrets;
 mod service;
 pub mod sync;
@@ -197,6 +198,57 @@ pub enum AuditEvent {
     },
 }
 
+impl AuditEvent {
+    /// The record forwarded to the control plane's audit log (JSON; never
+    /// a token or a secret value). The control plane adds which cache sent it.
+    pub fn to_record(&self, region: &str) -> Vec<u8> {
+        let v = match self {
+            AuditEvent::Issued {
+                agent,
+                jti,
+                audience,
+                at_unix_ms,
+                policy_version,
+                ..
+            } => serde_json::json!({
+                "kind": "issued", "agent": agent.as_str(), "jti": jti,
+                "audience": audience, "at_unix_ms": at_unix_ms,
+                "policy_version": policy_version, "region": region,
+                "decision": "allow",
+            }),
+            AuditEvent::Leased {
+                agent,
+                secret,
+                version,
+                lease_id,
+                fingerprint,
+                expires_at_unix,
+                at_unix_ms,
+                policy_version,
+                ..
+            } => serde_json::json!({
+                "kind": "leased", "agent": agent.as_str(), "secret": secret,
+                "version": version, "lease_id": lease_id, "fingerprint": fingerprint,
+                "expires_at_unix": expires_at_unix, "at_unix_ms": at_unix_ms,
+                "policy_version": policy_version, "region": region,
+                "decision": "allow",
+            }),
+            AuditEvent::Refused {
+                agent,
+                reason,
+                at_unix_ms,
+                policy_version,
+                ..
+            } => serde_json::json!({
+                "kind": "refused", "agent": agent.as_str(), "reason": reason,
+                "at_unix_ms": at_unix_ms, "policy_version": policy_version,
+                "region": region, "decision": "deny",
+            }),
+        };
+        v.to_string().into_bytes()
+    }
+}
+
 pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
     fn record(&self, event: AuditEvent);
 }
@@ -253,6 +305,8 @@ pub struct State {
     /// Secrets' DEKs are sealed to this key (private half sealed at rest).
     pub(crate) hpke: lattice_shared::envelope::HpkeKeyPair,
     pub audit: Option<Arc<dyn AuditSink>>,
+    /// Audit records on their way to the control plane (durable).
+    pub outbox: Arc<outbox::Outbox>,
     /// Turns true when the cache stops; long-lived streams end then.
     pub stopping: watch::Receiver<bool>,
 }
@@ -279,6 +333,7 @@ pub struct App {
     server: JoinHandle<()>,
     background: JoinHandle<()>,
     sync_task: JoinHandle<()>,
+    outbox_task: JoinHandle<()>,
 }
 
 struct Keys {
@@ -694,8 +749,10 @@ impl App {
                 authorizer: policy.clone(),
             }),
         )?;
+        let outbox = Arc::new(outbox::Outbox::open(deps.store.clone())?);
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
+            outbox: outbox.clone(),
             stopping: rx.clone(),
             cfg,
             id,
@@ -771,6 +828,7 @@ impl App {
             })
         };
         let sync_task = tokio::spawn(sync::run(state.clone()));
+        let outbox_task = tokio::spawn(outbox.run_writer());
         tracing::info!(%addr, cache_id = %state.id, "cache listening");
         Ok(App {
             state,
@@ -780,6 +838,7 @@ impl App {
             server,
             background,
             sync_task,
+            outbox_task,
         })
     }
 
@@ -793,6 +852,13 @@ impl App {
         self.sync_task.abort();
         let _ = self.sync_task.await;
         let _ = self.background.await;
+        self.outbox_task.abort();
+        let _ = self.outbox_task.await;
+        // What was recorded but not yet written goes to disk now.
+        let outbox = self.state.outbox.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || outbox.flush_now()).await {
+            tracing::error!(error = %e, "writing the last audit records failed");
+        }
         lattice_shared::net::stop_server(self.server, &self.kill).await;
     }
 }

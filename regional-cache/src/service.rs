@@ -244,6 +244,9 @@ impl Service {
     }
 
     fn audit(&self, e: AuditEvent) {
+        self.state
+            .outbox
+            .record(e.to_record(self.state.region.as_str()));
         if let Some(sink) = &self.state.audit {
             sink.record(e);
         }

@@ -507,6 +507,7 @@ async fn session(
     up.send(pb::SyncUp {
         msg: Some(Up::Hello(pb::SyncHello {
             resume_after: sync.applied(),
+            audit_epoch: state.outbox.epoch(),
         })),
     })
     .await
@@ -604,6 +605,11 @@ async fn stream_loop(
 ) -> Result<(), Error> {
     let sync = &state.sync;
     let mut tick = tokio::time::interval(ping_every);
+    // Audit records go up in order from what the control plane holds;
+    // it tells us that first thing (AuditAck).
+    let mut audit_sent = state.outbox.acked();
+    let mut audit_known = false;
+    let mut durable = state.outbox.subscribe_durable();
     // Moved only by a message from the control plane: pings going out do not
     // prove the link works.
     let mut silent_after = tokio::time::Instant::now() + liveness;
@@ -617,6 +623,12 @@ async fn stream_loop(
             }
             _ = sync.ping_now.notified() => {
                 up.send(pb::SyncUp { msg: Some(Up::Ping(sync.new_ping(rng))) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
+            }
+            changed = durable.changed(), if audit_known => {
+                if changed.is_err() {
+                    return Err(Error::ControlPlane("audit outbox closed".into()));
+                }
+                send_audit(state, up, &mut audit_sent).await?;
             }
             done = &mut *persister => {
                 return match done {
@@ -643,11 +655,47 @@ async fn stream_loop(
                         persist_tx.send((batch.events, decoded)).await.map_err(|_| Error::ControlPlane("persister stopped".into()))?;
                     }
                     Some(Down::Pong(p)) => sync.on_pong(&p),
+                    Some(Down::AuditAck(a)) => {
+                        let outbox = state.outbox.clone();
+                        tokio::task::spawn_blocking(move || outbox.ack(a.upto))
+                            .await
+                            .map_err(|_| Error::Corrupt("worker failed".into()))??;
+                        audit_sent = audit_sent.max(a.upto);
+                        audit_known = true;
+                        send_audit(state, up, &mut audit_sent).await?;
+                    }
                     Some(Down::Heartbeat(_)) | None => {}
                 }
             }
         }
     }
+}
+
+/// Sends the durable audit records after `sent` (a few batches at a time;
+/// acks and new records bring the rest).
+async fn send_audit(
+    state: &Arc<State>,
+    up: &mpsc::Sender<pb::SyncUp>,
+    sent: &mut u64,
+) -> Result<(), Error> {
+    for _ in 0..4 {
+        let outbox = state.outbox.clone();
+        let after = *sent;
+        let (first, records) = tokio::task::spawn_blocking(move || outbox.read_after(after))
+            .await
+            .map_err(|_| Error::Corrupt("worker failed".into()))??;
+        if records.is_empty() {
+            return Ok(());
+        }
+        let n = records.len() as u64;
+        up.send(pb::SyncUp {
+            msg: Some(Up::Audit(pb::AuditBatch { first, records })),
+        })
+        .await
+        .map_err(|_| Error::ControlPlane("closed".into()))?;
+        *sent = first + n - 1;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
