@@ -258,6 +258,14 @@ enum BenchCommand {
         #[arg(long, default_value = "10s")]
         duration: humantime::Duration,
     },
+    /// Audit records from N caches at once into the control plane's
+    /// durable Merkle log, end to end.
+    Audit {
+        #[arg(long, default_value_t = 8)]
+        caches: usize,
+        #[arg(long, default_value_t = 400_000)]
+        records: usize,
+    },
     /// MintToken vs the bare echo RPC at one cache over mTLS.
     Mint {
         #[arg(long, default_value_t = 32)]
@@ -537,6 +545,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "mint/echo throughput ratio: {:.2}",
                 mint.rps / echo.rps.max(1.0)
             );
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::Audit { caches, records },
+        } => {
+            println!("bench audit: {records} records from {caches} caches");
+            println!("{}", lattice::bench::audit(caches, records).await?);
             Ok(())
         }
         Command::Bench {

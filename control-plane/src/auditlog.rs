@@ -6,9 +6,10 @@
 //! certificate can check a head, and with the Admin API's proofs that an
 //! entry is in it and that an older head is a prefix of a newer one.
 //!
-//! Leaf hashes are kept in memory (32 bytes per entry) and the root is
-//! recomputed per head: fine for millions of entries, not for billions
-//! (stored subtree hashes are the scale path).
+//! Leaf hashes are kept in memory (32 bytes per entry; proofs recompute
+//! subtrees from them, O(n)) and the root is kept incrementally: fine for
+//! millions of entries, not for billions (stored subtree hashes are the
+//! scale path).
 
 use std::sync::Mutex;
 
@@ -32,6 +33,8 @@ pub const MAX_PAGE: u32 = 1000;
 #[derive(Debug, Default)]
 struct Inner {
     leaves: Vec<Hash>,
+    /// The root in O(log n) per append (heads are frequent).
+    frontier: merkle::Frontier,
     last_head: u64,
 }
 
@@ -49,6 +52,7 @@ impl AuditLog {
     /// Loads the leaves (they must run from 0 without a gap).
     pub fn open(store: SharedStore) -> Result<Self, Error> {
         let mut leaves = Vec::new();
+        let mut frontier = merkle::Frontier::default();
         loop {
             let batch = store.scan_from(T_LEAVES, &key(leaves.len() as u64), 4096)?;
             if batch.is_empty() {
@@ -61,7 +65,9 @@ impl AuditLog {
                         leaves.len()
                     )));
                 }
-                leaves.push(merkle::leaf_hash(&v));
+                let h = merkle::leaf_hash(&v);
+                frontier.push(h);
+                leaves.push(h);
             }
         }
         let last_head = store
@@ -72,7 +78,11 @@ impl AuditLog {
             .unwrap_or(0);
         Ok(Self {
             store,
-            inner: Mutex::new(Inner { leaves, last_head }),
+            inner: Mutex::new(Inner {
+                leaves,
+                frontier,
+                last_head,
+            }),
         })
     }
 
@@ -90,7 +100,9 @@ impl AuditLog {
         let mut g = self.lock();
         let index = g.leaves.len() as u64;
         self.store.put(T_LEAVES, &key(index), record)?;
-        g.leaves.push(merkle::leaf_hash(record));
+        let h = merkle::leaf_hash(record);
+        g.frontier.push(h);
+        g.leaves.push(h);
         Ok((index, index + 1 - g.last_head >= HEAD_EVERY))
     }
 
@@ -114,8 +126,11 @@ impl AuditLog {
             .collect();
         writes.extend(extra);
         self.store.apply(writes)?;
-        g.leaves
-            .extend(records.iter().map(|r| merkle::leaf_hash(r)));
+        for r in records {
+            let h = merkle::leaf_hash(r);
+            g.frontier.push(h);
+            g.leaves.push(h);
+        }
         let size = g.leaves.len() as u64;
         Ok((first, size - g.last_head >= HEAD_EVERY))
     }
@@ -134,7 +149,7 @@ impl AuditLog {
         }
         let head = pb::TreeHead {
             tree_size: size,
-            root_hash: merkle::root(&g.leaves).to_vec(),
+            root_hash: g.frontier.root().to_vec(),
             timestamp_unix_ms: now_ms,
         }
         .encode_to_vec();
@@ -221,6 +236,63 @@ impl AuditLog {
     }
 }
 
+/// Records waiting for the group committer, with their reply.
+pub struct Job {
+    pub records: Vec<Vec<u8>>,
+    pub extra: Vec<lattice_shared::store::Write>,
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Jobs merged into one durable write (one fsync for many caches' batches).
+const MAX_JOBS: usize = 256;
+
+/// The group committer: whatever arrives while a write is on disk goes into
+/// the next one, in arrival order.
+/// Holds the state weakly: the channel closes, and this ends, when the
+/// control plane's state is dropped.
+pub async fn run_committer(
+    state: std::sync::Weak<crate::State>,
+    mut rx: tokio::sync::mpsc::Receiver<Job>,
+) {
+    while let Some(first) = rx.recv().await {
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_JOBS {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut records = Vec::new();
+        let mut extra = Vec::new();
+        let mut replies = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            records.extend(j.records);
+            extra.extend(j.extra);
+            replies.push(j.reply);
+        }
+        let st = state.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let (_, head_due) = st.audit_log.append_batch(&records, extra)?;
+            if head_due {
+                st.audit_log.sign_head(&st.policy.signer(), st.now_ms())?;
+            }
+            Ok::<(), Error>(())
+        })
+        .await;
+        let result = match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("audit committer worker failed".to_string()),
+        };
+        for r in replies {
+            let _ = r.send(result.clone());
+        }
+    }
+}
+
 /// What `lattice audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
@@ -237,7 +309,10 @@ pub fn verify(
     root_der: &[u8],
     td: &lattice_shared::id::TrustDomain,
 ) -> Result<Verified, String> {
-    let leaves: Vec<Hash> = records.iter().map(|r| merkle::leaf_hash(r)).collect();
+    // One pass over the entries: each head is checked when the growing tree
+    // reaches its size.
+    let mut frontier = merkle::Frontier::default();
+    let mut next = records.iter();
     let mut last = 0u64;
     for (i, h) in heads.iter().enumerate() {
         lattice_shared::policy::sign::check_signature(
@@ -255,21 +330,26 @@ pub fn verify(
             return Err(format!("tree head #{i}: size {} shrinks", head.tree_size));
         }
         last = head.tree_size;
-        let size = usize::try_from(head.tree_size).map_err(|e| e.to_string())?;
-        if size > leaves.len() {
-            return Err(format!(
-                "tree head #{i} covers {size} entries but the log holds {}",
-                leaves.len()
-            ));
+        let size = head.tree_size;
+        while frontier.size() < size {
+            match next.next() {
+                Some(r) => frontier.push(merkle::leaf_hash(r)),
+                None => {
+                    return Err(format!(
+                        "tree head #{i} covers {size} entries but the log holds {}",
+                        records.len()
+                    ));
+                }
+            }
         }
-        if merkle::root(&leaves[..size]).as_slice() != head.root_hash.as_slice() {
+        if frontier.root().as_slice() != head.root_hash.as_slice() {
             return Err(format!(
                 "tree head #{i} (size {size}): the entries do not hash to its root: the log was altered"
             ));
         }
     }
     Ok(Verified {
-        entries: leaves.len() as u64,
+        entries: records.len() as u64,
         heads: heads.len(),
     })
 }

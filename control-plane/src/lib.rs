@@ -286,6 +286,7 @@ pub struct State {
     pub secrets: secrets::Secrets,
     /// The tamper-evident audit log.
     pub audit_log: auditlog::AuditLog,
+    audit_jobs: tokio::sync::mpsc::Sender<auditlog::Job>,
     /// Rotators of upstream keys, by secret name.
     pub rotators: rotation::Rotators,
     /// Turns true when the control plane stops; long-lived streams end then.
@@ -416,9 +417,11 @@ impl App {
         let secrets = secrets::Secrets::open(&deps.store, &deps.vault, kms)?;
         let rotators = rotation::Rotators::from_config(&cfg.rotation)?;
         let audit_log = auditlog::AuditLog::open(deps.store.clone())?;
+        let (audit_jobs, audit_rx) = tokio::sync::mpsc::channel(1024);
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
             audit_log,
+            audit_jobs,
             secrets,
             rotators,
             cfg,
@@ -440,6 +443,7 @@ impl App {
         let root_pem = state.cfg.data_dir.join("root.crt");
         std::fs::write(&root_pem, pem::encode("CERTIFICATE", state.root.cert_der()))?;
         state.ensure_admin_files(&AdminFiles::in_dir(&state.cfg.data_dir.join("admin")))?;
+        tokio::spawn(auditlog::run_committer(Arc::downgrade(&state), audit_rx));
         // Finish any distribution a crash interrupted.
         state.reconcile_secrets()?;
         state
@@ -718,6 +722,27 @@ impl State {
                 .sign_head(&self.policy.signer(), self.now_ms())?;
         }
         Ok(index)
+    }
+
+    /// Appends records (and `extra` writes) durably through the group
+    /// committer, which merges concurrent batches into one write.
+    pub async fn commit_audit(
+        &self,
+        records: Vec<Vec<u8>>,
+        extra: Vec<Write>,
+    ) -> Result<(), Error> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.audit_jobs
+            .send(auditlog::Job {
+                records,
+                extra,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Corrupt("audit committer stopped".into()))?;
+        done.await
+            .map_err(|_| Error::Corrupt("audit committer stopped".into()))?
+            .map_err(Error::Corrupt)
     }
 
     /// Validates and commits a revocation; durable when this returns.

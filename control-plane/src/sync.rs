@@ -112,9 +112,10 @@ mod cache_audit {
         )?)
     }
 
-    /// Appends the records after `hwm`; returns the new mark.
-    pub fn append(
-        state: &State,
+    /// Appends the records after `hwm` through the group committer;
+    /// returns the new mark.
+    pub async fn append(
+        state: &std::sync::Arc<State>,
         cache: &SpiffeId,
         epoch: u64,
         hwm: u64,
@@ -160,21 +161,19 @@ mod cache_audit {
             return Ok(hwm);
         }
         let upto = hwm + leaves.len() as u64;
-        let (_, head_due) = state.audit_log.append_batch(
-            &leaves,
-            vec![Write {
-                tree: T_HWM,
-                key: key(cache, epoch),
-                value: Some(upto.to_be_bytes().to_vec()),
-            }],
-        )?;
-        if head_due {
-            state
-                .audit_log
-                .sign_head(&state.policy.signer(), state.now_ms())?;
-        }
+        let n = leaves.len() as u64;
+        state
+            .commit_audit(
+                leaves,
+                vec![Write {
+                    tree: T_HWM,
+                    key: key(cache, epoch),
+                    value: Some(upto.to_be_bytes().to_vec()),
+                }],
+            )
+            .await?;
         metrics::counter!("lattice_cp_audit_records_total", "cache" => cache.to_string())
-            .increment(leaves.len() as u64);
+            .increment(n);
         Ok(upto)
     }
 }
@@ -366,19 +365,12 @@ async fn serve(
                         }
                     }
                     Some(Up::Audit(batch)) => {
-                        let (st, id) = (state.clone(), cache.clone());
-                        let hwm = audit_hwm;
-                        let appended = tokio::task::spawn_blocking(move || {
-                            cache_audit::append(&st, &id, audit_epoch, hwm, batch)
-                        })
-                        .await;
-                        match appended {
-                            Ok(Ok(upto)) => audit_hwm = upto,
-                            Ok(Err(e)) => {
+                        match cache_audit::append(state, cache, audit_epoch, audit_hwm, batch).await {
+                            Ok(upto) => audit_hwm = upto,
+                            Err(e) => {
                                 let _ = tx.send(Err(Status::invalid_argument(format!("audit batch: {e}")))).await;
                                 return format!("bad audit batch: {e}");
                             }
-                            Err(_) => return "audit worker failed".into(),
                         }
                         let ack = pb::SyncDown { msg: Some(Down::AuditAck(pb::AuditAck { upto: audit_hwm })) };
                         if tx.send(Ok(ack)).await.is_err() {

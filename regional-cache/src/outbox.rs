@@ -22,8 +22,10 @@ const EPOCH_KEY: &[u8] = b"audit_epoch";
 pub const MAX_EVENTS: u64 = 1_000_000;
 /// How long the writer gathers records into one durable batch.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
-/// Records per `AuditBatch` sent up.
+/// Records per `AuditBatch` sent up (also bounded by bytes).
 pub const BATCH: usize = 512;
+/// The control plane refuses larger records.
+pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -92,6 +94,13 @@ impl Outbox {
     /// Queues a record; it is durable within `FLUSH_DELAY` (or dropped, and
     /// counted, when the outbox is full).
     pub fn record(&self, json: Vec<u8>) {
+        if json.len() > MAX_RECORD_BYTES {
+            // Our records are a few hundred bytes; the control plane refuses
+            // larger ones, which would stall the queue behind them.
+            metrics::counter!("lattice_cache_audit_dropped_total").increment(1);
+            tracing::error!(bytes = json.len(), "audit record too large; dropped");
+            return;
+        }
         {
             let mut g = self.lock();
             let held = g.next - 1 - g.acked + g.pending.len() as u64;

@@ -671,22 +671,42 @@ async fn stream_loop(
     }
 }
 
-/// Sends the durable audit records after `sent` (a few batches at a time;
-/// acks and new records bring the rest).
+/// Audit records in flight (sent, not acked) at most: the control plane
+/// acks each batch on the same stream, so an unbounded window could fill
+/// both directions at once and stall the link.
+const AUDIT_WINDOW: u64 = 16 * crate::outbox::BATCH as u64;
+/// Bytes of records per `AuditBatch`, well under the control plane's
+/// message limit (`limits::MAX_MESSAGE_BYTES`).
+const AUDIT_BATCH_BYTES: usize = lattice_shared::limits::MAX_MESSAGE_BYTES * 3 / 4;
+
+/// Sends the durable audit records after `sent`, within the window; acks
+/// and new records bring the rest.
 async fn send_audit(
     state: &Arc<State>,
     up: &mpsc::Sender<pb::SyncUp>,
     sent: &mut u64,
 ) -> Result<(), Error> {
-    for _ in 0..4 {
+    while *sent < state.outbox.acked() + AUDIT_WINDOW {
         let outbox = state.outbox.clone();
         let after = *sent;
-        let (first, records) = tokio::task::spawn_blocking(move || outbox.read_after(after))
+        let (first, mut records) = tokio::task::spawn_blocking(move || outbox.read_after(after))
             .await
             .map_err(|_| Error::Corrupt("worker failed".into()))??;
         if records.is_empty() {
             return Ok(());
         }
+        // Under the control plane's message limit (one record at least; a
+        // record is far smaller than the limit).
+        let mut bytes = 0usize;
+        let keep = records
+            .iter()
+            .take_while(|r| {
+                bytes += r.len() + 8;
+                bytes <= AUDIT_BATCH_BYTES
+            })
+            .count()
+            .max(1);
+        records.truncate(keep);
         let n = records.len() as u64;
         up.send(pb::SyncUp {
             msg: Some(Up::Audit(pb::AuditBatch { first, records })),

@@ -49,6 +49,44 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
+/// The root of a growing tree in O(log n) per leaf: the roots of its
+/// perfect subtrees, largest (leftmost) first. MTH is their right fold.
+#[derive(Debug, Clone, Default)]
+pub struct Frontier {
+    peaks: Vec<(u32, Hash)>,
+    size: u64,
+}
+
+impl Frontier {
+    pub fn push(&mut self, leaf: Hash) {
+        let mut item = (0u32, leaf);
+        while let Some(&(h, left)) = self.peaks.last() {
+            if h != item.0 {
+                break;
+            }
+            self.peaks.pop();
+            item = (h + 1, node_hash(&left, &item.1));
+        }
+        self.peaks.push(item);
+        self.size += 1;
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn root(&self) -> Hash {
+        let mut it = self.peaks.iter().rev();
+        let Some(&(_, mut acc)) = it.next() else {
+            return empty_root();
+        };
+        for (_, p) in it {
+            acc = node_hash(p, &acc);
+        }
+        acc
+    }
+}
+
 /// PATH(m, D[n]): the audit path of leaf `m`, from the leaf up.
 /// `None` when `m` is not a leaf of the tree.
 pub fn inclusion_proof(leaves: &[Hash], m: usize) -> Option<Vec<Hash>> {
@@ -330,6 +368,24 @@ mod tests {
                 assert!(!verify_consistency(a, b, &r1, &r2, &[]));
             }
         }
+    }
+
+    #[test]
+    fn the_frontier_gives_every_prefix_root() {
+        let v = vectors();
+        let mut f = Frontier::default();
+        assert_eq!(f.root(), empty_root());
+        for (i, leaf) in v.leaves.iter().enumerate() {
+            f.push(*leaf);
+            assert_eq!(f.root(), v.roots[i + 1].1, "root of {}", i + 1);
+        }
+        let leaves: Vec<Hash> = (0u32..300).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut f = Frontier::default();
+        for (i, l) in leaves.iter().enumerate() {
+            f.push(*l);
+            assert_eq!(f.root(), root(&leaves[..=i]));
+        }
+        assert_eq!(f.size(), 300);
     }
 
     #[test]
