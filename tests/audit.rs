@@ -85,6 +85,17 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
         })
         .await
         .expect_err("auditors read only");
+    // A put refused before any encryption work is recorded too.
+    let e = auditor
+        .put_secret(pb::PutSecretRequest {
+            name: "openai".into(),
+            value: b"sk-never-stored".to_vec(),
+            regions: vec!["eu".into()],
+            message: String::new(),
+        })
+        .await
+        .expect_err("auditors hold no secrets");
+    assert_eq!(e.code(), Code::PermissionDenied);
     sign_head(&l);
 
     let recs = records(&mut auditor).await;
@@ -106,6 +117,12 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
         text.iter()
             .any(|t| t.contains("admin/ann") && t.contains("denied"))
     );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("PutSecret") && t.contains("denied")),
+        "{text:#?}"
+    );
+    assert!(!text.iter().any(|t| t.contains("sk-never-stored")));
     let hs = heads(&mut auditor).await;
     assert!(hs.len() >= 2, "the start head and ours");
     let td = lattice_shared::id::TrustDomain::new("lattice.local").expect("td");

@@ -162,10 +162,26 @@ impl Service {
         if engine.decide_admin(&with_any_approval(&req)).allowed {
             return Ok(());
         }
+        // Denied outright: recorded like any other denial.
+        let outcome = engine.decide_admin(&req);
+        let r = self.trail_record(
+            c,
+            action,
+            audit::Outcome::Denied,
+            &outcome,
+            None,
+            None,
+            resource,
+        );
+        if let Err(e) = audit::record(&self.state, &r) {
+            tracing::error!(error = %e, "writing the admin trail failed");
+            return Err(Status::internal("internal error; see control-plane logs"));
+        }
         Err(Status::permission_denied(format!(
-            "{} may not {}",
+            "{} may not {}: {}",
             c.id,
-            action.name()
+            action.name(),
+            outcome.denial()
         )))
     }
 
