@@ -5,6 +5,8 @@
 //! The agent talks only to caches of its own region, never to the control
 //! plane.
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};

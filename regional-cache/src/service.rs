@@ -292,6 +292,9 @@ impl Service {
     }
 }
 
+/// How often a revocation watch carries a heartbeat when nothing happens.
+pub const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn valid_scope(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= limits::MAX_SCOPE_LEN
@@ -473,6 +476,8 @@ impl Cache for Service {
             cnf: Some(Confirmation {
                 x5t_s256: peer.cert.thumbprint_b64(),
             }),
+            act: None,
+            parent_jtis: Vec::new(),
         };
         let token = ident
             .signer
@@ -682,11 +687,25 @@ impl Cache for Service {
                 }
             }
             let mut stopping = state.stopping.clone();
+            let mut heartbeat = tokio::time::interval(WATCH_HEARTBEAT);
+            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let next = tokio::select! {
                     _ = lattice_shared::net::until_true(&mut stopping) => {
                         let _ = tx.send(Err(Status::unavailable("cache stopping"))).await;
                         return;
+                    }
+                    _ = heartbeat.tick() => {
+                        // No revocation: tells followers how fresh this cache is.
+                        let beat = pb::RevocationNotice {
+                            seq: last,
+                            revocation: None,
+                            cache_staleness_ms: state.sync.staleness_ms().unwrap_or(u64::MAX),
+                        };
+                        if tx.send(Ok(beat)).await.is_err() {
+                            return;
+                        }
+                        continue;
                     }
                     n = live.recv() => n,
                 };
@@ -720,6 +739,20 @@ impl Cache for Service {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+
+    async fn exchange_token(
+        &self,
+        _req: Request<pb::ExchangeTokenRequest>,
+    ) -> Result<Response<pb::ExchangeTokenResponse>, Status> {
+        Err(Status::unimplemented("token exchange is not built yet"))
+    }
+
+    async fn report_audit(
+        &self,
+        _req: Request<pb::ReportAuditRequest>,
+    ) -> Result<Response<pb::ReportAuditResponse>, Status> {
+        Err(Status::unimplemented("agent audit reports are not built yet"))
     }
 
     async fn ping(

@@ -24,3 +24,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod verifier;

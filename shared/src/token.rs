@@ -62,6 +62,41 @@ pub struct Claims {
     pub exp: i64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cnf: Option<Confirmation>,
+    /// RFC 8693 actor chain of a delegated token: the current actor first,
+    /// each earlier one nested in its `act`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub act: Option<Actor>,
+    /// The `jti`s of the tokens this one was delegated from, the original
+    /// first: revoking any of them revokes this one (the cascade).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub parent_jtis: Vec<String>,
+}
+
+/// One link of an RFC 8693 `act` chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    pub sub: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// Number of links: 1 for a first delegation.
+    pub fn depth(&self) -> usize {
+        1 + self.act.as_ref().map_or(0, |a| a.depth())
+    }
+}
+
+impl Claims {
+    /// How many delegations separate this token from one minted directly.
+    pub fn delegation_depth(&self) -> usize {
+        self.act.as_ref().map_or(0, Actor::depth)
+    }
+
+    /// The scopes, split.
+    pub fn scopes(&self) -> Vec<&str> {
+        self.scope.split(' ').filter(|s| !s.is_empty()).collect()
+    }
 }
 
 /// RFC 7638 thumbprint of an Ed25519 public key: the `kid` of its JWK.

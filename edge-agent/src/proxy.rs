@@ -1,0 +1,1 @@
+//! Credential-injecting proxy (being built).

@@ -1,0 +1,1 @@
+//! Token verifier for services that follows revocations (being built).
