@@ -413,6 +413,7 @@ pub fn policy(n: usize, decisions: usize) -> anyhow::Result<PolicyBench> {
             region: "eu".into(),
             source_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             ttl_secs: 300,
+            delegation_depth: 0,
             scopes: vec!["read".into()],
             posture: Posture {
                 os_patched: Some(i % 2 == 0),

@@ -98,7 +98,14 @@ mod cache_audit {
     /// Records one batch may carry, and the size of one record.
     pub const MAX_RECORDS: usize = 1024;
     pub const MAX_RECORD_BYTES: usize = 16 * 1024;
-    const KINDS: [&str; 3] = ["issued", "leased", "refused"];
+    const KINDS: [&str; 6] = [
+        "issued",
+        "leased",
+        "refused",
+        "delegated",
+        "proxy_use",
+        "proxy_refused",
+    ];
 
     fn key(cache: &SpiffeId, epoch: u64) -> Vec<u8> {
         format!("{cache}#{epoch:016x}").into_bytes()

@@ -196,6 +196,31 @@ pub enum AuditEvent {
         /// The policy release in force (that denied it, for a policy denial).
         policy_version: u64,
     },
+    /// A token delegated to a sub-agent by token exchange.
+    Delegated {
+        cache: SpiffeId,
+        agent: SpiffeId,
+        jti: String,
+        parent_jti: String,
+        actor: String,
+        audience: String,
+        depth: u32,
+        at_unix_ms: i64,
+        policy_version: u64,
+    },
+    /// An event the agent recorded itself (its proxy's use of a key), as
+    /// reported by the authenticated agent.
+    Reported {
+        cache: SpiffeId,
+        agent: SpiffeId,
+        kind: String,
+        resource: String,
+        detail: String,
+        fingerprint: String,
+        local_caller: String,
+        request_id: String,
+        at_unix_ms: i64,
+    },
 }
 
 impl AuditEvent {
@@ -243,6 +268,41 @@ impl AuditEvent {
                 "kind": "refused", "agent": agent.as_str(), "reason": reason,
                 "at_unix_ms": at_unix_ms, "policy_version": policy_version,
                 "region": region, "decision": "deny",
+            }),
+            AuditEvent::Delegated {
+                agent,
+                jti,
+                parent_jti,
+                actor,
+                audience,
+                depth,
+                at_unix_ms,
+                policy_version,
+                ..
+            } => serde_json::json!({
+                "kind": "delegated", "agent": agent.as_str(), "jti": jti,
+                "parent_jti": parent_jti, "actor": actor, "audience": audience,
+                "depth": depth, "at_unix_ms": at_unix_ms,
+                "policy_version": policy_version, "region": region,
+                "decision": "allow",
+            }),
+            AuditEvent::Reported {
+                agent,
+                kind,
+                resource,
+                detail,
+                fingerprint,
+                local_caller,
+                request_id,
+                at_unix_ms,
+                ..
+            } => serde_json::json!({
+                "kind": kind, "agent": agent.as_str(), "resource": resource,
+                "detail": detail, "fingerprint": fingerprint,
+                "local_caller": local_caller, "request_id": request_id,
+                "at_unix_ms": at_unix_ms, "region": region,
+                "decision": if kind == "proxy_refused" { "deny" } else { "allow" },
+                "reported_by": "agent",
             }),
         };
         v.to_string().into_bytes()

@@ -11,7 +11,7 @@ use lattice_shared::limits;
 use lattice_shared::net::{PeerIdentity, authenticated};
 use lattice_shared::pki::{MAX_DER_LEN, PkiError, Profile, inspect, sha256};
 use lattice_shared::proto::{self as pb, cache_server::Cache};
-use lattice_shared::token::{Claims, Confirmation};
+use lattice_shared::token::{Actor, Claims, Confirmation, MAX_TOKEN_LEN, TokenVerifier};
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
 
@@ -151,6 +151,7 @@ impl Service {
         ttl_secs: u64,
         scopes: &[String],
         claims: Option<&pb::AgentClaims>,
+        delegation_depth: u32,
     ) -> Result<u64, Status> {
         let (posture, job_type) = match claims {
             Some(c) => {
@@ -191,6 +192,7 @@ impl Service {
             job_type,
             hour_utc,
             weekday,
+            delegation_depth,
         });
         if outcome.allowed {
             return Ok(outcome.version);
@@ -229,6 +231,7 @@ impl Service {
             self.state.cfg.agent_cert_ttl_secs,
             &[],
             claims,
+            0,
         )
     }
 
@@ -290,6 +293,19 @@ impl Service {
             .map_err(|_| Status::internal("random number generator failed"))?;
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
     }
+}
+
+/// Longest `act` chain, whatever the policy says.
+pub const MAX_DELEGATION_DEPTH: usize = 8;
+const MAX_ACTOR_LEN: usize = 64;
+/// Events one `ReportAudit` call may carry.
+pub const MAX_REPORTED_EVENTS: usize = 256;
+
+fn valid_actor(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= MAX_ACTOR_LEN
+        && a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// How often a revocation watch carries a heartbeat when nothing happens.
@@ -401,6 +417,7 @@ impl Cache for Service {
             self.state.cfg.agent_cert_ttl_secs,
             &[],
             req.get_ref().claims.as_ref(),
+            0,
         )?;
         let chain = self.issue_agent_cert(&peer.id, &req.get_ref().csr)?;
         tracing::debug!(agent_id = %peer.id, policy_version = version, "agent certificate renewed");
@@ -455,6 +472,7 @@ impl Cache for Service {
                 ttl_secs,
                 &r.scopes,
                 r.claims.as_ref(),
+                0,
             )
             .inspect_err(|_| {
                 metrics::counter!("lattice_cache_mint_total", "outcome" => "denied").increment(1);
@@ -538,6 +556,7 @@ impl Cache for Service {
                 ttl_secs,
                 &[],
                 r.claims.as_ref(),
+                0,
             )
             .inspect_err(|_| refused("denied"))?;
         let now = unix_secs(self.state.clock.now());
@@ -743,16 +762,217 @@ impl Cache for Service {
 
     async fn exchange_token(
         &self,
-        _req: Request<pb::ExchangeTokenRequest>,
+        req: Request<pb::ExchangeTokenRequest>,
     ) -> Result<Response<pb::ExchangeTokenResponse>, Status> {
-        Err(Status::unimplemented("token exchange is not built yet"))
+        let started = Instant::now();
+        let peer = self.require_agent(&req)?;
+        let source = peer_addr(&req);
+        let r = req.into_inner();
+        let cfg = &self.state.cfg;
+        if r.subject_token.is_empty() || r.subject_token.len() > MAX_TOKEN_LEN {
+            return Err(Status::invalid_argument(format!(
+                "subject_token must be a JWT of at most {MAX_TOKEN_LEN} bytes"
+            )));
+        }
+        if !valid_actor(&r.actor) {
+            return Err(Status::invalid_argument(format!(
+                "actor must be 1..={MAX_ACTOR_LEN} characters of A-Z a-z 0-9 . _ -"
+            )));
+        }
+        if r.scopes.is_empty()
+            || r.scopes.len() > limits::MAX_SCOPES
+            || !r.scopes.iter().all(|s| valid_scope(s))
+        {
+            return Err(Status::invalid_argument(format!(
+                "1..={} scopes of 1..={} printable characters without spaces (a delegated token needs at least one)",
+                limits::MAX_SCOPES,
+                limits::MAX_SCOPE_LEN
+            )));
+        }
+        if r.ttl_secs > cfg.token_max_ttl_secs {
+            return Err(Status::invalid_argument(format!(
+                "requested ttl {}s exceeds this cache's maximum of {}s",
+                r.ttl_secs, cfg.token_max_ttl_secs
+            )));
+        }
+        self.serve_check(&peer)?;
+        let refused = |reason: &'static str, status: Status| {
+            metrics::counter!("lattice_cache_exchange_total", "outcome" => reason).increment(1);
+            status
+        };
+        // The parent must be a valid lattice token issued to the caller.
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&self.state.jwks_json())
+            .map_err(|_| Status::internal("JWKS unreadable"))?;
+        let parent = TokenVerifier::new(jwks, self.state.bundle.clone(), self.state.clock.clone())
+            .verify_any_audience(&r.subject_token)
+            .map_err(|e| {
+                refused(
+                    "invalid_parent",
+                    Status::unauthenticated(format!("subject_token: {e}")),
+                )
+            })?;
+        if parent.sub != peer.id.as_str() {
+            self.audit_refusal(&peer.id, "exchange: subject token issued to another agent");
+            return Err(refused(
+                "not_holder",
+                Status::permission_denied(format!(
+                    "the subject token was issued to {}, not to the caller {}",
+                    parent.sub, peer.id
+                )),
+            ));
+        }
+        if let Err(m) = self.state.sync.check_token(&parent) {
+            self.audit_refusal(&peer.id, &format!("exchange: {m}"));
+            return Err(refused("revoked", Status::permission_denied(m)));
+        }
+        let allowed = parent.scopes();
+        if let Some(wider) = r.scopes.iter().find(|s| !allowed.contains(&s.as_str())) {
+            self.audit_refusal(&peer.id, "exchange: scope wider than the parent's");
+            return Err(refused(
+                "wider",
+                Status::permission_denied(format!(
+                    "scope {wider:?} is not among the parent token's scopes ({}): a delegated token can only narrow",
+                    parent.scope
+                )),
+            ));
+        }
+        let depth = parent.delegation_depth() + 1;
+        if depth > MAX_DELEGATION_DEPTH {
+            return Err(refused(
+                "too_deep",
+                Status::permission_denied(format!(
+                    "a delegation chain is at most {MAX_DELEGATION_DEPTH} links long"
+                )),
+            ));
+        }
+        let depth = u32::try_from(depth).unwrap_or(u32::MAX);
+        let now = unix_secs(self.state.clock.now());
+        let exp = if r.ttl_secs == 0 {
+            parent.exp
+        } else {
+            (now + i64::try_from(r.ttl_secs).unwrap_or(i64::MAX)).min(parent.exp)
+        };
+        let ttl_secs = u64::try_from(exp - now).unwrap_or(0);
+        let policy_version = self
+            .policy_check(
+                &peer.id,
+                AgentAction::ExchangeToken,
+                &parent.aud,
+                source,
+                ttl_secs,
+                &r.scopes,
+                r.claims.as_ref(),
+                depth,
+            )
+            .inspect_err(|_| {
+                metrics::counter!("lattice_cache_exchange_total", "outcome" => "denied")
+                    .increment(1);
+            })?;
+        let jti = self.random_id()?;
+        let ident = self.state.identity();
+        let mut parent_jtis = parent.parent_jtis.clone();
+        parent_jtis.push(parent.jti.clone());
+        let actor = format!("{}/{}", peer.id, r.actor);
+        let claims = Claims {
+            iss: self.state.id.to_string(),
+            sub: parent.sub.clone(),
+            aud: parent.aud.clone(),
+            scope: r.scopes.join(" "),
+            jti: jti.clone(),
+            iat: now,
+            nbf: now,
+            exp,
+            // The sub-agent does not hold the agent's key: no binding.
+            cnf: None,
+            act: Some(Actor {
+                sub: actor.clone(),
+                act: parent.act.clone().map(Box::new),
+            }),
+            parent_jtis,
+        };
+        let token = ident
+            .signer
+            .sign(&claims)
+            .map_err(|_| Status::internal("token signing failed"))?;
+        metrics::counter!("lattice_cache_exchange_total", "outcome" => "issued").increment(1);
+        self.audit(AuditEvent::Delegated {
+            cache: self.state.id.clone(),
+            agent: peer.id.clone(),
+            jti: jti.clone(),
+            parent_jti: parent.jti.clone(),
+            actor,
+            audience: claims.aud.clone(),
+            depth,
+            at_unix_ms: self.state.now_ms(),
+            policy_version,
+        });
+        metrics::histogram!("lattice_cache_exchange_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(Response::new(pb::ExchangeTokenResponse {
+            token,
+            jti,
+            expires_at_unix: exp,
+            kid: ident.signer.kid().to_owned(),
+            policy_version,
+            depth,
+            issued_token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
+        }))
     }
 
     async fn report_audit(
         &self,
-        _req: Request<pb::ReportAuditRequest>,
+        req: Request<pb::ReportAuditRequest>,
     ) -> Result<Response<pb::ReportAuditResponse>, Status> {
-        Err(Status::unimplemented("agent audit reports are not built yet"))
+        let peer = self.require_agent(&req)?;
+        self.state
+            .sync
+            .check_cert(&peer.cert, peer.issuer.as_ref())
+            .map_err(Status::permission_denied)?;
+        let r = req.into_inner();
+        if r.events.len() > MAX_REPORTED_EVENTS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REPORTED_EVENTS} events per report"
+            )));
+        }
+        let bounded = |name: &str, v: &str, max: usize| -> Result<(), Status> {
+            if v.len() > max || v.chars().any(char::is_control) {
+                return Err(Status::invalid_argument(format!(
+                    "{name} must be at most {max} printable bytes"
+                )));
+            }
+            Ok(())
+        };
+        for e in &r.events {
+            if !matches!(e.kind.as_str(), "proxy_use" | "proxy_refused") {
+                return Err(Status::invalid_argument(format!(
+                    "unknown event kind {:?} (proxy_use, proxy_refused)",
+                    e.kind
+                )));
+            }
+            bounded("resource", &e.resource, 256)?;
+            bounded("detail", &e.detail, 512)?;
+            bounded("fingerprint", &e.fingerprint, 128)?;
+            bounded("local_caller", &e.local_caller, 64)?;
+            bounded("request_id", &e.request_id, 64)?;
+        }
+        let n = r.events.len();
+        for e in r.events {
+            self.audit(AuditEvent::Reported {
+                cache: self.state.id.clone(),
+                agent: peer.id.clone(),
+                kind: e.kind,
+                resource: e.resource,
+                detail: e.detail,
+                fingerprint: e.fingerprint,
+                local_caller: e.local_caller,
+                request_id: e.request_id,
+                at_unix_ms: e.at_unix_ms,
+            });
+        }
+        metrics::counter!("lattice_cache_reported_events_total").increment(n as u64);
+        Ok(Response::new(pb::ReportAuditResponse {
+            accepted: u32::try_from(n).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn ping(

@@ -231,6 +231,10 @@ impl Sync {
     pub fn is_join_token_revoked(&self, hash: &[u8; 32]) -> bool {
         self.read().revocations.is_join_token_revoked(hash)
     }
+    /// Whether a token (or one it descends from) is revoked.
+    pub fn check_token(&self, c: &lattice_shared::token::Claims) -> Result<(), String> {
+        self.read().revocations.check_token(c)
+    }
     pub fn is_agent_revoked(&self, id: &lattice_shared::id::SpiffeId) -> bool {
         self.read().revocations.is_agent_revoked(id)
     }

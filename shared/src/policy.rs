@@ -537,6 +537,9 @@ pub struct AgentRequest {
     pub job_type: String,
     pub hour_utc: u8,
     pub weekday: u8,
+    /// Length of the `act` chain of the token a request would issue: 0 for
+    /// everything but token exchange.
+    pub delegation_depth: u32,
 }
 
 /// UTC hour (0–23) and ISO weekday (1 = Monday … 7 = Sunday) of `t`.
@@ -786,6 +789,9 @@ pub struct TestContext {
     pub time: Option<String>,
     #[serde(default)]
     pub target_region: String,
+    /// Token exchange: the `act` chain length of the token asked for.
+    #[serde(default)]
+    pub delegation_depth: u32,
 }
 
 /// The result of a bundle's test cases.
@@ -1145,6 +1151,7 @@ impl Engine {
                     job_type: "j".into(),
                     hour_utc: 0,
                     weekday: 1,
+                    delegation_depth: 0,
                 };
                 if let Err(e) = self.agent_parts(&req, true) {
                     out.push(format!(
@@ -1274,6 +1281,10 @@ impl Engine {
                 (
                     "job_type".to_string(),
                     RestrictedExpression::new_string(req.job_type.clone()),
+                ),
+                (
+                    "delegation_depth".to_string(),
+                    RestrictedExpression::new_long(i64::from(req.delegation_depth)),
                 ),
             ]
             .into_iter()
@@ -1517,6 +1528,7 @@ impl Engine {
                     job_type: case.context.job_type.clone(),
                     hour_utc,
                     weekday,
+                    delegation_depth: case.context.delegation_depth,
                     principal,
                 }))
             }
@@ -1596,6 +1608,7 @@ mod tests {
             job_type: String::new(),
             hour_utc: 12,
             weekday: 1,
+            delegation_depth: 0,
         })
     }
 

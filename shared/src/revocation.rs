@@ -239,6 +239,37 @@ impl RevocationSet {
             .is_some_and(|cut| issued_at_unix < *cut)
     }
 
+    /// Checks a token's claims against every rule: its own `jti`, the
+    /// tokens it was delegated from (the cascade), its subject (revoked, or
+    /// cut off before the token was issued) and its issuing cache.
+    pub fn check_token(&self, c: &crate::token::Claims) -> Result<(), String> {
+        if self.jtis.contains(&c.jti) {
+            return Err(format!("token {} has been revoked", c.jti));
+        }
+        if let Some(p) = c.parent_jtis.iter().find(|p| self.jtis.contains(*p)) {
+            return Err(format!(
+                "token {p}, which token {} was delegated from, has been revoked",
+                c.jti
+            ));
+        }
+        if let Ok(sub) = SpiffeId::parse(&c.sub) {
+            if self.agents.contains(&sub) {
+                return Err(format!("{sub} has been revoked"));
+            }
+            if self.issued_before_cutoff(&sub, c.iat) {
+                return Err(format!(
+                    "credentials of {sub} issued before the revocation cut-off are revoked"
+                ));
+            }
+        }
+        if let Ok(iss) = SpiffeId::parse(&c.iss)
+            && self.caches.contains(&iss)
+        {
+            return Err(format!("issuing cache {iss} has been revoked"));
+        }
+        Ok(())
+    }
+
     /// Checks a certificate (and the id of the CA that issued it) against
     /// every rule. The error says why, for the peer.
     pub fn is_serial_revoked(&self, serial_hex: &str) -> bool {

@@ -1,1 +1,1044 @@
-//! Token verifier for services that follows revocations (being built).
+//! The verifier a service embeds: checks a lattice token offline against the
+//! JWKS and refuses revoked ones, following one cache's `WatchRevocations`
+//! stream under the caches' own freshness rule (design §4): when what it
+//! knows of revocations is older than `L`, it refuses (fails closed).
+//!
+//! Freshness is on the local monotonic clock only. A heartbeat received at
+//! local time `m` from a cache `s` ms past its last proof of freshness makes
+//! the follower fresh as of `m − s`; it is stale when
+//! `monotonic() − fresh_as_of > L`, or before the first heartbeat. Only
+//! heartbeats move freshness: one is sent after the backlog and names the
+//! highest sequence sent, so everything it vouches for has arrived, whereas a
+//! backlog notice carries the cache's current staleness while later
+//! revocations are still on their way. Transit time is not subtracted (it
+//! cannot be measured one way), so freshness is optimistic by one network
+//! latency.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use jsonwebtoken::jwk::JwkSet;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::clock::SharedClock;
+use crate::id::{Role, SpiffeId};
+use crate::pki::{CertInfo, TrustBundle};
+use crate::proto::{self as pb, cache_client::CacheClient};
+use crate::revocation::{Revocation, RevocationSet};
+use crate::token::{Actor, Claims, TokenError, TokenVerifier};
+
+/// The caches' default `L`.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(5);
+/// How often the JWKS is fetched again without a reason.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(60);
+/// At most one extra JWKS fetch per this interval for tokens naming an
+/// unknown `kid` (anyone can send such a token).
+pub const DEFAULT_JWKS_REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// Caches send a heartbeat every second; a stream silent for this long is
+/// treated as dead and reopened.
+pub const WATCH_SILENCE: Duration = Duration::from_secs(3);
+/// Reconnect backoff: doubling from the first to the second, ±50 % jitter.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Bound on one JWKS fetch.
+pub const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_JWKS_BYTES: usize = crate::limits::MAX_SYNC_MESSAGE_BYTES;
+pub const MAX_JWKS_KEYS: usize = 1024;
+
+/// Why a token is refused as revoked. The text names only what the holder
+/// of the token already knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevocationReason {
+    #[error("token {0} has been revoked")]
+    Token(String),
+    #[error("token {0}, which this token was delegated from, has been revoked")]
+    Parent(String),
+    #[error("agent {0} has been revoked")]
+    Agent(SpiffeId),
+    #[error("credentials of {0} issued before the cutoff have been revoked")]
+    Cutoff(SpiffeId),
+    #[error("issuing cache {0} has been revoked")]
+    Issuer(SpiffeId),
+    #[error("the signing key certificate {0} has been revoked")]
+    SigningKey(String),
+    #[error("the client certificate: {0}")]
+    ClientCertificate(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// Format, signature, audience, expiry or issuer: the token itself.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("token is not bound to the presented client certificate: {0}")]
+    NotBound(&'static str),
+    #[error("{0}")]
+    Revoked(RevocationReason),
+    /// What the verifier knows of revocations is too old to decide: retry
+    /// later. Not the token's fault.
+    #[error(
+        "revocation status is stale ({}, limit {max_staleness_ms} ms); try again later",
+        describe_staleness(*.staleness_ms)
+    )]
+    Stale {
+        /// `None`: never fresh.
+        staleness_ms: Option<u64>,
+        max_staleness_ms: u64,
+    },
+    /// The cache could not be asked (JWKS).
+    #[error("cache unavailable: {0}")]
+    Cache(String),
+}
+
+fn describe_staleness(ms: Option<u64>) -> String {
+    match ms {
+        Some(ms) => format!("last fresh {ms} ms ago"),
+        None => "never fresh".into(),
+    }
+}
+
+impl VerifyError {
+    /// True when the service should answer "unavailable" (HTTP 503, gRPC
+    /// UNAVAILABLE) rather than "unauthenticated": the token may be fine.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, VerifyError::Stale { .. } | VerifyError::Cache(_))
+    }
+
+    /// The `outcome` label of `lattice_verifier_decisions_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            VerifyError::Token(TokenError::Expired) => "expired",
+            VerifyError::Token(TokenError::UnknownKey(_)) => "unknown_key",
+            VerifyError::Token(_) => "invalid",
+            VerifyError::NotBound(_) => "not_bound",
+            VerifyError::Revoked(_) => "revoked",
+            VerifyError::Stale { .. } => "stale",
+            VerifyError::Cache(_) => "unavailable",
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+// ---------------------------------------------------------------------------
+// Following revocations.
+
+/// What a follower knows, published on every notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FollowerStatus {
+    /// Every revocation up to this sequence has been applied.
+    pub applied_seq: u64,
+    /// Local monotonic time as of which nothing revoked is missing; `None`:
+    /// never fresh.
+    pub fresh_as_of: Option<Duration>,
+    /// The stream is open.
+    pub connected: bool,
+}
+
+/// One notice from the wire, validated.
+#[derive(Debug, Clone)]
+struct Notice {
+    seq: u64,
+    revocation: Option<Revocation>,
+    /// `None`: the cache has never been fresh.
+    cache_staleness: Option<Duration>,
+}
+
+impl Notice {
+    fn from_wire(n: &pb::RevocationNotice) -> Result<Notice, String> {
+        let revocation = match &n.revocation {
+            Some(r) => Some(Revocation::try_from(r).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(Notice {
+            seq: n.seq,
+            revocation,
+            cache_staleness: (n.cache_staleness_ms != u64::MAX)
+                .then(|| Duration::from_millis(n.cache_staleness_ms)),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct FollowerState {
+    set: RevocationSet,
+    status: FollowerStatus,
+}
+
+impl FollowerState {
+    /// Applies a notice received at local monotonic time `now`.
+    fn on_notice(&mut self, now: Duration, n: &Notice) {
+        match &n.revocation {
+            Some(r) => {
+                // On a resume the cache may repeat what we hold.
+                if n.seq > self.status.applied_seq {
+                    self.set.apply(r);
+                }
+            }
+            None => {
+                // A cache staleness larger than our own clock's reading
+                // dates from before our origin: not representable, and no
+                // newer than what we already hold.
+                if let Some(at) = n.cache_staleness.and_then(|s| now.checked_sub(s))
+                    && self.status.fresh_as_of.is_none_or(|f| at > f)
+                {
+                    self.status.fresh_as_of = Some(at);
+                }
+            }
+        }
+        self.status.applied_seq = self.status.applied_seq.max(n.seq);
+    }
+
+    /// How long ago the follower was last fresh; `None`: never.
+    fn staleness(&self, now: Duration) -> Option<Duration> {
+        self.status.fresh_as_of.map(|f| now.saturating_sub(f))
+    }
+
+    /// Freshness, then every revocation rule (the client certificate's
+    /// too, when one is given). One read of the state decides.
+    fn check(
+        &self,
+        now: Duration,
+        max: Duration,
+        claims: &Claims,
+        signer_serial: Option<&str>,
+        client_cert: Option<&CertInfo>,
+    ) -> Result<(), VerifyError> {
+        self.check_fresh(now, max)?;
+        check_revocations(&self.set, claims, signer_serial)?;
+        if let Some(cert) = client_cert {
+            self.set
+                .check_cert(cert, None)
+                .map_err(|e| VerifyError::Revoked(RevocationReason::ClientCertificate(e)))?;
+        }
+        Ok(())
+    }
+
+    fn check_fresh(&self, now: Duration, max: Duration) -> Result<(), VerifyError> {
+        let staleness = self.staleness(now);
+        if staleness.is_none_or(|s| s > max) {
+            return Err(VerifyError::Stale {
+                staleness_ms: staleness.map(millis),
+                max_staleness_ms: millis(max),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks verified claims against every revocation rule that applies to a
+/// token: its `jti`, the tokens it descends from, its subject (revoked, or
+/// cut off before `iat`), every actor of its delegation chain, its issuing
+/// cache and the certificate of the key that signed it.
+fn check_revocations(
+    set: &RevocationSet,
+    claims: &Claims,
+    signer_serial: Option<&str>,
+) -> Result<(), VerifyError> {
+    let revoked = |r| Err(VerifyError::Revoked(r));
+    if set.is_jti_revoked(&claims.jti) {
+        return revoked(RevocationReason::Token(claims.jti.clone()));
+    }
+    if let Some(p) = claims.parent_jtis.iter().find(|p| set.is_jti_revoked(p)) {
+        return revoked(RevocationReason::Parent(p.clone()));
+    }
+    let malformed = |what: &str| {
+        Err(VerifyError::Token(TokenError::Malformed(format!(
+            "{what} is not a SPIFFE id"
+        ))))
+    };
+    let Ok(sub) = SpiffeId::parse(&claims.sub) else {
+        return malformed("sub");
+    };
+    // Every principal in the chain: the subject, then each actor.
+    let mut principals = vec![sub];
+    let mut actor: Option<&Actor> = claims.act.as_ref();
+    while let Some(a) = actor {
+        let Ok(id) = SpiffeId::parse(&a.sub) else {
+            return malformed("act.sub");
+        };
+        principals.push(id);
+        actor = a.act.as_deref();
+    }
+    for id in principals {
+        if set.is_agent_revoked(&id) {
+            return revoked(RevocationReason::Agent(id));
+        }
+        if set.issued_before_cutoff(&id, claims.iat) {
+            return revoked(RevocationReason::Cutoff(id));
+        }
+    }
+    let Ok(iss) = SpiffeId::parse(&claims.iss) else {
+        return malformed("iss");
+    };
+    if iss.role() != Role::Cache {
+        return Err(VerifyError::Token(TokenError::Malformed(
+            "iss is not a cache id".into(),
+        )));
+    }
+    if set.is_cache_revoked(&iss) {
+        return revoked(RevocationReason::Issuer(iss));
+    }
+    if let Some(serial) = signer_serial.filter(|s| set.is_serial_revoked(s)) {
+        return revoked(RevocationReason::SigningKey(serial.to_owned()));
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct FollowerShared {
+    clock: SharedClock,
+    max_staleness: Duration,
+    state: RwLock<FollowerState>,
+    status: watch::Sender<FollowerStatus>,
+}
+
+impl FollowerShared {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, FollowerState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn on_notice(&self, n: &Notice) {
+        let now = self.clock.monotonic();
+        let status = {
+            let mut g = self.state.write().unwrap_or_else(|p| p.into_inner());
+            g.on_notice(now, n);
+            g.status
+        };
+        self.status.send_replace(status);
+        self.publish_metrics(now);
+    }
+
+    fn set_connected(&self, connected: bool) {
+        let status = {
+            let mut g = self.state.write().unwrap_or_else(|p| p.into_inner());
+            g.status.connected = connected;
+            g.status
+        };
+        self.status.send_replace(status);
+    }
+
+    fn publish_metrics(&self, now: Duration) {
+        let g = self.read();
+        let staleness = g
+            .staleness(now)
+            .map_or(f64::INFINITY, |s| s.as_secs_f64());
+        metrics::gauge!("lattice_verifier_staleness_seconds").set(staleness);
+        metrics::gauge!("lattice_verifier_applied_seq").set(g.status.applied_seq as f64);
+    }
+}
+
+/// Aborts a background task when the last handle goes.
+#[derive(Debug)]
+struct TaskGuard(tokio::task::AbortHandle);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Follows one cache's revocation stream, reconnecting with capped backoff
+/// and resuming after the last sequence it holds. Cheap to clone; the
+/// background task ends when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct RevocationFollower {
+    shared: Arc<FollowerShared>,
+    _task: Arc<TaskGuard>,
+}
+
+impl RevocationFollower {
+    /// Starts following on `client` (already configured for mTLS with a
+    /// lattice identity). Must be called within a tokio runtime.
+    pub fn start(
+        client: CacheClient<Channel>,
+        clock: SharedClock,
+        max_staleness: Duration,
+    ) -> RevocationFollower {
+        let shared = Arc::new(FollowerShared {
+            clock,
+            max_staleness,
+            state: RwLock::new(FollowerState::default()),
+            status: watch::channel(FollowerStatus::default()).0,
+        });
+        let client = client.max_decoding_message_size(crate::limits::MAX_MESSAGE_BYTES);
+        let task = tokio::spawn(follow(shared.clone(), client));
+        RevocationFollower {
+            shared,
+            _task: Arc::new(TaskGuard(task.abort_handle())),
+        }
+    }
+
+    pub fn status(&self) -> FollowerStatus {
+        self.shared.read().status
+    }
+
+    /// Every status change (each notice, connect, disconnect): wait on this
+    /// instead of sleeping.
+    pub fn subscribe(&self) -> watch::Receiver<FollowerStatus> {
+        self.shared.status.subscribe()
+    }
+
+    pub fn applied_seq(&self) -> u64 {
+        self.status().applied_seq
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        self.shared.max_staleness
+    }
+
+    /// How long ago the follower was last fresh; `None`: never.
+    pub fn staleness(&self) -> Option<Duration> {
+        self.shared.read().staleness(self.shared.clock.monotonic())
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        self.check_fresh().is_ok()
+    }
+
+    /// `Err(Stale)` when revocations may be missing.
+    pub fn check_fresh(&self) -> Result<(), VerifyError> {
+        let now = self.shared.clock.monotonic();
+        self.shared.read().check_fresh(now, self.shared.max_staleness)
+    }
+
+    /// Checks claims verified elsewhere: refuses when stale, then when any
+    /// revocation rule applies (the signing key certificate is not checked
+    /// here: [`Verifier`] does it).
+    pub fn check(&self, claims: &Claims) -> Result<(), VerifyError> {
+        self.check_with(claims, None, None)
+    }
+
+    fn check_with(
+        &self,
+        claims: &Claims,
+        signer_serial: Option<&str>,
+        client_cert: Option<&CertInfo>,
+    ) -> Result<(), VerifyError> {
+        let now = self.shared.clock.monotonic();
+        self.shared.read().check(
+            now,
+            self.shared.max_staleness,
+            claims,
+            signer_serial,
+            client_cert,
+        )
+    }
+
+    /// Resolves once the follower is fresh (at a notice or at once).
+    pub async fn wait_fresh(&self) {
+        self.wait_until(|_| self.is_fresh()).await;
+    }
+
+    /// Resolves once every revocation up to `seq` has been applied.
+    pub async fn wait_applied(&self, seq: u64) {
+        self.wait_until(|s| s.applied_seq >= seq).await;
+    }
+
+    async fn wait_until(&self, mut done: impl FnMut(&FollowerStatus) -> bool) {
+        let mut rx = self.subscribe();
+        loop {
+            if done(&rx.borrow_and_update()) {
+                return;
+            }
+            // The sender lives in `shared`, which we hold: never closed.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// `d` ± 50 %.
+fn jitter(d: Duration) -> Duration {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 2];
+    let frac = match ring::rand::SystemRandom::new().fill(&mut b) {
+        Ok(()) => f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX),
+        Err(_) => 0.5,
+    };
+    d.mul_f64(0.5 + frac)
+}
+
+async fn follow(shared: Arc<FollowerShared>, mut client: CacheClient<Channel>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut failures = 0u32;
+    loop {
+        let after = shared.read().status.applied_seq;
+        match client
+            .watch_revocations(pb::WatchRevocationsRequest { after_seq: after })
+            .await
+        {
+            Ok(resp) => {
+                shared.set_connected(true);
+                tracing::info!(after_seq = after, "following revocations");
+                let mut stream = resp.into_inner();
+                let why = loop {
+                    match tokio::time::timeout(WATCH_SILENCE, stream.message()).await {
+                        Ok(Ok(Some(n))) => {
+                            backoff = BACKOFF_MIN;
+                            failures = 0;
+                            match Notice::from_wire(&n) {
+                                Ok(n) => shared.on_notice(&n),
+                                Err(e) => {
+                                    // A cache validated it already: only a newer
+                                    // protocol gets here. Skipped, loudly.
+                                    metrics::counter!("lattice_verifier_invalid_notices_total")
+                                        .increment(1);
+                                    tracing::error!(seq = n.seq, error = %e, "skipping a revocation this verifier cannot read");
+                                }
+                            }
+                        }
+                        Ok(Ok(None)) => break "the cache ended the stream".to_owned(),
+                        Ok(Err(s)) => break format!("{:?}: {}", s.code(), s.message()),
+                        Err(_) => break format!("silent for {WATCH_SILENCE:?}"),
+                    }
+                };
+                shared.set_connected(false);
+                tracing::warn!(reason = %why, "revocation stream lost; reconnecting");
+            }
+            Err(s) => {
+                failures = failures.saturating_add(1);
+                // Once per outage at warn; the retries at debug.
+                if failures == 1 {
+                    tracing::warn!(code = ?s.code(), message = s.message(), "cannot open the revocation stream; retrying");
+                } else {
+                    tracing::debug!(code = ?s.code(), message = s.message(), failures, "revocation stream still unavailable");
+                }
+            }
+        }
+        metrics::counter!("lattice_verifier_watch_reconnects_total").increment(1);
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The verifier.
+
+#[derive(Debug, Clone)]
+pub struct VerifierConfig {
+    /// `L`: refuse when revocation knowledge is older than this. Use the
+    /// caches' value; a longer one weakens the revocation guarantee.
+    pub max_staleness: Duration,
+    pub jwks_refresh: Duration,
+    pub jwks_refetch_min_interval: Duration,
+}
+
+impl Default for VerifierConfig {
+    fn default() -> Self {
+        Self {
+            max_staleness: DEFAULT_MAX_STALENESS,
+            jwks_refresh: DEFAULT_JWKS_REFRESH,
+            jwks_refetch_min_interval: DEFAULT_JWKS_REFETCH_MIN_INTERVAL,
+        }
+    }
+}
+
+/// One fetched JWKS.
+#[derive(Debug)]
+struct Keys {
+    tokens: TokenVerifier,
+    /// kid → serial (hex) of the key's certificate, for revocation checks.
+    signer_serials: HashMap<String, String>,
+    generation: u64,
+}
+
+#[derive(Debug, Clone)]
+struct KeySource {
+    client: CacheClient<Channel>,
+    bundle: Arc<TrustBundle>,
+    clock: SharedClock,
+    keys: Arc<RwLock<Arc<Keys>>>,
+}
+
+impl KeySource {
+    fn current(&self) -> Arc<Keys> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn refresh(&self) -> Result<(), VerifyError> {
+        let r = self.fetch().await;
+        metrics::counter!("lattice_verifier_jwks_fetches_total",
+            "outcome" => if r.is_ok() { "ok" } else { "failed" })
+        .increment(1);
+        let (jwks, signer_serials) = r?;
+        let mut g = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let generation = g.generation + 1;
+        *g = Arc::new(Keys {
+            tokens: TokenVerifier::new(jwks, self.bundle.clone(), self.clock.clone()),
+            signer_serials,
+            generation,
+        });
+        Ok(())
+    }
+
+    async fn fetch(&self) -> Result<(JwkSet, HashMap<String, String>), VerifyError> {
+        let unavailable = |m: String| VerifyError::Cache(m);
+        let mut client = self.client.clone();
+        let json = tokio::time::timeout(JWKS_TIMEOUT, client.jwks(pb::JwksRequest {}))
+            .await
+            .map_err(|_| unavailable("the JWKS request timed out".into()))?
+            .map_err(|s| unavailable(format!("JWKS: {:?}: {}", s.code(), s.message())))?
+            .into_inner()
+            .jwks_json;
+        if json.len() > MAX_JWKS_BYTES {
+            return Err(unavailable("the JWKS is too large".into()));
+        }
+        let jwks: JwkSet = serde_json::from_str(&json)
+            .map_err(|e| unavailable(format!("the JWKS is malformed: {e}")))?;
+        if jwks.keys.len() > MAX_JWKS_KEYS {
+            return Err(unavailable("the JWKS has too many keys".into()));
+        }
+        // Keys without a readable certificate stay in the set: the token
+        // verifier refuses them.
+        let serials = jwks
+            .keys
+            .iter()
+            .filter_map(|k| {
+                let kid = k.common.key_id.clone()?;
+                let der = base64::engine::general_purpose::STANDARD
+                    .decode(k.common.x509_chain.as_ref()?.first()?)
+                    .ok()?;
+                Some((kid, crate::pki::inspect(&der).ok()?.serial_hex))
+            })
+            .collect();
+        Ok((jwks, serials))
+    }
+}
+
+#[derive(Debug)]
+struct VerifierInner {
+    keys: KeySource,
+    follower: RevocationFollower,
+    cfg: VerifierConfig,
+    /// Local monotonic time of the last fetch for an unknown `kid`.
+    last_refetch: tokio::sync::Mutex<Option<Duration>>,
+    _refresher: TaskGuard,
+}
+
+/// Verifies lattice tokens for a service: offline signature and claims
+/// checks against the JWKS, then revocations as followed from a cache.
+/// Cheap to clone; background tasks end with the last clone.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    inner: Arc<VerifierInner>,
+}
+
+impl Verifier {
+    /// Fetches the JWKS (failing if the cache cannot be asked) and starts
+    /// following revocations on `client`, which must present a lattice
+    /// identity. The verifier refuses as stale until the first heartbeat:
+    /// see [`RevocationFollower::wait_fresh`].
+    pub async fn start(
+        client: CacheClient<Channel>,
+        bundle: Arc<TrustBundle>,
+        clock: SharedClock,
+        cfg: VerifierConfig,
+    ) -> Result<Verifier, VerifyError> {
+        let client = client.max_decoding_message_size(MAX_JWKS_BYTES);
+        let keys = KeySource {
+            client: client.clone(),
+            bundle: bundle.clone(),
+            clock: clock.clone(),
+            keys: Arc::new(RwLock::new(Arc::new(Keys {
+                tokens: TokenVerifier::new(JwkSet { keys: vec![] }, bundle, clock.clone()),
+                signer_serials: HashMap::new(),
+                generation: 0,
+            }))),
+        };
+        keys.refresh().await?;
+        let refresher = {
+            let keys = keys.clone();
+            let every = cfg.jwks_refresh.max(Duration::from_secs(1));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await; // the first tick is now: just fetched
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = keys.refresh().await {
+                        tracing::warn!(error = %e, "JWKS refresh failed; keeping the keys held");
+                    }
+                }
+            })
+        };
+        let follower = RevocationFollower::start(client, clock, cfg.max_staleness);
+        Ok(Verifier {
+            inner: Arc::new(VerifierInner {
+                keys,
+                follower,
+                cfg,
+                last_refetch: tokio::sync::Mutex::new(None),
+                _refresher: TaskGuard(refresher.abort_handle()),
+            }),
+        })
+    }
+
+    pub fn follower(&self) -> &RevocationFollower {
+        &self.inner.follower
+    }
+
+    /// Fetches the JWKS now.
+    pub async fn refresh_jwks(&self) -> Result<(), VerifyError> {
+        self.inner.keys.refresh().await
+    }
+
+    /// Verifies `token` for `audience`: signature, claims and the key's
+    /// certification; then refuses when stale; then when revoked.
+    pub async fn verify(&self, token: &str, audience: &str) -> Result<Claims, VerifyError> {
+        self.record(self.decide(token, audience, None).await)
+    }
+
+    /// As [`Verifier::verify`], and the token must be bound (RFC 8705
+    /// `cnf.x5t#S256`) to the client certificate the caller presented on
+    /// this connection (DER), which must not be revoked either.
+    pub async fn verify_bound(
+        &self,
+        token: &str,
+        audience: &str,
+        peer_cert_der: &[u8],
+    ) -> Result<Claims, VerifyError> {
+        self.record(self.decide(token, audience, Some(peer_cert_der)).await)
+    }
+
+    fn record(&self, r: Result<Claims, VerifyError>) -> Result<Claims, VerifyError> {
+        let outcome = match &r {
+            Ok(_) => "accepted",
+            Err(e) => e.outcome(),
+        };
+        metrics::counter!("lattice_verifier_decisions_total", "outcome" => outcome).increment(1);
+        match &r {
+            Ok(c) => tracing::debug!(outcome, sub = %c.sub, "token accepted"),
+            Err(e) => tracing::debug!(outcome, error = %e, "token refused"),
+        }
+        if let Some(s) = self.inner.follower.staleness() {
+            metrics::gauge!("lattice_verifier_staleness_seconds").set(s.as_secs_f64());
+        }
+        r
+    }
+
+    async fn decide(
+        &self,
+        token: &str,
+        audience: &str,
+        peer_cert_der: Option<&[u8]>,
+    ) -> Result<Claims, VerifyError> {
+        let mut keys = self.inner.keys.current();
+        let claims = match keys.tokens.verify(token, audience) {
+            Err(TokenError::UnknownKey(_)) if self.refetch_for_unknown_key(keys.generation).await => {
+                keys = self.inner.keys.current();
+                keys.tokens.verify(token, audience)?
+            }
+            r => r?,
+        };
+        let client_cert = match peer_cert_der {
+            None => None,
+            Some(der) => {
+                let cnf = claims
+                    .cnf
+                    .as_ref()
+                    .ok_or(VerifyError::NotBound("the token carries no cnf"))?;
+                let info = crate::pki::inspect(der)
+                    .map_err(|_| VerifyError::NotBound("the client certificate is unreadable"))?;
+                if info.thumbprint_b64() != cnf.x5t_s256 {
+                    return Err(VerifyError::NotBound(
+                        "the token was issued for another certificate",
+                    ));
+                }
+                Some(info)
+            }
+        };
+        // Verified above, so the header decodes and names a key we hold.
+        let kid = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid);
+        let signer_serial = kid.and_then(|k| keys.signer_serials.get(&k));
+        self.inner.follower.check_with(
+            &claims,
+            signer_serial.map(String::as_str),
+            client_cert.as_ref(),
+        )?;
+        Ok(claims)
+    }
+
+    /// Fetches the JWKS for a token naming a key we do not hold, at most
+    /// once per `jwks_refetch_min_interval`. True when the keys changed
+    /// since `seen` (worth verifying again).
+    async fn refetch_for_unknown_key(&self, seen: u64) -> bool {
+        // Concurrent callers queue here and reuse the first one's fetch.
+        let mut last = self.inner.last_refetch.lock().await;
+        if self.inner.keys.current().generation != seen {
+            return true;
+        }
+        let now = self.inner.keys.clock.monotonic();
+        if last.is_some_and(|t| now.saturating_sub(t) < self.inner.cfg.jwks_refetch_min_interval) {
+            return false;
+        }
+        *last = Some(now);
+        match self.inner.keys.refresh().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "JWKS fetch for an unknown key failed");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock as _, FakeClock};
+    use crate::revocation::Target;
+
+    const L: Duration = Duration::from_secs(5);
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).expect("valid id")
+    }
+
+    fn claims() -> Claims {
+        Claims {
+            iss: "spiffe://t/cache/eu/c1".into(),
+            sub: "spiffe://t/agent/eu/a".into(),
+            aud: "https://api".into(),
+            scope: "read".into(),
+            jti: "j1".into(),
+            iat: 1000,
+            nbf: 1000,
+            exp: 1300,
+            cnf: None,
+            act: None,
+            parent_jtis: vec![],
+        }
+    }
+
+    fn revoked(target: Target) -> RevocationSet {
+        let mut set = RevocationSet::default();
+        set.apply(&Revocation {
+            target,
+            reason: "test".into(),
+        });
+        set
+    }
+
+    fn heartbeat(seq: u64, staleness_ms: u64) -> Notice {
+        Notice::from_wire(&pb::RevocationNotice {
+            seq,
+            revocation: None,
+            cache_staleness_ms: staleness_ms,
+        })
+        .expect("a heartbeat is valid")
+    }
+
+    fn reason(r: Result<(), VerifyError>) -> RevocationReason {
+        match r {
+            Err(VerifyError::Revoked(r)) => r,
+            other => panic!("expected a revocation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stale_until_the_first_heartbeat_then_by_the_cache_staleness() {
+        let clock = FakeClock::new();
+        clock.advance(Duration::from_secs(100));
+        let mut st = FollowerState::default();
+        let e = st
+            .check_fresh(clock.monotonic(), L)
+            .expect_err("never heard");
+        assert!(e.to_string().contains("never fresh"), "{e}");
+
+        // A cache that has never been fresh makes nobody fresh.
+        st.on_notice(clock.monotonic(), &heartbeat(3, u64::MAX));
+        assert!(st.check_fresh(clock.monotonic(), L).is_err());
+        assert_eq!(st.status.applied_seq, 3);
+
+        // Heard at m=100 s from a cache 2 s past its proof: fresh as of 98 s.
+        st.on_notice(clock.monotonic(), &heartbeat(3, 2000));
+        assert_eq!(st.status.fresh_as_of, Some(Duration::from_secs(98)));
+        clock.advance(Duration::from_secs(3));
+        assert!(st.check_fresh(clock.monotonic(), L).is_ok(), "exactly L");
+        clock.advance(Duration::from_millis(1));
+        match st.check_fresh(clock.monotonic(), L) {
+            Err(VerifyError::Stale {
+                staleness_ms: Some(5001),
+                max_staleness_ms: 5000,
+            }) => {}
+            other => panic!("expected stale, got {other:?}"),
+        }
+
+        // A staler heartbeat does not move freshness back; a fresher one
+        // restores it.
+        st.on_notice(clock.monotonic(), &heartbeat(3, 60_000));
+        assert_eq!(st.status.fresh_as_of, Some(Duration::from_secs(98)));
+        st.on_notice(clock.monotonic(), &heartbeat(4, 10));
+        assert!(st.check_fresh(clock.monotonic(), L).is_ok());
+        assert_eq!(st.status.applied_seq, 4);
+    }
+
+    #[test]
+    fn a_staleness_older_than_our_clock_proves_nothing() {
+        let mut st = FollowerState::default();
+        st.on_notice(Duration::from_secs(1), &heartbeat(1, 2000));
+        assert_eq!(st.status.fresh_as_of, None);
+    }
+
+    #[test]
+    fn revocation_notices_apply_once_and_do_not_move_freshness() {
+        let agent = id("spiffe://t/agent/eu/a");
+        let notice = |seq| Notice {
+            seq,
+            revocation: Some(Revocation {
+                target: Target::Agent(agent.clone()),
+                reason: String::new(),
+            }),
+            cache_staleness: Some(Duration::ZERO),
+        };
+        let mut st = FollowerState::default();
+        st.on_notice(Duration::from_secs(10), &notice(7));
+        st.on_notice(Duration::from_secs(10), &notice(7));
+        assert_eq!(st.set.len(), 1, "a repeated notice is not applied twice");
+        assert!(st.set.is_agent_revoked(&agent));
+        assert_eq!(st.status.applied_seq, 7);
+        assert_eq!(
+            st.status.fresh_as_of, None,
+            "backlog notices vouch for nothing"
+        );
+    }
+
+    #[test]
+    fn a_token_is_refused_when_it_or_any_parent_is_revoked() {
+        let mut c = claims();
+        let empty = RevocationSet::default();
+        assert!(check_revocations(&empty, &c, None).is_ok());
+        assert_eq!(
+            reason(check_revocations(&revoked(Target::Jti("j1".into())), &c, None)),
+            RevocationReason::Token("j1".into())
+        );
+        c.parent_jtis = vec!["p0".into(), "p1".into()];
+        c.act = Some(Actor {
+            sub: "spiffe://t/agent/eu/b".into(),
+            act: None,
+        });
+        assert!(check_revocations(&empty, &c, None).is_ok());
+        assert_eq!(
+            reason(check_revocations(&revoked(Target::Jti("p1".into())), &c, None)),
+            RevocationReason::Parent("p1".into())
+        );
+        assert_eq!(
+            reason(check_revocations(&revoked(Target::Jti("p0".into())), &c, None)),
+            RevocationReason::Parent("p0".into())
+        );
+    }
+
+    #[test]
+    fn subjects_actors_issuers_and_signing_keys_are_checked() {
+        let mut c = claims();
+        let a = id("spiffe://t/agent/eu/a");
+        assert_eq!(
+            reason(check_revocations(&revoked(Target::Agent(a.clone())), &c, None)),
+            RevocationReason::Agent(a.clone())
+        );
+        // The cutoff: issued strictly before it is refused.
+        let cut = |t| {
+            revoked(Target::SubjectBefore {
+                subject: a.clone(),
+                issued_before_unix: t,
+            })
+        };
+        assert!(check_revocations(&cut(1000), &c, None).is_ok(), "iat == cutoff");
+        assert_eq!(
+            reason(check_revocations(&cut(1001), &c, None)),
+            RevocationReason::Cutoff(a.clone())
+        );
+
+        // A revoked actor deep in the chain.
+        let deep = id("spiffe://t/agent/eu/deep");
+        c.act = Some(Actor {
+            sub: "spiffe://t/agent/eu/b".into(),
+            act: Some(Box::new(Actor {
+                sub: deep.to_string(),
+                act: None,
+            })),
+        });
+        assert_eq!(
+            reason(check_revocations(
+                &revoked(Target::Agent(deep.clone())),
+                &c,
+                None
+            )),
+            RevocationReason::Agent(deep)
+        );
+
+        let cache = id("spiffe://t/cache/eu/c1");
+        assert_eq!(
+            reason(check_revocations(&revoked(Target::Cache(cache.clone())), &c, None)),
+            RevocationReason::Issuer(cache)
+        );
+        let serials = revoked(Target::CertSerial("0abc".into()));
+        assert!(check_revocations(&serials, &c, Some("0def")).is_ok());
+        assert_eq!(
+            reason(check_revocations(&serials, &c, Some("0abc"))),
+            RevocationReason::SigningKey("0abc".into())
+        );
+
+        c.sub = "not an id".into();
+        assert!(matches!(
+            check_revocations(&RevocationSet::default(), &c, None),
+            Err(VerifyError::Token(TokenError::Malformed(_)))
+        ));
+    }
+
+    #[test]
+    fn stale_is_decided_before_revocations_and_is_unavailable() {
+        let clock = FakeClock::new();
+        clock.advance(Duration::from_secs(60));
+        let mut st = FollowerState {
+            set: revoked(Target::Jti("j1".into())),
+            status: FollowerStatus::default(),
+        };
+        let e = st
+            .check(clock.monotonic(), L, &claims(), None, None)
+            .expect_err("never fresh");
+        assert!(e.is_unavailable());
+        assert_eq!(e.outcome(), "stale");
+        st.on_notice(clock.monotonic(), &heartbeat(1, 0));
+        let e = st
+            .check(clock.monotonic(), L, &claims(), None, None)
+            .expect_err("revoked");
+        assert!(!e.is_unavailable());
+        assert_eq!(e.to_string(), "token j1 has been revoked");
+    }
+
+    #[test]
+    fn a_revoked_client_certificate_is_refused() {
+        let mut cert = CertInfo {
+            id: Some(id("spiffe://t/agent/eu/a")),
+            serial_hex: "aa".into(),
+            not_before: std::time::UNIX_EPOCH,
+            not_after: std::time::UNIX_EPOCH + Duration::from_secs(5000),
+            is_ca: false,
+            sha256: [0; 32],
+            eku_client_auth: true,
+            eku_server_auth: false,
+            org_unit: None,
+        };
+        let mut st = FollowerState {
+            set: revoked(Target::CertSerial("aa".into())),
+            status: FollowerStatus::default(),
+        };
+        st.on_notice(Duration::from_secs(60), &heartbeat(1, 0));
+        let now = Duration::from_secs(60);
+        assert!(st.check(now, L, &claims(), None, None).is_ok());
+        assert!(matches!(
+            st.check(now, L, &claims(), None, Some(&cert)),
+            Err(VerifyError::Revoked(RevocationReason::ClientCertificate(_)))
+        ));
+        cert.serial_hex = "bb".into();
+        assert!(st.check(now, L, &claims(), None, Some(&cert)).is_ok());
+    }
+}
