@@ -517,9 +517,7 @@ impl Lattice {
             data_dir: self.dir.join(format!("agent-{region}-{name}")),
             root_ca: self.root_pem(),
             join_token: None,
-            posture: lattice_shared::policy::Posture::default(),
-            job_type: String::new(),
-            log_json: false,
+            ..agent::Config::default()
         }
     }
 

@@ -6,6 +6,8 @@
 //! plane.
 
 pub mod proxy;
+pub mod runtime;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,7 +49,44 @@ pub struct Config {
     /// The kind of work this agent does (reported), e.g. "inference".
     pub job_type: String,
     pub log_json: bool,
+    /// Further caches of the agent's region, tried in this order after
+    /// `cache` when it is unreachable or cannot serve (stale).
+    pub caches: Vec<SocketAddr>,
+    /// Renewal timing of `lattice-agent run`.
+    pub renewal: RenewalConfig,
+    /// The Workload API socket for local processes.
+    pub workload: workload::WorkloadConfig,
+    /// The credential-injecting proxy (off unless configured).
+    pub proxy: Option<proxy::ProxyConfig>,
+    /// Prometheus `/metrics` of `lattice-agent run` (off when unset).
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// When `run` renews certificates and tokens, and how it backs off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RenewalConfig {
+    /// How often the runtime checks what is due (ms).
+    pub check_interval_ms: u64,
+    /// Renewal happens at half-life minus a random share of the lifetime
+    /// up to this fraction, so that a fleet does not renew in step.
+    pub jitter: f64,
+    /// Failed renewals are retried after 1 s, doubling up to this (ms).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RenewalConfig {
+    fn default() -> Self {
+        Self {
+            check_interval_ms: 1000,
+            jitter: 0.1,
+            max_backoff_ms: 60_000,
+        }
+    }
+}
+
+/// Most caches an agent may list.
+pub const MAX_CACHES: usize = 8;
 
 impl Default for Config {
     fn default() -> Self {
@@ -60,6 +99,11 @@ impl Default for Config {
             posture: lattice_shared::policy::Posture::default(),
             job_type: String::new(),
             log_json: false,
+            caches: Vec::new(),
+            renewal: RenewalConfig::default(),
+            workload: workload::WorkloadConfig::default(),
+            proxy: None,
+            metrics_listen: None,
         }
     }
 }
@@ -78,7 +122,37 @@ impl Config {
                 lattice_shared::policy::MAX_JOB_TYPE
             ));
         }
+        if self.caches.len() + 1 > MAX_CACHES {
+            return Err(format!("at most {MAX_CACHES} caches (cache and caches)"));
+        }
+        let r = &self.renewal;
+        if !(0.0..=0.4).contains(&r.jitter) {
+            return Err("renewal.jitter must be within 0.0..=0.4".into());
+        }
+        if r.check_interval_ms == 0 || r.check_interval_ms > 60_000 {
+            return Err("renewal.check_interval_ms must be within 1..=60000".into());
+        }
+        if r.max_backoff_ms < 1000 || r.max_backoff_ms > 3_600_000 {
+            return Err("renewal.max_backoff_ms must be within 1000..=3600000".into());
+        }
+        self.workload
+            .validate()
+            .map_err(|e| format!("workload: {e}"))?;
+        if let Some(p) = &self.proxy {
+            p.validate().map_err(|e| format!("proxy: {e}"))?;
+        }
         Ok(id)
+    }
+
+    /// Every cache, in the order they are tried.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut v = vec![self.cache];
+        for c in &self.caches {
+            if !v.contains(c) {
+                v.push(*c);
+            }
+        }
+        v
     }
 
     /// What the agent reports about itself with each request.
@@ -169,6 +243,65 @@ pub struct Chain {
     pub info: CertInfo,
 }
 
+/// What happens to the agent's credentials, for the runtime and the
+/// Workload API's watchers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// A new certificate is in use.
+    CertificateRenewed,
+    /// A fresh token for a kept audience (see [`Agent::keep`]).
+    TokenRenewed(TokenKey),
+    /// A token the agent served was revoked (itself, or one it descends from).
+    TokenRevoked { jti: String },
+    /// The agent itself was revoked: every credential is gone.
+    IdentityRevoked(String),
+    /// Requests now go to another cache.
+    CacheChanged(SocketAddr),
+}
+
+/// What a token is for: the key of the agent's token cache.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenKey {
+    pub audience: String,
+    /// Sorted, without repeats.
+    pub scopes: Vec<String>,
+    pub ttl_secs: u64,
+}
+
+impl TokenKey {
+    pub fn new(audience: &str, scopes: &[String], ttl_secs: u64) -> Self {
+        let mut scopes = scopes.to_vec();
+        scopes.sort_unstable();
+        scopes.dedup();
+        Self {
+            audience: audience.to_owned(),
+            scopes,
+            ttl_secs,
+        }
+    }
+}
+
+/// A token as served to a local process.
+#[derive(Clone)]
+pub struct ServedToken {
+    pub token: zeroize::Zeroizing<String>,
+    pub jti: String,
+    pub audience: String,
+    pub iat_unix: i64,
+    pub expires_at_unix: i64,
+    pub delegation_depth: u32,
+}
+
+impl std::fmt::Debug for ServedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedToken")
+            .field("jti", &self.jti)
+            .field("audience", &self.audience)
+            .field("expires_at_unix", &self.expires_at_unix)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug)]
 pub struct Agent {
     pub id: SpiffeId,
@@ -180,26 +313,58 @@ pub struct Agent {
     bundle: Arc<TrustBundle>,
     cert: Arc<ReloadableCert>,
     chain: RwLock<Chain>,
+    /// The caches in the order they are tried, and the one in use.
+    endpoints: Vec<SocketAddr>,
+    current: std::sync::atomic::AtomicUsize,
     client: RwLock<CacheClient<Channel>>,
+    /// One failover at a time.
+    failing_over: tokio::sync::Mutex<()>,
     known: Arc<KnownRevocations>,
     /// Tokens handed out and not known revoked: jti → token.
     held: std::sync::Mutex<std::collections::HashMap<String, HeldToken>>,
+    /// The newest token minted for each key, by jti.
+    fresh: std::sync::Mutex<std::collections::HashMap<TokenKey, String>>,
+    /// Keys the runtime keeps fresh, with how many watchers want each.
+    kept: std::sync::Mutex<std::collections::HashMap<TokenKey, usize>>,
+    /// This certificate's share of lifetime renewed early (jitter).
+    renew_early: std::sync::Mutex<f64>,
+    events: tokio::sync::broadcast::Sender<AgentEvent>,
     revoked: tokio::sync::watch::Sender<bool>,
     /// True while the revocation stream from the cache is open.
     watching: tokio::sync::watch::Sender<bool>,
 }
 
-/// A token the agent has minted, kept for its local processes.
+/// A token the agent has minted or had delegated, kept for its local
+/// processes (memory only; zeroized when dropped).
 struct HeldToken {
-    #[allow(dead_code)] // served to local processes by the agent runtime
     token: zeroize::Zeroizing<String>,
+    audience: String,
     iat_unix: i64,
+    exp_unix: i64,
+    /// The tokens it was delegated from (cascade).
+    parent_jtis: Vec<String>,
+    depth: u32,
+}
+
+impl HeldToken {
+    fn served(&self, jti: &str) -> ServedToken {
+        ServedToken {
+            token: self.token.clone(),
+            jti: jti.to_owned(),
+            audience: self.audience.clone(),
+            iat_unix: self.iat_unix,
+            expires_at_unix: self.exp_unix,
+            delegation_depth: self.depth,
+        }
+    }
 }
 
 impl std::fmt::Debug for HeldToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HeldToken")
+            .field("audience", &self.audience)
             .field("iat_unix", &self.iat_unix)
+            .field("exp_unix", &self.exp_unix)
             .finish_non_exhaustive()
     }
 }
@@ -213,6 +378,23 @@ fn unb64(s: &str) -> Result<Vec<u8>, Error> {
     base64::engine::general_purpose::STANDARD
         .decode(s)
         .map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+/// A uniform random fraction in [0, 1).
+fn random_fraction() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// Errors worth trying another cache for: the cache is down, stopping or
+/// stale.
+fn worth_failover(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
 }
 
 impl Agent {
@@ -230,6 +412,7 @@ impl Agent {
             .ok_or_else(|| Error::Config("root_ca holds no certificate".into()))?;
         let bundle = Arc::new(TrustBundle::new(id.trust_domain().clone(), root)?);
         lattice_shared::store::check_schema(&*deps.store, "edge-agent", SCHEMA_VERSION)?;
+        let endpoints = cfg.endpoints();
 
         let loaded = match (
             deps.store.get(T_IDENTITY, b"key")?,
@@ -256,8 +439,8 @@ impl Agent {
             }
             _ => None,
         };
-        let (key, chain) = match loaded {
-            Some(x) => x,
+        let (key, chain, first) = match loaded {
+            Some((key, chain)) => (key, chain, 0),
             None => {
                 let token = cfg.join_token.clone().ok_or(Error::NeedsJoinToken)?;
                 let key = PrivateKey::generate_p256()?;
@@ -267,29 +450,61 @@ impl Agent {
                     ExpectedServer::CacheIn(region.clone()),
                     None,
                 )?;
-                let ch = lattice_shared::net::channel(cfg.cache, tls)
-                    .map_err(|e| Error::Transport(e.to_string()))?;
-                let resp = CacheClient::new(ch)
-                    .enrol(pb::EnrolAgentRequest {
-                        join_token: token.expose().to_owned(),
-                        requested_id: id.to_string(),
-                        csr: key.csr_der()?,
-                        claims: Some(cfg.claims()),
-                    })
-                    .await?
-                    .into_inner();
+                // The first cache that answers; a refusal is final (the
+                // token may be spent), only an unreachable cache is skipped.
+                let mut last = None;
+                let mut enrolled = None;
+                for (i, addr) in endpoints.iter().enumerate() {
+                    let ch = lattice_shared::net::channel(*addr, tls.clone())
+                        .map_err(|e| Error::Transport(e.to_string()))?;
+                    let r = CacheClient::new(ch)
+                        .enrol(pb::EnrolAgentRequest {
+                            join_token: token.expose().to_owned(),
+                            requested_id: id.to_string(),
+                            csr: key.csr_der()?,
+                            claims: Some(cfg.claims()),
+                        })
+                        .await;
+                    match r {
+                        Ok(resp) => {
+                            enrolled = Some((i, resp.into_inner()));
+                            break;
+                        }
+                        Err(s) if worth_failover(&s) && i + 1 < endpoints.len() => {
+                            tracing::warn!(cache = %addr, error = %s.message(), "cache unavailable for enrolment; trying the next");
+                            last = Some(s);
+                        }
+                        Err(s) => return Err(s.into()),
+                    }
+                }
+                let (i, resp) = match enrolled {
+                    Some(x) => x,
+                    None => {
+                        return Err(last
+                            .map(Error::from)
+                            .unwrap_or_else(|| Error::Transport("no cache configured".into())));
+                    }
+                };
                 let c = resp
                     .chain
                     .ok_or_else(|| Error::Corrupt("no chain in response".into()))?;
                 let chain = verify_chain(&bundle, &id, &deps.clock, c.leaf, c.intermediate)?;
                 persist(&deps.store, &deps.vault, Some(&key), &chain)?;
-                tracing::info!(agent_id = %id, "enrolled at the cache");
-                (key, chain)
+                tracing::info!(agent_id = %id, cache = %endpoints[i], "enrolled at the cache");
+                (key, chain, i)
             }
         };
         let cert = ReloadableCert::new(vec![chain.leaf.clone(), chain.intermediate.clone()], &key)?;
         let known = Arc::new(KnownRevocations::default());
-        let client = new_client(&cfg, &bundle, &deps.clock, &region, &cert, &known)?;
+        let client = new_client(
+            endpoints[first],
+            &bundle,
+            &deps.clock,
+            &region,
+            &cert,
+            &known,
+        )?;
+        let jitter = cfg.renewal.jitter;
         Ok(Agent {
             known,
             id,
@@ -301,15 +516,39 @@ impl Agent {
             bundle,
             cert,
             chain: RwLock::new(chain),
+            endpoints,
+            current: std::sync::atomic::AtomicUsize::new(first),
             client: RwLock::new(client),
+            failing_over: tokio::sync::Mutex::new(()),
             held: std::sync::Mutex::new(std::collections::HashMap::new()),
+            fresh: std::sync::Mutex::new(std::collections::HashMap::new()),
+            kept: std::sync::Mutex::new(std::collections::HashMap::new()),
+            renew_early: std::sync::Mutex::new(random_fraction() * jitter),
+            events: tokio::sync::broadcast::channel(256).0,
             revoked: tokio::sync::watch::channel(false).0,
             watching: tokio::sync::watch::channel(false).0,
         })
     }
 
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
     pub fn chain(&self) -> Chain {
         self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every change to the agent's credentials, from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, e: AgentEvent) {
+        let _ = self.events.send(e);
     }
 
     fn client(&self) -> CacheClient<Channel> {
@@ -317,6 +556,103 @@ impl Agent {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The cache requests go to now.
+    pub fn current_cache(&self) -> SocketAddr {
+        self.endpoints[self
+            .current
+            .load(std::sync::atomic::Ordering::Acquire)
+            .min(self.endpoints.len() - 1)]
+    }
+
+    fn client_for(&self, addr: SocketAddr) -> Result<CacheClient<Channel>, Error> {
+        new_client(
+            addr,
+            &self.bundle,
+            &self.clock,
+            &self.region,
+            &self.cert,
+            &self.known,
+        )
+    }
+
+    /// Whether the cache at `addr` answers and can serve now.
+    async fn probe(&self, addr: SocketAddr) -> bool {
+        let Ok(mut c) = self.client_for(addr) else {
+            return false;
+        };
+        let ping = c.ping(pb::PingRequest { payload: vec![] });
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, ping).await,
+            Ok(Ok(r)) if r.get_ref().serving
+        )
+    }
+
+    fn switch_to(&self, i: usize) -> Result<(), Error> {
+        let client = self.client_for(self.endpoints[i])?;
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        let before = self.current.swap(i, std::sync::atomic::Ordering::AcqRel);
+        if before != i {
+            metrics::counter!("lattice_agent_failovers_total").increment(1);
+            tracing::warn!(agent_id = %self.id, from = %self.endpoints[before.min(self.endpoints.len() - 1)], to = %self.endpoints[i], "switched cache");
+            self.emit(AgentEvent::CacheChanged(self.endpoints[i]));
+        }
+        Ok(())
+    }
+
+    /// Moves to the first cache in configured order that answers and
+    /// serves, trying the failing one (`failed`) last. Returns whether the
+    /// cache in use changed.
+    pub async fn failover(&self, failed: usize) -> bool {
+        let _one = self.failing_over.lock().await;
+        let now = self.current.load(std::sync::atomic::Ordering::Acquire);
+        if now != failed {
+            return true; // someone else already moved
+        }
+        let order = (0..self.endpoints.len())
+            .filter(|i| *i != failed)
+            .chain(std::iter::once(failed));
+        for i in order {
+            if self.probe(self.endpoints[i]).await {
+                return self.switch_to(i).is_ok() && i != failed;
+            }
+        }
+        false
+    }
+
+    /// Moves back to an earlier cache in the configured order once it
+    /// serves again (the runtime calls this now and then).
+    pub async fn fail_back(&self) -> bool {
+        let now = self.current.load(std::sync::atomic::Ordering::Acquire);
+        for i in 0..now {
+            if self.probe(self.endpoints[i]).await {
+                let _one = self.failing_over.lock().await;
+                return self.switch_to(i).is_ok();
+            }
+        }
+        false
+    }
+
+    /// Runs one call at the cache in use, moving to the next serving cache
+    /// and trying once more when this one is down, stopping or stale.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    where
+        F: Fn(CacheClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let at = self.current.load(std::sync::atomic::Ordering::Acquire);
+        match f(self.client()).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) if worth_failover(&s) && self.endpoints.len() > 1 => {
+                if self.failover(at).await {
+                    Ok(f(self.client()).await?.into_inner())
+                } else {
+                    Err(s.into())
+                }
+            }
+            Err(s) => Err(s.into()),
+        }
     }
 
     pub async fn mint(
@@ -328,24 +664,154 @@ impl Agent {
         if self.is_revoked() {
             return Err(Error::Revoked);
         }
+        let req = pb::MintTokenRequest {
+            audience: audience.to_owned(),
+            scopes: scopes.to_vec(),
+            ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+            claims: Some(self.cfg.claims()),
+        };
         let resp = self
-            .client()
-            .mint_token(pb::MintTokenRequest {
-                audience: audience.to_owned(),
-                scopes: scopes.to_vec(),
-                ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
-                claims: Some(self.cfg.claims()),
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.mint_token(req).await }
             })
-            .await?
-            .into_inner();
+            .await?;
         self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
             resp.jti.clone(),
             HeldToken {
                 token: zeroize::Zeroizing::new(resp.token.clone()),
+                audience: audience.to_owned(),
                 iat_unix: self.clock.now_unix(),
+                exp_unix: resp.expires_at_unix,
+                parent_jtis: Vec::new(),
+                depth: 0,
             },
         );
         Ok(resp)
+    }
+
+    /// A token for `key`: the newest one while more than half of its life
+    /// is left, else a fresh one.
+    pub async fn token_for(&self, key: &TokenKey) -> Result<ServedToken, Error> {
+        if let Some(t) = self.fresh_token(key) {
+            return Ok(t);
+        }
+        let ttl = (key.ttl_secs > 0).then(|| Duration::from_secs(key.ttl_secs));
+        let resp = self.mint(&key.audience, &key.scopes, ttl).await?;
+        self.fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), resp.jti.clone());
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(&resp.jti)
+            .map(|h| h.served(&resp.jti))
+            .ok_or(Error::Revoked)
+    }
+
+    /// The newest token for `key` if it is held and before half-life.
+    fn fresh_token(&self, key: &TokenKey) -> Option<ServedToken> {
+        let jti = self
+            .fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()?;
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let h = held.get(&jti)?;
+        let now = self.clock.now_unix();
+        (now < h.iat_unix + (h.exp_unix - h.iat_unix) / 2).then(|| h.served(&jti))
+    }
+
+    /// Keeps a token for `key` fresh while the returned guard lives: the
+    /// runtime renews it at half-life and announces it with
+    /// [`AgentEvent::TokenRenewed`].
+    pub fn keep(self: &Arc<Self>, key: TokenKey) -> KeepGuard {
+        *self
+            .kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_insert(0) += 1;
+        KeepGuard {
+            agent: self.clone(),
+            key,
+        }
+    }
+
+    /// Renews every kept token that is past half-life or gone; returns how
+    /// many were renewed.
+    pub async fn refresh_kept(&self) -> Result<usize, Error> {
+        let keys: Vec<TokenKey> = self
+            .kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut n = 0;
+        for key in keys {
+            if self.fresh_token(&key).is_some() {
+                continue;
+            }
+            self.token_for(&key).await?;
+            self.emit(AgentEvent::TokenRenewed(key));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A token delegated to the sub-agent `actor` from `subject_token`,
+    /// which must be a token this agent holds (RFC 8693 at the cache).
+    pub async fn delegate(
+        &self,
+        subject_token: &str,
+        actor: &str,
+        scopes: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<ServedToken, Error> {
+        if self.is_revoked() {
+            return Err(Error::Revoked);
+        }
+        let parent = {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.iter()
+                .find(|(_, h)| h.token.as_bytes() == subject_token.as_bytes())
+                .map(|(jti, h)| (jti.clone(), h.parent_jtis.clone(), h.audience.clone()))
+        };
+        let Some((parent_jti, mut parent_jtis, audience)) = parent else {
+            return Err(Error::Refused {
+                code: tonic::Code::PermissionDenied,
+                message: "the subject token is not one this agent holds (revoked, expired, or never served here)".into(),
+            });
+        };
+        let req = pb::ExchangeTokenRequest {
+            subject_token: subject_token.to_owned(),
+            actor: actor.to_owned(),
+            scopes: scopes.to_vec(),
+            ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+            claims: Some(self.cfg.claims()),
+        };
+        let resp = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.exchange_token(req).await }
+            })
+            .await?;
+        parent_jtis.push(parent_jti);
+        let held = HeldToken {
+            token: zeroize::Zeroizing::new(resp.token),
+            audience,
+            iat_unix: self.clock.now_unix(),
+            exp_unix: resp.expires_at_unix,
+            parent_jtis,
+            depth: resp.depth,
+        };
+        let served = held.served(&resp.jti);
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(resp.jti, held);
+        Ok(served)
     }
 
     /// Leases an upstream secret (`version` 0: the active one) from the
@@ -359,16 +825,18 @@ impl Agent {
         if self.is_revoked() {
             return Err(Error::Revoked);
         }
+        let req = pb::LeaseSecretRequest {
+            name: name.to_owned(),
+            version,
+            ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+            claims: Some(self.cfg.claims()),
+        };
         let r = self
-            .client()
-            .lease_secret(pb::LeaseSecretRequest {
-                name: name.to_owned(),
-                version,
-                ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
-                claims: Some(self.cfg.claims()),
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.lease_secret(req).await }
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok(Lease {
             value: zeroize::Zeroizing::new(r.value),
             lease_id: r.lease_id,
@@ -377,6 +845,28 @@ impl Agent {
             fingerprint: r.fingerprint,
             policy_version: r.policy_version,
         })
+    }
+
+    /// Sends audit events the agent recorded (its proxy's) to the cache.
+    pub async fn report_audit(&self, events: Vec<pb::AgentAuditEvent>) -> Result<u32, Error> {
+        let req = pb::ReportAuditRequest { events };
+        Ok(self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.report_audit(req).await }
+            })
+            .await?
+            .accepted)
+    }
+
+    /// The audience of a token this agent holds, if it holds it.
+    pub fn held_audience(&self, token: &str) -> Option<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|h| h.token.as_bytes() == token.as_bytes())
+            .map(|h| h.audience.clone())
     }
 
     /// The jtis of tokens the agent holds (not known to be revoked).
@@ -403,8 +893,28 @@ impl Agent {
         self.revoked.subscribe()
     }
 
-    /// Applies one revocation: drops affected tokens, and forgets the whole
-    /// identity (key, certificate, tokens) when it is the target.
+    /// Drops the held tokens `gone` selects and announces each.
+    fn drop_tokens(&self, gone: impl Fn(&str, &HeldToken) -> bool) {
+        let dropped: Vec<String> = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = held
+                .iter()
+                .filter(|(j, h)| gone(j, h))
+                .map(|(j, _)| j.clone())
+                .collect();
+            for j in &ids {
+                held.remove(j);
+            }
+            ids
+        };
+        for jti in dropped {
+            self.emit(AgentEvent::TokenRevoked { jti });
+        }
+    }
+
+    /// Applies one revocation: drops affected tokens (and those delegated
+    /// from them), and forgets the whole identity (key, certificate,
+    /// tokens) when it is the target.
     pub fn apply_revocation(&self, r: &Revocation) {
         use lattice_shared::revocation::Target;
         self.known.apply(r);
@@ -423,31 +933,26 @@ impl Agent {
                 issued_before_unix,
             } => {
                 if subject == &self.id {
-                    self.held
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .retain(|_, t| t.iat_unix >= *issued_before_unix);
+                    self.drop_tokens(|_, t| t.iat_unix < *issued_before_unix);
                 }
                 subject == &self.id && issued_at < *issued_before_unix
             }
             Target::Jti(j) => {
-                self.held
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(j);
+                self.drop_tokens(|jti, t| jti == j || t.parent_jtis.iter().any(|p| p == j));
                 false
             }
             Target::JoinToken(_) | Target::SecretVersion { .. } => false,
         };
         if me && !self.is_revoked() {
-            self.forget();
+            self.forget(&r.target.to_string());
             tracing::warn!(agent_id = %self.id, target = %r.target, "this agent was revoked; identity and tokens forgotten");
         }
     }
 
     /// Drops every credential and erases the stored identity.
-    fn forget(&self) {
+    fn forget(&self, why: &str) {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.cert.clear();
         let _ = self.store.apply(vec![
             Write {
@@ -461,43 +966,62 @@ impl Agent {
                 value: None,
             },
         ]);
+        // Told before the flag flips: the runtime stops on the flag.
+        self.emit(AgentEvent::IdentityRevoked(format!("revoked: {why}")));
         self.revoked.send_replace(true);
     }
 
+    /// Drops every token held in memory (at shutdown); the stored identity
+    /// stays.
+    pub fn drop_all_tokens(&self) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Follows the cache's revocation stream until revoked or `stop`
-    /// resolves, reconnecting with capped backoff.
+    /// resolves, reconnecting with capped backoff (and moving to another
+    /// cache when this one is down).
     pub async fn watch_revocations(&self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut after = 0u64;
         let mut backoff = Duration::from_millis(50);
         while !self.is_revoked() {
+            let at = self.current.load(std::sync::atomic::Ordering::Acquire);
             let stream = self
                 .client()
                 .watch_revocations(pb::WatchRevocationsRequest { after_seq: after })
                 .await;
-            if let Ok(resp) = stream {
-                backoff = Duration::from_millis(50);
-                self.watching.send_replace(true);
-                let mut s = resp.into_inner();
-                loop {
-                    let msg = tokio::select! {
-                        _ = &mut stop => return,
-                        m = s.message() => m,
-                    };
-                    let Ok(Some(n)) = msg else { break };
-                    after = after.max(n.seq);
-                    if let Some(r) = n
-                        .revocation
-                        .as_ref()
-                        .and_then(|r| Revocation::try_from(r).ok())
-                    {
-                        self.apply_revocation(&r);
+            match stream {
+                Ok(resp) => {
+                    backoff = Duration::from_millis(50);
+                    self.watching.send_replace(true);
+                    let mut s = resp.into_inner();
+                    loop {
+                        let msg = tokio::select! {
+                            _ = &mut stop => return,
+                            m = s.message() => m,
+                        };
+                        let Ok(Some(n)) = msg else { break };
+                        after = after.max(n.seq);
+                        if let Some(r) = n
+                            .revocation
+                            .as_ref()
+                            .and_then(|r| Revocation::try_from(r).ok())
+                        {
+                            self.apply_revocation(&r);
+                        }
+                        if self.is_revoked() {
+                            return;
+                        }
                     }
-                    if self.is_revoked() {
-                        return;
+                    self.watching.send_replace(false);
+                }
+                Err(s) if worth_failover(&s) && self.endpoints.len() > 1 => {
+                    if self.failover(at).await {
+                        continue;
                     }
                 }
-                self.watching.send_replace(false);
+                Err(_) => {}
             }
             tokio::select! {
                 _ = &mut stop => return,
@@ -509,10 +1033,8 @@ impl Agent {
 
     pub async fn jwks(&self) -> Result<String, Error> {
         Ok(self
-            .client()
-            .jwks(pb::JwksRequest {})
+            .call(|mut c| async move { c.jwks(pb::JwksRequest {}).await })
             .await?
-            .into_inner()
             .jwks_json)
     }
 
@@ -523,31 +1045,43 @@ impl Agent {
 
     /// A client on a new connection of its own.
     pub fn new_cache_client(&self) -> Result<CacheClient<Channel>, Error> {
-        new_client(
-            &self.cfg,
-            &self.bundle,
-            &self.clock,
-            &self.region,
-            &self.cert,
-            &self.known,
-        )
+        self.client_for(self.current_cache())
     }
 
-    /// Renews the certificate with a fresh key once it is past half-life.
+    /// When the certificate should be renewed: half-life, minus this
+    /// certificate's random early share (jitter).
+    pub fn renewal_due_unix(&self) -> i64 {
+        let info = self.chain().info;
+        let nb = lattice_shared::clock::unix_secs(info.not_before);
+        let na = lattice_shared::clock::unix_secs(info.not_after);
+        let early = *self.renew_early.lock().unwrap_or_else(|p| p.into_inner());
+        let life = (na - nb) as f64;
+        nb + (life * (0.5 - early)) as i64
+    }
+
+    /// Renews the certificate with a fresh key once it is due (past
+    /// half-life, less jitter).
     pub async fn renew_if_due(&self) -> Result<bool, Error> {
         let info = self.chain().info;
-        if !past_half_life(self.clock.now(), info.not_before, info.not_after) {
+        if self.clock.now_unix() < self.renewal_due_unix()
+            && !past_half_life(self.clock.now(), info.not_before, info.not_after)
+        {
             return Ok(false);
         }
+        if self.is_revoked() {
+            return Err(Error::Revoked);
+        }
         let key = PrivateKey::generate_p256()?;
+        let req = pb::IssueCertificateRequest {
+            csr: key.csr_der()?,
+            claims: Some(self.cfg.claims()),
+        };
         let resp = self
-            .client()
-            .issue_certificate(pb::IssueCertificateRequest {
-                csr: key.csr_der()?,
-                claims: Some(self.cfg.claims()),
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.issue_certificate(req).await }
             })
-            .await?
-            .into_inner();
+            .await?;
         let c = resp
             .chain
             .ok_or_else(|| Error::Corrupt("no chain in response".into()))?;
@@ -556,51 +1090,49 @@ impl Agent {
         self.cert
             .replace(vec![chain.leaf.clone(), chain.intermediate.clone()], &key)?;
         // New connections present the new certificate.
-        let client = new_client(
-            &self.cfg,
-            &self.bundle,
-            &self.clock,
-            &self.region,
-            &self.cert,
-            &self.known,
-        )?;
+        let client = self.client_for(self.current_cache())?;
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
         tracing::info!(agent_id = %self.id, not_after = ?chain.info.not_after, "certificate renewed");
         *self.chain.write().unwrap_or_else(|p| p.into_inner()) = chain;
+        *self.renew_early.lock().unwrap_or_else(|p| p.into_inner()) =
+            random_fraction() * self.cfg.renewal.jitter;
+        metrics::counter!("lattice_agent_renewals_total").increment(1);
+        self.emit(AgentEvent::CertificateRenewed);
         Ok(true)
     }
 
     /// Keeps the certificate fresh and follows revocations until `stop`
-    /// resolves or the agent is revoked.
-    pub async fn run_until(&self, stop: impl std::future::Future<Output = ()>) {
-        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        let watcher = self.watch_revocations(async move {
-            let mut rx = done_rx;
-            let _ = rx.wait_for(|d| *d).await;
-        });
-        let renewer = async {
-            tokio::pin!(stop);
-            let mut revoked = self.revoked_signal();
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                tokio::select! {
-                    _ = &mut stop => break,
-                    _ = revoked.wait_for(|r| *r) => break,
-                    _ = tick.tick() => {
-                        if let Err(e) = self.renew_if_due().await {
-                            tracing::warn!(error = %e, "renewal failed; will retry");
-                        }
-                    }
-                }
-            }
-            done_tx.send_replace(true);
-        };
-        tokio::join!(watcher, renewer);
+    /// resolves or the agent is revoked (no Workload API; see
+    /// [`runtime::run`] for the whole runtime).
+    pub async fn run_until(self: &Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        runtime::keep_fresh(self, stop).await;
     }
 
     /// When the current certificate expires.
     pub fn not_after_unix(&self) -> i64 {
         lattice_shared::clock::unix_secs(self.chain().info.not_after)
+    }
+}
+
+/// How long a health probe of a cache may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Keeps a token fresh while it lives (see [`Agent::keep`]).
+#[derive(Debug)]
+pub struct KeepGuard {
+    agent: Arc<Agent>,
+    key: TokenKey,
+}
+
+impl Drop for KeepGuard {
+    fn drop(&mut self) {
+        let mut kept = self.agent.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = kept.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                kept.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -625,7 +1157,7 @@ impl lattice_shared::tls::PeerCheck for KnownRevocations {
 }
 
 fn new_client(
-    cfg: &Config,
+    addr: SocketAddr,
     bundle: &Arc<TrustBundle>,
     clock: &SharedClock,
     region: &RegionId,
@@ -639,8 +1171,8 @@ fn new_client(
         Some(cert.clone()),
         Some(known.clone()),
     )?;
-    let ch = lattice_shared::net::channel(cfg.cache, tls)
-        .map_err(|e| Error::Transport(e.to_string()))?;
+    let ch =
+        lattice_shared::net::channel(addr, tls).map_err(|e| Error::Transport(e.to_string()))?;
     Ok(CacheClient::new(ch))
 }
 

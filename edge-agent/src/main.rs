@@ -25,7 +25,8 @@ struct Cli {
 enum Command {
     /// Enrol (if needed) and print the agent's identity.
     Enrol,
-    /// Print a fresh token on stdout, for scripts.
+    /// Print a token on stdout, for scripts: from the running agent's
+    /// Workload API when its socket is there, else straight from the cache.
     Token {
         /// Audience of the token (`aud`).
         #[arg(long)]
@@ -48,7 +49,24 @@ enum Command {
         #[arg(long)]
         ttl_secs: Option<u64>,
     },
-    /// Keep the identity fresh until interrupted.
+    /// Delegate a token to a sub-agent (RFC 8693 token exchange at the
+    /// cache) through the running agent's Workload API. The parent token is
+    /// read from stdin (never from the command line); the delegated token
+    /// is printed on stdout.
+    Delegate {
+        /// Name of the sub-agent that will act with the token.
+        #[arg(long)]
+        actor: String,
+        /// Scope to keep (a subset of the parent's); repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Lifetime in seconds (default and maximum: the parent's remaining).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
+    /// Run the agent: keep the identity and tokens fresh, follow
+    /// revocations, fail over between caches, serve the Workload API (and
+    /// the proxy when configured) until SIGINT or SIGTERM.
     Run,
 }
 
@@ -75,7 +93,90 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// The running agent's Workload API, if its socket is there.
+async fn running_agent(
+    cfg: &Config,
+) -> Option<lattice_shared::proto::workload_client::WorkloadClient<tonic::transport::Channel>> {
+    let path = cfg.workload.socket_path(&cfg.data_dir);
+    if cfg.workload.disabled || !path.exists() {
+        return None;
+    }
+    lattice_edge_agent::workload::connect(&path).await.ok()
+}
+
 async fn run(cfg: Config, command: Command) -> anyhow::Result<()> {
+    use lattice_shared::proto as pb;
+    match &command {
+        Command::Token {
+            audience,
+            scopes,
+            ttl_secs,
+        } => {
+            if let Some(mut w) = running_agent(&cfg).await {
+                let t = w
+                    .fetch_token(pb::WorkloadTokenRequest {
+                        audience: audience.clone(),
+                        scopes: scopes.clone(),
+                        ttl_secs: ttl_secs.unwrap_or(0),
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+                    .into_inner();
+                println!("{}", t.token);
+                return Ok(());
+            }
+        }
+        Command::Delegate {
+            actor,
+            scopes,
+            ttl_secs,
+        } => {
+            let Some(mut w) = running_agent(&cfg).await else {
+                anyhow::bail!(
+                    "no running agent: delegation goes through `lattice-agent run` (its socket {} is absent)",
+                    cfg.workload.socket_path(&cfg.data_dir).display()
+                );
+            };
+            let mut parent = zeroize::Zeroizing::new(String::new());
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin(), 16 * 1024),
+                &mut parent,
+            )?;
+            let t = w
+                .delegate(pb::WorkloadDelegateRequest {
+                    subject_token: parent.trim().to_owned(),
+                    actor: actor.clone(),
+                    scopes: scopes.clone(),
+                    ttl_secs: ttl_secs.unwrap_or(0),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+                .into_inner();
+            eprintln!(
+                "delegated to {actor}: jti {} depth {} until unix {}",
+                t.jti, t.delegation_depth, t.expires_at_unix
+            );
+            println!("{}", t.token);
+            return Ok(());
+        }
+        _ => {}
+    }
     let store = lattice_shared::store::SledStore::open(&cfg.data_dir.join("db"))?;
     let vault = lattice_shared::seal::LocalKeyFile::open_or_create(&cfg.data_dir.join("kek.key"))?;
     let agent = Agent::start(
@@ -129,13 +230,35 @@ async fn run(cfg: Config, command: Command) -> anyhow::Result<()> {
             out.flush()?;
         }
         Command::Run => {
-            eprintln!("lattice-agent {} running; Ctrl-C to stop", agent.id);
-            agent
-                .run_until(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await;
+            lattice_shared::telemetry::install_metrics(agent.config().metrics_listen)
+                .map_err(anyhow::Error::msg)?;
+            let agent = std::sync::Arc::new(agent);
+            let socket = agent
+                .config()
+                .workload
+                .socket_path(&agent.config().data_dir);
+            let (ready_tx, ready) =
+                tokio::sync::oneshot::channel::<lattice_edge_agent::runtime::Ready>();
+            let id = agent.id.clone();
+            let announce = async move {
+                if let Ok(at) = ready.await {
+                    let proxy = at
+                        .proxy
+                        .map(|p| format!("; proxy on http://{p}"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "lattice-agent {id} running; workload API on {}{proxy}; Ctrl-C or SIGTERM to stop",
+                        socket.display()
+                    );
+                }
+            };
+            let (r, ()) = tokio::join!(
+                lattice_edge_agent::runtime::run(agent, Some(ready_tx), shutdown_signal()),
+                announce
+            );
+            r?;
         }
+        Command::Delegate { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

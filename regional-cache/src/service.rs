@@ -710,6 +710,10 @@ impl Cache for Service {
             heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let next = tokio::select! {
+                    // Queued revocations go before a heartbeat, so that a
+                    // heartbeat never vouches for one still queued behind it.
+                    biased;
+                    n = live.recv() => n,
                     _ = lattice_shared::net::until_true(&mut stopping) => {
                         let _ = tx.send(Err(Status::unavailable("cache stopping"))).await;
                         return;
@@ -726,7 +730,6 @@ impl Cache for Service {
                         }
                         continue;
                     }
-                    n = live.recv() => n,
                 };
                 match next {
                     Ok((seq, r)) if seq > last => {
@@ -984,6 +987,14 @@ impl Cache for Service {
         if r.payload.len() > limits::MAX_PING_PAYLOAD {
             return Err(Status::invalid_argument("payload too large"));
         }
-        Ok(Response::new(pb::PingResponse { payload: r.payload }))
+        let serving = self
+            .state
+            .sync
+            .staleness_ms()
+            .is_some_and(|s| u128::from(s) <= self.state.sync.max_staleness().as_millis());
+        Ok(Response::new(pb::PingResponse {
+            payload: r.payload,
+            serving,
+        }))
     }
 }

@@ -325,9 +325,7 @@ impl FollowerShared {
 
     fn publish_metrics(&self, now: Duration) {
         let g = self.read();
-        let staleness = g
-            .staleness(now)
-            .map_or(f64::INFINITY, |s| s.as_secs_f64());
+        let staleness = g.staleness(now).map_or(f64::INFINITY, |s| s.as_secs_f64());
         metrics::gauge!("lattice_verifier_staleness_seconds").set(staleness);
         metrics::gauge!("lattice_verifier_applied_seq").set(g.status.applied_seq as f64);
     }
@@ -404,7 +402,9 @@ impl RevocationFollower {
     /// `Err(Stale)` when revocations may be missing.
     pub fn check_fresh(&self) -> Result<(), VerifyError> {
         let now = self.shared.clock.monotonic();
-        self.shared.read().check_fresh(now, self.shared.max_staleness)
+        self.shared
+            .read()
+            .check_fresh(now, self.shared.max_staleness)
     }
 
     /// Checks claims verified elsewhere: refuses when stale, then when any
@@ -731,7 +731,9 @@ impl Verifier {
     ) -> Result<Claims, VerifyError> {
         let mut keys = self.inner.keys.current();
         let claims = match keys.tokens.verify(token, audience) {
-            Err(TokenError::UnknownKey(_)) if self.refetch_for_unknown_key(keys.generation).await => {
+            Err(TokenError::UnknownKey(_))
+                if self.refetch_for_unknown_key(keys.generation).await =>
+            {
                 keys = self.inner.keys.current();
                 keys.tokens.verify(token, audience)?
             }
@@ -916,7 +918,11 @@ mod tests {
         let empty = RevocationSet::default();
         assert!(check_revocations(&empty, &c, None).is_ok());
         assert_eq!(
-            reason(check_revocations(&revoked(Target::Jti("j1".into())), &c, None)),
+            reason(check_revocations(
+                &revoked(Target::Jti("j1".into())),
+                &c,
+                None
+            )),
             RevocationReason::Token("j1".into())
         );
         c.parent_jtis = vec!["p0".into(), "p1".into()];
@@ -926,11 +932,19 @@ mod tests {
         });
         assert!(check_revocations(&empty, &c, None).is_ok());
         assert_eq!(
-            reason(check_revocations(&revoked(Target::Jti("p1".into())), &c, None)),
+            reason(check_revocations(
+                &revoked(Target::Jti("p1".into())),
+                &c,
+                None
+            )),
             RevocationReason::Parent("p1".into())
         );
         assert_eq!(
-            reason(check_revocations(&revoked(Target::Jti("p0".into())), &c, None)),
+            reason(check_revocations(
+                &revoked(Target::Jti("p0".into())),
+                &c,
+                None
+            )),
             RevocationReason::Parent("p0".into())
         );
     }
@@ -940,7 +954,11 @@ mod tests {
         let mut c = claims();
         let a = id("spiffe://t/agent/eu/a");
         assert_eq!(
-            reason(check_revocations(&revoked(Target::Agent(a.clone())), &c, None)),
+            reason(check_revocations(
+                &revoked(Target::Agent(a.clone())),
+                &c,
+                None
+            )),
             RevocationReason::Agent(a.clone())
         );
         // The cutoff: issued strictly before it is refused.
@@ -950,7 +968,10 @@ mod tests {
                 issued_before_unix: t,
             })
         };
-        assert!(check_revocations(&cut(1000), &c, None).is_ok(), "iat == cutoff");
+        assert!(
+            check_revocations(&cut(1000), &c, None).is_ok(),
+            "iat == cutoff"
+        );
         assert_eq!(
             reason(check_revocations(&cut(1001), &c, None)),
             RevocationReason::Cutoff(a.clone())
@@ -976,7 +997,11 @@ mod tests {
 
         let cache = id("spiffe://t/cache/eu/c1");
         assert_eq!(
-            reason(check_revocations(&revoked(Target::Cache(cache.clone())), &c, None)),
+            reason(check_revocations(
+                &revoked(Target::Cache(cache.clone())),
+                &c,
+                None
+            )),
             RevocationReason::Issuer(cache)
         );
         let serials = revoked(Target::CertSerial("0abc".into()));
