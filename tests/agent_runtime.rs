@@ -708,3 +708,130 @@ async fn the_proxy_injects_the_leased_key_and_the_client_never_sees_it() {
     .expect("proxy use and refusal reach the cache's audit trail");
     run.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posture_change_revokes_the_tokens_the_policy_no_longer_allows() {
+    use lattice::harness::Audience;
+    use lattice_shared::policy::{BundleFiles, Posture};
+    const PAYMENTS: &str = "https://payments.example.com";
+    let base = lattice::harness::lattice_bundle(
+        &[
+            Audience::new(AUDIENCE, &["read", "write"]),
+            Audience::new(PAYMENTS, &["charge"]),
+        ],
+        &[],
+    );
+    let bundle = BundleFiles::from_files(
+        base.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain(std::iter::once((
+                "posture.cedar".to_string(),
+                r#"@id("payments-need-a-patched-device")
+forbid (
+  principal,
+  action in [Lattice::Action::"MintToken", Lattice::Action::"ExchangeToken"],
+  resource == Lattice::Audience::"https://payments.example.com"
+)
+unless { context.posture has os_patched && context.posture.os_patched };
+"#
+                .to_string(),
+            ))),
+    )
+    .expect("bundle");
+    let (mut l, _clock) = common::lattice_with(Spec {
+        agents: vec![],
+        policy: Some(bundle),
+        ..Spec::default()
+    })
+    .await;
+    let i = l
+        .add_agent_with("eu", "agent-1", |c| {
+            c.posture = Posture {
+                os_patched: Some(true),
+                ..Posture::default()
+            };
+        })
+        .await
+        .expect("agent");
+    let agent = l.agents[i].clone();
+    let pay = agent
+        .mint(PAYMENTS, &["charge".into()], None)
+        .await
+        .expect("patched: payments allowed");
+    let api = agent
+        .mint(AUDIENCE, &["read".into()], None)
+        .await
+        .expect("api");
+
+    assert!(
+        agent
+            .set_posture(Posture {
+                os_patched: Some(true),
+                ..Posture::default()
+            })
+            .await
+            .expect("same posture")
+            .is_empty(),
+        "nothing changes when the posture does not"
+    );
+    let before = l.cp().state.log.head();
+    let revoked = agent
+        .set_posture(Posture {
+            os_patched: Some(false),
+            ..Posture::default()
+        })
+        .await
+        .expect("report");
+    assert_eq!(revoked, vec![pay.jti.clone()], "only the payments token");
+    assert!(
+        !agent.held_jtis().contains(&pay.jti),
+        "dropped at the agent"
+    );
+    assert!(agent.held_jtis().contains(&api.jti));
+
+    // The cache asked the control plane; the revocation comes back to every
+    // cache (deadline poll on the log head: nothing signals a commit here).
+    let deadline = Instant::now() + WAIT;
+    while l.cp().state.log.head() == before {
+        assert!(Instant::now() < deadline, "no revocation committed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let head = l.cp().state.log.head();
+    l.wait_all_applied(head).await.expect("applied");
+    let exchange = |token: String| pb::ExchangeTokenRequest {
+        subject_token: token,
+        actor: "sub".into(),
+        scopes: vec![],
+        ttl_secs: 0,
+        claims: Some(agent.claims()),
+    };
+    let refused = agent
+        .cache_client()
+        .exchange_token(pb::ExchangeTokenRequest {
+            scopes: vec!["charge".into()],
+            ..exchange(pay.token.clone())
+        })
+        .await
+        .expect_err("revoked lattice-wide");
+    assert!(
+        refused.message().contains("revoked"),
+        "{}",
+        refused.message()
+    );
+    agent
+        .cache_client()
+        .exchange_token(pb::ExchangeTokenRequest {
+            scopes: vec!["read".into()],
+            ..exchange(api.token.clone())
+        })
+        .await
+        .expect("the api token is untouched");
+    let denied = agent
+        .mint(PAYMENTS, &["charge".into()], None)
+        .await
+        .expect_err("unpatched: no new payments token");
+    assert!(
+        format!("{denied}").contains("payments-need-a-patched-device"),
+        "{denied}"
+    );
+}

@@ -85,6 +85,50 @@ fn only_for(e: &mut pb::LatticeEvent, cache: &str) {
     }
 }
 
+/// Tokens a cache issued and asks to have revoked (its policy re-evaluation
+/// after an agent's claims changed). A cache can only deny with this, and
+/// each revocation names the cache that asked.
+async fn revoke_issued(
+    state: &std::sync::Arc<State>,
+    cache: &lattice_shared::id::SpiffeId,
+    r: pb::RevokeIssued,
+) -> Result<(), String> {
+    const MAX: usize = 256;
+    if r.jtis.is_empty() || r.jtis.len() > MAX {
+        return Err(format!("1..={MAX} jtis"));
+    }
+    if r.reason.len() > 512 {
+        return Err("reason longer than 512 bytes".into());
+    }
+    for j in &r.jtis {
+        if j.is_empty()
+            || j.len() > 128
+            || !j
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!("{j:?} is not a token id"));
+        }
+    }
+    let state = state.clone();
+    let cache = cache.clone();
+    tokio::task::spawn_blocking(move || {
+        for j in r.jtis {
+            let rev = lattice_shared::revocation::Revocation {
+                target: lattice_shared::revocation::Target::Jti(j),
+                reason: format!("requested by {cache}: {}", r.reason),
+            };
+            if let Err(e) = state.revoke(&rev) {
+                tracing::error!(error = %e, %cache, "revocation requested by a cache failed");
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| "worker failed".to_string())?
+}
+
 /// Audit records forwarded by caches: appended to the audit log once each,
 /// wrapped with the sender's authenticated id.
 mod cache_audit {
@@ -382,6 +426,12 @@ async fn serve(
                         let ack = pb::SyncDown { msg: Some(Down::AuditAck(pb::AuditAck { upto: audit_hwm })) };
                         if tx.send(Ok(ack)).await.is_err() {
                             return "cache went away".into();
+                        }
+                    }
+                    Some(Up::RevokeIssued(r)) => {
+                        if let Err(e) = revoke_issued(state, cache, r).await {
+                            let _ = tx.send(Err(Status::invalid_argument(format!("revoke_issued: {e}")))).await;
+                            return format!("bad revoke request: {e}");
                         }
                     }
                     Some(Up::Hello(_)) | None => {

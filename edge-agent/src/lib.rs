@@ -326,6 +326,8 @@ pub struct Agent {
     fresh: std::sync::Mutex<std::collections::HashMap<TokenKey, String>>,
     /// Keys the runtime keeps fresh, with how many watchers want each.
     kept: std::sync::Mutex<std::collections::HashMap<TokenKey, usize>>,
+    /// Reported with each request; starts as configured.
+    claims: RwLock<pb::AgentClaims>,
     /// This certificate's share of lifetime renewed early (jitter).
     renew_early: std::sync::Mutex<f64>,
     events: tokio::sync::broadcast::Sender<AgentEvent>,
@@ -505,6 +507,7 @@ impl Agent {
             &known,
         )?;
         let jitter = cfg.renewal.jitter;
+        let claims = cfg.claims();
         Ok(Agent {
             known,
             id,
@@ -523,6 +526,7 @@ impl Agent {
             held: std::sync::Mutex::new(std::collections::HashMap::new()),
             fresh: std::sync::Mutex::new(std::collections::HashMap::new()),
             kept: std::sync::Mutex::new(std::collections::HashMap::new()),
+            claims: RwLock::new(claims),
             renew_early: std::sync::Mutex::new(random_fraction() * jitter),
             events: tokio::sync::broadcast::channel(256).0,
             revoked: tokio::sync::watch::channel(false).0,
@@ -540,6 +544,44 @@ impl Agent {
 
     pub fn chain(&self) -> Chain {
         self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// What the agent reports about itself now.
+    pub fn claims(&self) -> pb::AgentClaims {
+        self.claims
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The device's posture changed: report it to the cache, which revokes
+    /// the tokens it issued to this agent that the policy no longer allows
+    /// (returned, and dropped here at once).
+    pub async fn set_posture(
+        &self,
+        posture: lattice_shared::policy::Posture,
+    ) -> Result<Vec<String>, Error> {
+        let claims = {
+            let mut c = self.claims.write().unwrap_or_else(|p| p.into_inner());
+            c.posture = Some(posture.to_proto());
+            c.clone()
+        };
+        let req = pb::ReportClaimsRequest {
+            claims: Some(claims),
+        };
+        let r = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.report_claims(req).await }
+            })
+            .await?;
+        let gone: std::collections::HashSet<&str> =
+            r.revoked_jtis.iter().map(String::as_str).collect();
+        self.drop_tokens(|jti, t| {
+            gone.contains(jti) || t.parent_jtis.iter().any(|p| gone.contains(p.as_str()))
+        });
+        tracing::info!(agent_id = %self.id, revoked = r.revoked_jtis.len(), "posture reported");
+        Ok(r.revoked_jtis)
     }
 
     /// Every change to the agent's credentials, from now on.
@@ -668,7 +710,7 @@ impl Agent {
             audience: audience.to_owned(),
             scopes: scopes.to_vec(),
             ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
-            claims: Some(self.cfg.claims()),
+            claims: Some(self.claims()),
         };
         let resp = self
             .call(|mut c| {
@@ -789,7 +831,7 @@ impl Agent {
             actor: actor.to_owned(),
             scopes: scopes.to_vec(),
             ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
-            claims: Some(self.cfg.claims()),
+            claims: Some(self.claims()),
         };
         let resp = self
             .call(|mut c| {
@@ -829,7 +871,7 @@ impl Agent {
             name: name.to_owned(),
             version,
             ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
-            claims: Some(self.cfg.claims()),
+            claims: Some(self.claims()),
         };
         let r = self
             .call(|mut c| {
@@ -1074,7 +1116,7 @@ impl Agent {
         let key = PrivateKey::generate_p256()?;
         let req = pb::IssueCertificateRequest {
             csr: key.csr_der()?,
-            claims: Some(self.cfg.claims()),
+            claims: Some(self.claims()),
         };
         let resp = self
             .call(|mut c| {

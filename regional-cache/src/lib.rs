@@ -4,6 +4,7 @@
 //! certificates and mints short-lived, scope-limited tokens.
 
 pub mod authz;
+pub mod issued;
 pub mod outbox;
 pub mod secrets;
 mod service;
@@ -367,6 +368,8 @@ pub struct State {
     pub audit: Option<Arc<dyn AuditSink>>,
     /// Audit records on their way to the control plane (durable).
     pub outbox: Arc<outbox::Outbox>,
+    /// Live tokens issued, for re-evaluation when an agent's claims change.
+    pub issued: issued::Issued,
     /// Turns true when the cache stops; long-lived streams end then.
     pub stopping: watch::Receiver<bool>,
 }
@@ -813,6 +816,9 @@ impl App {
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
             outbox: outbox.clone(),
+            issued: issued::Issued::new(std::time::Duration::from_secs(
+                cfg.token_max_ttl_secs.max(1),
+            )),
             stopping: rx.clone(),
             cfg,
             id,

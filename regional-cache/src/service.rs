@@ -153,6 +153,35 @@ impl Service {
         claims: Option<&pb::AgentClaims>,
         delegation_depth: u32,
     ) -> Result<u64, Status> {
+        let outcome = self.decide(
+            agent,
+            action,
+            resource,
+            source,
+            ttl_secs,
+            scopes,
+            claims,
+            delegation_depth,
+        )?;
+        if outcome.allowed {
+            return Ok(outcome.version);
+        }
+        self.refuse_by_policy(agent, action, resource, &outcome)
+    }
+
+    /// The policy's decision, without recording it.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        agent: &SpiffeId,
+        action: AgentAction,
+        resource: &str,
+        source: Option<std::net::SocketAddr>,
+        ttl_secs: u64,
+        scopes: &[String],
+        claims: Option<&pb::AgentClaims>,
+        delegation_depth: u32,
+    ) -> Result<lattice_shared::policy::Outcome, Status> {
         let (posture, job_type) = match claims {
             Some(c) => {
                 let posture = c
@@ -194,9 +223,17 @@ impl Service {
             weekday,
             delegation_depth,
         });
-        if outcome.allowed {
-            return Ok(outcome.version);
-        }
+        Ok(outcome)
+    }
+
+    /// Records a policy denial and returns its status.
+    fn refuse_by_policy(
+        &self,
+        agent: &SpiffeId,
+        action: AgentAction,
+        resource: &str,
+        outcome: &lattice_shared::policy::Outcome,
+    ) -> Result<u64, Status> {
         let reason = outcome.denial();
         metrics::counter!("lattice_cache_refusals_total", "reason" => "policy", "cache" => self.state.id.to_string())
             .increment(1);
@@ -502,6 +539,18 @@ impl Cache for Service {
             .sign(&claims)
             .map_err(|_| Status::internal("token signing failed"))?;
         metrics::counter!("lattice_cache_mint_total", "outcome" => "issued").increment(1);
+        self.state.issued.record(
+            &peer.id,
+            r.claims.as_ref(),
+            crate::issued::IssuedToken {
+                jti: jti.clone(),
+                action: AgentAction::MintToken,
+                audience: claims.aud.clone(),
+                scopes: r.scopes.clone(),
+                exp_unix: exp,
+                depth: 0,
+            },
+        );
         self.audit(AuditEvent::Issued {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),
@@ -898,6 +947,18 @@ impl Cache for Service {
             .sign(&claims)
             .map_err(|_| Status::internal("token signing failed"))?;
         metrics::counter!("lattice_cache_exchange_total", "outcome" => "issued").increment(1);
+        self.state.issued.record(
+            &peer.id,
+            r.claims.as_ref(),
+            crate::issued::IssuedToken {
+                jti: jti.clone(),
+                action: AgentAction::ExchangeToken,
+                audience: claims.aud.clone(),
+                scopes: r.scopes.clone(),
+                exp_unix: exp,
+                depth,
+            },
+        );
         self.audit(AuditEvent::Delegated {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),
@@ -975,6 +1036,61 @@ impl Cache for Service {
         metrics::counter!("lattice_cache_reported_events_total").increment(n as u64);
         Ok(Response::new(pb::ReportAuditResponse {
             accepted: u32::try_from(n).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn report_claims(
+        &self,
+        req: Request<pb::ReportClaimsRequest>,
+    ) -> Result<Response<pb::ReportClaimsResponse>, Status> {
+        let peer = self.require_agent(&req)?;
+        let source = peer_addr(&req);
+        self.serve_check(&peer)?;
+        let claims = req.into_inner().claims.unwrap_or_default();
+        let now = unix_secs(self.state.clock.now());
+        let (changed, live) = self.state.issued.update_claims(&peer.id, &claims, now);
+        let mut revoked = Vec::new();
+        let mut version = self.state.policy.version();
+        if changed {
+            for t in &live {
+                let ttl = u64::try_from(t.exp_unix - now).unwrap_or(0);
+                let outcome = self.decide(
+                    &peer.id,
+                    t.action,
+                    &t.audience,
+                    source,
+                    ttl,
+                    &t.scopes,
+                    Some(&claims),
+                    t.depth,
+                )?;
+                version = outcome.version;
+                if !outcome.allowed {
+                    revoked.push(t.jti.clone());
+                }
+            }
+        }
+        if !revoked.is_empty() {
+            let reason = format!(
+                "{}: claims changed; policy v{version} no longer allows these tokens",
+                peer.id
+            );
+            self.state.issued.forget(&peer.id, &revoked);
+            self.state.issued.request_revocation(&revoked, &reason);
+            metrics::counter!("lattice_cache_posture_revocations_total")
+                .increment(revoked.len() as u64);
+            tracing::warn!(agent_id = %peer.id, tokens = revoked.len(), policy_version = version, "claims changed: revoking tokens the policy no longer allows");
+            self.audit_refusal(
+                &peer.id,
+                &format!(
+                    "claims changed: {} live token(s) no longer allowed, revocation requested",
+                    revoked.len()
+                ),
+            );
+        }
+        Ok(Response::new(pb::ReportClaimsResponse {
+            revoked_jtis: revoked,
+            policy_version: version,
         }))
     }
 

@@ -235,6 +235,9 @@ impl Sync {
     pub fn check_token(&self, c: &lattice_shared::token::Claims) -> Result<(), String> {
         self.read().revocations.check_token(c)
     }
+    pub fn is_jti_revoked(&self, jti: &str) -> bool {
+        self.read().revocations.is_jti_revoked(jti)
+    }
     pub fn is_agent_revoked(&self, id: &lattice_shared::id::SpiffeId) -> bool {
         self.read().revocations.is_agent_revoked(id)
     }
@@ -617,8 +620,12 @@ async fn stream_loop(
     // Moved only by a message from the control plane: pings going out do not
     // prove the link works.
     let mut silent_after = tokio::time::Instant::now() + liveness;
+    send_revoke_requests(state, up).await?;
     loop {
         tokio::select! {
+            _ = state.issued.changed.notified() => {
+                send_revoke_requests(state, up).await?;
+            }
             _ = tokio::time::sleep_until(silent_after) => {
                 return Err(Error::ControlPlane("silent link".into()));
             }
@@ -656,7 +663,12 @@ async fn stream_loop(
                         if decoded.iter().flatten().any(|r| matches!(r.target, lattice_shared::revocation::Target::Cache(_) | lattice_shared::revocation::Target::CertSerial(_))) {
                             state.after_events();
                         }
+                        let revoked_jti = decoded.iter().flatten().any(|r| matches!(r.target, lattice_shared::revocation::Target::Jti(_)));
                         persist_tx.send((batch.events, decoded)).await.map_err(|_| Error::ControlPlane("persister stopped".into()))?;
+                        if revoked_jti {
+                            // Settles requests that came back; resends the rest.
+                            send_revoke_requests(state, up).await?;
+                        }
                     }
                     Some(Down::Pong(p)) => sync.on_pong(&p),
                     Some(Down::AuditAck(a)) => {
@@ -673,6 +685,23 @@ async fn stream_loop(
             }
         }
     }
+}
+
+/// Sends the revocations this cache asked for and has not yet seen come
+/// back on the event stream.
+async fn send_revoke_requests(
+    state: &Arc<State>,
+    up: &mpsc::Sender<pb::SyncUp>,
+) -> Result<(), Error> {
+    let sync = &state.sync;
+    if let Some(r) = state.issued.pending(|j| sync.is_jti_revoked(j)) {
+        up.send(pb::SyncUp {
+            msg: Some(Up::RevokeIssued(r)),
+        })
+        .await
+        .map_err(|_| Error::ControlPlane("closed".into()))?;
+    }
+    Ok(())
 }
 
 /// Audit records in flight (sent, not acked) at most: the control plane
