@@ -296,6 +296,75 @@ fn binaries_run_alone_from_their_configuration() {
         .output()
         .expect("runs");
     assert!(!out.status.success(), "a forged proof must fail");
+
+    // `lattice-agent run`: the Workload API on a socket; the one-shot
+    // commands go through it (the running agent holds the store), the
+    // parent token travels on stdin; SIGTERM stops it and removes the socket.
+    let mut run = Command::new(bin("lattice-agent"));
+    run.args(["--config", agent_cfg.to_str().expect("utf8"), "run"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = Proc(run.spawn().expect("agent runs"));
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let socket = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the agent reports its socket");
+        if let Some(rest) = line.split("workload API on ").nth(1) {
+            break std::path::PathBuf::from(rest.split(';').next().unwrap_or_default());
+        }
+    };
+    assert!(socket.exists(), "{}", socket.display());
+    let parent = agent(None);
+    let mut delegate = Command::new(bin("lattice-agent"));
+    delegate
+        .args(["--config", agent_cfg.to_str().expect("utf8")])
+        .args(["delegate", "--actor", "planner", "--scope", "read"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut d_child = delegate.spawn().expect("delegate runs");
+    {
+        use std::io::Write as _;
+        d_child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(parent.as_bytes())
+            .expect("parent on stdin");
+    }
+    let out = d_child.wait_with_output().expect("delegate ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let delegated = String::from_utf8(out.stdout).expect("utf8");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(delegated.trim().split('.').nth(1).expect("payload"))
+            .expect("b64"),
+    )
+    .expect("json");
+    assert_eq!(claims["act"]["sub"], format!("{agent_id}/planner"));
+    assert_eq!(claims["sub"], agent_id);
+    let pid = child.0.id().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    let status = child.0.wait().expect("agent exits");
+    assert!(status.success(), "SIGTERM is a clean stop: {status:?}");
+    assert!(!socket.exists(), "the socket is removed on SIGTERM");
 }
 
 #[test]
