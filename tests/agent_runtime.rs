@@ -835,3 +835,64 @@ unless { context.posture has os_patched && context.posture.os_patched };
         "{denied}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_optional_token_cache_file_is_sealed_and_skips_tokens_revoked_meanwhile() {
+    let (l, _clock) = common::lattice_with(Spec {
+        agents: vec![],
+        ..Spec::default()
+    })
+    .await;
+    let id = Lattice::agent_id("eu", "cached");
+    let mut cfg = l.agent_config("eu", "cached", l.caches[0].addr());
+    cfg.token_cache = true;
+    cfg.renewal.check_interval_ms = 20;
+    cfg.join_token = Some(lattice_shared::secret::Secret::new(
+        l.join_token(&id, None).expect("token"),
+    ));
+    let kept = lattice_edge_agent::TokenKey::new(AUDIENCE, &["read".into()], 0);
+    let other = lattice_edge_agent::TokenKey::new(AUDIENCE, &["write".into()], 0);
+
+    let agent = Arc::new(l.start_agent(cfg.clone()).await.expect("enrols"));
+    let run = Running::start(agent.clone()).await;
+    let t_kept = agent.token_for(&kept).await.expect("token");
+    let t_other = agent.token_for(&other).await.expect("token");
+    run.stop().await.expect("stop");
+    assert!(agent.held_jtis().is_empty(), "memory is cleared at stop");
+    drop(agent);
+
+    let file = std::fs::read(cfg.data_dir.join("tokens.sealed")).expect("cache file written");
+    assert!(
+        !file
+            .windows(t_kept.token.len())
+            .any(|w| w == t_kept.token.as_bytes()),
+        "no token in clear in the file"
+    );
+
+    // Revoked while the agent is down: never served again.
+    let ev = l.revoke(Target::Jti(t_other.jti.clone())).expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+
+    cfg.join_token = None;
+    let agent = Arc::new(l.start_agent(cfg.clone()).await.expect("restarts"));
+    let mut events = agent.subscribe();
+    let run = Running::start(agent.clone()).await;
+    let mut w = run.client().await;
+    // The first heartbeat after the backlog promotes the loaded tokens.
+    let deadline = Instant::now() + WAIT;
+    while !agent.held_jtis().contains(&t_kept.jti) {
+        assert!(Instant::now() < deadline, "loaded tokens never served");
+        let _ = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
+    }
+    assert!(
+        !agent.held_jtis().contains(&t_other.jti),
+        "a token revoked while the agent was down is not loaded"
+    );
+    let again = w
+        .fetch_token(token_req(&["read"]))
+        .await
+        .expect("token")
+        .into_inner();
+    assert_eq!(again.jti, t_kept.jti, "served from the sealed cache");
+    run.stop().await.expect("stop");
+}

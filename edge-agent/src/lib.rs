@@ -7,6 +7,7 @@
 
 pub mod proxy;
 pub mod runtime;
+pub mod token_cache;
 pub mod workload;
 
 use std::net::SocketAddr;
@@ -60,6 +61,10 @@ pub struct Config {
     pub proxy: Option<proxy::ProxyConfig>,
     /// Prometheus `/metrics` of `lattice-agent run` (off when unset).
     pub metrics_listen: Option<SocketAddr>,
+    /// Keep held tokens across restarts in `DATA_DIR/tokens.sealed`,
+    /// sealed with a key derived from the agent's private key. Off:
+    /// tokens live in memory only.
+    pub token_cache: bool,
 }
 
 /// When `run` renews certificates and tokens, and how it backs off.
@@ -104,6 +109,7 @@ impl Default for Config {
             workload: workload::WorkloadConfig::default(),
             proxy: None,
             metrics_listen: None,
+            token_cache: false,
         }
     }
 }
@@ -260,7 +266,7 @@ pub enum AgentEvent {
 }
 
 /// What a token is for: the key of the agent's token cache.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TokenKey {
     pub audience: String,
     /// Sorted, without repeats.
@@ -326,6 +332,11 @@ pub struct Agent {
     fresh: std::sync::Mutex<std::collections::HashMap<TokenKey, String>>,
     /// Keys the runtime keeps fresh, with how many watchers want each.
     kept: std::sync::Mutex<std::collections::HashMap<TokenKey, usize>>,
+    /// Seals the token cache file (when `token_cache` is on).
+    cache_key: std::sync::Mutex<Option<token_cache::CacheKey>>,
+    /// Tokens read from the cache file, served once the revocation
+    /// backlog has been replayed (see `promote_loaded`).
+    loaded: std::sync::Mutex<Vec<(String, HeldToken, Option<TokenKey>)>>,
     /// Reported with each request; starts as configured.
     claims: RwLock<pb::AgentClaims>,
     /// This certificate's share of lifetime renewed early (jitter).
@@ -508,6 +519,13 @@ impl Agent {
         )?;
         let jitter = cfg.renewal.jitter;
         let claims = cfg.claims();
+        let (cache_key, loaded) = if cfg.token_cache {
+            let k = token_cache::CacheKey::derive(&key.pkcs8_der());
+            let loaded = load_token_cache(&cfg.data_dir, &k, deps.clock.now_unix());
+            (Some(k), loaded)
+        } else {
+            (None, Vec::new())
+        };
         Ok(Agent {
             known,
             id,
@@ -527,6 +545,8 @@ impl Agent {
             fresh: std::sync::Mutex::new(std::collections::HashMap::new()),
             kept: std::sync::Mutex::new(std::collections::HashMap::new()),
             claims: RwLock::new(claims),
+            cache_key: std::sync::Mutex::new(cache_key),
+            loaded: std::sync::Mutex::new(loaded),
             renew_early: std::sync::Mutex::new(random_fraction() * jitter),
             events: tokio::sync::broadcast::channel(256).0,
             revoked: tokio::sync::watch::channel(false).0,
@@ -937,6 +957,10 @@ impl Agent {
 
     /// Drops the held tokens `gone` selects and announces each.
     fn drop_tokens(&self, gone: impl Fn(&str, &HeldToken) -> bool) {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(j, h, _)| !gone(j, h));
         let dropped: Vec<String> = {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             let ids: Vec<String> = held
@@ -991,8 +1015,80 @@ impl Agent {
         }
     }
 
+    /// Serves the tokens read from the cache file: called once the
+    /// revocation stream has replayed its backlog (its first heartbeat), so
+    /// that those revoked meanwhile are already gone.
+    fn promote_loaded(&self) {
+        let loaded = std::mem::take(&mut *self.loaded.lock().unwrap_or_else(|p| p.into_inner()));
+        if loaded.is_empty() {
+            return;
+        }
+        let n = loaded.len();
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+        for (jti, h, key) in loaded {
+            if let Some(k) = key {
+                fresh.insert(k, jti.clone());
+            }
+            held.insert(jti, h);
+        }
+        tracing::info!(agent_id = %self.id, tokens = n, "tokens from the cache file are served again");
+    }
+
+    /// Writes the held tokens to the sealed cache file (when enabled).
+    pub fn save_token_cache(&self) -> Result<(), Error> {
+        let key = self.cache_key.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(key) = key.as_ref() else {
+            return Ok(());
+        };
+        if self.is_revoked() {
+            return Ok(());
+        }
+        let now = self.clock.now_unix();
+        let fresh: std::collections::HashMap<String, TokenKey> = self
+            .fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, j)| (j.clone(), k.clone()))
+            .collect();
+        let entry = |jti: &str, h: &HeldToken, fresh_for: Option<TokenKey>| token_cache::Entry {
+            jti: jti.to_owned(),
+            token: h.token.as_str().to_owned(),
+            audience: h.audience.clone(),
+            iat_unix: h.iat_unix,
+            exp_unix: h.exp_unix,
+            parent_jtis: h.parent_jtis.clone(),
+            depth: h.depth,
+            fresh_for,
+        };
+        let mut entries: Vec<token_cache::Entry> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, h)| h.exp_unix > now)
+            .map(|(j, h)| entry(j, h, fresh.get(j).cloned()))
+            .collect();
+        entries.extend(
+            self.loaded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, h, _)| h.exp_unix > now)
+                .map(|(j, h, k)| entry(j, h, k.clone())),
+        );
+        let sealed = token_cache::seal(key, &entries)?;
+        token_cache::write(&token_cache::path(&self.cfg.data_dir), &sealed)
+    }
+
     /// Drops every credential and erases the stored identity.
     fn forget(&self, why: &str) {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let _ = std::fs::remove_file(token_cache::path(&self.cfg.data_dir));
         self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.fresh.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.cert.clear();
@@ -1045,6 +1141,10 @@ impl Agent {
                         };
                         let Ok(Some(n)) = msg else { break };
                         after = after.max(n.seq);
+                        if n.revocation.is_none() {
+                            // A heartbeat follows the backlog.
+                            self.promote_loaded();
+                        }
                         if let Some(r) = n
                             .revocation
                             .as_ref()
@@ -1131,6 +1231,15 @@ impl Agent {
         persist(&self.store, &self.vault, Some(&key), &chain)?;
         self.cert
             .replace(vec![chain.leaf.clone(), chain.intermediate.clone()], &key)?;
+        {
+            let mut ck = self.cache_key.lock().unwrap_or_else(|p| p.into_inner());
+            if ck.is_some() {
+                *ck = Some(token_cache::CacheKey::derive(&key.pkcs8_der()));
+            }
+        }
+        if let Err(e) = self.save_token_cache() {
+            tracing::warn!(error = %e, "re-sealing the token cache failed");
+        }
         // New connections present the new certificate.
         let client = self.client_for(self.current_cache())?;
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
@@ -1174,6 +1283,49 @@ impl Drop for KeepGuard {
             if *n == 0 {
                 kept.remove(&self.key);
             }
+        }
+    }
+}
+
+/// The tokens of the cache file still valid at `now`; a file that does not
+/// open (another identity key, tampering) is removed.
+fn load_token_cache(
+    data_dir: &std::path::Path,
+    key: &token_cache::CacheKey,
+    now: i64,
+) -> Vec<(String, HeldToken, Option<TokenKey>)> {
+    let path = token_cache::path(data_dir);
+    let data = match token_cache::read(&path) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "token cache unreadable; ignored");
+            return Vec::new();
+        }
+    };
+    match token_cache::open(key, &data) {
+        Ok(entries) => entries
+            .into_iter()
+            .filter(|e| e.exp_unix > now)
+            .map(|e| {
+                (
+                    e.jti.clone(),
+                    HeldToken {
+                        token: zeroize::Zeroizing::new(e.token.clone()),
+                        audience: e.audience.clone(),
+                        iat_unix: e.iat_unix,
+                        exp_unix: e.exp_unix,
+                        parent_jtis: e.parent_jtis.clone(),
+                        depth: e.depth,
+                    },
+                    e.fresh_for.clone(),
+                )
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "token cache discarded");
+            let _ = std::fs::remove_file(&path);
+            Vec::new()
         }
     }
 }

@@ -189,6 +189,9 @@ pub async fn run(
         }
     }
     let _ = keep.await;
+    if let Err(e) = agent.save_token_cache() {
+        tracing::warn!(error = %e, "writing the token cache failed");
+    }
     agent.drop_all_tokens();
     tracing::info!(agent_id = %agent.id, "stopped; tokens dropped from memory");
     match failed {
