@@ -48,9 +48,6 @@ struct Args {
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// One-time join token, needed for the first start only.
-    #[arg(long, env = "LATTICE_AGENT_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
 }
 
 #[derive(Clone)]
@@ -72,7 +69,11 @@ async fn main() -> anyhow::Result<()> {
         cache: args.cache,
         data_dir: args.data_dir.clone(),
         root_ca: args.root_ca.clone(),
-        join_token: args.join_token.map(lattice_shared::secret::Secret::new),
+        // One-time join token for the first start only: from the
+        // environment, never from argv (visible in `ps`).
+        join_token: std::env::var("LATTICE_AGENT_JOIN_TOKEN")
+            .ok()
+            .map(lattice_shared::secret::Secret::new),
         ..agent::Config::default()
     };
     let deps = agent::Deps {

@@ -211,3 +211,46 @@ async fn a_verifier_that_cannot_prove_freshness_refuses_as_stale_and_recovers() 
     assert_eq!(revoked(e), RevocationReason::Token(t.jti.clone()));
     l.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_delegated_token_verifies_and_falls_with_its_parent() {
+    let spec = Spec {
+        caches: vec![("eu".into(), "cache-1".into())],
+        agents: vec![("eu".into(), "a".into()), ("eu".into(), "svc".into())],
+        ..Spec::default()
+    };
+    let (l, _clock) = lattice_with(spec).await;
+    let v = verifier(&l, 1).await;
+    let agent = l.agents[0].clone();
+    let parent = agent
+        .mint(AUDIENCE, &["read".into(), "write".into()], None)
+        .await
+        .expect("mint");
+    let child = agent
+        .delegate(&parent.token, "planner", &["read".into()], None)
+        .await
+        .expect("delegate");
+    let grandchild = agent
+        .delegate(child.token.as_str(), "summariser", &["read".into()], None)
+        .await
+        .expect("delegate again");
+    for t in [&child, &grandchild] {
+        let c = v
+            .verify(t.token.as_str(), AUDIENCE)
+            .await
+            .expect("verifies");
+        assert_eq!(c.sub, agent.id.to_string());
+        assert_eq!(c.scope, "read");
+        assert!(c.act.is_some());
+    }
+
+    let ev = l.revoke(Target::Jti(parent.jti.clone())).expect("revoke");
+    wait_applied(&v, ev.seq).await;
+    for t in [&child, &grandchild] {
+        assert_eq!(
+            revoked(v.verify(t.token.as_str(), AUDIENCE).await),
+            RevocationReason::Parent(parent.jti.clone()),
+            "revoking a parent revokes every token delegated from it"
+        );
+    }
+}

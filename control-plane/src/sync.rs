@@ -85,6 +85,9 @@ fn only_for(e: &mut pb::LatticeEvent, cache: &str) {
     }
 }
 
+/// Jtis one `RevokeIssued` may carry.
+pub const MAX_REVOKE_ISSUED: usize = 256;
+
 /// Tokens a cache issued and asks to have revoked (its policy re-evaluation
 /// after an agent's claims changed). A cache can only deny with this, and
 /// each revocation names the cache that asked.
@@ -93,7 +96,7 @@ async fn revoke_issued(
     cache: &lattice_shared::id::SpiffeId,
     r: pb::RevokeIssued,
 ) -> Result<(), String> {
-    const MAX: usize = 256;
+    const MAX: usize = crate::sync::MAX_REVOKE_ISSUED;
     if r.jtis.is_empty() || r.jtis.len() > MAX {
         return Err(format!("1..={MAX} jtis"));
     }
@@ -114,6 +117,10 @@ async fn revoke_issued(
     let cache = cache.clone();
     tokio::task::spawn_blocking(move || {
         for j in r.jtis {
+            // Resent requests and repeats are committed once.
+            if state.log.revocations().is_jti_revoked(&j) {
+                continue;
+            }
             let rev = lattice_shared::revocation::Revocation {
                 target: lattice_shared::revocation::Target::Jti(j),
                 reason: format!("requested by {cache}: {}", r.reason),

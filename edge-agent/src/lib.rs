@@ -337,6 +337,8 @@ pub struct Agent {
     /// Tokens read from the cache file, served once the revocation
     /// backlog has been replayed (see `promote_loaded`).
     loaded: std::sync::Mutex<Vec<(String, HeldToken, Option<TokenKey>)>>,
+    /// Bumped when leases taken before may no longer be used.
+    lease_generation: std::sync::atomic::AtomicU64,
     /// Reported with each request; starts as configured.
     claims: RwLock<pb::AgentClaims>,
     /// This certificate's share of lifetime renewed early (jitter).
@@ -546,6 +548,7 @@ impl Agent {
             kept: std::sync::Mutex::new(std::collections::HashMap::new()),
             claims: RwLock::new(claims),
             cache_key: std::sync::Mutex::new(cache_key),
+            lease_generation: std::sync::atomic::AtomicU64::new(0),
             loaded: std::sync::Mutex::new(loaded),
             renew_early: std::sync::Mutex::new(random_fraction() * jitter),
             events: tokio::sync::broadcast::channel(256).0,
@@ -564,6 +567,18 @@ impl Agent {
 
     pub fn chain(&self) -> Chain {
         self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes when leases taken before must not be used any more (a
+    /// secret version revoked, the posture changed).
+    pub fn lease_generation(&self) -> u64 {
+        self.lease_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn invalidate_leases(&self) {
+        self.lease_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// What the agent reports about itself now.
@@ -586,6 +601,7 @@ impl Agent {
             c.posture = Some(posture.to_proto());
             c.clone()
         };
+        self.invalidate_leases();
         let req = pb::ReportClaimsRequest {
             claims: Some(claims),
         };
@@ -738,7 +754,7 @@ impl Agent {
                 async move { c.mint_token(req).await }
             })
             .await?;
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        self.hold(
             resp.jti.clone(),
             HeldToken {
                 token: zeroize::Zeroizing::new(resp.token.clone()),
@@ -750,6 +766,23 @@ impl Agent {
             },
         );
         Ok(resp)
+    }
+
+    /// Keeps a token in memory: expired ones go first, and the oldest when
+    /// the agent holds [`MAX_HELD`] already.
+    fn hold(&self, jti: String, t: HeldToken) {
+        let now = self.clock.now_unix();
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|_, h| h.exp_unix > now);
+        if held.len() >= MAX_HELD
+            && let Some(oldest) = held
+                .iter()
+                .min_by_key(|(_, h)| h.iat_unix)
+                .map(|(j, _)| j.clone())
+        {
+            held.remove(&oldest);
+        }
+        held.insert(jti, t);
     }
 
     /// A token for `key`: the newest one while more than half of its life
@@ -811,15 +844,29 @@ impl Agent {
             .cloned()
             .collect();
         let mut n = 0;
+        let mut first_err = None;
+        // Each key on its own: one the policy now denies does not hold up
+        // the others.
         for key in keys {
             if self.fresh_token(&key).is_some() {
                 continue;
             }
-            self.token_for(&key).await?;
-            self.emit(AgentEvent::TokenRenewed(key));
-            n += 1;
+            match self.token_for(&key).await {
+                Ok(_) => {
+                    self.emit(AgentEvent::TokenRenewed(key));
+                    n += 1;
+                }
+                Err(Error::Revoked) => return Err(Error::Revoked),
+                Err(e) => {
+                    tracing::warn!(audience = %key.audience, error = %e, "renewing a kept token failed");
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        Ok(n)
+        match first_err {
+            Some(e) if n == 0 => Err(e),
+            _ => Ok(n),
+        }
     }
 
     /// A token delegated to the sub-agent `actor` from `subject_token`,
@@ -869,10 +916,7 @@ impl Agent {
             depth: resp.depth,
         };
         let served = held.served(&resp.jti);
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(resp.jti, held);
+        self.hold(resp.jti, held);
         Ok(served)
     }
 
@@ -1007,7 +1051,11 @@ impl Agent {
                 self.drop_tokens(|jti, t| jti == j || t.parent_jtis.iter().any(|p| p == j));
                 false
             }
-            Target::JoinToken(_) | Target::SecretVersion { .. } => false,
+            Target::SecretVersion { .. } => {
+                self.invalidate_leases();
+                false
+            }
+            Target::JoinToken(_) => false,
         };
         if me && !self.is_revoked() {
             self.forget(&r.target.to_string());
@@ -1135,11 +1183,20 @@ impl Agent {
                     self.watching.send_replace(true);
                     let mut s = resp.into_inner();
                     loop {
+                        // Heartbeats come every second: a silent stream is
+                        // a dead link (no transport timeout covers it).
                         let msg = tokio::select! {
                             _ = &mut stop => return,
-                            m = s.message() => m,
+                            m = tokio::time::timeout(WATCH_SILENCE, s.message()) => m,
                         };
-                        let Ok(Some(n)) = msg else { break };
+                        let Ok(Ok(Some(n))) = msg else {
+                            tracing::warn!(agent_id = %self.id, "revocation stream ended or went silent; reconnecting");
+                            break;
+                        };
+                        if self.current.load(std::sync::atomic::Ordering::Acquire) != at {
+                            // Failed over: follow the cache in use.
+                            break;
+                        }
                         after = after.max(n.seq);
                         if n.revocation.is_none() {
                             // A heartbeat follows the backlog.
@@ -1264,6 +1321,12 @@ impl Agent {
         lattice_shared::clock::unix_secs(self.chain().info.not_after)
     }
 }
+
+/// A revocation stream without a message for this long is dead.
+const WATCH_SILENCE: Duration = Duration::from_secs(3);
+
+/// Tokens held in memory at most.
+pub const MAX_HELD: usize = 4096;
 
 /// How long a health probe of a cache may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -265,17 +265,52 @@ impl std::fmt::Debug for LeasedKey {
 pub trait SecretSource: Send + Sync + 'static {
     /// Leases the active version of secret `name`. The error is a message fit
     /// for the calling process (it is returned in a 503 body).
-    fn lease<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LeasedKey, String>>;
+    fn lease<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LeasedKey, LeaseError>>;
+
+    /// Changes whenever leases taken before may no longer be used (a
+    /// secret version was revoked, the agent's posture changed): the proxy
+    /// then drops its cached leases and leases again.
+    fn generation(&self) -> u64 {
+        0
+    }
+}
+
+/// Why a lease failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseError {
+    pub message: String,
+    /// The source could not be reached (a current lease may still be used
+    /// until it expires); otherwise it refused, and nothing is used.
+    pub unreachable: bool,
+}
+
+impl From<String> for LeaseError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            unreachable: false,
+        }
+    }
 }
 
 /// The agent leases from the cache of its region.
 impl SecretSource for crate::Agent {
-    fn lease<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LeasedKey, String>> {
+    fn lease<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LeasedKey, LeaseError>> {
         Box::pin(async move {
-            let l = self
-                .lease_secret(name, 0, None)
-                .await
-                .map_err(|e| e.to_string())?;
+            let l = self.lease_secret(name, 0, None).await.map_err(|e| {
+                let unreachable = matches!(
+                    &e,
+                    crate::Error::Transport(_)
+                        | crate::Error::Refused {
+                            code: tonic::Code::Unavailable | tonic::Code::DeadlineExceeded,
+                            ..
+                        }
+                );
+                LeaseError {
+                    message: e.to_string(),
+                    unreachable,
+                }
+            })?;
             Ok(LeasedKey {
                 value: l.value,
                 fingerprint: l.fingerprint,
@@ -283,6 +318,10 @@ impl SecretSource for crate::Agent {
                 version: l.version,
             })
         })
+    }
+
+    fn generation(&self) -> u64 {
+        self.lease_generation()
     }
 }
 
@@ -365,6 +404,8 @@ struct Inner {
 struct CachedLease {
     key: Arc<LeasedKey>,
     refresh_at_unix: i64,
+    /// The source's generation when leased.
+    generation: u64,
 }
 
 /// An upstream, resolved for use.
@@ -845,6 +886,15 @@ impl Inner {
                 Outcome::CallerRefused,
             );
         }
+        if req.method() == Method::TRACE {
+            return self.refuse(
+                &ctx,
+                &host_for_audit,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "TRACE is not forwarded: the upstream would echo the injected key",
+                Outcome::ConnectRefused,
+            );
+        }
         if req.method() == Method::CONNECT {
             return self.refuse(
                 &ctx,
@@ -938,11 +988,15 @@ impl Inner {
         *out.uri_mut() = Uri::from(target.path_and_query);
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
+        // Range requests could fetch an echoed key in pieces the scrubber
+        // never sees whole: always ask for the whole body.
         for h in [
             header::HOST,
             header::CONTENT_LENGTH,
             header::EXPECT,
             header::ACCEPT_ENCODING,
+            header::RANGE,
+            header::IF_RANGE,
         ] {
             headers.remove(h);
         }
@@ -1072,6 +1126,8 @@ impl Inner {
         key: &LeasedKey,
     ) -> Result<Response<ProxyBody>, String> {
         let (mut parts, body) = resp.into_parts();
+        // hyper writes a custom reason phrase from the extensions, unscrubbed.
+        parts.extensions.clear();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(
                 "the upstream switched protocols, which this proxy does not forward".into(),
@@ -1120,21 +1176,26 @@ impl Inner {
         };
         let mut cached = slot.lock().await;
         let now = self.clock.now_unix();
+        let generation = self.source.generation();
         if let Some(c) = cached.as_ref()
             && now < c.refresh_at_unix
+            && c.generation == generation
         {
             return Ok(c.key.clone());
         }
         let timeout = Duration::from_secs(self.cfg.lease_timeout_secs);
         let leased = match tokio::time::timeout(timeout, self.source.lease(secret)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {}s", self.cfg.lease_timeout_secs)),
+            Err(_) => Err(LeaseError {
+                message: format!("no answer within {}s", self.cfg.lease_timeout_secs),
+                unreachable: true,
+            }),
         };
         let leased = leased.and_then(|k| {
             if k.value.is_empty() {
-                Err("the leased value is empty".to_owned())
+                Err(LeaseError::from("the leased value is empty".to_owned()))
             } else if k.expires_at_unix <= now {
-                Err("the lease had already expired".to_owned())
+                Err(LeaseError::from("the lease had already expired".to_owned()))
             } else {
                 Ok(k)
             }
@@ -1148,20 +1209,27 @@ impl Inner {
                 *cached = Some(CachedLease {
                     refresh_at_unix: key.expires_at_unix - margin,
                     key: key.clone(),
+                    generation,
                 });
                 Ok(key)
             }
             Err(e) => {
                 metrics::counter!(metric::LEASES, "result" => "error").increment(1);
                 match cached.as_ref() {
-                    Some(c) if now < c.key.expires_at_unix => {
-                        tracing::warn!(secret, error = %e, "lease renewal failed; using the current lease until it expires");
+                    // Only when the cache cannot be reached: a refusal
+                    // (revoked, denied) stops the key at once.
+                    Some(c)
+                        if e.unreachable
+                            && now < c.key.expires_at_unix
+                            && c.generation == generation =>
+                    {
+                        tracing::warn!(secret, error = %e.message, "lease renewal failed; using the current lease until it expires");
                         Ok(c.key.clone())
                     }
                     _ => {
                         *cached = None;
-                        tracing::warn!(secret, error = %e, "lease refused");
-                        Err(e)
+                        tracing::warn!(secret, error = %e.message, "lease refused");
+                        Err(e.message)
                     }
                 }
             }
@@ -1613,10 +1681,10 @@ mod tests {
     }
 
     impl SecretSource for FakeSource {
-        fn lease<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LeasedKey, String>> {
+        fn lease<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LeasedKey, LeaseError>> {
             Box::pin(async move {
                 if let Some(m) = self.refuse.lock().expect("lock").clone() {
-                    return Err(m);
+                    return Err(m.into());
                 }
                 let v = self.leases.fetch_add(1, Ordering::SeqCst) + 1;
                 Ok(LeasedKey {
@@ -2120,9 +2188,16 @@ mod tests {
         assert_eq!(r.status, 405);
         assert!(body_str(&r).contains("CONNECT is not supported"));
         assert_eq!(h.source.count(), 0);
+        let r = call(
+            h.addr,
+            "TRACE http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 405, "TRACE would echo the key");
+        assert_eq!(h.source.count(), 0);
 
         let events = h.audit.events();
-        assert_eq!(events.len(), 3);
+        assert_eq!(events.len(), 4);
         assert!(events.iter().all(|e| e.kind == ProxyEventKind::Refused
             && e.kind.as_str() == "proxy_refused"
             && e.fingerprint.is_none()

@@ -178,8 +178,14 @@ pub async fn run(
         _ = revoked.wait_for(|r| *r) => {
             tracing::warn!(agent_id = %agent.id, "revoked; stopping");
         }
-        Some(Ok(Err(e))) = tasks.join_next() => {
-            failed = Some(e);
+        Some(done) = tasks.join_next() => {
+            // Any service ending on its own is fatal: stop, do not run
+            // without it.
+            failed = Some(match done {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => Error::Transport("a local service stopped unexpectedly".into()),
+                Err(j) => Error::Transport(format!("a local service failed: {j}")),
+            });
         }
     }
     stop_tx.send_replace(true);

@@ -34,8 +34,9 @@ pub struct WorkloadConfig {
     pub disabled: bool,
 }
 
-/// One allowance: processes of `uid` (or of group `gid`) may obtain tokens
-/// for `audiences` (`"*"`: any) and delegate them when `delegate`.
+/// One allowance: processes of `uid` and/or of primary group `gid` (both
+/// must match when both are given) may obtain tokens for `audiences`
+/// (`"*"`: any) and delegate them when `delegate`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadRule {
@@ -65,8 +66,15 @@ impl WorkloadRule {
         }
     }
 
+    /// Both `uid` and `gid` must match when both are given. `gid` is the
+    /// caller's primary group (what `SO_PEERCRED` reports).
     fn matches(&self, uid: u32, gid: u32) -> bool {
-        self.uid == Some(uid) || self.gid == Some(gid)
+        match (self.uid, self.gid) {
+            (Some(u), Some(g)) => u == uid && g == gid,
+            (Some(u), None) => u == uid,
+            (None, Some(g)) => g == gid,
+            (None, None) => false,
+        }
     }
 
     fn allows_audience(&self, audience: &str) -> bool {
@@ -509,6 +517,17 @@ mod tests {
             delegate: true,
         };
         assert!(g.matches(4242, 100) && g.allows_audience("anything"));
+        let both = WorkloadRule {
+            uid: Some(1000),
+            gid: Some(100),
+            audiences: any_audience(),
+            delegate: true,
+        };
+        assert!(both.matches(1000, 100));
+        assert!(
+            !both.matches(1000, 5) && !both.matches(7, 100),
+            "both must match"
+        );
     }
 
     #[test]

@@ -112,16 +112,30 @@ impl Issued {
         self.changed.notify_one();
     }
 
-    /// What is still to be sent: drops those `applied` says are revoked.
-    pub fn pending(&self, applied: impl Fn(&str) -> bool) -> Option<pb::RevokeIssued> {
+    /// What is still to be sent on this link: drops those `applied` says
+    /// are revoked, and those in `sent` (already sent on this link; a new
+    /// link starts with an empty set and sends them all again).
+    pub fn pending(
+        &self,
+        applied: impl Fn(&str) -> bool,
+        sent: &mut std::collections::HashSet<String>,
+    ) -> Option<pb::RevokeIssued> {
         let mut g = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         g.0.retain(|j| !applied(j));
+        sent.retain(|j| g.0.contains(j));
         metrics::gauge!("lattice_cache_revoke_requests_pending").set(g.0.len() as f64);
-        if g.0.is_empty() {
+        let jtis: Vec<String> =
+            g.0.iter()
+                .filter(|j| !sent.contains(*j))
+                .take(MAX_REVOKE_BATCH)
+                .cloned()
+                .collect();
+        if jtis.is_empty() {
             return None;
         }
+        sent.extend(jtis.iter().cloned());
         Some(pb::RevokeIssued {
-            jtis: g.0.iter().take(MAX_REVOKE_BATCH).cloned().collect(),
+            jtis,
             reason: g.1.clone(),
         })
     }
@@ -167,13 +181,19 @@ mod tests {
     #[test]
     fn pending_revocations_go_until_applied() {
         let i = Issued::new(std::time::Duration::from_secs(600));
-        assert!(i.pending(|_| false).is_none());
+        let mut sent = Default::default();
+        assert!(i.pending(|_| false, &mut sent).is_none());
         i.request_revocation(&["j1".into(), "j2".into()], "posture");
-        let p = i.pending(|_| false).expect("pending");
+        let p = i.pending(|_| false, &mut sent).expect("pending");
         assert_eq!(p.jtis, vec!["j1".to_string(), "j2".to_string()]);
         assert_eq!(p.reason, "posture");
-        let p = i.pending(|j| j == "j1").expect("one left");
-        assert_eq!(p.jtis, vec!["j2".to_string()]);
-        assert!(i.pending(|_| true).is_none());
+        assert!(
+            i.pending(|_| false, &mut sent).is_none(),
+            "not sent twice on one link"
+        );
+        let mut new_link = Default::default();
+        let p = i.pending(|j| j == "j1", &mut new_link).expect("one left");
+        assert_eq!(p.jtis, vec!["j2".to_string()], "a new link sends again");
+        assert!(i.pending(|_| true, &mut Default::default()).is_none());
     }
 }

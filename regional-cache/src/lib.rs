@@ -220,7 +220,10 @@ pub enum AuditEvent {
         fingerprint: String,
         local_caller: String,
         request_id: String,
+        /// As the agent says.
         at_unix_ms: i64,
+        /// When the cache received it.
+        received_at_unix_ms: i64,
     },
 }
 
@@ -296,12 +299,14 @@ impl AuditEvent {
                 local_caller,
                 request_id,
                 at_unix_ms,
+                received_at_unix_ms,
                 ..
             } => serde_json::json!({
                 "kind": kind, "agent": agent.as_str(), "resource": resource,
                 "detail": detail, "fingerprint": fingerprint,
                 "local_caller": local_caller, "request_id": request_id,
-                "at_unix_ms": at_unix_ms, "region": region,
+                "reported_at_unix_ms": at_unix_ms,
+                "at_unix_ms": received_at_unix_ms, "region": region,
                 "decision": if kind == "proxy_refused" { "deny" } else { "allow" },
                 "reported_by": "agent",
             }),
@@ -370,6 +375,8 @@ pub struct State {
     pub outbox: Arc<outbox::Outbox>,
     /// Live tokens issued, for re-evaluation when an agent's claims change.
     pub issued: issued::Issued,
+    /// Events each agent reported in the current window (`ReportAudit`).
+    pub(crate) report_quota: moka::sync::Cache<SpiffeId, Arc<std::sync::Mutex<(u64, usize)>>>,
     /// Turns true when the cache stops; long-lived streams end then.
     pub stopping: watch::Receiver<bool>,
 }
@@ -816,6 +823,10 @@ impl App {
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
             outbox: outbox.clone(),
+            report_quota: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
             issued: issued::Issued::new(std::time::Duration::from_secs(
                 cfg.token_max_ttl_secs.max(1),
             )),

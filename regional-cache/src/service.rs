@@ -335,6 +335,9 @@ impl Service {
 /// Longest `act` chain, whatever the policy says.
 pub const MAX_DELEGATION_DEPTH: usize = 8;
 const MAX_ACTOR_LEN: usize = 64;
+/// Reported events an agent may send per window.
+const REPORT_QUOTA: usize = 2000;
+const REPORT_WINDOW_SECS: u64 = 10;
 /// Events one `ReportAudit` call may carry.
 pub const MAX_REPORTED_EVENTS: usize = 256;
 
@@ -873,6 +876,18 @@ impl Cache for Service {
                 )),
             ));
         }
+        if parent.iss != self.state.id.as_str() {
+            // A child carries only its own issuer: delegating another
+            // cache's token would let the child outlive that cache's
+            // revocation. The agent asks its current cache for a new parent.
+            return Err(refused(
+                "foreign_parent",
+                Status::failed_precondition(format!(
+                    "the subject token was issued by {}, not this cache ({}): exchange a token from this cache",
+                    parent.iss, self.state.id
+                )),
+            ));
+        }
         if let Err(m) = self.state.sync.check_token(&parent) {
             self.audit_refusal(&peer.id, &format!("exchange: {m}"));
             return Err(refused("revoked", Status::permission_denied(m)));
@@ -1020,6 +1035,27 @@ impl Cache for Service {
             bounded("request_id", &e.request_id, 64)?;
         }
         let n = r.events.len();
+        // At most REPORT_QUOTA events per agent per REPORT_WINDOW: an agent
+        // cannot flood the outbox its cache's own records go through.
+        {
+            let window = self.state.clock.monotonic().as_secs() / REPORT_WINDOW_SECS;
+            let slot = self.state.report_quota.get_with(peer.id.clone(), || {
+                Arc::new(std::sync::Mutex::new((window, 0)))
+            });
+            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.0 != window {
+                *g = (window, 0);
+            }
+            if g.1 + n > REPORT_QUOTA {
+                metrics::counter!("lattice_cache_reported_events_refused_total")
+                    .increment(n as u64);
+                return Err(Status::resource_exhausted(format!(
+                    "at most {REPORT_QUOTA} reported events per {REPORT_WINDOW_SECS} s per agent; retry later"
+                )));
+            }
+            g.1 += n;
+        }
+        let received = self.state.now_ms();
         for e in r.events {
             self.audit(AuditEvent::Reported {
                 cache: self.state.id.clone(),
@@ -1031,6 +1067,7 @@ impl Cache for Service {
                 local_caller: e.local_caller,
                 request_id: e.request_id,
                 at_unix_ms: e.at_unix_ms,
+                received_at_unix_ms: received,
             });
         }
         metrics::counter!("lattice_cache_reported_events_total").increment(n as u64);

@@ -620,11 +620,12 @@ async fn stream_loop(
     // Moved only by a message from the control plane: pings going out do not
     // prove the link works.
     let mut silent_after = tokio::time::Instant::now() + liveness;
-    send_revoke_requests(state, up).await?;
+    let mut revoke_sent = std::collections::HashSet::new();
+    send_revoke_requests(state, up, &mut revoke_sent).await?;
     loop {
         tokio::select! {
             _ = state.issued.changed.notified() => {
-                send_revoke_requests(state, up).await?;
+                send_revoke_requests(state, up, &mut revoke_sent).await?;
             }
             _ = tokio::time::sleep_until(silent_after) => {
                 return Err(Error::ControlPlane("silent link".into()));
@@ -667,7 +668,7 @@ async fn stream_loop(
                         persist_tx.send((batch.events, decoded)).await.map_err(|_| Error::ControlPlane("persister stopped".into()))?;
                         if revoked_jti {
                             // Settles requests that came back; resends the rest.
-                            send_revoke_requests(state, up).await?;
+                            send_revoke_requests(state, up, &mut revoke_sent).await?;
                         }
                     }
                     Some(Down::Pong(p)) => sync.on_pong(&p),
@@ -692,9 +693,10 @@ async fn stream_loop(
 async fn send_revoke_requests(
     state: &Arc<State>,
     up: &mpsc::Sender<pb::SyncUp>,
+    sent: &mut std::collections::HashSet<String>,
 ) -> Result<(), Error> {
     let sync = &state.sync;
-    if let Some(r) = state.issued.pending(|j| sync.is_jti_revoked(j)) {
+    while let Some(r) = state.issued.pending(|j| sync.is_jti_revoked(j), sent) {
         up.send(pb::SyncUp {
             msg: Some(Up::RevokeIssued(r)),
         })

@@ -84,6 +84,15 @@ pub struct Actor {
 }
 
 impl Actor {
+    /// The agent an actor acts for: `act.sub` is `AGENT_ID/ACTOR_NAME`.
+    pub fn agent(&self) -> Option<SpiffeId> {
+        let (agent, name) = self.sub.rsplit_once('/')?;
+        if name.is_empty() {
+            return None;
+        }
+        SpiffeId::parse(agent).ok()
+    }
+
     /// Number of links: 1 for a first delegation.
     pub fn depth(&self) -> usize {
         1 + self.act.as_ref().map_or(0, |a| a.depth())

@@ -259,8 +259,9 @@ fn check_revocations(
     let mut principals = vec![sub];
     let mut actor: Option<&Actor> = claims.act.as_ref();
     while let Some(a) = actor {
-        let Ok(id) = SpiffeId::parse(&a.sub) else {
-            return malformed("act.sub");
+        // `AGENT_ID/ACTOR`: the sub-agent acts for that agent.
+        let Some(id) = a.agent() else {
+            return malformed("the agent of act.sub");
         };
         principals.push(id);
         actor = a.act.as_deref();
@@ -487,10 +488,14 @@ async fn follow(shared: Arc<FollowerShared>, mut client: CacheClient<Channel>) {
                                 Ok(n) => shared.on_notice(&n),
                                 Err(e) => {
                                     // A cache validated it already: only a newer
-                                    // protocol gets here. Skipped, loudly.
+                                    // protocol gets here. Not skipped: the
+                                    // stream is read again from before it, so
+                                    // this verifier goes stale (fails closed)
+                                    // until it is upgraded.
                                     metrics::counter!("lattice_verifier_invalid_notices_total")
                                         .increment(1);
-                                    tracing::error!(seq = n.seq, error = %e, "skipping a revocation this verifier cannot read");
+                                    tracing::error!(seq = n.seq, error = %e, "a revocation this verifier cannot read; refusing to go on without it");
+                                    break format!("unreadable revocation at seq {}: {e}", n.seq);
                                 }
                             }
                         }
