@@ -146,8 +146,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "agent generates its key locally and enrols at the eu cache with a CSR",
     );
     let t = Instant::now();
+    // A stand-in for an upstream API (plain HTTP on loopback) that echoes
+    // the key it receives, as a careless API might: the proxy demo of step
+    // 11 shows the calling process never sees it.
+    let (upstream, upstream_saw) = demo_upstream().await?;
     lattice
-        .add_agent_with_token("eu", "agent-1", token)
+        .add_agent_configured("eu", "agent-1", token, |c| {
+            c.renewal.check_interval_ms = 200;
+            c.proxy = Some(lattice_edge_agent::proxy::ProxyConfig {
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                upstreams: vec![lattice_edge_agent::proxy::Upstream {
+                    host: upstream.to_string(),
+                    secret: "openai".into(),
+                    header: "authorization".into(),
+                    template: "Bearer {secret}".into(),
+                    tls: false,
+                    port: None,
+                }],
+                ..Default::default()
+            });
+        })
         .await
         .context("agent enrolment")?;
     let agent = &lattice.agents[0];
@@ -284,11 +302,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     secret_step(&lattice).await?;
+    let (mut workload, running, stop_runtime) = runtime_step(&lattice, upstream_saw).await?;
+    revoke_secret_step(&lattice, running.proxy, &running.target).await?;
 
     step(
-        11,
+        13,
         "revoke the agent at the control plane and measure how fast every cache enforces it",
     );
+    let mut watch = workload
+        .watch(pb::WorkloadWatchRequest {
+            audience: audience.into(),
+            scopes: vec!["read".into()],
+        })
+        .await
+        .map_err(crate::admin::refused)?
+        .into_inner();
+    for _ in 0..2 {
+        // The certificate, then the token.
+        watch.message().await?;
+    }
     let agent = lattice.agents[0].clone();
     let held = agent.held_jtis().len();
     let t0 = Instant::now();
@@ -333,6 +365,29 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "    the agent learnt it on its revocation stream: revoked = {}, dropped {held} held token(s) and its key",
         agent.is_revoked()
     );
+    let told = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Ok(Some(u)) = watch.message().await {
+            if let Some(pb::workload_update::Update::IdentityRevoked(why)) = u.update {
+                return Some(why);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    // Told first; then the runtime stops and removes its socket.
+    let elapsed = t0.elapsed();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), running.task).await;
+    match told {
+        Some(why) => println!(
+            "    local processes watching the socket were told after {:.2} ms ({why}); the socket is gone: {}",
+            elapsed.as_secs_f64() * 1e3,
+            !running.socket.as_deref().is_some_and(Path::exists)
+        ),
+        None => anyhow::bail!("the workload socket did not report the revocation"),
+    }
+    drop(stop_runtime);
     println!(
         "    a cache that cannot prove freshness within L = {} ms refuses to mint (UNAVAILABLE, \"stale\")",
         lattice.cp_cfg.max_staleness_ms
@@ -363,26 +418,6 @@ async fn secret_step(lattice: &Lattice) -> anyhow::Result<()> {
     );
     let mut carol = lattice.admin("carol", &[AdminRole::SecretCustodian], &[])?;
     let mut dave = lattice.admin("dave", &[AdminRole::SecretCustodian], &[])?;
-    // Two-person requests: carol asks, dave approves, the approval runs it.
-    async fn approve(
-        dave: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
-        s: tonic::Status,
-    ) -> anyhow::Result<pb::ApproveResponse> {
-        if s.code() != tonic::Code::FailedPrecondition {
-            return Err(crate::admin::refused(s));
-        }
-        let id = s
-            .metadata()
-            .get("lattice-approval-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        Ok(dave
-            .approve(pb::ApproveRequest { request_id: id })
-            .await
-            .map_err(crate::admin::refused)?
-            .into_inner())
-    }
     for demo_value in [b"sk-demo-first-0123456789", b"sk-demo-second-987654321"] {
         let waiting = carol
             .put_secret(pb::PutSecretRequest {
@@ -422,6 +457,45 @@ async fn secret_step(lattice: &Lattice) -> anyhow::Result<()> {
         lease.expires_at_unix
     );
     drop(lease);
+    Ok(())
+}
+
+// Two-person requests: carol asks, dave approves, the approval runs it.
+async fn approve(
+    dave: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    s: tonic::Status,
+) -> anyhow::Result<pb::ApproveResponse> {
+    if s.code() != tonic::Code::FailedPrecondition {
+        return Err(crate::admin::refused(s));
+    }
+    let id = s
+        .metadata()
+        .get("lattice-approval-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    Ok(dave
+        .approve(pb::ApproveRequest { request_id: id })
+        .await
+        .map_err(crate::admin::refused)?
+        .into_inner())
+}
+
+/// Step 12: a secret version revoked: no cache leases it, and the agent's
+/// proxy stops injecting it at once.
+async fn revoke_secret_step(
+    lattice: &Lattice,
+    proxy: Option<std::net::SocketAddr>,
+    target: &str,
+) -> anyhow::Result<()> {
+    use lattice_shared::policy::AdminRole;
+    step(
+        12,
+        "carol revokes openai v2 (dave approves): no cache leases it, the proxy stops injecting it",
+    );
+    let mut carol = lattice.admin("carol", &[AdminRole::SecretCustodian], &[])?;
+    let mut dave = lattice.admin("dave", &[AdminRole::SecretCustodian], &[])?;
+    let agent = &lattice.agents[0];
     let revoke = carol
         .revoke(pb::RevokeRequest {
             revocation: Some(pb::Revocation {
@@ -454,7 +528,229 @@ async fn secret_step(lattice: &Lattice) -> anyhow::Result<()> {
         Err(e) => println!("    the agent's next lease is refused: {e}"),
         Ok(_) => anyhow::bail!("a revoked version could still be leased"),
     }
+    if let Some(proxy) = proxy {
+        let (status, body) = through_proxy(proxy, target).await?;
+        println!("    the proxy's next request: {status}: {}", body.trim());
+    }
     Ok(())
+}
+
+/// A loopback HTTP server that answers every request with the
+/// Authorization header it received, in a header and in the body; the
+/// headers it saw are kept for the walkthrough to check.
+async fn demo_upstream()
+-> anyhow::Result<(std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let saw = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = saw.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 64 * 1024 {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let auth = head
+                    .lines()
+                    .find_map(|l| {
+                        l.split_once(':')
+                            .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+                            .map(|(_, v)| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                if let Ok(mut g) = seen.lock() {
+                    g.push(auth.clone());
+                }
+                let body = format!("you sent: {auth}\n");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-echo: {auth}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok((addr, saw))
+}
+
+/// One GET through the proxy, as an AI-agent process would send it
+/// (`target` in absolute form names the upstream); the status line and the
+/// body.
+async fn through_proxy(
+    proxy: std::net::SocketAddr,
+    target: &str,
+) -> anyhow::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await?;
+    let host = target
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {target} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.lines().next().unwrap_or_default().to_string();
+    let (head, mut rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((status, rest.to_string()));
+    }
+    // Chunked: size line, data, CRLF, until the last (empty) chunk.
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        body.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    Ok((status, body))
+}
+
+/// What `lattice-agent run` keeps running until the end of the walkthrough.
+struct Running {
+    socket: Option<std::path::PathBuf>,
+    proxy: Option<std::net::SocketAddr>,
+    /// The URL the demo calls through the proxy.
+    target: String,
+    task: tokio::task::JoinHandle<Result<(), lattice_edge_agent::Error>>,
+}
+
+/// Step 11: the agent runtime: the Workload API on a Unix socket, token
+/// exchange for a sub-agent, and the credential-injecting proxy.
+async fn runtime_step(
+    lattice: &Lattice,
+    upstream_saw: Arc<std::sync::Mutex<Vec<String>>>,
+) -> anyhow::Result<(
+    pb::workload_client::WorkloadClient<tonic::transport::Channel>,
+    Running,
+    tokio::sync::oneshot::Sender<()>,
+)> {
+    step(
+        11,
+        "agent runtime: Workload API on a Unix socket (callers known by uid), delegation to a sub-agent, credential-injecting proxy",
+    );
+    let agent = lattice.agents[0].clone();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(lattice_edge_agent::runtime::run(
+        agent.clone(),
+        Some(ready_tx),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let at = ready_rx.await.context("the agent runtime did not start")?;
+    let socket = at.socket.clone().context("no workload socket")?;
+    println!("    workload API     unix:{}", socket.display());
+    let mut w = lattice_edge_agent::workload::connect(&socket).await?;
+    let parent = w
+        .fetch_token(pb::WorkloadTokenRequest {
+            audience: "https://api.example.com".into(),
+            scopes: vec!["read".into(), "write".into()],
+            ttl_secs: 0,
+        })
+        .await
+        .map_err(crate::admin::refused)?
+        .into_inner();
+    println!(
+        "    a local process (uid {}) fetched a token over the socket: jti {}, scopes read write",
+        lattice_edge_agent::workload::effective_uid(),
+        parent.jti
+    );
+    let child = w
+        .delegate(pb::WorkloadDelegateRequest {
+            subject_token: parent.token.clone(),
+            actor: "planner".into(),
+            scopes: vec!["read".into()],
+            ttl_secs: 60,
+        })
+        .await
+        .map_err(crate::admin::refused)?
+        .into_inner();
+    let claims = unverified_claims(&child.token)?;
+    println!(
+        "    delegated to sub-agent \"planner\" (RFC 8693 at the cache): scope {}, act {}, parent_jtis {}",
+        claims["scope"], claims["act"], claims["parent_jtis"]
+    );
+    let wider = w
+        .delegate(pb::WorkloadDelegateRequest {
+            subject_token: child.token.clone(),
+            actor: "greedy".into(),
+            scopes: vec!["write".into()],
+            ttl_secs: 0,
+        })
+        .await;
+    if let Err(s) = wider {
+        println!(
+            "    a wider delegation is refused: {:?}: {}",
+            s.code(),
+            s.message()
+        );
+    } else {
+        anyhow::bail!("a delegation widened the scopes");
+    }
+    let target = format!(
+        "http://{}/v1/models",
+        agent
+            .config()
+            .proxy
+            .as_ref()
+            .and_then(|p| p.upstreams.first())
+            .map(|u| u.host.clone())
+            .unwrap_or_default()
+    );
+    if let Some(proxy) = at.proxy {
+        let upstream = upstream_saw.lock().map(|g| g.len()).unwrap_or_default();
+        let (status, body) = through_proxy(proxy, &target).await?;
+        let injected = upstream_saw
+            .lock()
+            .ok()
+            .and_then(|g| g.get(upstream).cloned())
+            .unwrap_or_default();
+        println!("    proxy            http://{proxy}");
+        println!(
+            "    GET {target} through the proxy: {status}; the upstream received \"Bearer <key>\" ({} bytes, injected); the process received: {}",
+            injected.len(),
+            body.trim()
+        );
+    }
+    Ok((
+        w,
+        Running {
+            socket: at.socket,
+            proxy: at.proxy,
+            target,
+            task,
+        },
+        stop_tx,
+    ))
+}
+
+/// The claims of a JWT, for printing (the walkthrough verifies tokens
+/// properly in step 7).
+fn unverified_claims(token: &str) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).context("not a JWT")?;
+    Ok(serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?,
+    )?)
 }
 
 fn print_endpoints(lattice: &Lattice, dir: &Path) {

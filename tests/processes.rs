@@ -394,6 +394,11 @@ fn dev_walkthrough_exits_zero() {
         "revoked = true",
         "holds (sealed) [(\"openai\", [1, 2])]",
         "next lease is refused",
+        "fetched a token over the socket",
+        "a wider delegation is refused: PermissionDenied",
+        "the process received: you sent: Bearer [REDACTED]",
+        "the proxy's next request: HTTP/1.1 503",
+        "the socket is gone: true",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
