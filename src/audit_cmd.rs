@@ -67,6 +67,40 @@ pub enum AuditCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// Print alerts as JSON lines as they are raised, until interrupted
+    /// (earlier ones: `lattice audit query --kind alert`).
+    Watch {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+pub async fn alerts(command: AlertsCommand) -> anyhow::Result<()> {
+    match command {
+        AlertsCommand::Watch { admin } => {
+            let mut client = crate::connect(&admin)?;
+            let mut s = client
+                .watch_alerts(pb::WatchAlertsRequest {})
+                .await
+                .map_err(crate::admin_refused)?
+                .into_inner();
+            eprintln!("watching alerts; Ctrl-C to stop");
+            while let Some(a) = s.message().await.map_err(crate::admin_refused)? {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "rule": a.rule, "subject": a.subject, "detail": a.detail,
+                        "at_unix_ms": a.at_unix_ms, "cache": a.cache, "action": a.action,
+                    })
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn hex32(b: &[u8]) -> anyhow::Result<merkle::Hash> {
     b.try_into().map_err(|_| anyhow!("a hash is not 32 bytes"))
 }

@@ -115,6 +115,12 @@ enum Command {
         #[command(subcommand)]
         command: audit_cmd::AuditCommand,
     },
+    /// Alerts of the detection rules (rate spikes, new sources, use after
+    /// revocation, denial bursts, honeytokens).
+    Alerts {
+        #[command(subcommand)]
+        command: audit_cmd::AlertsCommand,
+    },
     /// The KMS that wraps secrets' DEKs.
     Kms {
         #[command(subcommand)]
@@ -397,6 +403,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Secret { command } => secret_cmd::run(command).await,
         Command::Kms { command } => secret_cmd::run_kms(command).await,
         Command::Audit { command } => audit_cmd::run(command).await,
+        Command::Alerts { command } => audit_cmd::alerts(command).await,
         Command::Approve { request_id, admin } => {
             let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
             let r = client

@@ -404,3 +404,105 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
     }
     l.shutdown().await;
 }
+
+/// Detection on the live stream: ordinary minting raises nothing; a lease
+/// of a honeytoken raises an alert on `WatchAlerts`, in the log, and (as
+/// configured) revokes the agent; its next attempt is a use after
+/// revocation.
+#[tokio::test]
+async fn a_honeytoken_lease_raises_an_alert_and_revokes_the_agent() {
+    use lattice::harness::{CpConfigFn, Spec};
+    use lattice_control_plane::detect::{Action, HONEYTOKEN, USE_AFTER_REVOCATION};
+    let (l, _clock) = common::lattice_with(Spec {
+        secrets: vec!["openai".into(), "canary".into()],
+        cp_config: Some(CpConfigFn(std::sync::Arc::new(|c| {
+            c.detect.honeytokens = vec!["canary".into()];
+            c.detect.actions = [(HONEYTOKEN.to_string(), Action::RevokeAgent)].into();
+        }))),
+        ..Spec::default()
+    })
+    .await;
+    let mut custodian = l
+        .admin("carol", &[AdminRole::SecretCustodian], &[])
+        .expect("custodian");
+    for (name, value) in [("openai", b"sk-real".as_slice()), ("canary", b"sk-canary")] {
+        custodian
+            .put_secret(pb::PutSecretRequest {
+                name: name.into(),
+                value: value.to_vec(),
+                regions: vec!["eu".into()],
+                message: String::new(),
+            })
+            .await
+            .expect("put");
+    }
+    let head = l.cp().state.log.head();
+    l.wait_all_applied(head).await.expect("applied");
+    let mut auditor = l
+        .admin("audrey", &[AdminRole::Auditor], &[])
+        .expect("auditor");
+    let mut alerts = auditor
+        .watch_alerts(pb::WatchAlertsRequest {})
+        .await
+        .expect("watch alerts")
+        .into_inner();
+
+    let agent = l.agents[0].clone();
+    for _ in 0..5 {
+        agent
+            .mint(common::AUDIENCE, &["read".into()], None)
+            .await
+            .expect("ordinary mint");
+    }
+    agent
+        .lease_secret("openai", 0, None)
+        .await
+        .expect("ordinary lease");
+    agent
+        .lease_secret("canary", 0, None)
+        .await
+        .expect("the honeytoken leases");
+
+    let first = next_alert(&mut alerts).await;
+    assert_eq!(first.rule, HONEYTOKEN, "ordinary traffic raised {first:?}");
+    assert_eq!(first.subject, agent.id.as_str());
+    assert_eq!(first.action, "revoke-agent");
+    assert!(first.detail.contains("canary"), "{}", first.detail);
+
+    // The action: the agent is revoked and learns it.
+    let mut revoked = agent.revoked_signal();
+    tokio::time::timeout(lattice::harness::WAIT, revoked.wait_for(|r| *r))
+        .await
+        .expect("revoked in time")
+        .expect("signal");
+    // Its next attempt (straight to the cache) is refused as revoked: an
+    // alert of its own once the record arrives.
+    let _ = agent
+        .cache_client()
+        .mint_token(common::mint_req(common::AUDIENCE))
+        .await
+        .expect_err("revoked");
+    let second = next_alert(&mut alerts).await;
+    assert_eq!(second.rule, USE_AFTER_REVOCATION);
+
+    // Both alerts are leaves of the tamper-evident log.
+    let kinds: Vec<String> = records(&mut auditor)
+        .await
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(r).ok())
+        .filter(|v| v["kind"] == "alert")
+        .map(|v| v["rule"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![HONEYTOKEN.to_string(), USE_AFTER_REVOCATION.to_string()]
+    );
+}
+
+async fn next_alert(s: &mut tonic::Streaming<pb::AlertEvent>) -> pb::AlertEvent {
+    tokio::time::timeout(lattice::harness::WAIT, s.message())
+        .await
+        .expect("an alert in time")
+        .expect("stream ok")
+        .expect("stream open")
+}

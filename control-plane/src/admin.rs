@@ -1014,6 +1014,54 @@ impl Admin for Service {
         )))
     }
 
+    type WatchAlertsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AlertEvent, Status>>;
+
+    async fn watch_alerts(
+        &self,
+        req: Request<pb::WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let c = self.caller(&req)?;
+        self.gate_read(&c, AdminAction::ReadAudit)?;
+        let mut alerts = self.state.alerts.subscribe();
+        let mut stopping = self.state.stopping.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let a = tokio::select! {
+                    _ = lattice_shared::net::until_true(&mut stopping) => return,
+                    _ = tx.closed() => return,
+                    a = alerts.recv() => a,
+                };
+                let msg = match a {
+                    Ok(a) => Ok(pb::AlertEvent {
+                        rule: a.rule,
+                        subject: a.subject,
+                        detail: a.detail,
+                        at_unix_ms: a.at_unix_ms,
+                        cache: a.cache,
+                        action: match a.action {
+                            crate::detect::Action::None => "none".into(),
+                            crate::detect::Action::RevokeAgent => "revoke-agent".into(),
+                        },
+                    }),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Err(Status::data_loss(format!(
+                            "{n} alerts missed (too slow); they are in the audit log (kind alert)"
+                        )))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let end = msg.is_err();
+                if tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn audit_entries(
         &self,
         req: Request<pb::AuditEntriesRequest>,

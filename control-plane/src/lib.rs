@@ -6,6 +6,7 @@ mod admin;
 pub mod approval;
 pub mod audit;
 pub mod auditlog;
+pub mod detect;
 pub mod join;
 pub mod log;
 pub mod policy;
@@ -72,6 +73,8 @@ pub struct Config {
     pub rotation: Vec<rotation::RotationConfig>,
     /// How often scheduled rotations are looked for.
     pub rotation_check_secs: u64,
+    /// Detection rules over the caches' audit records.
+    pub detect: detect::DetectConfig,
 }
 
 /// The KMS holding the KEKs.
@@ -130,6 +133,7 @@ impl Default for Config {
             secret_grace_secs: 3600,
             rotation: Vec::new(),
             rotation_check_secs: 60,
+            detect: detect::DetectConfig::default(),
         }
     }
 }
@@ -168,6 +172,7 @@ impl Config {
             r.validate()
                 .map_err(|e| format!("rotation for {:?}: {e}", r.secret))?;
         }
+        self.detect.validate()?;
         Ok(())
     }
 }
@@ -289,6 +294,9 @@ pub struct State {
     audit_jobs: tokio::sync::mpsc::Sender<auditlog::Job>,
     /// Rotators of upstream keys, by secret name.
     pub rotators: rotation::Rotators,
+    /// Detection rules over the audit stream, and the alerts they raise.
+    pub detector: detect::Detector,
+    pub alerts: tokio::sync::broadcast::Sender<detect::Alert>,
     /// Turns true when the control plane stops; long-lived streams end then.
     pub stopping: watch::Receiver<bool>,
 }
@@ -419,7 +427,10 @@ impl App {
         let audit_log = auditlog::AuditLog::open(deps.store.clone())?;
         let (audit_jobs, audit_rx) = tokio::sync::mpsc::channel(1024);
         let (shutdown, mut rx) = watch::channel(false);
+        let detector = detect::Detector::new(cfg.detect.clone());
         let state = Arc::new(State {
+            detector,
+            alerts: tokio::sync::broadcast::channel(1024).0,
             audit_log,
             audit_jobs,
             secrets,

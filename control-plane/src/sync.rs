@@ -193,6 +193,7 @@ mod cache_audit {
         }
         let skip = usize::try_from(hwm + 1 - batch.first).unwrap_or(usize::MAX);
         let mut leaves = Vec::new();
+        let mut observed = Vec::new();
         for (i, r) in batch.records.iter().enumerate().skip(skip) {
             if r.len() > MAX_RECORD_BYTES {
                 return Err(Error::InvalidArgument(format!(
@@ -213,7 +214,9 @@ mod cache_audit {
             // Who sent it is the certificate's id, whatever the record says.
             v.insert("cache".into(), cache.as_str().into());
             v.insert("cache_seq".into(), (batch.first + i as u64).into());
-            leaves.push(serde_json::Value::Object(v).to_string().into_bytes());
+            let v = serde_json::Value::Object(v);
+            leaves.push(v.to_string().into_bytes());
+            observed.push(v);
         }
         if leaves.is_empty() {
             return Ok(hwm);
@@ -232,6 +235,15 @@ mod cache_audit {
             .await?;
         metrics::counter!("lattice_cp_audit_records_total", "cache" => cache.to_string())
             .increment(n);
+        // Durable first, then looked at: an alert never names a record the
+        // log could lose.
+        let alerts: Vec<crate::detect::Alert> = observed
+            .iter()
+            .flat_map(|v| state.detector.observe(v))
+            .collect();
+        if !alerts.is_empty() {
+            crate::detect::raise(state, alerts).await?;
+        }
         Ok(upto)
     }
 }

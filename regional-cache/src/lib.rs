@@ -171,6 +171,8 @@ pub enum AuditEvent {
     Issued {
         cache: SpiffeId,
         agent: SpiffeId,
+        /// The caller's address as the cache saw it ("" if unknown).
+        source: String,
         jti: String,
         audience: String,
         at_unix_ms: i64,
@@ -181,6 +183,8 @@ pub enum AuditEvent {
     Leased {
         cache: SpiffeId,
         agent: SpiffeId,
+        /// The caller's address as the cache saw it ("" if unknown).
+        source: String,
         secret: String,
         version: u64,
         lease_id: String,
@@ -201,6 +205,8 @@ pub enum AuditEvent {
     Delegated {
         cache: SpiffeId,
         agent: SpiffeId,
+        /// The caller's address as the cache saw it ("" if unknown).
+        source: String,
         jti: String,
         parent_jti: String,
         actor: String,
@@ -234,19 +240,21 @@ impl AuditEvent {
         let v = match self {
             AuditEvent::Issued {
                 agent,
+                source,
                 jti,
                 audience,
                 at_unix_ms,
                 policy_version,
                 ..
             } => serde_json::json!({
-                "kind": "issued", "agent": agent.as_str(), "jti": jti,
+                "kind": "issued", "agent": agent.as_str(), "jti": jti, "source": source,
                 "audience": audience, "at_unix_ms": at_unix_ms,
                 "policy_version": policy_version, "region": region,
                 "decision": "allow",
             }),
             AuditEvent::Leased {
                 agent,
+                source,
                 secret,
                 version,
                 lease_id,
@@ -256,7 +264,7 @@ impl AuditEvent {
                 policy_version,
                 ..
             } => serde_json::json!({
-                "kind": "leased", "agent": agent.as_str(), "secret": secret,
+                "kind": "leased", "agent": agent.as_str(), "secret": secret, "source": source,
                 "version": version, "lease_id": lease_id, "fingerprint": fingerprint,
                 "expires_at_unix": expires_at_unix, "at_unix_ms": at_unix_ms,
                 "policy_version": policy_version, "region": region,
@@ -275,6 +283,7 @@ impl AuditEvent {
             }),
             AuditEvent::Delegated {
                 agent,
+                source,
                 jti,
                 parent_jti,
                 actor,
@@ -284,7 +293,7 @@ impl AuditEvent {
                 policy_version,
                 ..
             } => serde_json::json!({
-                "kind": "delegated", "agent": agent.as_str(), "jti": jti,
+                "kind": "delegated", "agent": agent.as_str(), "jti": jti, "source": source,
                 "parent_jti": parent_jti, "actor": actor, "audience": audience,
                 "depth": depth, "at_unix_ms": at_unix_ms,
                 "policy_version": policy_version, "region": region,

@@ -557,6 +557,7 @@ impl Cache for Service {
         self.audit(AuditEvent::Issued {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),
+            source: source.map(|a| a.ip().to_string()).unwrap_or_default(),
             jti: jti.clone(),
             audience: claims.aud.clone(),
             at_unix_ms: self.state.now_ms(),
@@ -679,6 +680,7 @@ impl Cache for Service {
         self.audit(AuditEvent::Leased {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),
+            source: source.map(|a| a.ip().to_string()).unwrap_or_default(),
             secret: r.name.clone(),
             version,
             lease_id: lease_id.clone(),
@@ -977,6 +979,7 @@ impl Cache for Service {
         self.audit(AuditEvent::Delegated {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),
+            source: source.map(|a| a.ip().to_string()).unwrap_or_default(),
             jti: jti.clone(),
             parent_jti: parent.jti.clone(),
             actor,
