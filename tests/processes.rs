@@ -423,3 +423,49 @@ fn deploy_configurations_parse_and_validate() {
     agent.validate().expect("agent valid");
     assert_eq!(agent.posture.os_patched, Some(true));
 }
+
+/// The Grafana dashboard is valid JSON and every metric it graphs is one
+/// the code records.
+#[test]
+fn the_grafana_dashboard_graphs_metrics_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/lattice.json")).expect("dashboard"),
+    )
+    .expect("valid JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut sources = String::new();
+    for dir in [
+        "control-plane/src",
+        "regional-cache/src",
+        "edge-agent/src",
+        "shared/src",
+    ] {
+        let mut stack = vec![root.join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("dir").map_while(Result::ok) {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    sources.push_str(&std::fs::read_to_string(&p).expect("source"));
+                }
+            }
+        }
+    }
+    for p in panels {
+        let expr = p["targets"][0]["expr"].as_str().expect("expr");
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("lattice_") {
+                continue;
+            }
+            let name = word.trim_end_matches("_bucket");
+            assert!(
+                sources.contains(&format!("\"{name}\"")),
+                "panel {:?} graphs {name}, which no code records",
+                p["title"]
+            );
+        }
+    }
+}
