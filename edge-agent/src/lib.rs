@@ -1242,6 +1242,12 @@ impl Agent {
         self.client()
     }
 
+    /// A client of the cache at `addr` on a new connection, presenting
+    /// this agent's certificate.
+    pub fn cache_client_at(&self, addr: SocketAddr) -> Result<CacheClient<Channel>, Error> {
+        self.client_for(addr)
+    }
+
     /// A client on a new connection of its own.
     pub fn new_cache_client(&self) -> Result<CacheClient<Channel>, Error> {
         self.client_for(self.current_cache())

@@ -932,7 +932,7 @@ mod tests {
         );
         c.parent_jtis = vec!["p0".into(), "p1".into()];
         c.act = Some(Actor {
-            sub: "spiffe://t/agent/eu/b".into(),
+            sub: "spiffe://t/agent/eu/a/planner".into(),
             act: None,
         });
         assert!(check_revocations(&empty, &c, None).is_ok());
@@ -985,9 +985,9 @@ mod tests {
         // A revoked actor deep in the chain.
         let deep = id("spiffe://t/agent/eu/deep");
         c.act = Some(Actor {
-            sub: "spiffe://t/agent/eu/b".into(),
+            sub: "spiffe://t/agent/eu/b/planner".into(),
             act: Some(Box::new(Actor {
-                sub: deep.to_string(),
+                sub: format!("{deep}/summariser"),
                 act: None,
             })),
         });
