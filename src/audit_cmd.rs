@@ -106,7 +106,7 @@ fn hex32(b: &[u8]) -> anyhow::Result<merkle::Hash> {
 }
 
 /// Every entry's record, in index order.
-async fn all_records(
+pub(crate) async fn all_records(
     client: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
 ) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
@@ -184,7 +184,7 @@ fn matches(
     true
 }
 
-fn root_and_td(
+pub(crate) fn root_and_td(
     root_pem: &std::path::Path,
 ) -> anyhow::Result<(Vec<u8>, lattice_shared::id::TrustDomain)> {
     let root = lattice_shared::pem::read_certs(root_pem)

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use lattice_shared::proto as pb;
 
 mod audit_cmd;
+mod report_cmd;
 mod secret_cmd;
 
 /// Lattice: short-lived credentials for AI agents, from a control plane
@@ -115,6 +116,12 @@ enum Command {
         #[command(subcommand)]
         command: audit_cmd::AuditCommand,
     },
+    /// Evidence: who the policy allows and who used each audience and
+    /// secret, from the audit log under a signed tree head.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
     /// Alerts of the detection rules (rate spikes, new sources, use after
     /// revocation, denial bursts, honeytokens).
     Alerts {
@@ -209,6 +216,22 @@ enum AdminCertCommand {
         /// Lifetime (default: the control plane's).
         #[arg(long)]
         ttl: Option<humantime::Duration>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReportCommand {
+    /// For every audience and secret: the agents the policy in force allows
+    /// (neutral context) and those that used it in the last --days, with
+    /// the signed tree head it was computed at.
+    Access {
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// CSV instead of JSON.
+        #[arg(long)]
+        csv: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -404,6 +427,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Kms { command } => secret_cmd::run_kms(command).await,
         Command::Audit { command } => audit_cmd::run(command).await,
         Command::Alerts { command } => audit_cmd::alerts(command).await,
+        Command::Report {
+            command: ReportCommand::Access { days, csv, admin },
+        } => report_cmd::run(days, csv, &admin).await,
         Command::Approve { request_id, admin } => {
             let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
             let r = client

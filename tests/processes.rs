@@ -297,6 +297,49 @@ fn binaries_run_alone_from_their_configuration() {
         .expect("runs");
     assert!(!out.status.success(), "a forged proof must fail");
 
+    // Evidence: who may and who did use each audience and secret, under a
+    // signed tree head (the agent's records reach the log shortly after).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let report: serde_json::Value = loop {
+        let out = run_ok(&mut as_admin(&ann, &["report", "access", "--days", "1"]));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("report JSON");
+        let leased = v["rows"].as_array().is_some_and(|rows| {
+            rows.iter().any(|r| {
+                r["resource"] == "openai"
+                    && r["principal"] == agent_id
+                    && r["uses"].as_u64() >= Some(1)
+            })
+        });
+        if leased {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lease in the report: {out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        report["tree_head"]["tree_size"].as_u64() > Some(0),
+        "{report}"
+    );
+    assert!(
+        report["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|r| r["resource"] == "https://api.example.com"
+                && r["principal"] == agent_id
+                && r["allowed"] == true
+                && r["uses"].as_u64() >= Some(2)),
+        "{report}"
+    );
+    let csv = run_ok(&mut as_admin(&ann, &["report", "access", "--csv"]));
+    assert!(
+        csv.starts_with("# policy v") && csv.contains("secret,openai,"),
+        "{csv}"
+    );
+
     // `lattice-agent run`: the Workload API on a socket; the one-shot
     // commands go through it (the running agent holds the store), the
     // parent token travels on stdin; SIGTERM stops it and removes the socket.
