@@ -506,3 +506,57 @@ async fn next_alert(s: &mut tonic::Streaming<pb::AlertEvent>) -> pb::AlertEvent 
         .expect("stream ok")
         .expect("stream open")
 }
+
+/// A request id ties a cache's record to the caller's logs: the caller's
+/// own (x-lattice-request-id) is kept, else the cache makes one; either way
+/// it comes back in the response metadata and is in the record.
+#[tokio::test]
+async fn records_carry_the_request_id_and_the_source_address() {
+    let (l, _clock) = common::lattice().await;
+    let agent = l.agents[0].clone();
+    let mut req = tonic::Request::new(common::mint_req(common::AUDIENCE));
+    req.metadata_mut()
+        .insert("x-lattice-request-id", "req-7f3a".parse().expect("ascii"));
+    let r = agent.cache_client().mint_token(req).await.expect("mint");
+    assert_eq!(
+        r.metadata()
+            .get("x-lattice-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("req-7f3a")
+    );
+    let jti = r.into_inner().jti;
+    let r = agent
+        .cache_client()
+        .mint_token(common::mint_req(common::AUDIENCE))
+        .await
+        .expect("mint");
+    let made = r
+        .metadata()
+        .get("x-lattice-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("an id is made")
+        .to_string();
+    let jti2 = r.into_inner().jti;
+    let issued: Vec<(String, String, String)> = l
+        .audit
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            lattice_regional_cache::AuditEvent::Issued {
+                jti,
+                request_id,
+                source,
+                ..
+            } => Some((jti, request_id, source)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        issued.contains(&(jti, "req-7f3a".into(), "127.0.0.1".into())),
+        "{issued:?}"
+    );
+    assert!(
+        issued.contains(&(jti2, made, "127.0.0.1".into())),
+        "{issued:?}"
+    );
+}

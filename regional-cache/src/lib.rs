@@ -173,6 +173,9 @@ pub enum AuditEvent {
         agent: SpiffeId,
         /// The caller's address as the cache saw it ("" if unknown).
         source: String,
+        /// The request's id (the caller's `x-lattice-request-id`, or one
+        /// the cache made), also returned in the response's metadata.
+        request_id: String,
         jti: String,
         audience: String,
         at_unix_ms: i64,
@@ -185,6 +188,9 @@ pub enum AuditEvent {
         agent: SpiffeId,
         /// The caller's address as the cache saw it ("" if unknown).
         source: String,
+        /// The request's id (the caller's `x-lattice-request-id`, or one
+        /// the cache made), also returned in the response's metadata.
+        request_id: String,
         secret: String,
         version: u64,
         lease_id: String,
@@ -207,6 +213,9 @@ pub enum AuditEvent {
         agent: SpiffeId,
         /// The caller's address as the cache saw it ("" if unknown).
         source: String,
+        /// The request's id (the caller's `x-lattice-request-id`, or one
+        /// the cache made), also returned in the response's metadata.
+        request_id: String,
         jti: String,
         parent_jti: String,
         actor: String,
@@ -241,13 +250,14 @@ impl AuditEvent {
             AuditEvent::Issued {
                 agent,
                 source,
+                request_id,
                 jti,
                 audience,
                 at_unix_ms,
                 policy_version,
                 ..
             } => serde_json::json!({
-                "kind": "issued", "agent": agent.as_str(), "jti": jti, "source": source,
+                "kind": "issued", "agent": agent.as_str(), "jti": jti, "source": source, "request_id": request_id,
                 "audience": audience, "at_unix_ms": at_unix_ms,
                 "policy_version": policy_version, "region": region,
                 "decision": "allow",
@@ -255,6 +265,7 @@ impl AuditEvent {
             AuditEvent::Leased {
                 agent,
                 source,
+                request_id,
                 secret,
                 version,
                 lease_id,
@@ -264,7 +275,7 @@ impl AuditEvent {
                 policy_version,
                 ..
             } => serde_json::json!({
-                "kind": "leased", "agent": agent.as_str(), "secret": secret, "source": source,
+                "kind": "leased", "agent": agent.as_str(), "secret": secret, "source": source, "request_id": request_id,
                 "version": version, "lease_id": lease_id, "fingerprint": fingerprint,
                 "expires_at_unix": expires_at_unix, "at_unix_ms": at_unix_ms,
                 "policy_version": policy_version, "region": region,
@@ -284,6 +295,7 @@ impl AuditEvent {
             AuditEvent::Delegated {
                 agent,
                 source,
+                request_id,
                 jti,
                 parent_jti,
                 actor,
@@ -293,7 +305,7 @@ impl AuditEvent {
                 policy_version,
                 ..
             } => serde_json::json!({
-                "kind": "delegated", "agent": agent.as_str(), "jti": jti, "source": source,
+                "kind": "delegated", "agent": agent.as_str(), "jti": jti, "source": source, "request_id": request_id,
                 "parent_jti": parent_jti, "actor": actor, "audience": audience,
                 "depth": depth, "at_unix_ms": at_unix_ms,
                 "policy_version": policy_version, "region": region,

@@ -323,6 +323,25 @@ impl Service {
         })
     }
 
+    /// The caller's `x-lattice-request-id` when it is a sane id, else a
+    /// new one: it ties the audit record to the caller's own logs.
+    fn request_id<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        if let Some(v) = req
+            .metadata()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            })
+        {
+            return Ok(v.to_owned());
+        }
+        self.random_id()
+    }
+
     fn random_id(&self) -> Result<String, Status> {
         let mut b = [0u8; 16];
         self.rng
@@ -330,6 +349,19 @@ impl Service {
             .map_err(|_| Status::internal("random number generator failed"))?;
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
     }
+}
+
+/// Request metadata (and response metadata) naming the request in the
+/// audit log.
+pub const REQUEST_ID_HEADER: &str = "x-lattice-request-id";
+
+/// Answers with the request id in the metadata.
+fn with_request_id<T>(body: T, id: &str) -> Response<T> {
+    let mut r = Response::new(body);
+    if let Ok(v) = id.parse() {
+        r.metadata_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    r
 }
 
 /// Longest `act` chain, whatever the policy says.
@@ -473,6 +505,7 @@ impl Cache for Service {
         let started = Instant::now();
         let peer = self.require_agent(&req)?;
         let source = peer_addr(&req);
+        let request_id = self.request_id(&req)?;
         let r = req.into_inner();
         let cfg = &self.state.cfg;
         if r.audience.is_empty()
@@ -558,19 +591,23 @@ impl Cache for Service {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),
             source: source.map(|a| a.ip().to_string()).unwrap_or_default(),
+            request_id: request_id.clone(),
             jti: jti.clone(),
             audience: claims.aud.clone(),
             at_unix_ms: self.state.now_ms(),
             policy_version,
         });
         metrics::histogram!("lattice_cache_mint_seconds").record(started.elapsed().as_secs_f64());
-        Ok(Response::new(pb::MintTokenResponse {
-            token,
-            jti,
-            expires_at_unix: exp,
-            kid: ident.signer.kid().to_owned(),
-            policy_version,
-        }))
+        Ok(with_request_id(
+            pb::MintTokenResponse {
+                token,
+                jti,
+                expires_at_unix: exp,
+                kid: ident.signer.kid().to_owned(),
+                policy_version,
+            },
+            &request_id,
+        ))
     }
 
     async fn lease_secret(
@@ -581,6 +618,7 @@ impl Cache for Service {
         let started = Instant::now();
         let peer = self.require_agent(&req)?;
         let source = peer_addr(&req);
+        let request_id = self.request_id(&req)?;
         let r = req.into_inner();
         let cfg = &self.state.cfg;
         lattice_shared::envelope::check_secret_name(&r.name).map_err(Status::invalid_argument)?;
@@ -681,6 +719,7 @@ impl Cache for Service {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),
             source: source.map(|a| a.ip().to_string()).unwrap_or_default(),
+            request_id: request_id.clone(),
             secret: r.name.clone(),
             version,
             lease_id: lease_id.clone(),
@@ -691,14 +730,17 @@ impl Cache for Service {
         });
         metrics::histogram!("lattice_cache_lease_seconds").record(started.elapsed().as_secs_f64());
         // The response buffer is tonic's from here; our copy is zeroized.
-        Ok(Response::new(pb::LeaseSecretResponse {
-            value: value.to_vec(),
-            lease_id,
-            version,
-            expires_at_unix: exp,
-            policy_version,
-            fingerprint: sealed.fingerprint.clone(),
-        }))
+        Ok(with_request_id(
+            pb::LeaseSecretResponse {
+                value: value.to_vec(),
+                lease_id,
+                version,
+                expires_at_unix: exp,
+                policy_version,
+                fingerprint: sealed.fingerprint.clone(),
+            },
+            &request_id,
+        ))
     }
 
     async fn jwks(
@@ -824,6 +866,7 @@ impl Cache for Service {
         let started = Instant::now();
         let peer = self.require_agent(&req)?;
         let source = peer_addr(&req);
+        let request_id = self.request_id(&req)?;
         let r = req.into_inner();
         let cfg = &self.state.cfg;
         if r.subject_token.is_empty() || r.subject_token.len() > MAX_TOKEN_LEN {
@@ -980,6 +1023,7 @@ impl Cache for Service {
             cache: self.state.id.clone(),
             agent: peer.id.clone(),
             source: source.map(|a| a.ip().to_string()).unwrap_or_default(),
+            request_id: request_id.clone(),
             jti: jti.clone(),
             parent_jti: parent.jti.clone(),
             actor,
@@ -990,15 +1034,18 @@ impl Cache for Service {
         });
         metrics::histogram!("lattice_cache_exchange_seconds")
             .record(started.elapsed().as_secs_f64());
-        Ok(Response::new(pb::ExchangeTokenResponse {
-            token,
-            jti,
-            expires_at_unix: exp,
-            kid: ident.signer.kid().to_owned(),
-            policy_version,
-            depth,
-            issued_token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
-        }))
+        Ok(with_request_id(
+            pb::ExchangeTokenResponse {
+                token,
+                jti,
+                expires_at_unix: exp,
+                kid: ident.signer.kid().to_owned(),
+                policy_version,
+                depth,
+                issued_token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
+            },
+            &request_id,
+        ))
     }
 
     async fn report_audit(
