@@ -374,6 +374,44 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
     l.caches[0].heal();
     wait_records(&l, &eu, 6).await;
 
+    // The records sent together are stored together (one chunk): altering
+    // one record inside a chunk is detected like any other alteration.
+    sign_head(&l);
+    let mut auditor = l.admin("ann", &[AdminRole::Auditor], &[]).expect("auditor");
+    let hs = heads(&mut auditor).await;
+    let td = lattice_shared::id::TrustDomain::new("lattice.local").expect("td");
+    let state = &l.cp().state;
+    let (key, original) = state
+        .store
+        .scan_prefix("audit_leaves", b"", usize::MAX)
+        .expect("scan")
+        .into_iter()
+        .find(|(_, v)| {
+            v.first() == Some(&lattice_shared::chunk::CHUNK_V1)
+                && lattice_shared::chunk::decode(v).is_ok_and(|r| r.len() >= 2)
+        })
+        .expect("a stored chunk of several records");
+    auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+        .expect("verifies before");
+    // Same length, so the chunk still decodes: only the hashes tell.
+    let at = original
+        .windows(8)
+        .position(|w| w == b"\"issued\"")
+        .expect("an issued record in the chunk");
+    let mut forged = original.clone();
+    forged[at + 1..at + 7].copy_from_slice(b"ISSUED");
+    state
+        .store
+        .put("audit_leaves", &key, &forged)
+        .expect("tamper");
+    let err = auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+        .expect_err("tampering inside a chunk is detected");
+    assert!(err.contains("altered"), "{err}");
+    state
+        .store
+        .put("audit_leaves", &key, &original)
+        .expect("restore");
+
     // A restart: the cache's numbering goes on and nothing is sent twice.
     agent
         .mint(common::AUDIENCE, &["read".into()], None)

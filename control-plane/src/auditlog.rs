@@ -6,6 +6,11 @@
 //! certificate can check a head, and with the Admin API's proofs that an
 //! entry is in it and that an older head is a prefix of a newer one.
 //!
+//! Entries are stored in chunks (`lattice_shared::chunk`): one store value
+//! per committed batch, keyed by the index of its first entry, so a group
+//! commit of thousands of records is a few store writes. A lone entry is
+//! stored as it is.
+//!
 //! Leaf hashes are kept in memory (32 bytes per entry; proofs recompute
 //! subtrees from them, O(n)) and the root is kept incrementally: fine for
 //! millions of entries, not for billions (stored subtree hashes are the
@@ -13,6 +18,7 @@
 
 use std::sync::Mutex;
 
+use lattice_shared::chunk;
 use lattice_shared::merkle::{self, Hash};
 use lattice_shared::policy::sign::PolicySigner;
 use lattice_shared::proto as pb;
@@ -33,6 +39,8 @@ pub const MAX_PAGE: u32 = 1000;
 #[derive(Debug, Default)]
 struct Inner {
     leaves: Vec<Hash>,
+    /// Index of the first entry of each stored chunk, ascending.
+    chunks: Vec<u64>,
     /// The root in O(log n) per append (heads are frequent).
     frontier: merkle::Frontier,
     last_head: u64,
@@ -52,9 +60,10 @@ impl AuditLog {
     /// Loads the leaves (they must run from 0 without a gap).
     pub fn open(store: SharedStore) -> Result<Self, Error> {
         let mut leaves = Vec::new();
+        let mut chunks = Vec::new();
         let mut frontier = merkle::Frontier::default();
         loop {
-            let batch = store.scan_from(T_LEAVES, &key(leaves.len() as u64), 4096)?;
+            let batch = store.scan_from(T_LEAVES, &key(leaves.len() as u64), 256)?;
             if batch.is_empty() {
                 break;
             }
@@ -65,9 +74,14 @@ impl AuditLog {
                         leaves.len()
                     )));
                 }
-                let h = merkle::leaf_hash(&v);
-                frontier.push(h);
-                leaves.push(h);
+                chunks.push(leaves.len() as u64);
+                let records = chunk::decode(&v)
+                    .map_err(|e| Error::Corrupt(format!("audit entry {}: {e}", leaves.len())))?;
+                for r in records {
+                    let h = merkle::leaf_hash(r);
+                    frontier.push(h);
+                    leaves.push(h);
+                }
             }
         }
         let last_head = store
@@ -80,6 +94,7 @@ impl AuditLog {
             store,
             inner: Mutex::new(Inner {
                 leaves,
+                chunks,
                 frontier,
                 last_head,
             }),
@@ -99,7 +114,9 @@ impl AuditLog {
     pub fn append(&self, record: &[u8]) -> Result<(u64, bool), Error> {
         let mut g = self.lock();
         let index = g.leaves.len() as u64;
-        self.store.put(T_LEAVES, &key(index), record)?;
+        self.store
+            .put(T_LEAVES, &key(index), &chunk::encode(&[record]))?;
+        g.chunks.push(index);
         let h = merkle::leaf_hash(record);
         g.frontier.push(h);
         g.leaves.push(h);
@@ -115,17 +132,21 @@ impl AuditLog {
     ) -> Result<(u64, bool), Error> {
         let mut g = self.lock();
         let first = g.leaves.len() as u64;
-        let mut writes: Vec<lattice_shared::store::Write> = records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| lattice_shared::store::Write {
+        let mut writes = Vec::new();
+        let mut starts = Vec::new();
+        let mut at = first;
+        for run in chunk::split(records) {
+            writes.push(lattice_shared::store::Write {
                 tree: T_LEAVES,
-                key: key(first + i as u64).to_vec(),
-                value: Some(r.clone()),
-            })
-            .collect();
+                key: key(at).to_vec(),
+                value: Some(chunk::encode(run)),
+            });
+            starts.push(at);
+            at += run.len() as u64;
+        }
         writes.extend(extra);
         self.store.apply(writes)?;
+        g.chunks.extend(starts);
         for r in records {
             let h = merkle::leaf_hash(r);
             g.frontier.push(h);
@@ -202,17 +223,37 @@ impl AuditLog {
     }
 
     pub fn entries(&self, start: u64, limit: u32) -> Result<Vec<pb::AuditEntry>, Error> {
-        let limit = limit.clamp(1, MAX_PAGE) as usize;
-        self.store
-            .scan_from(T_LEAVES, &key(start), limit)?
-            .into_iter()
-            .map(|(k, v)| {
-                let index = <[u8; 8]>::try_from(k.as_slice())
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| Error::Corrupt("audit entry key".into()))?;
-                Ok(pb::AuditEntry { index, record: v })
-            })
-            .collect()
+        let limit = limit.clamp(1, MAX_PAGE) as u64;
+        // The chunks holding [start, end), read outside the lock.
+        let (end, starts) = {
+            let g = self.lock();
+            let end = start.saturating_add(limit).min(g.leaves.len() as u64);
+            let i = g.chunks.partition_point(|&c| c <= start).saturating_sub(1);
+            let starts: Vec<u64> = g.chunks[i.min(g.chunks.len())..]
+                .iter()
+                .copied()
+                .take_while(|&c| c < end)
+                .collect();
+            (end, starts)
+        };
+        let mut out = Vec::new();
+        for first in starts {
+            let v = self
+                .store
+                .get(T_LEAVES, &key(first))?
+                .ok_or_else(|| Error::Corrupt(format!("audit entry {first} is missing")))?;
+            let records = chunk::decode(&v)
+                .map_err(|e| Error::Corrupt(format!("audit entry {first}: {e}")))?;
+            for (index, r) in (first..).zip(records) {
+                if index >= start && index < end {
+                    out.push(pb::AuditEntry {
+                        index,
+                        record: r.to_vec(),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The audit path of entry `index` in the tree of `size` entries.
@@ -352,4 +393,49 @@ pub fn verify(
         entries: records.len() as u64,
         heads: heads.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_entries_reopen_and_page_across_chunks() {
+        let store: SharedStore = lattice_shared::store::MemStore::shared();
+        let log = AuditLog::open(store.clone()).expect("open");
+        log.append(b"{\"n\":0}").expect("lone entry");
+        let batch: Vec<Vec<u8>> = (1..=2500)
+            .map(|i| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "p".repeat(i % 50)).into_bytes())
+            .collect();
+        let (first, _) = log.append_batch(&batch, Vec::new()).expect("batch");
+        assert_eq!(first, 1);
+        log.append(b"{\"n\":2501}").expect("lone entry");
+        let stored = store
+            .scan_prefix(T_LEAVES, b"", usize::MAX)
+            .expect("scan")
+            .len();
+        assert!(stored < 2502 / 10, "entries share store values: {stored}");
+        let root = log.lock().frontier.root();
+
+        let log = AuditLog::open(store).expect("reopen");
+        assert_eq!(log.size(), 2502);
+        assert_eq!(
+            log.lock().frontier.root(),
+            root,
+            "same tree after reopening"
+        );
+        for (start, limit) in [(0u64, 3u32), (997, 10), (1500, 1000), (2499, 50)] {
+            let page = log.entries(start, limit).expect("page");
+            let want = (start..(start + u64::from(limit)).min(2502)).collect::<Vec<_>>();
+            assert_eq!(page.iter().map(|e| e.index).collect::<Vec<_>>(), want);
+            for e in &page {
+                let v: serde_json::Value = serde_json::from_slice(&e.record).expect("json");
+                assert_eq!(v["n"], e.index, "entry {} holds its own record", e.index);
+            }
+        }
+        assert!(log.entries(2502, 10).expect("past the end").is_empty());
+        let proof = log.inclusion(1234, 2502).expect("proof");
+        let leaf = merkle::leaf_hash(&log.entries(1234, 1).expect("entry")[0].record);
+        assert!(merkle::verify_inclusion(1234, 2502, &leaf, &proof, &root));
+    }
 }

@@ -9,6 +9,7 @@
 //! replay of the same records raises the same alerts; state is per identity,
 //! bounded, in memory (after a restart the baselines are learnt again).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -146,8 +147,36 @@ pub struct Detector {
     honeytokens: HashSet<String>,
 }
 
-fn str_of<'a>(r: &'a serde_json::Value, k: &str) -> &'a str {
-    r.get(k).and_then(|v| v.as_str()).unwrap_or("")
+/// What the rules read of a cache's record, borrowed from its JSON (the
+/// rest of the record is checked to be JSON and otherwise skipped).
+#[derive(Debug, Default, Deserialize)]
+pub struct Record<'a> {
+    #[serde(borrow)]
+    pub kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub agent: Cow<'a, str>,
+    #[serde(default)]
+    pub at_unix_ms: i64,
+    #[serde(borrow, default)]
+    pub source: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub region: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub secret: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub fingerprint: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub reason: Cow<'a, str>,
+    /// The cache that sent it: its certificate's id, set by the control
+    /// plane, never read from the record.
+    #[serde(skip)]
+    pub cache: Cow<'a, str>,
+    /// Fields only the control plane writes: a record that carries them is
+    /// refused.
+    #[serde(default, rename = "cache")]
+    pub claimed_cache: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "cache_seq")]
+    pub claimed_cache_seq: Option<serde::de::IgnoredAny>,
 }
 
 impl Detector {
@@ -162,14 +191,14 @@ impl Detector {
     }
 
     /// Looks at one record from a cache; returns the alerts it raises.
-    pub fn observe(&self, r: &serde_json::Value) -> Vec<Alert> {
-        let kind = str_of(r, "kind");
-        let agent = str_of(r, "agent");
+    pub fn observe(&self, r: &Record<'_>) -> Vec<Alert> {
+        let kind = &*r.kind;
+        let agent = &*r.agent;
         if agent.is_empty() {
             return Vec::new();
         }
-        let at = r.get("at_unix_ms").and_then(|v| v.as_i64()).unwrap_or(0);
-        let cache = str_of(r, "cache").to_owned();
+        let at = r.at_unix_ms;
+        let cache = &*r.cache;
         let mut out = Vec::new();
         let mut alert = |rule: &str, detail: String| {
             out.push(Alert {
@@ -177,21 +206,23 @@ impl Detector {
                 subject: agent.to_owned(),
                 detail,
                 at_unix_ms: at,
-                cache: cache.clone(),
+                cache: cache.to_owned(),
                 action: self.cfg.action(rule),
             })
         };
-        let slot = self.identities.get_with(agent.to_owned(), Default::default);
+        let slot = match self.identities.get(agent) {
+            Some(s) => s,
+            None => self.identities.get_with(agent.to_owned(), Default::default),
+        };
         let mut id = slot.lock().unwrap_or_else(|p| p.into_inner());
         let credential = matches!(kind, "issued" | "leased" | "delegated");
 
-        if kind == "leased" && self.honeytokens.contains(str_of(r, "secret")) {
+        if kind == "leased" && self.honeytokens.contains(&*r.secret) {
             alert(
                 HONEYTOKEN,
                 format!(
                     "leased honeytoken secret {} (fingerprint {})",
-                    str_of(r, "secret"),
-                    str_of(r, "fingerprint")
+                    r.secret, r.fingerprint
                 ),
             );
         }
@@ -199,16 +230,23 @@ impl Detector {
         if credential {
             // Where from: learnt on first sight, alerted when new after.
             let first = id.sources.is_empty() && id.regions.is_empty();
-            let source = str_of(r, "source");
-            if !source.is_empty() && id.sources.insert(source.to_owned()) && !first {
-                alert(
-                    NEW_SOURCE,
-                    format!("first request from source address {source}"),
-                );
+            // (Looked up before inserting: no allocation for a known one.)
+            let source = &*r.source;
+            if !source.is_empty() && !id.sources.contains(source) {
+                id.sources.insert(source.to_owned());
+                if !first {
+                    alert(
+                        NEW_SOURCE,
+                        format!("first request from source address {source}"),
+                    );
+                }
             }
-            let region = str_of(r, "region");
-            if !region.is_empty() && id.regions.insert(region.to_owned()) && !first {
-                alert(NEW_REGION, format!("first request in region {region}"));
+            let region = &*r.region;
+            if !region.is_empty() && !id.regions.contains(region) {
+                id.regions.insert(region.to_owned());
+                if !first {
+                    alert(NEW_REGION, format!("first request in region {region}"));
+                }
             }
 
             // Rate against the identity's own baseline, per minute.
@@ -245,7 +283,7 @@ impl Detector {
         }
 
         if kind == "refused" || kind == "proxy_refused" {
-            let reason = str_of(r, "reason");
+            let reason = &*r.reason;
             if kind == "refused" && reason.contains("revoked") && at >= id.revoked_use_until {
                 id.revoked_use_until = at + WINDOW_MS;
                 alert(USE_AFTER_REVOCATION, format!("refused: {reason}"));
@@ -337,6 +375,13 @@ mod tests {
         v
     }
 
+    fn observe(d: &Detector, v: &serde_json::Value) -> Vec<Alert> {
+        let bytes = serde_json::to_vec(v).expect("json");
+        let mut r: Record = serde_json::from_slice(&bytes).expect("record");
+        r.cache = v["cache"].as_str().unwrap_or_default().to_owned().into();
+        d.observe(&r)
+    }
+
     fn rules(alerts: &[Alert]) -> Vec<&str> {
         alerts.iter().map(|a| a.rule.as_str()).collect()
     }
@@ -347,7 +392,7 @@ mod tests {
         for m in 0..10 {
             for i in 0..20 {
                 let at = (start_min + m) * 60_000 + i * 1000;
-                out.extend(d.observe(&rec("issued", at, serde_json::json!({}))));
+                out.extend(observe(d, &rec("issued", at, serde_json::json!({}))));
             }
         }
         out
@@ -359,11 +404,14 @@ mod tests {
         assert!(ordinary(&d, 0).is_empty());
         // A few refusals, spread out, are not a burst.
         for i in 0..5 {
-            let a = d.observe(&rec(
-                "refused",
-                600_000 + i * 30_000,
-                serde_json::json!({"reason": "policy: no"}),
-            ));
+            let a = observe(
+                &d,
+                &rec(
+                    "refused",
+                    600_000 + i * 30_000,
+                    serde_json::json!({"reason": "policy: no"}),
+                ),
+            );
             assert!(a.is_empty(), "{a:?}");
         }
     }
@@ -374,7 +422,10 @@ mod tests {
         assert!(ordinary(&d, 0).is_empty());
         let mut alerts = Vec::new();
         for i in 0..200 {
-            alerts.extend(d.observe(&rec("issued", 10 * 60_000 + i * 100, serde_json::json!({}))));
+            alerts.extend(observe(
+                &d,
+                &rec("issued", 10 * 60_000 + i * 100, serde_json::json!({})),
+            ));
         }
         assert_eq!(rules(&alerts), vec![RATE_SPIKE], "once per minute");
         assert_eq!(alerts[0].subject, A);
@@ -384,39 +435,54 @@ mod tests {
     fn a_new_source_address_or_region_after_learning() {
         let d = Detector::new(DetectConfig::default());
         assert!(ordinary(&d, 0).is_empty());
-        let a = d.observe(&rec(
-            "issued",
-            700_000,
-            serde_json::json!({"source": "203.0.113.9"}),
-        ));
+        let a = observe(
+            &d,
+            &rec(
+                "issued",
+                700_000,
+                serde_json::json!({"source": "203.0.113.9"}),
+            ),
+        );
         assert_eq!(rules(&a), vec![NEW_SOURCE]);
         assert!(a[0].detail.contains("203.0.113.9"));
-        let again = d.observe(&rec(
-            "issued",
-            701_000,
-            serde_json::json!({"source": "203.0.113.9"}),
-        ));
+        let again = observe(
+            &d,
+            &rec(
+                "issued",
+                701_000,
+                serde_json::json!({"source": "203.0.113.9"}),
+            ),
+        );
         assert!(again.is_empty(), "only the first time");
-        let a = d.observe(&rec("leased", 702_000, serde_json::json!({"region": "us"})));
+        let a = observe(
+            &d,
+            &rec("leased", 702_000, serde_json::json!({"region": "us"})),
+        );
         assert_eq!(rules(&a), vec![NEW_REGION]);
     }
 
     #[test]
     fn use_after_revocation_and_denial_bursts() {
         let d = Detector::new(DetectConfig::default());
-        let a = d.observe(&rec(
-            "refused",
-            1000,
-            serde_json::json!({"reason": "spiffe://t/agent/eu/a has been revoked"}),
-        ));
+        let a = observe(
+            &d,
+            &rec(
+                "refused",
+                1000,
+                serde_json::json!({"reason": "spiffe://t/agent/eu/a has been revoked"}),
+            ),
+        );
         assert_eq!(rules(&a), vec![USE_AFTER_REVOCATION]);
         let mut burst = Vec::new();
         for i in 1..12 {
-            burst.extend(d.observe(&rec(
-                "refused",
-                1000 + i * 1000,
-                serde_json::json!({"reason": "policy: forbidden by x"}),
-            )));
+            burst.extend(observe(
+                &d,
+                &rec(
+                    "refused",
+                    1000 + i * 1000,
+                    serde_json::json!({"reason": "policy: forbidden by x"}),
+                ),
+            ));
         }
         assert_eq!(
             rules(&burst),
@@ -432,9 +498,15 @@ mod tests {
             actions: [(HONEYTOKEN.to_string(), Action::RevokeAgent)].into(),
             ..DetectConfig::default()
         });
-        let quiet = d.observe(&rec("leased", 1, serde_json::json!({"secret": "openai"})));
+        let quiet = observe(
+            &d,
+            &rec("leased", 1, serde_json::json!({"secret": "openai"})),
+        );
         assert!(quiet.is_empty());
-        let a = d.observe(&rec("leased", 2, serde_json::json!({"secret": "canary"})));
+        let a = observe(
+            &d,
+            &rec("leased", 2, serde_json::json!({"secret": "canary"})),
+        );
         assert_eq!(rules(&a), vec![HONEYTOKEN]);
         assert_eq!(a[0].action, Action::RevokeAgent);
     }

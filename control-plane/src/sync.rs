@@ -36,17 +36,27 @@ pub struct Link {
     /// The policy release the cache says it enforces (0: not reported).
     pub policy_version: u64,
     pongs: VecDeque<(i64, u64)>,
+    /// Counts the cache's streams: an older one still open ends itself.
+    stream: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct Links {
     inner: std::sync::Mutex<HashMap<SpiffeId, Link>>,
+    /// Held by a link's audit worker until it ends: a cache that reconnects
+    /// reads its audit mark only once the previous worker's last commit is
+    /// done, so nothing it resends is appended twice.
+    audit: std::sync::Mutex<HashMap<SpiffeId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Links {
     fn update(&self, id: &SpiffeId, f: impl FnOnce(&mut Link)) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         f(g.entry(id.clone()).or_default());
+    }
+    pub(crate) fn audit_lock(&self, id: &SpiffeId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut g = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        g.entry(id.clone()).or_default().clone()
     }
     pub fn get(&self, id: &SpiffeId) -> Option<Link> {
         self.inner
@@ -170,15 +180,48 @@ mod cache_audit {
         )?)
     }
 
-    /// Appends the records after `hwm` through the group committer;
-    /// returns the new mark.
-    pub async fn append(
-        state: &std::sync::Arc<State>,
-        cache: &SpiffeId,
-        epoch: u64,
+    /// Records queued at one link's audit worker at most: a cache keeps
+    /// far fewer in flight (its window), so more is a misbehaving peer.
+    pub const MAX_QUEUED: u64 = 64 * 1024;
+
+    /// The leaves of one batch after `hwm`, validated and stamped with the
+    /// sender, what detection reads of them (borrowed from the batch), and
+    /// the new mark.
+    pub struct Prepared<'a> {
+        pub leaves: Vec<Vec<u8>>,
+        pub observed: Vec<crate::detect::Record<'a>>,
+        pub upto: u64,
+    }
+
+    /// The leaf of a record: `{"cache":…,"cache_seq":…,` then the record's
+    /// own fields. Written directly rather than through a JSON tree: this
+    /// runs for every record of every cache.
+    fn stamp(cache: &SpiffeId, seq: u64, record: &[u8]) -> Result<Vec<u8>, Error> {
+        let body = record.trim_ascii_start();
+        let rest = body
+            .strip_prefix(b"{")
+            .ok_or_else(|| Error::InvalidArgument("record is not a JSON object".into()))?;
+        let mut leaf = Vec::with_capacity(record.len() + cache.as_str().len() + 40);
+        leaf.extend_from_slice(b"{\"cache\":");
+        serde_json::to_writer(&mut leaf, cache.as_str())
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        leaf.extend_from_slice(b",\"cache_seq\":");
+        leaf.extend_from_slice(seq.to_string().as_bytes());
+        if !rest.trim_ascii_start().starts_with(b"}") {
+            leaf.push(b',');
+        }
+        leaf.extend_from_slice(rest);
+        Ok(leaf)
+    }
+
+    /// Checks a batch against the mark and turns its new records into
+    /// leaves (the sender is the certificate's id: a record that names a
+    /// cache itself is refused).
+    pub fn prepare<'a>(
+        cache: &'a SpiffeId,
         hwm: u64,
-        batch: pb::AuditBatch,
-    ) -> Result<u64, Error> {
+        batch: &'a pb::AuditBatch,
+    ) -> Result<Prepared<'a>, Error> {
         if batch.records.len() > MAX_RECORDS {
             return Err(Error::InvalidArgument(format!(
                 "more than {MAX_RECORDS} records"
@@ -195,33 +238,59 @@ mod cache_audit {
         let mut leaves = Vec::new();
         let mut observed = Vec::new();
         for (i, r) in batch.records.iter().enumerate().skip(skip) {
+            let seq = batch.first + i as u64;
             if r.len() > MAX_RECORD_BYTES {
                 return Err(Error::InvalidArgument(format!(
-                    "record {} is larger than {MAX_RECORD_BYTES} bytes",
-                    batch.first + i as u64
+                    "record {seq} is larger than {MAX_RECORD_BYTES} bytes"
                 )));
             }
-            let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(r)
-                .map_err(|e| Error::InvalidArgument(format!("record is not a JSON object: {e}")))?;
-            match v.get("kind").and_then(|k| k.as_str()) {
-                Some(k) if KINDS.contains(&k) => {}
-                other => {
-                    return Err(Error::InvalidArgument(format!(
-                        "record kind {other:?} is not one a cache sends"
-                    )));
-                }
+            let mut rec: crate::detect::Record<'a> = serde_json::from_slice(r).map_err(|e| {
+                Error::InvalidArgument(format!("record {seq} is not an audit record: {e}"))
+            })?;
+            if !KINDS.contains(&&*rec.kind) {
+                return Err(Error::InvalidArgument(format!(
+                    "record {seq}: kind {:?} is not one a cache sends",
+                    rec.kind
+                )));
             }
-            // Who sent it is the certificate's id, whatever the record says.
-            v.insert("cache".into(), cache.as_str().into());
-            v.insert("cache_seq".into(), (batch.first + i as u64).into());
-            let v = serde_json::Value::Object(v);
-            leaves.push(v.to_string().into_bytes());
-            observed.push(v);
-        }
-        if leaves.is_empty() {
-            return Ok(hwm);
+            if rec.claimed_cache.is_some() || rec.claimed_cache_seq.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "record {seq} names a cache itself; the control plane sets that"
+                )));
+            }
+            leaves.push(stamp(cache, seq, r)?);
+            rec.cache = std::borrow::Cow::Borrowed(cache.as_str());
+            observed.push(rec);
         }
         let upto = hwm + leaves.len() as u64;
+        Ok(Prepared {
+            leaves,
+            observed,
+            upto,
+        })
+    }
+
+    /// Appends prepared leaves (one or more batches, in order) and the new
+    /// mark in one durable write through the group committer, then runs
+    /// detection on them.
+    pub async fn commit(
+        state: &std::sync::Arc<State>,
+        cache: &SpiffeId,
+        epoch: u64,
+        prepared: Vec<Prepared<'_>>,
+    ) -> Result<(), Error> {
+        let Some(upto) = prepared.last().map(|p| p.upto) else {
+            return Ok(());
+        };
+        let mut leaves = Vec::new();
+        let mut observed = Vec::new();
+        for p in prepared {
+            leaves.extend(p.leaves);
+            observed.extend(p.observed);
+        }
+        if leaves.is_empty() {
+            return Ok(());
+        }
         let n = leaves.len() as u64;
         state
             .commit_audit(
@@ -239,12 +308,148 @@ mod cache_audit {
         // log could lose.
         let alerts: Vec<crate::detect::Alert> = observed
             .iter()
-            .flat_map(|v| state.detector.observe(v))
+            .flat_map(|r| state.detector.observe(r))
             .collect();
         if !alerts.is_empty() {
             crate::detect::raise(state, alerts).await?;
         }
-        Ok(upto)
+        Ok(())
+    }
+
+    /// One link's audit worker: takes the batches the stream reader hands
+    /// over, commits whatever queued meanwhile as one write, and acks.
+    /// Runs beside the stream so that revocations going down never wait
+    /// for an audit commit.
+    pub async fn worker(
+        state: std::sync::Arc<State>,
+        cache: SpiffeId,
+        epoch: u64,
+        queued: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<pb::AuditBatch>,
+        tx: tokio::sync::mpsc::Sender<Result<pb::SyncDown, tonic::Status>>,
+    ) -> String {
+        use std::sync::atomic::Ordering;
+        let _held = state.links.audit_lock(&cache).lock_owned().await;
+        let mut hwm = {
+            let (st, id) = (state.clone(), cache.clone());
+            match tokio::task::spawn_blocking(move || hwm(&st, &id, epoch)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => return format!("reading the audit mark failed: {e}"),
+                Err(_) => return "audit worker failed".into(),
+            }
+        };
+        let ack = pb::SyncDown {
+            msg: Some(super::Down::AuditAck(pb::AuditAck { upto: hwm })),
+        };
+        if tx.send(Ok(ack)).await.is_err() {
+            return "cache went away".into();
+        }
+        while let Some(first) = rx.recv().await {
+            let mut batches = vec![first];
+            while let Ok(b) = rx.try_recv() {
+                batches.push(b);
+            }
+            let n: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
+            let mut prepared = Vec::with_capacity(batches.len());
+            let mut mark = hwm;
+            for b in &batches {
+                match prepare(&cache, mark, b) {
+                    Ok(p) => {
+                        mark = p.upto;
+                        prepared.push(p);
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(tonic::Status::invalid_argument(format!(
+                                "audit batch: {e}"
+                            ))))
+                            .await;
+                        return format!("bad audit batch: {e}");
+                    }
+                }
+            }
+            if let Err(e) = commit(&state, &cache, epoch, prepared).await {
+                let _ = tx
+                    .send(Err(tonic::Status::unavailable(format!(
+                        "audit records not stored: {e}"
+                    ))))
+                    .await;
+                return format!("audit commit failed: {e}");
+            }
+            queued.fetch_sub(n, Ordering::Relaxed);
+            hwm = mark;
+            let ack = pb::SyncDown {
+                msg: Some(super::Down::AuditAck(pb::AuditAck { upto: hwm })),
+            };
+            if tx.send(Ok(ack)).await.is_err() {
+                return "cache went away".into();
+            }
+        }
+        "stream closed".into()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn batch(first: u64, records: &[&str]) -> pb::AuditBatch {
+            pb::AuditBatch {
+                first,
+                records: records.iter().map(|r| r.as_bytes().to_vec()).collect(),
+            }
+        }
+
+        #[test]
+        fn leaves_carry_the_sender_and_its_number() {
+            let c = SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id");
+            let b = batch(
+                5,
+                &[
+                    r#"{"kind":"issued","agent":"spiffe://t/agent/eu/a","at_unix_ms":7}"#,
+                    r#" { "kind" : "refused" , "reason":"x\"y" } "#,
+                ],
+            );
+            let p = prepare(&c, 4, &b).expect("prepared");
+            assert_eq!(p.upto, 6);
+            let v: Vec<serde_json::Value> = p
+                .leaves
+                .iter()
+                .map(|l| serde_json::from_slice(l).expect("a leaf is JSON"))
+                .collect();
+            assert_eq!(v[0]["cache"], "spiffe://t/cache/eu/c1");
+            assert_eq!(v[0]["cache_seq"], 5);
+            assert_eq!(v[0]["at_unix_ms"], 7);
+            assert_eq!(v[1]["cache_seq"], 6);
+            assert_eq!(v[1]["reason"], "x\"y");
+            assert_eq!(p.observed[0].cache, "spiffe://t/cache/eu/c1");
+            assert_eq!(p.observed[0].agent, "spiffe://t/agent/eu/a");
+            // Records the control plane holds already are skipped.
+            let p = prepare(&c, 5, &b).expect("prepared");
+            assert_eq!((p.leaves.len(), p.upto), (1, 6));
+        }
+
+        #[test]
+        fn bad_records_are_refused() {
+            let c = SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id");
+            for bad in [
+                r#"{"kind":"issued","cache":"spiffe://t/cache/us/other"}"#,
+                r#"{"kind":"issued","cache_seq":1}"#,
+                r#"{"kind":"alert"}"#,
+                r#"{"agent":"a"}"#,
+                r#"["issued"]"#,
+                r#"{"kind":"issued"} trailing"#,
+                r#"{"kind":"issued","at_unix_ms":"soon"}"#,
+                "not json",
+            ] {
+                assert!(prepare(&c, 0, &batch(1, &[bad])).is_err(), "{bad}");
+            }
+            let ok = r#"{"kind":"issued"}"#;
+            assert!(prepare(&c, 0, &batch(3, &[ok])).is_err(), "a gap");
+            assert!(
+                prepare(&c, 0, &batch(0, &[ok])).is_err(),
+                "numbers start at 1"
+            );
+        }
     }
 }
 
@@ -275,18 +480,25 @@ pub(crate) async fn open(
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(async move {
         let id = cache.clone();
+        let mut generation = 0;
         state.links.update(&id, |l| {
+            l.stream += 1;
+            generation = l.stream;
             l.connected = true;
             l.acked = l.acked.max(hello.resume_after);
             l.last_contact_ms = now_ms(&state);
         });
         let mut stopping = state.stopping.clone();
         let reason = tokio::select! {
-            r = serve(&state, &cache, hello.resume_after, hello.audit_epoch, inbound, &tx) => r,
+            r = serve(&state, &cache, generation, hello.resume_after, hello.audit_epoch, inbound, &tx) => r,
             // Also when `serve` is blocked on a cache that reads nothing.
             _ = lattice_shared::net::until_true(&mut stopping) => "control plane stopping".into(),
         };
-        state.links.update(&id, |l| l.connected = false);
+        state.links.update(&id, |l| {
+            if l.stream == generation {
+                l.connected = false;
+            }
+        });
         tracing::info!(cache_id = %id, reason = %reason, "sync stream closed");
     });
     Ok(ReceiverStream::new(rx))
@@ -295,6 +507,7 @@ pub(crate) async fn open(
 async fn serve(
     state: &Arc<State>,
     cache: &SpiffeId,
+    generation: u64,
     resume_after: u64,
     audit_epoch: u64,
     mut inbound: Streaming<pb::SyncUp>,
@@ -303,20 +516,22 @@ async fn serve(
     let mut heads = state.log.subscribe();
     // Where this cache's audit records stand: told first, so it resends
     // only what is missing.
-    let mut audit_hwm = {
-        let (st, id) = (state.clone(), cache.clone());
-        match tokio::task::spawn_blocking(move || cache_audit::hwm(&st, &id, audit_epoch)).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => return format!("reading the audit mark failed: {e}"),
-            Err(_) => return "audit worker failed".into(),
-        }
-    };
-    let ack = pb::SyncDown {
-        msg: Some(Down::AuditAck(pb::AuditAck { upto: audit_hwm })),
-    };
-    if tx.send(Ok(ack)).await.is_err() {
-        return "cache went away".into();
-    }
+    // Audit batches are committed by a worker of their own: events going
+    // down never wait for an audit write. It tells the cache where its
+    // records stand first (the cache sends none before), once the previous
+    // stream's worker has finished its last commit. Not aborted with the
+    // stream: it finishes the batches it was handed, then ends as the
+    // channel closes.
+    let audit_queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (audit_tx, audit_rx) = mpsc::unbounded_channel();
+    let mut audit_worker = tokio::spawn(cache_audit::worker(
+        state.clone(),
+        cache.clone(),
+        audit_epoch,
+        audit_queued.clone(),
+        audit_rx,
+        tx.clone(),
+    ));
     let mut sent = resume_after;
     let mut acked = resume_after;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(state.cfg.heartbeat_ms));
@@ -374,10 +589,17 @@ async fn serve(
                     return "control plane stopping".into();
                 }
             }
+            ended = &mut audit_worker => {
+                return ended.unwrap_or_else(|_| "audit worker failed".into());
+            }
             _ = heartbeat.tick() => {
                 let msg = pb::SyncDown { msg: Some(Down::Heartbeat(pb::Heartbeat { head_seq: state.log.head() })) };
                 if tx.send(Ok(msg)).await.is_err() {
                     return "cache went away".into();
+                }
+                if state.links.get(cache).is_some_and(|l| l.stream != generation) {
+                    // A half-open connection the cache has given up on.
+                    return "replaced by a newer stream from the same cache".into();
                 }
                 if state.log.revocations().is_cache_revoked(cache) {
                     let _ = tx.send(Err(Status::permission_denied(format!("{cache} has been revoked")))).await;
@@ -435,16 +657,13 @@ async fn serve(
                         }
                     }
                     Some(Up::Audit(batch)) => {
-                        match cache_audit::append(state, cache, audit_epoch, audit_hwm, batch).await {
-                            Ok(upto) => audit_hwm = upto,
-                            Err(e) => {
-                                let _ = tx.send(Err(Status::invalid_argument(format!("audit batch: {e}")))).await;
-                                return format!("bad audit batch: {e}");
-                            }
+                        let n = batch.records.len() as u64;
+                        if audit_queued.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n > cache_audit::MAX_QUEUED {
+                            let _ = tx.send(Err(Status::resource_exhausted("too many audit records in flight"))).await;
+                            return "audit flood".into();
                         }
-                        let ack = pb::SyncDown { msg: Some(Down::AuditAck(pb::AuditAck { upto: audit_hwm })) };
-                        if tx.send(Ok(ack)).await.is_err() {
-                            return "cache went away".into();
+                        if audit_tx.send(batch).is_err() {
+                            return "audit worker stopped".into();
                         }
                     }
                     Some(Up::RevokeIssued(r)) => {

@@ -5,7 +5,13 @@
 //! deleted once the control plane acks it. While partitioned it grows on
 //! disk up to `MAX_EVENTS`; the control plane appends each number once, so a
 //! resend after a crash or a reconnect duplicates nothing.
+//!
+//! Records are stored in chunks (`lattice_shared::chunk`), one store value
+//! per run of a group commit keyed by its first number; the highest acked
+//! number is stored beside them, so a chunk the control plane holds only
+//! part of stays until all of it is acked.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,6 +24,7 @@ const T_OUTBOX: &str = "audit_outbox";
 const T_META: &str = "meta";
 const NEXT_KEY: &[u8] = b"audit_next";
 const EPOCH_KEY: &[u8] = b"audit_epoch";
+const ACKED_KEY: &[u8] = b"audit_acked";
 /// Records held while the control plane is unreachable.
 pub const MAX_EVENTS: u64 = 1_000_000;
 /// How long the writer gathers records into one durable batch.
@@ -36,6 +43,8 @@ struct Inner {
     /// Highest number the control plane holds.
     acked: u64,
     dropped: u64,
+    /// Stored chunks: first number → record count.
+    chunks: BTreeMap<u64, u64>,
 }
 
 #[derive(Debug)]
@@ -50,6 +59,12 @@ pub struct Outbox {
 
 fn key(n: u64) -> [u8; 8] {
     n.to_be_bytes()
+}
+
+fn chunk_key(k: &[u8]) -> Result<u64, Error> {
+    <[u8; 8]>::try_from(k)
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Corrupt("outbox key".into()))
 }
 
 impl Outbox {
@@ -67,19 +82,41 @@ impl Outbox {
             }])?;
         }
         let next = lattice_shared::eventlog::read_seq(&*store, T_META, NEXT_KEY)?.max(1);
-        // What is still stored was not acked.
-        let acked = store
-            .scan_prefix(T_OUTBOX, b"", 1)?
-            .first()
-            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_slice()).ok())
-            .map(|k| u64::from_be_bytes(k) - 1)
-            .unwrap_or(next - 1);
+        // The index of stored chunks (read once; the outbox is bounded).
+        let mut chunks = BTreeMap::new();
+        let mut from = 0u64;
+        loop {
+            let rows = store.scan_from(T_OUTBOX, &key(from), 64)?;
+            let Some((last, _)) = rows.last() else { break };
+            let last = chunk_key(last)?;
+            for (k, v) in &rows {
+                let n = lattice_shared::chunk::decode(v)
+                    .map_err(|e| Error::Corrupt(e.to_string()))?
+                    .len() as u64;
+                chunks.insert(chunk_key(k)?, n);
+            }
+            from = last + 1;
+        }
+        // Acked numbers are stored; what is still stored before that mark
+        // is a chunk only partly acked. Outboxes written before the mark
+        // existed deleted each record as it was acked.
+        let stored_acked = lattice_shared::eventlog::read_seq(&*store, T_META, ACKED_KEY)?;
+        let acked = match chunks.first_key_value() {
+            Some((&first, _)) => stored_acked.max(first - 1),
+            None => next - 1,
+        };
+        if acked >= next {
+            return Err(Error::Corrupt(format!(
+                "audit outbox: acked {acked} is beyond the next number {next}"
+            )));
+        }
         Ok(Self {
             store,
             epoch,
             inner: Mutex::new(Inner {
                 next,
                 acked,
+                chunks,
                 ..Inner::default()
             }),
             wake: Notify::new(),
@@ -131,15 +168,19 @@ impl Outbox {
             return Ok(first - 1);
         }
         let n = batch.len() as u64;
-        let mut writes: Vec<Write> = batch
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| Write {
+        let mut writes = Vec::new();
+        let mut runs = Vec::new();
+        let mut at = first;
+        for run in lattice_shared::chunk::split(&batch) {
+            writes.push(Write {
                 tree: T_OUTBOX,
-                key: key(first + i as u64).to_vec(),
-                value: Some(v),
-            })
-            .collect();
+                key: key(at).to_vec(),
+                value: Some(lattice_shared::chunk::encode(run)),
+            });
+            runs.push((at, run.len() as u64));
+            at += run.len() as u64;
+        }
+        drop(batch);
         writes.push(Write {
             tree: T_META,
             key: NEXT_KEY.to_vec(),
@@ -151,6 +192,7 @@ impl Outbox {
             Ok(()) => {
                 let mut g = self.lock();
                 g.next = first + n;
+                g.chunks.extend(runs);
                 let held = g.next - 1 - g.acked;
                 metrics::gauge!("lattice_cache_audit_outbox_events").set(held as f64);
                 if held * 10 >= MAX_EVENTS * 8 {
@@ -195,26 +237,53 @@ impl Outbox {
 
     /// Durable records after `after`, at most `BATCH`: (first number, records).
     pub fn read_after(&self, after: u64) -> Result<(u64, Vec<Vec<u8>>), Error> {
-        let rows = self.store.scan_from(T_OUTBOX, &key(after + 1), BATCH)?;
-        let mut out = Vec::with_capacity(rows.len());
+        // The chunks holding `after + 1` onwards, as far as one batch goes.
+        let starts: Vec<u64> = {
+            let g = self.lock();
+            let from = g
+                .chunks
+                .range(..=after + 1)
+                .next_back()
+                .map(|(&s, _)| s)
+                .unwrap_or(after + 1);
+            let mut held = 0u64;
+            g.chunks
+                .range(from..)
+                .take_while(|&(&s, &n)| {
+                    let more = held < BATCH as u64;
+                    held += (s + n).saturating_sub(after + 1).min(n);
+                    more
+                })
+                .map(|(&s, _)| s)
+                .collect()
+        };
+        let mut out = Vec::new();
         let mut first = 0;
-        for (i, (k, v)) in rows.into_iter().enumerate() {
-            let n = <[u8; 8]>::try_from(k.as_slice())
-                .map(u64::from_be_bytes)
-                .map_err(|_| Error::Corrupt("outbox key".into()))?;
-            if i == 0 {
-                first = n;
-            } else if n != first + i as u64 {
-                return Err(Error::Corrupt(format!("audit outbox has a gap at {n}")));
+        for s in starts {
+            let v = self
+                .store
+                .get(T_OUTBOX, &key(s))?
+                .ok_or_else(|| Error::Corrupt(format!("audit outbox: chunk {s} is missing")))?;
+            let records =
+                lattice_shared::chunk::decode(&v).map_err(|e| Error::Corrupt(e.to_string()))?;
+            for (n, r) in (s..).zip(records) {
+                if n <= after || out.len() >= BATCH {
+                    continue;
+                }
+                if out.is_empty() {
+                    first = n;
+                } else if n != first + out.len() as u64 {
+                    return Err(Error::Corrupt(format!("audit outbox has a gap at {n}")));
+                }
+                out.push(r.to_vec());
             }
-            out.push(v);
         }
         Ok((first, out))
     }
 
     /// The control plane holds everything up to `upto`: delete it here.
     pub fn ack(&self, upto: u64) -> Result<(), Error> {
-        let from = {
+        {
             let g = self.lock();
             if upto <= g.acked {
                 return Ok(());
@@ -224,17 +293,35 @@ impl Outbox {
                     "audit ack {upto} is beyond what this cache recorded"
                 )));
             }
-            g.acked + 1
+        }
+        // Whole chunks the control plane now holds go; the mark keeps the
+        // place inside a chunk it holds only part of.
+        let done: Vec<u64> = {
+            let g = self.lock();
+            g.chunks
+                .iter()
+                .take_while(|&(&s, &n)| s + n - 1 <= upto)
+                .map(|(&s, _)| s)
+                .collect()
         };
-        let writes: Vec<Write> = (from..=upto)
-            .map(|n| Write {
+        let mut writes: Vec<Write> = done
+            .iter()
+            .map(|&s| Write {
                 tree: T_OUTBOX,
-                key: key(n).to_vec(),
+                key: key(s).to_vec(),
                 value: None,
             })
             .collect();
+        writes.push(Write {
+            tree: T_META,
+            key: ACKED_KEY.to_vec(),
+            value: Some(upto.to_be_bytes().to_vec()),
+        });
         self.store.apply(writes)?;
         let mut g = self.lock();
+        for s in done {
+            g.chunks.remove(&s);
+        }
         g.acked = g.acked.max(upto);
         metrics::gauge!("lattice_cache_audit_outbox_events").set((g.next - 1 - g.acked) as f64);
         Ok(())
@@ -278,5 +365,84 @@ mod tests {
         o.record(b"{}".to_vec());
         assert_eq!(o.flush_now().expect("flush"), 6, "numbers never restart");
         assert!(o.ack(9).is_err(), "an ack beyond what was recorded");
+    }
+
+    #[test]
+    fn chunks_are_acked_in_part_and_read_from_the_middle() {
+        let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());
+        let o = Outbox::open(store.clone()).expect("open");
+        // Three group commits: 1..=700, 701..=1400, 1401..=1500.
+        for n in [700, 700, 100] {
+            for i in 0..n {
+                o.record(format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(40)).into_bytes());
+            }
+            o.flush_now().expect("flush");
+        }
+        let chunks = store
+            .scan_prefix(T_OUTBOX, b"", usize::MAX)
+            .expect("scan")
+            .len();
+        assert!(
+            chunks < 1500 / 10,
+            "records share store values: {chunks} chunks"
+        );
+        // A batch starts anywhere, runs on across chunks, and stops at BATCH.
+        let (first, recs) = o.read_after(650).expect("read");
+        assert_eq!((first, recs.len()), (651, BATCH));
+        // Acked in the middle of a chunk: the chunk stays until all of it is.
+        o.ack(651).expect("ack");
+        let o = Outbox::open(store.clone()).expect("reopen");
+        assert_eq!(o.acked(), 651);
+        assert_eq!(o.backlog(), 1500 - 651);
+        let (first, recs) = o.read_after(o.acked()).expect("read");
+        assert_eq!(first, 652);
+        assert!(String::from_utf8_lossy(&recs[0]).starts_with("{\"n\":651,"));
+        o.ack(1500).expect("ack all");
+        assert!(
+            store
+                .scan_prefix(T_OUTBOX, b"", usize::MAX)
+                .expect("scan")
+                .is_empty(),
+            "every chunk deleted once acked"
+        );
+        assert_eq!(o.read_after(1500).expect("read").1.len(), 0);
+    }
+
+    #[test]
+    fn an_outbox_of_one_record_per_key_still_opens() {
+        // The layout before chunks: each record under its own number, no
+        // stored ack mark (acked records were deleted one by one).
+        let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());
+        let mut writes: Vec<Write> = (4..=6u64)
+            .map(|n| Write {
+                tree: T_OUTBOX,
+                key: key(n).to_vec(),
+                value: Some(format!("{{\"old\":{n}}}").into_bytes()),
+            })
+            .collect();
+        writes.push(Write {
+            tree: T_META,
+            key: NEXT_KEY.to_vec(),
+            value: Some(7u64.to_be_bytes().to_vec()),
+        });
+        store.apply(writes).expect("seed");
+        let o = Outbox::open(store.clone()).expect("open");
+        assert_eq!((o.acked(), o.backlog()), (3, 3));
+        let (first, recs) = o.read_after(3).expect("read");
+        assert_eq!(first, 4);
+        assert_eq!(
+            recs,
+            vec![
+                b"{\"old\":4}".to_vec(),
+                b"{\"old\":5}".to_vec(),
+                b"{\"old\":6}".to_vec()
+            ]
+        );
+        o.record(b"{\"new\":7}".to_vec());
+        assert_eq!(o.flush_now().expect("flush"), 7);
+        o.ack(5).expect("ack");
+        let o = Outbox::open(store).expect("reopen");
+        let (first, recs) = o.read_after(o.acked()).expect("read");
+        assert_eq!((first, recs.len()), (6, 2));
     }
 }

@@ -162,14 +162,32 @@ impl SledStore {
     }
 }
 
-/// fsyncs every regular file below `dir` (sled keeps a handful), then the
-/// directories themselves so that new files' entries are durable too.
+/// fsyncs every regular file below `dir` (sled keeps a handful, plus blob
+/// files for large pages), then the directories themselves so that new
+/// files' entries are durable too. A file sled removes meanwhile (an
+/// obsolete blob) needs no sync: its removal is made durable by the
+/// directory's.
 fn sync_dir_files(dir: &Path) -> Result<(), StoreError> {
+    fn gone(e: &std::io::Error) -> bool {
+        e.kind() == std::io::ErrorKind::NotFound
+    }
     for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let ty = entry.file_type()?;
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let ty = match entry.file_type() {
+            Ok(t) => t,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e.into()),
+        };
         if ty.is_file() {
-            File::open(entry.path())?.sync_all()?;
+            match File::open(entry.path()) {
+                Ok(f) => f.sync_all()?,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
         } else if ty.is_dir() {
             sync_dir_files(&entry.path())?;
         }
