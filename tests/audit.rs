@@ -597,4 +597,36 @@ async fn records_carry_the_request_id_and_the_source_address() {
         issued.contains(&(jti2, made, "127.0.0.1".into())),
         "{issued:?}"
     );
+
+    // A refusal carries the same: who, from where, what of what, which request.
+    let mut req = tonic::Request::new(common::mint_req("https://not-listed.example.com"));
+    req.metadata_mut()
+        .insert("x-lattice-request-id", "req-deny-1".parse().expect("ascii"));
+    agent
+        .cache_client()
+        .mint_token(req)
+        .await
+        .expect_err("denied by policy");
+    let refused = l
+        .audit
+        .events()
+        .into_iter()
+        .find(|e| {
+            matches!(e, lattice_regional_cache::AuditEvent::Refused { request_id, .. } if request_id == "req-deny-1")
+        })
+        .expect("the refusal is recorded with its request id");
+    let v: serde_json::Value =
+        serde_json::from_slice(&refused.to_record("eu")).expect("record is JSON");
+    assert_eq!(v["kind"], "refused");
+    assert_eq!(v["source"], "127.0.0.1");
+    assert_eq!(v["action"], "MintToken");
+    assert_eq!(v["resource"], "https://not-listed.example.com");
+    assert_eq!(v["agent"], agent.id.as_str());
+    assert_eq!(v["decision"], "deny");
+    assert!(v["policy_version"].as_u64().is_some_and(|p| p > 0));
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("policy:"))
+    );
 }

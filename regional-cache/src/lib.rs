@@ -202,6 +202,14 @@ pub enum AuditEvent {
     Refused {
         cache: SpiffeId,
         agent: SpiffeId,
+        /// The caller's address as the cache saw it ("" if unknown).
+        source: String,
+        /// The request's id (as for `Issued`).
+        request_id: String,
+        /// What was asked (`MintToken`, `LeaseSecret`, …) and of what (an
+        /// audience, a secret name, a region).
+        action: String,
+        resource: String,
         reason: String,
         at_unix_ms: i64,
         /// The policy release in force (that denied it, for a policy denial).
@@ -283,12 +291,18 @@ impl AuditEvent {
             }),
             AuditEvent::Refused {
                 agent,
+                source,
+                request_id,
+                action,
+                resource,
                 reason,
                 at_unix_ms,
                 policy_version,
                 ..
             } => serde_json::json!({
                 "kind": "refused", "agent": agent.as_str(), "reason": reason,
+                "source": source, "request_id": request_id,
+                "action": action, "resource": resource,
                 "at_unix_ms": at_unix_ms, "policy_version": policy_version,
                 "region": region, "decision": "deny",
             }),

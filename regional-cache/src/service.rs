@@ -102,7 +102,7 @@ impl Service {
     }
 
     /// Freshness and revocations: may this agent get a credential now?
-    fn serve_check(&self, peer: &PeerIdentity) -> Result<(), Status> {
+    fn serve_check(&self, peer: &PeerIdentity, ctx: &Ctx) -> Result<(), Status> {
         use crate::sync::Refusal;
         let ident = self.state.identity();
         let refusal =
@@ -129,13 +129,7 @@ impl Service {
         };
         metrics::counter!("lattice_cache_refusals_total", "reason" => reason, "cache" => self.state.id.to_string())
             .increment(1);
-        self.audit(AuditEvent::Refused {
-            cache: self.state.id.clone(),
-            agent: peer.id.clone(),
-            reason: reason.into(),
-            at_unix_ms: self.state.now_ms(),
-            policy_version: self.state.policy.version(),
-        });
+        self.audit_refusal(&peer.id, reason, ctx);
         Err(status)
     }
 
@@ -152,6 +146,7 @@ impl Service {
         scopes: &[String],
         claims: Option<&pb::AgentClaims>,
         delegation_depth: u32,
+        ctx: &Ctx,
     ) -> Result<u64, Status> {
         let outcome = self.decide(
             agent,
@@ -166,7 +161,7 @@ impl Service {
         if outcome.allowed {
             return Ok(outcome.version);
         }
-        self.refuse_by_policy(agent, action, resource, &outcome)
+        self.refuse_by_policy(agent, action, resource, &outcome, ctx)
     }
 
     /// The policy's decision, without recording it.
@@ -233,6 +228,7 @@ impl Service {
         action: AgentAction,
         resource: &str,
         outcome: &lattice_shared::policy::Outcome,
+        ctx: &Ctx,
     ) -> Result<u64, Status> {
         let reason = outcome.denial();
         metrics::counter!("lattice_cache_refusals_total", "reason" => "policy", "cache" => self.state.id.to_string())
@@ -241,6 +237,10 @@ impl Service {
         self.audit(AuditEvent::Refused {
             cache: self.state.id.clone(),
             agent: agent.clone(),
+            source: ctx.source.clone(),
+            request_id: ctx.request_id.clone(),
+            action: ctx.action.to_owned(),
+            resource: ctx.resource.clone(),
             reason: format!("policy: {reason}"),
             at_unix_ms: self.state.now_ms(),
             policy_version: outcome.version,
@@ -259,24 +259,32 @@ impl Service {
         agent: &SpiffeId,
         source: Option<std::net::SocketAddr>,
         claims: Option<&pb::AgentClaims>,
+        request_id: &str,
     ) -> Result<u64, Status> {
+        let region = self.state.region.as_str();
+        let ctx = Ctx::new(request_id, source, AgentAction::Enrol.name(), region);
         self.policy_check(
             agent,
             AgentAction::Enrol,
-            self.state.region.as_str(),
+            region,
             source,
             self.state.cfg.agent_cert_ttl_secs,
             &[],
             claims,
             0,
+            &ctx,
         )
     }
 
     /// A refusal that is not a policy decision (those record themselves).
-    fn audit_refusal(&self, agent: &SpiffeId, reason: &str) {
+    fn audit_refusal(&self, agent: &SpiffeId, reason: &str, ctx: &Ctx) {
         self.audit(AuditEvent::Refused {
             cache: self.state.id.clone(),
             agent: agent.clone(),
+            source: ctx.source.clone(),
+            request_id: ctx.request_id.clone(),
+            action: ctx.action.to_owned(),
+            resource: ctx.resource.clone(),
             reason: reason.to_string(),
             at_unix_ms: self.state.now_ms(),
             policy_version: self.state.policy.version(),
@@ -397,6 +405,7 @@ impl Cache for Service {
         req: Request<pb::EnrolAgentRequest>,
     ) -> Result<Response<pb::EnrolAgentResponse>, Status> {
         let source = peer_addr(&req);
+        let request_id = self.request_id(&req)?;
         let r = req.into_inner();
         if r.join_token.is_empty() || r.join_token.len() > limits::MAX_JOIN_TOKEN_LEN {
             return Err(Status::invalid_argument(
@@ -420,7 +429,7 @@ impl Cache for Service {
             // Policy first, so that a denial does not burn the one-time
             // token. The caller is not authenticated yet: the reason stays
             // in our logs and audit trail.
-            self.enrol_decision(&want, source, r.claims.as_ref())
+            self.enrol_decision(&want, source, r.claims.as_ref(), &request_id)
                 .map_err(|s| match s.code() {
                     tonic::Code::PermissionDenied => Status::permission_denied(
                         "enrolment denied by policy; the join token was not used",
@@ -466,7 +475,7 @@ impl Cache for Service {
         }
         // Again for the id the token is bound to, under the release in force
         // now (a cached decision when nothing changed).
-        let version = self.enrol_decision(&agent, source, r.claims.as_ref())?;
+        let version = self.enrol_decision(&agent, source, r.claims.as_ref(), &request_id)?;
         let chain = self.issue_agent_cert(&agent, &r.csr)?;
         tracing::info!(agent_id = %agent, policy_version = version, "agent enrolled");
         Ok(Response::new(pb::EnrolAgentResponse {
@@ -480,7 +489,13 @@ impl Cache for Service {
         req: Request<pb::IssueCertificateRequest>,
     ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
         let peer = self.require_agent(&req)?;
-        self.serve_check(&peer)?;
+        let ctx = Ctx::new(
+            &self.request_id(&req)?,
+            peer_addr(&req),
+            AgentAction::IssueCertificate.name(),
+            self.state.region.as_str(),
+        );
+        self.serve_check(&peer, &ctx)?;
         let version = self.policy_check(
             &peer.id,
             AgentAction::IssueCertificate,
@@ -490,6 +505,7 @@ impl Cache for Service {
             &[],
             req.get_ref().claims.as_ref(),
             0,
+            &ctx,
         )?;
         let chain = self.issue_agent_cert(&peer.id, &req.get_ref().csr)?;
         tracing::debug!(agent_id = %peer.id, policy_version = version, "agent certificate renewed");
@@ -535,7 +551,13 @@ impl Cache for Service {
                 cfg.token_max_ttl_secs
             )));
         }
-        self.serve_check(&peer)?;
+        let ctx = Ctx::new(
+            &request_id,
+            source,
+            AgentAction::MintToken.name(),
+            &r.audience,
+        );
+        self.serve_check(&peer, &ctx)?;
         let policy_version = self
             .policy_check(
                 &peer.id,
@@ -546,6 +568,7 @@ impl Cache for Service {
                 &r.scopes,
                 r.claims.as_ref(),
                 0,
+                &ctx,
             )
             .inspect_err(|_| {
                 metrics::counter!("lattice_cache_mint_total", "outcome" => "denied").increment(1);
@@ -636,7 +659,13 @@ impl Cache for Service {
         let refused = |reason: &'static str| {
             metrics::counter!("lattice_cache_lease_total", "outcome" => reason).increment(1);
         };
-        self.serve_check(&peer)
+        let ctx = Ctx::new(
+            &request_id,
+            source,
+            AgentAction::LeaseSecret.name(),
+            &r.name,
+        );
+        self.serve_check(&peer, &ctx)
             .inspect_err(|_| refused("unavailable"))?;
         let policy_version = self
             .policy_check(
@@ -648,6 +677,7 @@ impl Cache for Service {
                 &[],
                 r.claims.as_ref(),
                 0,
+                &ctx,
             )
             .inspect_err(|_| refused("denied"))?;
         let now = unix_secs(self.state.clock.now());
@@ -659,7 +689,7 @@ impl Cache for Service {
         {
             refused("revoked");
             let reason = format!("secret {} version {} has been revoked", r.name, r.version);
-            self.audit_refusal(&peer.id, &reason);
+            self.audit_refusal(&peer.id, &reason, &ctx);
             return Err(Status::permission_denied(reason));
         }
         let (found, sealed) = self.state.sync.secrets.lookup(&r.name, r.version, now);
@@ -698,7 +728,7 @@ impl Cache for Service {
         if self.state.sync.is_secret_version_revoked(&r.name, version) {
             refused("revoked");
             let reason = format!("{} has been revoked", what(version));
-            self.audit_refusal(&peer.id, &reason);
+            self.audit_refusal(&peer.id, &reason, &ctx);
             return Err(Status::permission_denied(reason));
         }
         let me = self.state.id.to_string();
@@ -895,7 +925,9 @@ impl Cache for Service {
                 r.ttl_secs, cfg.token_max_ttl_secs
             )));
         }
-        self.serve_check(&peer)?;
+        // The resource is the parent's audience, known once it verifies.
+        let mut ctx = Ctx::new(&request_id, source, AgentAction::ExchangeToken.name(), "");
+        self.serve_check(&peer, &ctx)?;
         let refused = |reason: &'static str, status: Status| {
             metrics::counter!("lattice_cache_exchange_total", "outcome" => reason).increment(1);
             status
@@ -911,8 +943,13 @@ impl Cache for Service {
                     Status::unauthenticated(format!("subject_token: {e}")),
                 )
             })?;
+        ctx.resource = parent.aud.clone();
         if parent.sub != peer.id.as_str() {
-            self.audit_refusal(&peer.id, "exchange: subject token issued to another agent");
+            self.audit_refusal(
+                &peer.id,
+                "exchange: subject token issued to another agent",
+                &ctx,
+            );
             return Err(refused(
                 "not_holder",
                 Status::permission_denied(format!(
@@ -934,12 +971,12 @@ impl Cache for Service {
             ));
         }
         if let Err(m) = self.state.sync.check_token(&parent) {
-            self.audit_refusal(&peer.id, &format!("exchange: {m}"));
+            self.audit_refusal(&peer.id, &format!("exchange: {m}"), &ctx);
             return Err(refused("revoked", Status::permission_denied(m)));
         }
         let allowed = parent.scopes();
         if let Some(wider) = r.scopes.iter().find(|s| !allowed.contains(&s.as_str())) {
-            self.audit_refusal(&peer.id, "exchange: scope wider than the parent's");
+            self.audit_refusal(&peer.id, "exchange: scope wider than the parent's", &ctx);
             return Err(refused(
                 "wider",
                 Status::permission_denied(format!(
@@ -975,6 +1012,7 @@ impl Cache for Service {
                 &r.scopes,
                 r.claims.as_ref(),
                 depth,
+                &ctx,
             )
             .inspect_err(|_| {
                 metrics::counter!("lattice_cache_exchange_total", "outcome" => "denied")
@@ -1132,7 +1170,8 @@ impl Cache for Service {
     ) -> Result<Response<pb::ReportClaimsResponse>, Status> {
         let peer = self.require_agent(&req)?;
         let source = peer_addr(&req);
-        self.serve_check(&peer)?;
+        let ctx = Ctx::new(&self.request_id(&req)?, source, "ReportClaims", "");
+        self.serve_check(&peer, &ctx)?;
         let claims = req.into_inner().claims.unwrap_or_default();
         let now = unix_secs(self.state.clock.now());
         let (changed, live) = self.state.issued.update_claims(&peer.id, &claims, now);
@@ -1173,6 +1212,7 @@ impl Cache for Service {
                     "claims changed: {} live token(s) no longer allowed, revocation requested",
                     revoked.len()
                 ),
+                &ctx,
             );
         }
         Ok(Response::new(pb::ReportClaimsResponse {
@@ -1199,5 +1239,31 @@ impl Cache for Service {
             payload: r.payload,
             serving,
         }))
+    }
+}
+
+/// Who asked, from where, for what: what a refusal record carries besides
+/// the caller's id, so that a denial can be traced like an issuance.
+#[derive(Debug, Clone)]
+struct Ctx {
+    request_id: String,
+    source: String,
+    action: &'static str,
+    resource: String,
+}
+
+impl Ctx {
+    fn new(
+        request_id: &str,
+        source: Option<std::net::SocketAddr>,
+        action: &'static str,
+        resource: &str,
+    ) -> Self {
+        Self {
+            request_id: request_id.to_owned(),
+            source: source.map(|a| a.ip().to_string()).unwrap_or_default(),
+            action,
+            resource: resource.to_owned(),
+        }
     }
 }
