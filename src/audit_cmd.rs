@@ -93,6 +93,7 @@ pub async fn alerts(command: AlertsCommand) -> anyhow::Result<()> {
                     serde_json::json!({
                         "rule": a.rule, "subject": a.subject, "detail": a.detail,
                         "at_unix_ms": a.at_unix_ms, "cache": a.cache, "action": a.action,
+                        "secret": a.secret,
                     })
                 );
             }

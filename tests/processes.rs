@@ -497,8 +497,7 @@ fn the_grafana_dashboard_graphs_metrics_that_exist() {
             }
         }
     }
-    for p in panels {
-        let expr = p["targets"][0]["expr"].as_str().expect("expr");
+    let check = |what: &str, expr: &str| {
         for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if !word.starts_with("lattice_") {
                 continue;
@@ -506,9 +505,23 @@ fn the_grafana_dashboard_graphs_metrics_that_exist() {
             let name = word.trim_end_matches("_bucket");
             assert!(
                 sources.contains(&format!("\"{name}\"")),
-                "panel {:?} graphs {name}, which no code records",
-                p["title"]
+                "{what} uses {name}, which no code records"
             );
         }
+    };
+    for p in panels {
+        let expr = p["targets"][0]["expr"].as_str().expect("expr");
+        check(&format!("panel {:?}", p["title"]), expr);
+    }
+    // The Prometheus alerting rules likewise.
+    let rules =
+        std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).expect("alert rules");
+    let exprs: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .collect();
+    assert!(exprs.len() >= 4, "alert rules");
+    for e in exprs {
+        check("alert rule", e);
     }
 }

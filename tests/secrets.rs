@@ -1017,3 +1017,65 @@ async fn the_control_plane_keeps_its_keks_in_a_pkcs11_token() {
     );
     l.shutdown().await;
 }
+
+/// An alert whose configured action is `rotate-secret` rotates the secret its
+/// record names through the secret's rotator: here any lease of `openai`,
+/// configured as a honeytoken, replaces it upstream.
+#[tokio::test]
+async fn an_alert_can_rotate_the_secret_it_names() {
+    use lattice_control_plane::detect::{Action, HONEYTOKEN};
+    let up = Arc::new(Mutex::new(Upstream::default()));
+    let url = webhook(up.clone()).await;
+    let spec = Spec {
+        cp_config: Some(CpConfigFn(Arc::new(move |c| {
+            c.rotation = vec![lattice_control_plane::rotation::RotationConfig {
+                secret: "openai".into(),
+                webhook: url.clone(),
+                every_secs: 0,
+                timeout_secs: 5,
+            }];
+            c.detect.honeytokens = vec!["openai".into()];
+            c.detect.actions = [(HONEYTOKEN.to_string(), Action::RotateSecret)].into();
+        }))),
+        ..spec()
+    };
+    let (l, _clock) = common::lattice_with(spec).await;
+    let mut carol = custodian(&l, "carol");
+    put(&mut carol, "openai", MARKER, &["*"]).await;
+    settle(&l).await;
+    let mut alerts = l.cp().state.alerts.subscribe();
+    l.agents[0]
+        .lease_secret("openai", 1, None)
+        .await
+        .expect("lease");
+    let alert = tokio::time::timeout(lattice::harness::WAIT, alerts.recv())
+        .await
+        .expect("an alert in time")
+        .expect("alert");
+    assert_eq!(alert.rule, HONEYTOKEN);
+    assert_eq!(alert.secret, "openai");
+    assert_eq!(alert.action, Action::RotateSecret);
+    // The rotation runs in its own task (nothing signals its end to a
+    // test but the record): polled with a deadline.
+    let deadline = std::time::Instant::now() + lattice::harness::WAIT;
+    loop {
+        let rec = l.cp().state.secret_record("openai").expect("record");
+        if rec.active == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the secret was not rotated"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let steps: Vec<String> = up
+        .lock()
+        .expect("lock")
+        .calls
+        .iter()
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert_eq!(steps[..2], ["create".to_string(), "pre-check".to_string()]);
+    l.shutdown().await;
+}

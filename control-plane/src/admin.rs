@@ -1039,10 +1039,8 @@ impl Admin for Service {
                         detail: a.detail,
                         at_unix_ms: a.at_unix_ms,
                         cache: a.cache,
-                        action: match a.action {
-                            crate::detect::Action::None => "none".into(),
-                            crate::detect::Action::RevokeAgent => "revoke-agent".into(),
-                        },
+                        action: a.action.name().into(),
+                        secret: a.secret,
                     }),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         Err(Status::data_loss(format!(

@@ -22,13 +22,17 @@ pub const NEW_REGION: &str = "new_region";
 pub const USE_AFTER_REVOCATION: &str = "use_after_revocation";
 pub const DENIAL_BURST: &str = "denial_burst";
 pub const HONEYTOKEN: &str = "honeytoken";
-pub const RULES: [&str; 6] = [
+/// A cache's audit outbox passed 80 % of its capacity (its records could
+/// not reach the control plane for a while; when full it drops records).
+pub const AUDIT_BACKLOG: &str = "audit_backlog";
+pub const RULES: [&str; 7] = [
     RATE_SPIKE,
     NEW_SOURCE,
     NEW_REGION,
     USE_AFTER_REVOCATION,
     DENIAL_BURST,
     HONEYTOKEN,
+    AUDIT_BACKLOG,
 ];
 
 /// What an alert may set off.
@@ -39,6 +43,20 @@ pub enum Action {
     None,
     /// Revoke the agent the alert is about, at once.
     RevokeAgent,
+    /// Rotate the secret the alert's record names (a lease), through the
+    /// secret's configured rotator (`[[rotation]]`); alerts that name no
+    /// secret only record and notify.
+    RotateSecret,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::None => "none",
+            Action::RevokeAgent => "revoke-agent",
+            Action::RotateSecret => "rotate-secret",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +134,9 @@ pub struct Alert {
     pub at_unix_ms: i64,
     /// The cache that sent the record.
     pub cache: String,
+    /// The secret the record names ("" if none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret: String,
     pub action: Action,
 }
 
@@ -167,6 +188,11 @@ pub struct Record<'a> {
     pub fingerprint: Cow<'a, str>,
     #[serde(borrow, default)]
     pub reason: Cow<'a, str>,
+    /// Of an `outbox_pressure` record: records held, and the capacity.
+    #[serde(default)]
+    pub held: u64,
+    #[serde(default)]
+    pub max: u64,
     /// The cache that sent it: its certificate's id, set by the control
     /// plane, never read from the record.
     #[serde(skip)]
@@ -194,6 +220,21 @@ impl Detector {
     pub fn observe(&self, r: &Record<'_>) -> Vec<Alert> {
         let kind = &*r.kind;
         let agent = &*r.agent;
+        if kind == "outbox_pressure" {
+            // About the cache, not an agent.
+            return vec![Alert {
+                rule: AUDIT_BACKLOG.to_owned(),
+                subject: r.cache.clone().into_owned(),
+                detail: format!(
+                    "audit outbox held {} of {} records: its records did not reach the control plane for a while; at capacity it drops new ones",
+                    r.held, r.max
+                ),
+                at_unix_ms: r.at_unix_ms,
+                cache: r.cache.clone().into_owned(),
+                secret: String::new(),
+                action: self.cfg.action(AUDIT_BACKLOG),
+            }];
+        }
         if agent.is_empty() {
             return Vec::new();
         }
@@ -207,6 +248,7 @@ impl Detector {
                 detail,
                 at_unix_ms: at,
                 cache: cache.to_owned(),
+                secret: r.secret.clone().into_owned(),
                 action: self.cfg.action(rule),
             })
         };
@@ -326,6 +368,27 @@ pub async fn raise(state: &Arc<crate::State>, alerts: Vec<Alert>) -> Result<(), 
     for a in alerts {
         metrics::counter!("lattice_alerts_total", "rule" => a.rule.clone()).increment(1);
         tracing::warn!(rule = %a.rule, subject = %a.subject, detail = %a.detail, cache = %a.cache, action = ?a.action, "alert");
+        if a.action == Action::RotateSecret {
+            if a.secret.is_empty() {
+                tracing::warn!(rule = %a.rule, subject = %a.subject, "alert action rotate-secret: the record names no secret; nothing rotated");
+            } else {
+                // In its own task: a rotation calls the upstream and takes
+                // seconds; the audit stream does not wait for it. The
+                // rotation records its own steps in the audit log.
+                let (st, secret, rule) = (state.clone(), a.secret.clone(), a.rule.clone());
+                tokio::spawn(async move {
+                    let by = format!("{}#alert:{rule}", st.id);
+                    match crate::rotation::rotate(&st, &secret, &by, "", None).await {
+                        Ok(v) => {
+                            tracing::warn!(rule = %rule, secret = %secret, version = v, "alert action: secret rotated")
+                        }
+                        Err(e) => {
+                            tracing::error!(rule = %rule, secret = %secret, error = %e, "alert action: rotation failed")
+                        }
+                    }
+                });
+            }
+        }
         if a.action == Action::RevokeAgent {
             match lattice_shared::id::SpiffeId::parse(&a.subject) {
                 Ok(id) if id.role() == lattice_shared::id::Role::Agent => {
@@ -509,6 +572,25 @@ mod tests {
         );
         assert_eq!(rules(&a), vec![HONEYTOKEN]);
         assert_eq!(a[0].action, Action::RevokeAgent);
+        assert_eq!(a[0].secret, "canary", "the alert names the secret");
+        let cfg: DetectConfig =
+            serde_json::from_str(r#"{"actions": {"honeytoken": "rotate-secret"}}"#)
+                .expect("config");
+        assert_eq!(cfg.action(HONEYTOKEN), Action::RotateSecret);
+        assert_eq!(cfg.action(RATE_SPIKE), Action::None);
+    }
+
+    #[test]
+    fn a_cache_near_its_outbox_capacity_is_an_alert_about_the_cache() {
+        let d = Detector::new(DetectConfig::default());
+        let a = observe(
+            &d,
+            &serde_json::json!({"kind": "outbox_pressure", "held": 800_000, "max": 1_000_000,
+                "at_unix_ms": 5, "cache": "spiffe://t/cache/eu/c"}),
+        );
+        assert_eq!(rules(&a), vec![AUDIT_BACKLOG]);
+        assert_eq!(a[0].subject, "spiffe://t/cache/eu/c");
+        assert!(a[0].detail.contains("800000 of 1000000"), "{}", a[0].detail);
     }
 
     #[test]

@@ -159,13 +159,14 @@ mod cache_audit {
     /// Records one batch may carry, and the size of one record.
     pub const MAX_RECORDS: usize = 1024;
     pub const MAX_RECORD_BYTES: usize = 16 * 1024;
-    const KINDS: [&str; 6] = [
+    const KINDS: [&str; 7] = [
         "issued",
         "leased",
         "refused",
         "delegated",
         "proxy_use",
         "proxy_refused",
+        "outbox_pressure",
     ];
 
     fn key(cache: &SpiffeId, epoch: u64) -> Vec<u8> {
@@ -443,6 +444,10 @@ mod cache_audit {
             ] {
                 assert!(prepare(&c, 0, &batch(1, &[bad])).is_err(), "{bad}");
             }
+            let pressure = r#"{"kind":"outbox_pressure","held":80,"max":100,"at_unix_ms":1}"#;
+            let b = batch(1, &[pressure]);
+            let p = prepare(&c, 0, &b).expect("a cache's own pressure record");
+            assert_eq!((p.observed[0].held, p.observed[0].max), (80, 100));
             let ok = r#"{"kind":"issued"}"#;
             assert!(prepare(&c, 0, &batch(3, &[ok])).is_err(), "a gap");
             assert!(

@@ -64,6 +64,10 @@ pub struct Config {
     /// L: the cache refuses to mint once it cannot prove it holds every
     /// revocation older than this. Pings go out every L/5.
     pub max_staleness_ms: u64,
+    /// Audit records held on disk while the control plane is unreachable;
+    /// past 80 % an `audit_backlog` alert follows, when full new records
+    /// are dropped (counted).
+    pub audit_outbox_max_records: u64,
     pub metrics_listen: Option<SocketAddr>,
     pub log_json: bool,
 }
@@ -85,6 +89,7 @@ impl Default for Config {
             jwks_refresh_secs: 30,
             renew_check_secs: 60,
             max_staleness_ms: 5000,
+            audit_outbox_max_records: outbox::MAX_EVENTS,
             metrics_listen: None,
             log_json: false,
         }
@@ -119,6 +124,9 @@ impl Config {
         }
         if self.max_staleness_ms < 50 || self.max_staleness_ms > 3_600_000 {
             return Err("max_staleness_ms must be within 50..=3600000".into());
+        }
+        if !(1000..=100_000_000).contains(&self.audit_outbox_max_records) {
+            return Err("audit_outbox_max_records must be within 1000..=100000000".into());
         }
         if self.jwks_refresh_secs == 0 || self.renew_check_secs == 0 {
             return Err("jwks_refresh_secs and renew_check_secs must be positive".into());
@@ -854,7 +862,11 @@ impl App {
                 authorizer: policy.clone(),
             }),
         )?;
-        let outbox = Arc::new(outbox::Outbox::open(deps.store.clone())?);
+        let outbox = Arc::new(outbox::Outbox::open(
+            deps.store.clone(),
+            cfg.audit_outbox_max_records,
+            deps.clock.clone(),
+        )?);
         let (shutdown, mut rx) = watch::channel(false);
         let state = Arc::new(State {
             outbox: outbox.clone(),

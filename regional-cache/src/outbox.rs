@@ -3,8 +3,14 @@
 //! group commits (one fsync per `FLUSH_DELAY` batch, so minting never waits
 //! on the disk), forwarded to the control plane on the `Sync` stream and
 //! deleted once the control plane acks it. While partitioned it grows on
-//! disk up to `MAX_EVENTS`; the control plane appends each number once, so a
-//! resend after a crash or a reconnect duplicates nothing.
+//! disk up to its capacity (`audit_outbox_max_records`, default
+//! `MAX_EVENTS`); the control plane appends each number once, so a resend
+//! after a crash or a reconnect duplicates nothing. When it passes 80 % of
+//! its capacity it records an `outbox_pressure` record of its own (once,
+//! again after it has drained below half), which the control plane turns
+//! into an `audit_backlog` alert when it arrives; the gauges
+//! `lattice_cache_audit_outbox_events` and `…_capacity` let Prometheus alert
+//! while the link is still down (`deploy/prometheus/alerts.yml`).
 //!
 //! Records are stored in chunks (`lattice_shared::chunk`), one store value
 //! per run of a group commit keyed by its first number; the highest acked
@@ -25,7 +31,7 @@ const T_META: &str = "meta";
 const NEXT_KEY: &[u8] = b"audit_next";
 const EPOCH_KEY: &[u8] = b"audit_epoch";
 const ACKED_KEY: &[u8] = b"audit_acked";
-/// Records held while the control plane is unreachable.
+/// Records held while the control plane is unreachable (default capacity).
 pub const MAX_EVENTS: u64 = 1_000_000;
 /// How long the writer gathers records into one durable batch.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
@@ -43,6 +49,8 @@ struct Inner {
     /// Highest number the control plane holds.
     acked: u64,
     dropped: u64,
+    /// Past 80 % of the capacity, and not yet drained below half.
+    pressured: bool,
     /// Stored chunks: first number → record count.
     chunks: BTreeMap<u64, u64>,
 }
@@ -50,6 +58,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct Outbox {
     store: SharedStore,
+    max: u64,
+    clock: lattice_shared::clock::SharedClock,
     epoch: u64,
     inner: Mutex<Inner>,
     wake: Notify,
@@ -68,7 +78,12 @@ fn chunk_key(k: &[u8]) -> Result<u64, Error> {
 }
 
 impl Outbox {
-    pub fn open(store: SharedStore) -> Result<Self, Error> {
+    /// Opens the outbox of `store`, holding at most `max` records.
+    pub fn open(
+        store: SharedStore,
+        max: u64,
+        clock: lattice_shared::clock::SharedClock,
+    ) -> Result<Self, Error> {
         let mut epoch = lattice_shared::eventlog::read_seq(&*store, T_META, EPOCH_KEY)?;
         if epoch == 0 {
             let mut b = [0u8; 8];
@@ -110,8 +125,11 @@ impl Outbox {
                 "audit outbox: acked {acked} is beyond the next number {next}"
             )));
         }
+        metrics::gauge!("lattice_cache_audit_outbox_capacity").set(max as f64);
         Ok(Self {
             store,
+            max,
+            clock,
             epoch,
             inner: Mutex::new(Inner {
                 next,
@@ -141,7 +159,7 @@ impl Outbox {
         {
             let mut g = self.lock();
             let held = g.next - 1 - g.acked + g.pending.len() as u64;
-            if held >= MAX_EVENTS {
+            if held >= self.max {
                 g.dropped += 1;
                 metrics::counter!("lattice_cache_audit_dropped_total").increment(1);
                 if g.dropped == 1 || g.dropped.is_power_of_two() {
@@ -195,10 +213,28 @@ impl Outbox {
                 g.chunks.extend(runs);
                 let held = g.next - 1 - g.acked;
                 metrics::gauge!("lattice_cache_audit_outbox_events").set(held as f64);
-                if held * 10 >= MAX_EVENTS * 8 {
-                    tracing::warn!(held, max = MAX_EVENTS, "audit outbox is nearly full");
+                let pressure = held * 10 >= self.max * 8 && !g.pressured;
+                if pressure {
+                    g.pressured = true;
+                    tracing::warn!(
+                        held,
+                        max = self.max,
+                        "audit outbox is nearly full: the control plane has not taken records for a while"
+                    );
+                    // Forwarded with the rest: the control plane alerts on it.
+                    let at = lattice_shared::clock::unix_millis(self.clock.now());
+                    g.pending.push(
+                        format!(
+                            "{{\"kind\":\"outbox_pressure\",\"held\":{held},\"max\":{},\"at_unix_ms\":{at},\"decision\":\"none\"}}",
+                            self.max
+                        )
+                        .into_bytes(),
+                    );
                 }
                 drop(g);
+                if pressure {
+                    self.wake.notify_one();
+                }
                 self.durable.send_replace(first + n - 1);
                 Ok(first + n - 1)
             }
@@ -323,6 +359,9 @@ impl Outbox {
             g.chunks.remove(&s);
         }
         g.acked = g.acked.max(upto);
+        if (g.next - 1 - g.acked) * 2 < self.max {
+            g.pressured = false;
+        }
         metrics::gauge!("lattice_cache_audit_outbox_events").set((g.next - 1 - g.acked) as f64);
         Ok(())
     }
@@ -343,10 +382,54 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn clock() -> lattice_shared::clock::SharedClock {
+        lattice_shared::clock::FakeClock::new().shared()
+    }
+
+    #[test]
+    fn a_nearly_full_outbox_records_its_pressure_once() {
+        let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());
+        let o = Outbox::open(store, 100, clock()).expect("open");
+        let pressure = |o: &Outbox| -> usize {
+            let (_, recs) = o.read_after(o.acked()).expect("read");
+            recs.iter()
+                .filter(|r| String::from_utf8_lossy(r).contains("outbox_pressure"))
+                .count()
+        };
+        for _ in 0..79 {
+            o.record(b"{}".to_vec());
+        }
+        o.flush_now().expect("flush");
+        assert_eq!(pressure(&o), 0, "below 80 %");
+        o.record(b"{}".to_vec());
+        o.flush_now().expect("flush");
+        o.flush_now().expect("the pressure record itself");
+        assert_eq!(pressure(&o), 1, "at 80 %");
+        for _ in 0..10 {
+            o.record(b"{}".to_vec());
+        }
+        o.flush_now().expect("flush");
+        assert_eq!(pressure(&o), 1, "once, not at every write");
+        // Full: further records are dropped, not stored.
+        for _ in 0..20 {
+            o.record(b"{}".to_vec());
+        }
+        o.flush_now().expect("flush");
+        assert_eq!(o.backlog(), 100);
+        // Drained below half, then filling again: told again.
+        o.ack(60).expect("ack");
+        for _ in 0..45 {
+            o.record(b"{}".to_vec());
+        }
+        o.flush_now().expect("flush");
+        o.flush_now().expect("the pressure record itself");
+        assert_eq!(pressure(&o), 2, "told again after draining");
+    }
+
     #[test]
     fn numbers_survive_restart_and_acks_delete() {
         let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());
-        let o = Outbox::open(store.clone()).expect("open");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("open");
         for i in 0..5 {
             o.record(format!("{{\"n\":{i}}}").into_bytes());
         }
@@ -356,12 +439,12 @@ mod tests {
         o.ack(3).expect("ack");
         assert_eq!(o.backlog(), 2);
         // Reopened: numbering continues, acked records are gone.
-        let o = Outbox::open(store.clone()).expect("reopen");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("reopen");
         assert_eq!(o.acked(), 3);
         let (first, recs) = o.read_after(o.acked()).expect("read");
         assert_eq!((first, recs.len()), (4, 2));
         o.ack(5).expect("ack all");
-        let o = Outbox::open(store).expect("reopen");
+        let o = Outbox::open(store, MAX_EVENTS, clock()).expect("reopen");
         o.record(b"{}".to_vec());
         assert_eq!(o.flush_now().expect("flush"), 6, "numbers never restart");
         assert!(o.ack(9).is_err(), "an ack beyond what was recorded");
@@ -370,7 +453,7 @@ mod tests {
     #[test]
     fn chunks_are_acked_in_part_and_read_from_the_middle() {
         let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());
-        let o = Outbox::open(store.clone()).expect("open");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("open");
         // Three group commits: 1..=700, 701..=1400, 1401..=1500.
         for n in [700, 700, 100] {
             for i in 0..n {
@@ -391,7 +474,7 @@ mod tests {
         assert_eq!((first, recs.len()), (651, BATCH));
         // Acked in the middle of a chunk: the chunk stays until all of it is.
         o.ack(651).expect("ack");
-        let o = Outbox::open(store.clone()).expect("reopen");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("reopen");
         assert_eq!(o.acked(), 651);
         assert_eq!(o.backlog(), 1500 - 651);
         let (first, recs) = o.read_after(o.acked()).expect("read");
@@ -426,7 +509,7 @@ mod tests {
             value: Some(7u64.to_be_bytes().to_vec()),
         });
         store.apply(writes).expect("seed");
-        let o = Outbox::open(store.clone()).expect("open");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("open");
         assert_eq!((o.acked(), o.backlog()), (3, 3));
         let (first, recs) = o.read_after(3).expect("read");
         assert_eq!(first, 4);
@@ -441,7 +524,7 @@ mod tests {
         o.record(b"{\"new\":7}".to_vec());
         assert_eq!(o.flush_now().expect("flush"), 7);
         o.ack(5).expect("ack");
-        let o = Outbox::open(store).expect("reopen");
+        let o = Outbox::open(store, MAX_EVENTS, clock()).expect("reopen");
         let (first, recs) = o.read_after(o.acked()).expect("read");
         assert_eq!((first, recs.len()), (6, 2));
     }

@@ -25,6 +25,13 @@ pub fn unix_secs(t: SystemTime) -> i64 {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 pub fn from_unix_secs(secs: i64) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
