@@ -106,6 +106,18 @@ fn hex32(b: &[u8]) -> anyhow::Result<merkle::Hash> {
     b.try_into().map_err(|_| anyhow!("a hash is not 32 bytes"))
 }
 
+/// Every signed tree head, oldest first.
+pub(crate) async fn tree_heads(
+    client: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+) -> anyhow::Result<Vec<pb::SignedTreeHead>> {
+    Ok(client
+        .audit_tree_heads(pb::AuditTreeHeadsRequest {})
+        .await
+        .map_err(crate::admin_refused)?
+        .into_inner()
+        .heads)
+}
+
 /// Every entry's record, in index order.
 pub(crate) async fn all_records(
     client: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
@@ -304,12 +316,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::Verify { admin } => {
             let mut client = crate::connect(&admin)?;
             let records = all_records(&mut client).await?;
-            let heads = client
-                .audit_tree_heads(pb::AuditTreeHeadsRequest {})
-                .await
-                .map_err(crate::admin_refused)?
-                .into_inner()
-                .heads;
+            let heads = tree_heads(&mut client).await?;
             let (root, td) = root_and_td(&admin.admin_dir.join("root.crt"))?;
             let v = lattice_control_plane::auditlog::verify(&records, &heads, &root, &td)
                 .map_err(|e| anyhow!("audit log verification FAILED: {e}"))?;

@@ -215,12 +215,7 @@ pub async fn run(days: u64, csv: bool, admin: &crate::AdminArgs) -> anyhow::Resu
     let files = BundleFiles::from_proto(&policy.bundle.unwrap_or_default())?;
     let version = policy.version.map(|v| v.version).unwrap_or(0);
     let engine = Engine::compile(&files, version)?;
-    let heads = client
-        .audit_tree_heads(pb::AuditTreeHeadsRequest {})
-        .await
-        .map_err(crate::admin_refused)?
-        .into_inner()
-        .heads;
+    let heads = crate::audit_cmd::tree_heads(&mut client).await?;
     let newest = heads.last().ok_or_else(|| {
         anyhow!("the audit log has no signed tree head yet; retry in a few seconds")
     })?;
