@@ -96,7 +96,9 @@ impl Outbox {
                 value: Some(epoch.to_be_bytes().to_vec()),
             }])?;
         }
-        let next = lattice_shared::eventlog::read_seq(&*store, T_META, NEXT_KEY)?.max(1);
+        // Outboxes written before the numbers were derived stored the next
+        // one; now it follows from what is stored (below).
+        let stored_next = lattice_shared::eventlog::read_seq(&*store, T_META, NEXT_KEY)?;
         // The index of stored chunks (read once; the outbox is bounded).
         let mut chunks = BTreeMap::new();
         let mut from = 0u64;
@@ -116,6 +118,10 @@ impl Outbox {
         // is a chunk only partly acked. Outboxes written before the mark
         // existed deleted each record as it was acked.
         let stored_acked = lattice_shared::eventlog::read_seq(&*store, T_META, ACKED_KEY)?;
+        // The next number follows the last stored chunk, or the acked mark
+        // once every chunk is gone: numbers never restart.
+        let after_chunks = chunks.last_key_value().map_or(0, |(&s, &n)| s + n);
+        let next = stored_next.max(after_chunks).max(stored_acked + 1).max(1);
         let acked = match chunks.first_key_value() {
             Some((&first, _)) => stored_acked.max(first - 1),
             None => next - 1,
@@ -199,13 +205,9 @@ impl Outbox {
             at += run.len() as u64;
         }
         drop(batch);
-        writes.push(Write {
-            tree: T_META,
-            key: NEXT_KEY.to_vec(),
-            value: Some((first + n).to_be_bytes().to_vec()),
-        });
-        // Numbers are taken only once the batch is durable: a failed write
-        // loses these records (counted) but leaves no gap.
+        // One tree, so one sled batch. Numbers are taken only once the
+        // batch is durable: a failed write loses these records (counted)
+        // but leaves no gap.
         match self.store.apply(writes) {
             Ok(()) => {
                 let mut g = self.lock();
@@ -353,7 +355,10 @@ impl Outbox {
             key: ACKED_KEY.to_vec(),
             value: Some(upto.to_be_bytes().to_vec()),
         });
-        self.store.apply(writes)?;
+        // Not waited for: a mark lost in a crash only means resending what
+        // the control plane then acks again at once (it appends each number
+        // once), and the next group commit makes it durable anyway.
+        self.store.apply_unsynced(writes)?;
         let mut g = self.lock();
         for s in done {
             g.chunks.remove(&s);

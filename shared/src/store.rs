@@ -50,6 +50,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Applies every write atomically; durable on return.
     fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    /// Applies every write atomically without waiting for the disk: the
+    /// writes become durable with the next durable write (writes reach the
+    /// disk in order), and a crash before that may lose them, all or
+    /// nothing. Only for what can be recomputed or resent after a crash
+    /// (an acknowledgement mark), never for what was promised to someone.
+    fn apply_unsynced(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.apply(writes)
+    }
     /// Replaces `expected` (`None`: absent) by `new` (`None`: delete) atomically.
     /// `Ok(false)` when the current value is not `expected`. Durable on `Ok(true)`.
     fn compare_and_swap(
@@ -202,7 +210,29 @@ impl Store for SledStore {
     }
 
     fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.apply_unsynced(writes)?;
+        self.make_durable()
+    }
+
+    fn apply_unsynced(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         use sled::Transactional;
+        // One tree: a batch is atomic in sled and far cheaper than a
+        // transaction (which takes every tree's lock and buffers the writes).
+        if let Some(first) = writes.first()
+            && writes.iter().all(|w| w.tree == first.tree)
+        {
+            let tree = self.tree(first.tree)?;
+            let mut batch = sled::Batch::default();
+            for w in writes {
+                match w.value {
+                    Some(v) => batch.insert(w.key, v),
+                    None => batch.remove(w.key),
+                }
+            }
+            tree.apply_batch(batch)?;
+            self.applied.fetch_add(1, Ordering::SeqCst);
+            return Ok(());
+        }
         let mut names: Vec<&'static str> = writes.iter().map(|w| w.tree).collect();
         names.sort_unstable();
         names.dedup();
@@ -228,7 +258,7 @@ impl Store for SledStore {
             });
         result.map_err(|e| StoreError::Backend(format!("{e:?}")))?;
         self.applied.fetch_add(1, Ordering::SeqCst);
-        self.make_durable()
+        Ok(())
     }
 
     fn compare_and_swap(
@@ -380,6 +410,10 @@ impl<S: Store> Store for FaultStore<S> {
         self.check()?;
         self.inner.apply(writes)
     }
+    fn apply_unsynced(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.apply_unsynced(writes)
+    }
     fn compare_and_swap(
         &self,
         tree: &'static str,
@@ -450,6 +484,31 @@ mod tests {
             .expect("apply");
         assert_eq!(store.get("t", b"a").expect("get"), None);
         assert_eq!(store.get("u", b"b").expect("get"), Some(b"4".to_vec()));
+        // One tree (sled's batch path): inserts and deletes together.
+        store
+            .apply(vec![
+                Write {
+                    tree: "t",
+                    key: b"ab".to_vec(),
+                    value: None,
+                },
+                Write {
+                    tree: "t",
+                    key: b"c".to_vec(),
+                    value: Some(b"5".to_vec()),
+                },
+            ])
+            .expect("apply");
+        assert_eq!(store.get("t", b"ab").expect("get"), None);
+        assert_eq!(store.get("t", b"c").expect("get"), Some(b"5".to_vec()));
+        store
+            .apply_unsynced(vec![Write {
+                tree: "u",
+                key: b"lazy".to_vec(),
+                value: Some(b"6".to_vec()),
+            }])
+            .expect("apply unsynced");
+        assert_eq!(store.get("u", b"lazy").expect("get"), Some(b"6".to_vec()));
     }
 
     #[test]
@@ -468,6 +527,27 @@ mod tests {
         let s = SledStore::open(dir.path()).expect("reopen");
         assert_eq!(s.get("u", b"b").expect("get"), Some(b"4".to_vec()));
         assert_eq!(s.get("t", b"new").expect("get"), Some(b"n".to_vec()));
+    }
+
+    #[test]
+    fn unsynced_writes_wait_for_the_next_durable_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = SledStore::open(dir.path()).expect("open");
+            let before = s.fsync_count();
+            s.apply_unsynced(vec![Write {
+                tree: "t",
+                key: b"mark".to_vec(),
+                value: Some(b"1".to_vec()),
+            }])
+            .expect("unsynced");
+            assert_eq!(s.fsync_count(), before, "an unsynced write must not fsync");
+            s.put("t", b"durable", b"2").expect("put");
+            assert_eq!(s.fsync_count(), before + 1);
+        }
+        let s = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.get("t", b"mark").expect("get"), Some(b"1".to_vec()));
+        assert_eq!(s.get("t", b"durable").expect("get"), Some(b"2".to_vec()));
     }
 
     #[test]
