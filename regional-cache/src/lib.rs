@@ -262,6 +262,21 @@ impl AuditEvent {
     /// The record forwarded to the control plane's audit log (JSON; never
     /// a token or a secret value). The control plane adds which cache sent it.
     pub fn to_record(&self, region: &str) -> Vec<u8> {
+        /// One per minted token: written straight from borrowed fields
+        /// rather than through a JSON tree (a third of the record's cost).
+        #[derive(serde::Serialize)]
+        struct IssuedRecord<'a> {
+            kind: &'static str,
+            agent: &'a str,
+            jti: &'a str,
+            source: &'a str,
+            request_id: &'a str,
+            audience: &'a str,
+            at_unix_ms: i64,
+            policy_version: u64,
+            region: &'a str,
+            decision: &'static str,
+        }
         let v = match self {
             AuditEvent::Issued {
                 agent,
@@ -272,12 +287,22 @@ impl AuditEvent {
                 at_unix_ms,
                 policy_version,
                 ..
-            } => serde_json::json!({
-                "kind": "issued", "agent": agent.as_str(), "jti": jti, "source": source, "request_id": request_id,
-                "audience": audience, "at_unix_ms": at_unix_ms,
-                "policy_version": policy_version, "region": region,
-                "decision": "allow",
-            }),
+            } => {
+                return serde_json::to_vec(&IssuedRecord {
+                    kind: "issued",
+                    agent: agent.as_str(),
+                    jti,
+                    source,
+                    request_id,
+                    audience,
+                    at_unix_ms: *at_unix_ms,
+                    policy_version: *policy_version,
+                    region,
+                    decision: "allow",
+                })
+                // Strings and numbers only: serializing cannot fail.
+                .unwrap_or_default();
+            }
             AuditEvent::Leased {
                 agent,
                 source,
@@ -984,5 +1009,34 @@ impl App {
             tracing::error!(error = %e, "writing the last audit records failed");
         }
         lattice_shared::net::stop_server(self.server, &self.kill).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_issued_record_carries_every_field() {
+        let e = AuditEvent::Issued {
+            cache: SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id"),
+            agent: SpiffeId::parse("spiffe://t/agent/eu/a").expect("id"),
+            source: "10.0.0.7".into(),
+            request_id: "req-\"1\"".into(),
+            jti: "j1".into(),
+            audience: "https://api.example.com".into(),
+            at_unix_ms: 1_700_000_000_123,
+            policy_version: 4,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&e.to_record("eu")).expect("JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "kind": "issued", "agent": "spiffe://t/agent/eu/a", "jti": "j1",
+                "source": "10.0.0.7", "request_id": "req-\"1\"",
+                "audience": "https://api.example.com", "at_unix_ms": 1_700_000_000_123_i64,
+                "policy_version": 4, "region": "eu", "decision": "allow",
+            })
+        );
     }
 }
