@@ -270,7 +270,8 @@ enum BenchCommand {
         revocations: usize,
     },
     /// Policy decision cost with a generated bundle of N context-aware
-    /// policies, uncached and through the decision cache.
+    /// policies: cold (an agent's first request), uncached (a known agent,
+    /// a new request) and through the decision cache.
     Policy {
         #[arg(long, default_value_t = 200)]
         policies: usize,
