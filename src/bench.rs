@@ -406,7 +406,7 @@ pub fn policy(n: usize, decisions: usize) -> anyhow::Result<PolicyBench> {
         ))
         .expect("valid id"), // fixed pattern
         action: AgentAction::MintToken,
-        resource: if i % n.max(1) == 0 {
+        resource: if i.is_multiple_of(n.max(1)) {
             "https://api.example.com".to_string()
         } else {
             format!("https://aud-{}.example.com", i % n.max(1))
@@ -417,7 +417,7 @@ pub fn policy(n: usize, decisions: usize) -> anyhow::Result<PolicyBench> {
         delegation_depth: 0,
         scopes: vec!["read".into()],
         posture: Posture {
-            os_patched: Some(i % 2 == 0),
+            os_patched: Some(i.is_multiple_of(2)),
             ..Posture::default()
         },
         job_type: "inference".into(),
