@@ -9,6 +9,12 @@ use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use lattice_shared::proto as pb;
 
+/// mimalloc instead of glibc's malloc: the per-request allocations of
+/// tonic, rustls and Cedar were a fifth of a decision's time and the source
+/// of its latency spikes (`BENCHMARKS.md`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod audit_cmd;
 mod report_cmd;
 mod secret_cmd;

@@ -1,5 +1,9 @@
 //! `lattice-cp`: the control plane as a standalone process.
 
+/// mimalloc instead of glibc's malloc (`BENCHMARKS.md`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
