@@ -828,9 +828,11 @@ impl std::fmt::Display for TestReport {
 // ---------------------------------------------------------------------------
 // The engine.
 
-/// Policies indexed by (action, resource): only a policy whose scope says
-/// `action == A` or `resource == R` for another A or R is left out, so each
-/// slice decides exactly as the whole set would.
+/// Policies indexed by (action, resource): a policy is left out of a slice
+/// only when its scope cannot match the slice's requests (`action == A` or
+/// `action in [..]` with no group holding the slice's action, `resource ==
+/// R` for another R), and such a policy is never satisfied and never
+/// errs, so each slice decides exactly as the whole set would.
 #[derive(Debug, Default)]
 struct Slices {
     /// action name → (resource uid → policies, policies for other resources)
@@ -838,17 +840,32 @@ struct Slices {
 }
 
 impl Slices {
-    fn build(set: &PolicySet, actions: &[&str]) -> Result<Self, String> {
+    /// `entities` must hold the schema's action entities: `action in G`
+    /// holds for the groups among an action's ancestors.
+    fn build(set: &PolicySet, actions: &[&str], entities: &Entities) -> Result<Self, String> {
         let mut by_action = HashMap::new();
         for a in actions {
             let a_uid = action_uid(a);
+            // The action and every group it belongs to, transitively; an
+            // action the entities do not hold keeps every `in` policy.
+            let groups: Option<HashSet<EntityUid>> = entities.get(&a_uid).map(|_| {
+                entities
+                    .ancestors(&a_uid)
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .chain([a_uid.clone()])
+                    .collect()
+            });
             let mut named: HashMap<EntityUid, Vec<Policy>> = HashMap::new();
             let mut rest: Vec<Policy> = Vec::new();
             for p in set.policies() {
                 let applies = match p.action_constraint() {
                     ActionConstraint::Eq(u) => u == a_uid,
-                    // `in` may name action groups: keep (sound, not minimal).
-                    ActionConstraint::Any | ActionConstraint::In(_) => true,
+                    ActionConstraint::In(list) => groups
+                        .as_ref()
+                        .is_none_or(|g| list.iter().any(|u| g.contains(u))),
+                    ActionConstraint::Any => true,
                 };
                 if !applies {
                     continue;
@@ -1127,7 +1144,7 @@ impl Engine {
 
         let mut action_names: Vec<&str> = AgentAction::ALL.iter().map(|a| a.name()).collect();
         action_names.extend(AdminAction::ALL.iter().map(|a| a.name()));
-        let slices = Slices::build(&policies, &action_names).unwrap_or_else(|e| {
+        let slices = Slices::build(&policies, &action_names, &entities).unwrap_or_else(|e| {
             report.problems.push(format!("indexing policies: {e}"));
             Slices::default()
         });
@@ -1803,6 +1820,67 @@ mod tests {
         let o = mint(&engine, "spiffe://t/agent/eu/a", "api", &[]);
         assert!(!o.allowed);
         assert_eq!(o.policies, vec!["never".to_string()]);
+    }
+
+    #[test]
+    fn slices_leave_out_action_lists_without_the_action_and_keep_its_groups() {
+        let schema = default_bundle()
+            .get(SCHEMA_FILE)
+            .expect("schema")
+            .replace(
+                "action MintToken appliesTo {",
+                "action Issuing;\n  action MintToken in [Issuing] appliesTo {",
+            );
+        let files = with(&[
+            (SCHEMA_FILE, schema.as_str()),
+            (
+                ENTITIES_FILE,
+                r#"[{"uid":{"type":"Lattice::Audience","id":"api"},"attrs":{"scopes":[],"labels":[]},"parents":[]}]"#,
+            ),
+            (
+                "f.cedar",
+                "@id(\"no-issuing\")\nforbid(principal, action in [Lattice::Action::\"Enrol\", Lattice::Action::\"Issuing\"], resource) when { context.ttl_secs > 600 };",
+            ),
+        ]);
+        let engine = Engine::compile(&files, 3).expect("compile");
+        let api = uid("Audience", "api");
+        let ids = |action: &str| {
+            let mut v: Vec<String> = engine
+                .slices
+                .get(action, &api)
+                .expect("indexed action")
+                .policies()
+                .map(|p| p.id().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        // The admin role policies list other actions only; the forbid names
+        // MintToken's group.
+        assert_eq!(ids("MintToken"), vec!["mint-listed-scopes", "no-issuing"]);
+        assert!(ids("Enrol").contains(&"no-issuing".to_string()));
+        assert!(!ids("LeaseSecret").contains(&"no-issuing".to_string()));
+        assert!(ids("PushPolicy").contains(&"platform-admin".to_string()));
+        // And the group's forbid decides through the slice.
+        let mut req = AgentRequest {
+            principal: SpiffeId::parse("spiffe://t/agent/eu/a").expect("id"),
+            action: AgentAction::MintToken,
+            resource: "api".into(),
+            region: "eu".into(),
+            source_ip: IpAddr::from([10, 1, 2, 3]),
+            ttl_secs: 300,
+            scopes: Vec::new(),
+            posture: Posture::default(),
+            job_type: String::new(),
+            hour_utc: 12,
+            weekday: 1,
+            delegation_depth: 0,
+        };
+        assert!(engine.decide_agent(&req).allowed);
+        req.ttl_secs = 900;
+        let o = engine.decide_agent(&req);
+        assert!(!o.allowed);
+        assert_eq!(o.policies, vec!["no-issuing".to_string()]);
     }
 
     #[test]
