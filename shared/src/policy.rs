@@ -836,7 +836,75 @@ impl std::fmt::Display for TestReport {
 #[derive(Debug, Default)]
 struct Slices {
     /// action name → (resource uid → policies, policies for other resources)
-    by_action: HashMap<String, (HashMap<EntityUid, PolicySet>, PolicySet)>,
+    by_action: HashMap<String, (HashMap<EntityUid, Slice>, Slice)>,
+}
+
+#[derive(Debug)]
+struct Slice {
+    set: PolicySet,
+    /// The context attributes its policies can read; `None`: the context
+    /// may be used whole, so every attribute is built.
+    reads: Option<HashSet<String>>,
+}
+
+impl Slice {
+    fn new(policies: Vec<Policy>) -> Result<Self, String> {
+        let mut reads = Some(HashSet::new());
+        for p in &policies {
+            match (context_reads(p), reads.as_mut()) {
+                (Some(r), Some(all)) => all.extend(r),
+                _ => reads = None,
+            }
+        }
+        let set = PolicySet::from_policies(policies).map_err(|e| e.to_string())?;
+        Ok(Self { set, reads })
+    }
+}
+
+/// The context attributes a policy reads, from its JSON form: `context.a`
+/// and `context has a` name `a`; `context` anywhere else (compared, put in
+/// a set, ...) means it is used whole: `None`. Leaving out of a request's
+/// context only attributes that no policy of its slice names cannot change
+/// a decision; a wrong answer here could (a forbid reading a missing
+/// attribute errs and is skipped), so anything unexpected answers `None`.
+fn context_reads(p: &Policy) -> Option<HashSet<String>> {
+    use serde_json::Value;
+    fn is_context(v: &Value) -> bool {
+        v.as_object().is_some_and(|m| {
+            m.len() == 1 && m.get("Var").and_then(Value::as_str) == Some("context")
+        })
+    }
+    /// False when `context` is used whole.
+    fn walk(v: &Value, out: &mut HashSet<String>) -> bool {
+        match v {
+            Value::Object(m) => {
+                if is_context(v) {
+                    return false;
+                }
+                if m.len() == 1 {
+                    for op in [".", "has"] {
+                        if let Some(Value::Object(inner)) = m.get(op)
+                            && inner.get("left").is_some_and(is_context)
+                        {
+                            return match inner.get("attr").and_then(Value::as_str) {
+                                Some(a) if inner.len() == 2 => {
+                                    out.insert(a.to_string());
+                                    true
+                                }
+                                _ => false,
+                            };
+                        }
+                    }
+                }
+                m.values().all(|x| walk(x, out))
+            }
+            Value::Array(a) => a.iter().all(|x| walk(x, out)),
+            _ => true,
+        }
+    }
+    let json = p.to_json().ok()?;
+    let mut out = HashSet::new();
+    walk(&json, &mut out).then_some(out)
 }
 
 impl Slices {
@@ -877,17 +945,17 @@ impl Slices {
             }
             let mut by_res = HashMap::new();
             for (u, ps) in named {
-                let set = PolicySet::from_policies(ps.into_iter().chain(rest.iter().cloned()))
-                    .map_err(|e| e.to_string())?;
-                by_res.insert(u, set);
+                by_res.insert(
+                    u,
+                    Slice::new(ps.into_iter().chain(rest.iter().cloned()).collect())?,
+                );
             }
-            let rest = PolicySet::from_policies(rest).map_err(|e| e.to_string())?;
-            by_action.insert((*a).to_string(), (by_res, rest));
+            by_action.insert((*a).to_string(), (by_res, Slice::new(rest)?));
         }
         Ok(Self { by_action })
     }
 
-    fn get(&self, action: &str, resource: &EntityUid) -> Option<&PolicySet> {
+    fn get(&self, action: &str, resource: &EntityUid) -> Option<&Slice> {
         let (named, rest) = self.by_action.get(action)?;
         Some(named.get(resource).unwrap_or(rest))
     }
@@ -1335,7 +1403,15 @@ impl Engine {
         with_schema: bool,
     ) -> Result<(Request, std::sync::Arc<Entities>), String> {
         let resource = self.resource_entity(req.action.resource_type(), &req.resource);
-        let context = self.agent_context(req)?;
+        // Only what the deciding slice reads (the schema check wants all).
+        let reads = if with_schema {
+            None
+        } else {
+            self.slices
+                .get(req.action.name(), &resource)
+                .and_then(|s| s.reads.as_ref())
+        };
+        let context = self.agent_context(req, reads)?;
         let action = action_uid(req.action.name());
         if with_schema || self.full_store {
             let principal = self.agent_entity(&req.principal)?;
@@ -1371,33 +1447,42 @@ impl Engine {
         Ok((request, entities))
     }
 
-    fn agent_context(&self, req: &AgentRequest) -> Result<Context, String> {
-        Context::from_pairs(
-            [
-                (
-                    "region".to_string(),
-                    RestrictedExpression::new_string(req.region.clone()),
-                ),
-                ("source_ip".to_string(), ip_expr(req.source_ip)),
-                (
-                    "ttl_secs".to_string(),
-                    RestrictedExpression::new_long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX)),
-                ),
-                ("scopes".to_string(), string_set(req.scopes.iter().cloned())),
-                ("posture".to_string(), req.posture.expr()),
-                (
-                    "job_type".to_string(),
-                    RestrictedExpression::new_string(req.job_type.clone()),
-                ),
-                (
-                    "delegation_depth".to_string(),
-                    RestrictedExpression::new_long(i64::from(req.delegation_depth)),
-                ),
-            ]
-            .into_iter()
-            .chain(time_pairs(req.hour_utc, req.weekday)),
-        )
-        .map_err(|e| e.to_string())
+    /// The request's context; with `reads`, only those attributes (those
+    /// its slice's policies name): building a Cedar context costs as much
+    /// as evaluating a few policies.
+    fn agent_context(
+        &self,
+        req: &AgentRequest,
+        reads: Option<&HashSet<String>>,
+    ) -> Result<Context, String> {
+        let want = |k: &str| reads.is_none_or(|r| r.contains(k));
+        let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(9);
+        let mut add = |k: &str, v: &dyn Fn() -> RestrictedExpression| {
+            if want(k) {
+                pairs.push((k.to_string(), v()));
+            }
+        };
+        add("region", &|| {
+            RestrictedExpression::new_string(req.region.clone())
+        });
+        add("source_ip", &|| ip_expr(req.source_ip));
+        add("ttl_secs", &|| {
+            RestrictedExpression::new_long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX))
+        });
+        add("scopes", &|| string_set(req.scopes.iter().cloned()));
+        add("posture", &|| req.posture.expr());
+        add("job_type", &|| {
+            RestrictedExpression::new_string(req.job_type.clone())
+        });
+        add("delegation_depth", &|| {
+            RestrictedExpression::new_long(i64::from(req.delegation_depth))
+        });
+        for (k, v) in time_pairs(req.hour_utc, req.weekday) {
+            if want(&k) {
+                pairs.push((k, v));
+            }
+        }
+        Context::from_pairs(pairs).map_err(|e| e.to_string())
     }
 
     fn admin_parts(
@@ -1528,7 +1613,7 @@ impl Engine {
         let set = request
             .resource()
             .and_then(|r| self.slices.get(action, r))
-            .unwrap_or(&self.policies);
+            .map_or(&self.policies, |s| &s.set);
         let resp = self.authorizer.is_authorized(request, set, entities);
         let errors: Vec<String> = resp.diagnostics().errors().map(|e| e.to_string()).collect();
         let mut policies: Vec<String> =
@@ -1824,13 +1909,10 @@ mod tests {
 
     #[test]
     fn slices_leave_out_action_lists_without_the_action_and_keep_its_groups() {
-        let schema = default_bundle()
-            .get(SCHEMA_FILE)
-            .expect("schema")
-            .replace(
-                "action MintToken appliesTo {",
-                "action Issuing;\n  action MintToken in [Issuing] appliesTo {",
-            );
+        let schema = default_bundle().get(SCHEMA_FILE).expect("schema").replace(
+            "action MintToken appliesTo {",
+            "action Issuing;\n  action MintToken in [Issuing] appliesTo {",
+        );
         let files = with(&[
             (SCHEMA_FILE, schema.as_str()),
             (
@@ -1849,6 +1931,7 @@ mod tests {
                 .slices
                 .get(action, &api)
                 .expect("indexed action")
+                .set
                 .policies()
                 .map(|p| p.id().to_string())
                 .collect();
@@ -1881,6 +1964,94 @@ mod tests {
         let o = engine.decide_agent(&req);
         assert!(!o.allowed);
         assert_eq!(o.policies, vec!["no-issuing".to_string()]);
+    }
+
+    #[test]
+    fn context_reads_names_the_attributes_read_and_gives_up_on_whole_use() {
+        let reads = |text: &str| {
+            let p = Policy::parse(None, text).expect("policy");
+            context_reads(&p).map(|r| {
+                let mut v: Vec<String> = r.into_iter().collect();
+                v.sort();
+                v
+            })
+        };
+        assert_eq!(reads("permit(principal, action, resource);"), Some(vec![]));
+        assert_eq!(
+            reads(
+                "forbid(principal, action, resource) when { context has posture && context.posture.os_patched == false } unless { resource.scopes.containsAll(context.scopes) };"
+            ),
+            Some(vec!["posture".to_string(), "scopes".to_string()])
+        );
+        // Whole uses: compared, put in a set, an attribute of an attribute
+        // named like one of the context's.
+        assert_eq!(
+            reads("permit(principal, action, resource) when { [context].contains(context) };"),
+            None
+        );
+        assert_eq!(
+            reads("permit(principal, action, resource) when { context == {\"scopes\": []} };"),
+            None
+        );
+        assert_eq!(
+            reads("permit(principal, action, resource) when { principal.context.scopes == [] };"),
+            Some(vec![])
+        );
+    }
+
+    #[test]
+    fn a_slice_builds_only_the_context_its_policies_read() {
+        let engine = Engine::compile(&default_bundle(), 1).expect("compile");
+        let aud = uid("Audience", "https://api.example.com");
+        let reads = |e: &Engine, action: &str| {
+            let mut v: Vec<String> = e
+                .slices
+                .get(action, &aud)
+                .and_then(|s| s.reads.clone())
+                .expect("a slice that reads named attributes")
+                .into_iter()
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(reads(&engine, "MintToken"), vec!["scopes".to_string()]);
+        // A forbid on posture: the posture is built, and decides.
+        let files = with(&[
+            (
+                ENTITIES_FILE,
+                r#"[{"uid":{"type":"Lattice::Audience","id":"https://api.example.com"},"attrs":{"scopes":["read"],"labels":[]},"parents":[]}]"#,
+            ),
+            (
+                "f.cedar",
+                "@id(\"patched-only\")\nforbid(principal, action == Lattice::Action::\"MintToken\", resource) unless { context.posture has os_patched && context.posture.os_patched };",
+            ),
+        ]);
+        let engine = Engine::compile(&files, 2).expect("compile");
+        assert_eq!(
+            reads(&engine, "MintToken"),
+            vec!["posture".to_string(), "scopes".to_string()]
+        );
+        let mut req = AgentRequest {
+            principal: SpiffeId::parse("spiffe://t/agent/eu/a").expect("id"),
+            action: AgentAction::MintToken,
+            resource: "https://api.example.com".into(),
+            region: "eu".into(),
+            source_ip: IpAddr::from([10, 1, 2, 3]),
+            ttl_secs: 300,
+            scopes: vec!["read".into()],
+            posture: Posture::default(),
+            job_type: String::new(),
+            hour_utc: 12,
+            weekday: 1,
+            delegation_depth: 0,
+        };
+        let o = engine.decide_agent(&req);
+        assert!(!o.allowed);
+        assert_eq!(o.policies, vec!["patched-only".to_string()]);
+        req.posture.os_patched = Some(true);
+        let o = engine.decide_agent(&req);
+        assert!(o.allowed, "{o:?}");
+        assert!(o.errors.is_empty(), "{o:?}");
     }
 
     #[test]
