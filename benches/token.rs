@@ -11,30 +11,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lattice_shared::pki::PrivateKey;
-use lattice_shared::token::{Claims, Confirmation, TokenSigner};
-
-fn claims() -> Claims {
-    Claims {
-        iss: "spiffe://lattice.local/cache/eu/cache-1".into(),
-        sub: "spiffe://lattice.local/agent/eu/agent-1".into(),
-        aud: "https://api.example.com".into(),
-        scope: "read write".into(),
-        jti: "Y2Yyxa0dB6ZAwVi2zga_VQ".into(),
-        iat: 1_796_000_000,
-        nbf: 1_796_000_000,
-        exp: 1_796_000_300,
-        cnf: Some(Confirmation {
-            x5t_s256: "q1Z7w0l2d6Xb3m9Yc5s8Rk4Jt1Hf0Ga2Ee7Dd6Cc5Bb".into(),
-        }),
-        act: None,
-        parent_jtis: Vec::new(),
-    }
-}
+use lattice_shared::token::TokenSigner;
 
 fn token(c: &mut Criterion) {
     let key = PrivateKey::generate_ed25519().expect("key");
     let signer = TokenSigner::from_pkcs8(&key.pkcs8_der()).expect("signer");
-    let claims = claims();
+    let claims = lattice::bench::sample_claims();
     let mut g = c.benchmark_group("token");
     g.bench_function("sign (MintToken's signature)", |b| {
         b.iter(|| black_box(signer.sign(black_box(&claims)).expect("sign")))

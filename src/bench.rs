@@ -29,16 +29,80 @@ pub struct Stats {
     pub rps: f64,
     pub p50_us: u64,
     pub p99_us: u64,
+    /// CPU time of the whole process (client, cache, control plane) per
+    /// answered request; `None` where `/proc/self/stat` cannot be read.
+    pub cpu_us: Option<f64>,
 }
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<6} {:>9.0} rpc/s  p50 {:>6} µs  p99 {:>6} µs  ({} requests, {} errors)",
+            "{:<6} {:>9.0} rpc/s  p50 {:>6} µs  p99 {:>6} µs  ({} requests, {} errors",
             self.name, self.rps, self.p50_us, self.p99_us, self.requests, self.errors
-        )
+        )?;
+        match self.cpu_us {
+            Some(c) => write!(f, ", {c:.0} µs of CPU each)"),
+            None => write!(f, ")"),
+        }
     }
+}
+
+/// Linux reports process times in USER_HZ ticks, 100 a second on every
+/// architecture's user ABI.
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system) this process has used.
+fn process_cpu_secs() -> Option<f64> {
+    parse_stat_cpu_secs(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// utime + stime from a `/proc/PID/stat` line. The command name (field 2)
+/// may hold spaces and parentheses, so fields are counted after its last
+/// `)`: the first is field 3, utime and stime are fields 14 and 15.
+fn parse_stat_cpu_secs(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
+/// Claims shaped like a cache's for one agent (the ids, audience and
+/// thumbprint of the usual lengths).
+pub fn sample_claims() -> lattice_shared::token::Claims {
+    lattice_shared::token::Claims {
+        iss: "spiffe://lattice.local/cache/eu/cache-1".into(),
+        sub: "spiffe://lattice.local/agent/eu/agent-1".into(),
+        aud: "https://api.example.com".into(),
+        scope: "read write".into(),
+        jti: "Y2Yyxa0dB6ZAwVi2zga_VQ".into(),
+        iat: 1_796_000_000,
+        nbf: 1_796_000_000,
+        exp: 1_796_000_300,
+        cnf: Some(lattice_shared::token::Confirmation {
+            x5t_s256: "q1Z7w0l2d6Xb3m9Yc5s8Rk4Jt1Hf0Ga2Ee7Dd6Cc5Bb".into(),
+        }),
+        act: None,
+        parent_jtis: Vec::new(),
+    }
+}
+
+/// What one token signature (claims to JSON, base64url, Ed25519) costs on
+/// this machine now, in µs: the floor of a mint's cost above an echo.
+pub fn sign_cost_us() -> anyhow::Result<f64> {
+    let key = lattice_shared::pki::PrivateKey::generate_ed25519()?;
+    let signer = lattice_shared::token::TokenSigner::from_pkcs8(&key.pkcs8_der())?;
+    let claims = sample_claims();
+    const N: u32 = 20_000;
+    for _ in 0..N / 10 {
+        std::hint::black_box(signer.sign(&claims)?);
+    }
+    let t = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(signer.sign(std::hint::black_box(&claims))?);
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e6 / f64::from(N))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -60,6 +124,7 @@ async fn load(
     let duration = if measure { opts.duration } else { opts.warmup };
     let deadline = Instant::now() + duration;
     let started = Instant::now();
+    let cpu_before = process_cpu_secs();
     let mut tasks = Vec::new();
     for i in 0..opts.concurrency {
         let mut c = clients[i % clients.len()].clone();
@@ -112,6 +177,10 @@ async fn load(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_us = match (cpu_before, process_cpu_secs()) {
+        (Some(a), Some(b)) if !all.is_empty() => Some((b - a) * 1e6 / all.len() as f64),
+        _ => None,
+    };
     all.sort_unstable();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
@@ -129,6 +198,7 @@ async fn load(
         rps: all.len() as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        cpu_us,
     }
 }
 
@@ -195,6 +265,7 @@ async fn pair(opts: Options, what: Call) -> anyhow::Result<(Stats, Stats)> {
                 rps: 0.0,
                 p50_us: 0,
                 p99_us: 0,
+                cpu_us: None,
             }
         } else {
             load(&clients, call, &opts, true).await
@@ -538,4 +609,45 @@ pub async fn audit(caches: usize, records: usize) -> anyhow::Result<AuditBench> 
         seconds,
         per_second: total as f64 / seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_times_are_read_after_the_command_name() {
+        // A command name with a space and a parenthesis, then fields 3..=15.
+        let line = "4242 (tokio rt) x)) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 37 0 0 20 0 3";
+        assert_eq!(parse_stat_cpu_secs(line), Some(2.87));
+        assert_eq!(parse_stat_cpu_secs("4242 (short) S 1 2"), None);
+        assert_eq!(parse_stat_cpu_secs("no parenthesis"), None);
+    }
+
+    #[test]
+    fn this_process_cpu_time_grows_with_work() {
+        let before = process_cpu_secs().expect("Linux exposes /proc/self/stat");
+        let mut x = 0u64;
+        let mut now = before;
+        // Bounded: about a second of arithmetic at most.
+        for i in 0..2_000u64 {
+            for j in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i ^ j));
+            }
+            now = process_cpu_secs().expect("readable");
+            if now >= before + 0.05 {
+                break;
+            }
+        }
+        assert!(now >= before + 0.05, "{before} → {now} after work ({x})");
+    }
+
+    #[test]
+    fn the_sample_claims_sign_into_a_token_of_three_parts() {
+        let key = lattice_shared::pki::PrivateKey::generate_ed25519().expect("key");
+        let signer =
+            lattice_shared::token::TokenSigner::from_pkcs8(&key.pkcs8_der()).expect("signer");
+        let token = signer.sign(&sample_claims()).expect("sign");
+        assert_eq!(token.split('.').count(), 3);
+    }
 }
