@@ -13,34 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use lattice_regional_cache::authz::{Authorizer as _, PolicyAuthorizer};
-use lattice_shared::id::SpiffeId;
-use lattice_shared::policy::{AgentAction, AgentRequest, Engine, Posture};
+use lattice_shared::policy::{AgentRequest, Engine};
 
 const POLICIES: usize = 200;
 
 fn request(i: usize, agent: usize) -> AgentRequest {
-    AgentRequest {
-        principal: SpiffeId::parse(&format!("spiffe://lattice.local/agent/eu/a{agent}"))
-            .expect("valid id"), // fixed pattern
-        action: AgentAction::MintToken,
-        resource: if i.is_multiple_of(POLICIES) {
-            "https://api.example.com".to_string()
-        } else {
-            format!("https://aud-{}.example.com", i % POLICIES)
-        },
-        region: "eu".into(),
-        source_ip: std::net::IpAddr::from([127, 0, 0, 1]),
-        ttl_secs: 300,
-        delegation_depth: 0,
-        scopes: vec!["read".into()],
-        posture: Posture {
-            os_patched: Some(i.is_multiple_of(2)),
-            ..Posture::default()
-        },
-        job_type: "inference".into(),
-        hour_utc: 12,
-        weekday: 2,
-    }
+    lattice::bench::policy_request(POLICIES, i, agent)
 }
 
 fn decisions(c: &mut Criterion) {

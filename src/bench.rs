@@ -460,18 +460,11 @@ impl std::fmt::Display for PolicyBench {
     }
 }
 
-/// Decision cost with an `n`-policy bundle: `decisions` requests spread
-/// over every audience and a few agents, first uncached, then through the
-/// cache's decision cache (warm).
-pub fn policy(n: usize, decisions: usize) -> anyhow::Result<PolicyBench> {
-    use lattice_regional_cache::authz::{Authorizer as _, PolicyAuthorizer};
-    use lattice_shared::policy::{AgentAction, AgentRequest, Engine, Posture};
-    let files = large_bundle(n);
-    let t = Instant::now();
-    let engine = Engine::compile(&files, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    let policies = engine.policy_count();
-    let request = |i: usize, agent: usize| AgentRequest {
+/// The `i`-th MintToken request of agent `agent` against `large_bundle(n)`:
+/// the audiences in turn, posture patched every other time.
+pub fn policy_request(n: usize, i: usize, agent: usize) -> lattice_shared::policy::AgentRequest {
+    use lattice_shared::policy::{AgentAction, AgentRequest, Posture};
+    AgentRequest {
         principal: lattice_shared::id::SpiffeId::parse(&format!(
             "spiffe://lattice.local/agent/eu/a{agent}"
         ))
@@ -494,7 +487,21 @@ pub fn policy(n: usize, decisions: usize) -> anyhow::Result<PolicyBench> {
         job_type: "inference".into(),
         hour_utc: 12,
         weekday: 2,
-    };
+    }
+}
+
+/// Decision cost with an `n`-policy bundle: `decisions` requests spread
+/// over every audience and a few agents, first uncached, then through the
+/// cache's decision cache (warm).
+pub fn policy(n: usize, decisions: usize) -> anyhow::Result<PolicyBench> {
+    use lattice_regional_cache::authz::{Authorizer as _, PolicyAuthorizer};
+    use lattice_shared::policy::{AgentRequest, Engine};
+    let files = large_bundle(n);
+    let t = Instant::now();
+    let engine = Engine::compile(&files, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let policies = engine.policy_count();
+    let request = |i: usize, agent: usize| policy_request(n, i, agent);
     let requests: Vec<AgentRequest> = (0..n.max(1) * 4).map(|i| request(i, i % 8)).collect();
     // Every one from an agent not seen before: nothing the engine keeps helps.
     let fresh: Vec<AgentRequest> = (0..decisions).map(|i| request(i, 1000 + i)).collect();

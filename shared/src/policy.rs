@@ -1786,8 +1786,8 @@ mod tests {
         BundleFiles::from_files(files).expect("files")
     }
 
-    fn mint(engine: &Engine, agent: &str, audience: &str, scopes: &[&str]) -> Outcome {
-        engine.decide_agent(&AgentRequest {
+    fn mint_request(agent: &str, audience: &str, scopes: &[&str]) -> AgentRequest {
+        AgentRequest {
             principal: SpiffeId::parse(agent).expect("id"),
             action: AgentAction::MintToken,
             resource: audience.into(),
@@ -1800,7 +1800,11 @@ mod tests {
             hour_utc: 12,
             weekday: 1,
             delegation_depth: 0,
-        })
+        }
+    }
+
+    fn mint(engine: &Engine, agent: &str, audience: &str, scopes: &[&str]) -> Outcome {
+        engine.decide_agent(&mint_request(agent, audience, scopes))
     }
 
     #[test]
@@ -1945,20 +1949,7 @@ mod tests {
         assert!(!ids("LeaseSecret").contains(&"no-issuing".to_string()));
         assert!(ids("PushPolicy").contains(&"platform-admin".to_string()));
         // And the group's forbid decides through the slice.
-        let mut req = AgentRequest {
-            principal: SpiffeId::parse("spiffe://t/agent/eu/a").expect("id"),
-            action: AgentAction::MintToken,
-            resource: "api".into(),
-            region: "eu".into(),
-            source_ip: IpAddr::from([10, 1, 2, 3]),
-            ttl_secs: 300,
-            scopes: Vec::new(),
-            posture: Posture::default(),
-            job_type: String::new(),
-            hour_utc: 12,
-            weekday: 1,
-            delegation_depth: 0,
-        };
+        let mut req = mint_request("spiffe://t/agent/eu/a", "api", &[]);
         assert!(engine.decide_agent(&req).allowed);
         req.ttl_secs = 900;
         let o = engine.decide_agent(&req);
@@ -2031,20 +2022,11 @@ mod tests {
             reads(&engine, "MintToken"),
             vec!["posture".to_string(), "scopes".to_string()]
         );
-        let mut req = AgentRequest {
-            principal: SpiffeId::parse("spiffe://t/agent/eu/a").expect("id"),
-            action: AgentAction::MintToken,
-            resource: "https://api.example.com".into(),
-            region: "eu".into(),
-            source_ip: IpAddr::from([10, 1, 2, 3]),
-            ttl_secs: 300,
-            scopes: vec!["read".into()],
-            posture: Posture::default(),
-            job_type: String::new(),
-            hour_utc: 12,
-            weekday: 1,
-            delegation_depth: 0,
-        };
+        let mut req = mint_request(
+            "spiffe://t/agent/eu/a",
+            "https://api.example.com",
+            &["read"],
+        );
         let o = engine.decide_agent(&req);
         assert!(!o.allowed);
         assert_eq!(o.policies, vec!["patched-only".to_string()]);
