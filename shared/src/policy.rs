@@ -847,11 +847,14 @@ struct Slice {
     reads: Option<HashSet<String>>,
 }
 
+/// Each policy's `context_reads`, by id (worked out once per bundle).
+type Reads = HashMap<PolicyId, Option<HashSet<String>>>;
+
 impl Slice {
-    fn new(policies: Vec<Policy>) -> Result<Self, String> {
+    fn new(policies: Vec<Policy>, each: &Reads) -> Result<Self, String> {
         let mut reads = Some(HashSet::new());
         for p in &policies {
-            match (context_reads(p), reads.as_mut()) {
+            match (each.get(p.id()).cloned().flatten(), reads.as_mut()) {
                 (Some(r), Some(all)) => all.extend(r),
                 _ => reads = None,
             }
@@ -911,6 +914,10 @@ impl Slices {
     /// `entities` must hold the schema's action entities: `action in G`
     /// holds for the groups among an action's ancestors.
     fn build(set: &PolicySet, actions: &[&str], entities: &Entities) -> Result<Self, String> {
+        let each: Reads = set
+            .policies()
+            .map(|p| (p.id().clone(), context_reads(p)))
+            .collect();
         let mut by_action = HashMap::new();
         for a in actions {
             let a_uid = action_uid(a);
@@ -947,10 +954,10 @@ impl Slices {
             for (u, ps) in named {
                 by_res.insert(
                     u,
-                    Slice::new(ps.into_iter().chain(rest.iter().cloned()).collect())?,
+                    Slice::new(ps.into_iter().chain(rest.iter().cloned()).collect(), &each)?,
                 );
             }
-            by_action.insert((*a).to_string(), (by_res, Slice::new(rest)?));
+            by_action.insert((*a).to_string(), (by_res, Slice::new(rest, &each)?));
         }
         Ok(Self { by_action })
     }
@@ -1401,15 +1408,14 @@ impl Engine {
         &self,
         req: &AgentRequest,
         with_schema: bool,
-    ) -> Result<(Request, std::sync::Arc<Entities>), String> {
+    ) -> Result<(Request, std::sync::Arc<Entities>, Option<&Slice>), String> {
         let resource = self.resource_entity(req.action.resource_type(), &req.resource);
+        let slice = self.slices.get(req.action.name(), &resource);
         // Only what the deciding slice reads (the schema check wants all).
         let reads = if with_schema {
             None
         } else {
-            self.slices
-                .get(req.action.name(), &resource)
-                .and_then(|s| s.reads.as_ref())
+            slice.and_then(|s| s.reads.as_ref())
         };
         let context = self.agent_context(req, reads)?;
         let action = action_uid(req.action.name());
@@ -1417,7 +1423,7 @@ impl Engine {
             let principal = self.agent_entity(&req.principal)?;
             let (request, entities) =
                 self.request_parts(principal, resource, req.action.name(), context, with_schema)?;
-            return Ok((request, std::sync::Arc::new(entities)));
+            return Ok((request, std::sync::Arc::new(entities), slice));
         }
         let key = (
             req.principal.as_str().to_owned(),
@@ -1444,7 +1450,7 @@ impl Engine {
             None,
         )
         .map_err(|e| e.to_string())?;
-        Ok((request, entities))
+        Ok((request, entities, slice))
     }
 
     /// The request's context; with `reads`, only those attributes (those
@@ -1609,11 +1615,9 @@ impl Engine {
         Entities::from_entities(list, schema).map_err(|e| e.to_string())
     }
 
-    fn decide(&self, action: &str, request: &Request, entities: &Entities) -> Outcome {
-        let set = request
-            .resource()
-            .and_then(|r| self.slices.get(action, r))
-            .map_or(&self.policies, |s| &s.set);
+    /// Decides with `slice`'s policies, or the whole set without one.
+    fn decide(&self, slice: Option<&Slice>, request: &Request, entities: &Entities) -> Outcome {
+        let set = slice.map_or(&self.policies, |s| &s.set);
         let resp = self.authorizer.is_authorized(request, set, entities);
         let errors: Vec<String> = resp.diagnostics().errors().map(|e| e.to_string()).collect();
         let mut policies: Vec<String> =
@@ -1629,14 +1633,19 @@ impl Engine {
 
     pub fn decide_agent(&self, req: &AgentRequest) -> Outcome {
         match self.agent_parts(req, false) {
-            Ok((request, entities)) => self.decide(req.action.name(), &request, &entities),
+            Ok((request, entities, slice)) => self.decide(slice, &request, &entities),
             Err(e) => self.build_error(e),
         }
     }
 
     pub fn decide_admin(&self, req: &AdminRequest) -> Outcome {
         match self.admin_parts(req, false) {
-            Ok((request, entities)) => self.decide(req.action.name(), &request, &entities),
+            Ok((request, entities)) => {
+                let slice = request
+                    .resource()
+                    .and_then(|r| self.slices.get(req.action.name(), r));
+                self.decide(slice, &request, &entities)
+            }
             Err(e) => self.build_error(e),
         }
     }
