@@ -585,8 +585,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "mint/echo throughput ratio: {:.2}",
                 mint.rps / echo.rps.max(1.0)
             );
-            let sign = lattice::bench::sign_cost_us()?;
             if let (Some(e), Some(m)) = (echo.cpu_us, mint.cpu_us) {
+                let sign = lattice::bench::sign_cost_us()?;
                 println!(
                     "CPU per request (this one process: client, cache, control plane): echo {e:.0} µs, mint {m:.0} µs.\nOne token signature costs {sign:.1} µs on this machine now: with the CPU saturated, a mint that did nothing but sign would reach at most {:.2} of echo.",
                     e / (e + sign)
