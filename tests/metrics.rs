@@ -2,6 +2,8 @@
 //! applied sequence, staleness, refusals by reason. (Its own test binary: the
 //! metrics recorder is process-wide.)
 
+#[path = "it/common/mod.rs"]
+#[allow(dead_code)] // this binary uses only a few of the shared helpers
 mod common;
 
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! passed the revocation on; a verifier that cannot prove it is fresh refuses
 //! everything as stale, and serves again once fresh.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

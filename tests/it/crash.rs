@@ -1,7 +1,7 @@
 //! kill -9 of the control plane or a cache at any point loses no acknowledged
 //! revocation and leaves no gap. Real processes, real SIGKILL.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

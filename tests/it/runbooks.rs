@@ -3,7 +3,7 @@
 //! containment (run with `--nocapture` to see it) and asserts that
 //! containment holds.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

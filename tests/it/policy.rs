@@ -3,7 +3,7 @@
 //! force (cache invalidated), context-aware rules of the example bundle, and
 //! separation of duties with the two-person rule at the Admin API.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

@@ -1,7 +1,7 @@
 //! End-to-end behaviour of the foundation over real mTLS on loopback: real
 //! tonic servers, temp-dir sled stores, one fake clock.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

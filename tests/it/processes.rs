@@ -3,7 +3,7 @@
 //! token`, `lattice status`. Also checks that the commented configurations in
 //! `deploy/` parse and validate.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

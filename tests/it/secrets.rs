@@ -5,7 +5,7 @@
 //! rotation, deletion, the two-person rule, and upstream key rotation
 //! through a webhook rotator (including a failed check rolling back).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -3,10 +3,10 @@
 //! random order. The invariant, checked on the record of issuances: no
 //! credential is minted for a subject after its revocation time + L.
 //!
-//! `LATTICE_SEED=n cargo test --test scenario` replays a run; the seed is
+//! `LATTICE_SEED=n cargo test --test it scenario::` replays a run; the seed is
 //! printed at the start and in every failure.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

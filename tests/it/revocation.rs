@@ -2,7 +2,7 @@
 //! by every cache, within milliseconds normally and by L at the latest; a
 //! cache that cannot prove freshness refuses to mint.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! failover between caches, revocation reaching local processes, token
 //! exchange (delegation) and its cascade.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

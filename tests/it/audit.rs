@@ -3,7 +3,7 @@
 //! entry or head is detected; inclusion and consistency proofs verify and
 //! fail when altered.
 
-mod common;
+use crate::common;
 
 use lattice::harness::Lattice;
 use lattice_control_plane::auditlog;
