@@ -5,7 +5,6 @@
 
 mod agent_runtime;
 mod audit;
-mod cli;
 mod common;
 mod crash;
 mod foundation;
