@@ -6,6 +6,7 @@
 mod agent_runtime;
 mod audit;
 mod common;
+mod config_keys;
 mod crash;
 mod foundation;
 mod policy;
