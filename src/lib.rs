@@ -13,7 +13,6 @@ pub mod harness;
 pub fn example_bundle() -> lattice_shared::policy::BundleFiles {
     lattice_shared::policy::BundleFiles::from_files(
         [
-            ("README.md", ""),
             (
                 "schema.cedarschema",
                 include_str!("../deploy/policies/example/schema.cedarschema"),
@@ -40,7 +39,6 @@ pub fn example_bundle() -> lattice_shared::policy::BundleFiles {
             ),
         ]
         .into_iter()
-        .filter(|(name, _)| *name != "README.md")
         .map(|(k, v)| (k.to_string(), v.to_string())),
     )
     .expect("the example bundle's file names are valid") // fixed names above

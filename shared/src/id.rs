@@ -1,5 +1,6 @@
 //! SPIFFE-style identities. A [`SpiffeId`] can only be built valid, so every
 //! holder of one knows its trust domain, role, region and name are well formed.
+//! Secret names follow one rule here too, for every module that reads one.
 
 use std::fmt;
 use std::str::FromStr;
@@ -273,6 +274,27 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+pub const MAX_SECRET_NAME_LEN: usize = 64;
+
+/// Secret names: 1..=64 of `a-z 0-9 . _ -`, starting with a letter or digit
+/// (they appear in Cedar entity ids, log lines and AADs).
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SECRET_NAME_LEN
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "secret name {:?} is invalid: use 1 to {MAX_SECRET_NAME_LEN} characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+            name.chars().take(80).collect::<String>()
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +352,16 @@ mod tests {
         #[test]
         fn parse_never_panics(s in "\\PC{0,300}") {
             let _ = SpiffeId::parse(&s);
+        }
+    }
+
+    #[test]
+    fn secret_names() {
+        for ok in ["openai", "db.prod-1", "a", "9_x"] {
+            assert!(check_secret_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "OpenAI", "-x", "a/b", "a b", &"x".repeat(65), "é"] {
+            assert!(check_secret_name(bad).is_err(), "{bad}");
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod net;
 pub mod pem;
 pub mod pki;
 pub mod policy;
+pub mod posture;
 pub mod revocation;
 pub mod seal;
 pub mod secret;

@@ -4,8 +4,10 @@ use std::time::Duration;
 
 /// Largest decoded gRPC message a server accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-/// Largest Admin request (a policy bundle and its envelope).
-pub const MAX_ADMIN_MESSAGE_BYTES: usize = crate::policy::MAX_BUNDLE_BYTES + 64 * 1024;
+/// Largest policy bundle (all files together), and largest Admin request
+/// (a policy bundle and its envelope).
+pub const MAX_BUNDLE_BYTES: usize = 1024 * 1024;
+pub const MAX_ADMIN_MESSAGE_BYTES: usize = MAX_BUNDLE_BYTES + 64 * 1024;
 /// Largest event batch the control plane sends (at least one event is sent
 /// whatever its size), and the largest sync message a cache accepts.
 pub const MAX_SYNC_BATCH_BYTES: usize = 2 * 1024 * 1024;

@@ -94,7 +94,7 @@ impl TryFrom<&pb::Revocation> for Revocation {
                     .map_err(|_| bad("join_token_sha256 must be 32 bytes"))?,
             ),
             T::SecretVersion(v) => {
-                crate::envelope::check_secret_name(&v.name).map_err(|e| bad(&e))?;
+                crate::id::check_secret_name(&v.name).map_err(|e| bad(&e))?;
                 if v.version == 0 {
                     return Err(bad("secret versions start at 1"));
                 }

@@ -1,13 +1,8 @@
 //! Structured logs (`tracing`) and Prometheus metrics, set up once per process.
+//! Log fields that name the same thing everywhere, so that logs can be queried:
+//! `peer_id`, `cache_id`, `region` (tracing field names are tokens, not constants).
 
 use std::net::SocketAddr;
-
-/// Field names used across components, so that logs can be queried.
-pub mod fields {
-    pub const PEER_ID: &str = "peer_id";
-    pub const CACHE_ID: &str = "cache_id";
-    pub const REGION: &str = "region";
-}
 
 /// Installs the global subscriber. `RUST_LOG` filters (default `default_level`);
 /// `json` selects JSON lines.

@@ -4,8 +4,6 @@
 //! the chain and the signature before they enforce a release, and refuse
 //! anything else, keeping the release they had.
 
-use std::time::SystemTime;
-
 use prost::Message;
 use x509_parser::prelude::FromDer;
 
@@ -153,9 +151,4 @@ pub fn check_signature(
     key.verify(&m, signature)
         .map_err(|_| bad("the signature does not match the signed bytes"))?;
     Ok(signer)
-}
-
-/// When a release was made.
-pub fn released_at(r: &pb::PolicyRelease) -> SystemTime {
-    crate::clock::from_unix_secs(r.released_at_unix_ms.div_euclid(1000))
 }
