@@ -21,6 +21,7 @@ pub mod policy;
 pub mod revocation;
 pub mod seal;
 pub mod secret;
+pub mod serde_b64;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
