@@ -5,6 +5,7 @@ pub mod proto {
     tonic::include_proto!("lattice.v1");
 }
 
+pub mod backoff;
 pub mod chunk;
 pub mod clock;
 pub mod config;
