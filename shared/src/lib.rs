@@ -23,6 +23,7 @@ pub mod revocation;
 pub mod seal;
 pub mod secret;
 pub mod serde_b64;
+pub mod signal;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
