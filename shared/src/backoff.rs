@@ -96,7 +96,7 @@ mod tests {
         let t0 = Duration::from_secs(100);
         assert!(b.ready(t0));
         let w = b.failed(t0);
-        assert!(w >= MS(900) && w <= MS(1100), "{w:?}");
+        assert!((MS(900)..=MS(1100)).contains(&w), "{w:?}");
         assert!(!b.ready(t0 + MS(800)));
         assert!(b.ready(t0 + MS(1100)));
         let steps: Vec<Duration> = (0..6)
@@ -131,7 +131,7 @@ mod tests {
         let mut b = Backoff::with(MS(50), MS(200), 0.5);
         let waits: Vec<Duration> = (0..4).map(|_| b.failed_with(now, 0.99)).collect();
         assert_eq!(b.step(), Some(MS(200)));
-        assert!(waits[0] > MS(70) && waits[0] < MS(75), "{waits:?}");
+        assert!((MS(70)..MS(75)).contains(&waits[0]), "{waits:?}");
         assert_eq!(waits[2..], [MS(200), MS(200)], "capped: {waits:?}");
         assert_eq!(b.failed_with(now, 0.0), MS(100), "-50 % of the ceiling");
     }
@@ -147,7 +147,7 @@ mod tests {
             let w = b.failed(Duration::ZERO);
             let step = b.step().expect("failing");
             assert!(
-                w >= step / 2 && w <= Duration::from_secs(1),
+                (step / 2..=Duration::from_secs(1)).contains(&w),
                 "{w:?} for {step:?}"
             );
         }
