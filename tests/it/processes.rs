@@ -451,7 +451,13 @@ fn terminate(
         std::time::Duration::from_secs(30),
         || p.0.try_wait().expect("wait"),
     );
-    (status, log.try_iter().collect::<Vec<_>>().join("\n"))
+    // Until the reader sees the end of stderr (bounded, should a child of
+    // the process hold it open).
+    let mut lines = Vec::new();
+    while let Ok(line) = log.recv_timeout(std::time::Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    (status, lines.join("\n"))
 }
 
 #[test]
