@@ -67,7 +67,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         app.root_pem_path().display(),
         app.admin_files().dir.display()
     );
-    tokio::signal::ctrl_c().await?;
+    lattice_shared::signal::shutdown_signal().await;
+    tracing::info!("signal received; shutting down");
     app.shutdown().await;
     Ok(())
 }

@@ -97,22 +97,6 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
 /// The running agent's Workload API, if its socket is there.
 async fn running_agent(
     cfg: &Config,
@@ -257,7 +241,11 @@ async fn run(cfg: Config, command: Command) -> anyhow::Result<()> {
                 }
             };
             let (r, ()) = tokio::join!(
-                lattice_edge_agent::runtime::run(agent, Some(ready_tx), shutdown_signal()),
+                lattice_edge_agent::runtime::run(
+                    agent,
+                    Some(ready_tx),
+                    lattice_shared::signal::shutdown_signal(),
+                ),
                 announce
             );
             r?;

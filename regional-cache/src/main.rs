@@ -69,7 +69,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         app.local_addr(),
         app.local_addr()
     );
-    tokio::signal::ctrl_c().await?;
+    lattice_shared::signal::shutdown_signal().await;
+    tracing::info!("signal received; shutting down");
     app.shutdown().await;
     Ok(())
 }

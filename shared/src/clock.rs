@@ -14,6 +14,11 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     fn now_unix(&self) -> i64 {
         unix_secs(self.now())
     }
+
+    /// Milliseconds since the Unix epoch (0 before it), for records and events.
+    fn now_unix_ms(&self) -> i64 {
+        unix_millis(self.now())
+    }
 }
 
 pub type SharedClock = Arc<dyn Clock>;
@@ -141,6 +146,17 @@ mod tests {
             past_half_life(nb, na, nb),
             "inverted validity renews at once"
         );
+    }
+
+    #[test]
+    fn unix_ms_follows_the_clock() {
+        let c = FakeClock::at(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123));
+        assert_eq!(c.now_unix_ms(), 1_700_000_000_123);
+        c.advance(Duration::from_millis(877));
+        assert_eq!(c.now_unix_ms(), 1_700_000_001_000);
+        assert_eq!(c.now_unix(), 1_700_000_001);
+        let before = FakeClock::at(UNIX_EPOCH - Duration::from_secs(5));
+        assert_eq!(before.now_unix_ms(), 0, "0 before the epoch");
     }
 
     #[test]

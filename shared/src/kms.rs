@@ -46,7 +46,7 @@ pub enum KmsError {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WrappedKey {
     pub kek_version: u32,
-    #[serde(with = "crate::kms::b64")]
+    #[serde(with = "crate::serde_b64")]
     pub bytes: Vec<u8>,
 }
 
@@ -244,20 +244,6 @@ impl Kms for LocalKms {
         })?;
         keys.insert(next, self.key(&fresh)?);
         Ok(next)
-    }
-}
-
-pub(crate) mod b64 {
-    use base64::Engine as _;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        STANDARD.decode(s).map_err(serde::de::Error::custom)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod proto {
     tonic::include_proto!("lattice.v1");
 }
 
+pub mod backoff;
 pub mod chunk;
 pub mod clock;
 pub mod config;
@@ -22,6 +23,8 @@ pub mod posture;
 pub mod revocation;
 pub mod seal;
 pub mod secret;
+pub mod serde_b64;
+pub mod signal;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -33,3 +33,49 @@ pub const ANONYMOUS_MAX_AGE: Duration = Duration::from_secs(30);
 pub const ACCEPT_QUEUE: usize = 128;
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+// ---------------------------------------------------------------------------
+// Protocol constants: both ends of a link must agree on these, so each is
+// defined here once and read by both.
+
+/// How often a cache sends a heartbeat on an idle `WatchRevocations` stream.
+pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Heartbeats a follower may miss before it treats the stream as dead.
+pub const WATCH_MISSED_HEARTBEATS: u32 = 3;
+/// A `WatchRevocations` stream without a message for this long is dead: the
+/// follower (edge agent, `shared::verifier`) drops it and reopens it.
+pub const WATCH_SILENCE: Duration = WATCH_HEARTBEAT.saturating_mul(WATCH_MISSED_HEARTBEATS);
+/// Jtis one `RevokeIssued` carries at most (the cache sends at most this
+/// many, the control plane refuses more).
+pub const MAX_REVOKE_BATCH: usize = 256;
+/// Largest audit record a cache sends up (the control plane refuses larger).
+pub const MAX_AUDIT_RECORD_BYTES: usize = 16 * 1024;
+/// Request metadata (gRPC) and HTTP header naming a request in the audit
+/// log; lowercase, as gRPC metadata keys must be.
+pub const REQUEST_ID_HEADER: &str = "x-lattice-request-id";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_stream_is_dead_after_three_missed_heartbeats() {
+        assert_eq!(WATCH_SILENCE, 3 * WATCH_HEARTBEAT);
+        assert_eq!(WATCH_SILENCE, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn the_request_id_header_is_a_valid_lowercase_name() {
+        let name = http::HeaderName::from_static(REQUEST_ID_HEADER);
+        assert_eq!(name.as_str(), REQUEST_ID_HEADER);
+        let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
+            REQUEST_ID_HEADER.parse().expect("a gRPC metadata key");
+        assert_eq!(key.as_str(), REQUEST_ID_HEADER);
+    }
+
+    #[test]
+    fn one_audit_record_fits_in_one_message() {
+        const { assert!(MAX_AUDIT_RECORD_BYTES < MAX_MESSAGE_BYTES) };
+        const { assert!(MAX_REVOKE_BATCH > 0) };
+    }
+}

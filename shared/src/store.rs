@@ -90,6 +90,41 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
 pub type SharedStore = Arc<dyn Store>;
 
+/// JSON records on any [`Store`] (`dyn Store` included): a value that does
+/// not decode is [`StoreError::Corrupt`], naming the tree.
+pub trait JsonStore: Store {
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        tree: &str,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        self.get(tree, key)?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("a record in {tree}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Durable on return, as [`Store::put`].
+    fn put_json<T: serde::Serialize + ?Sized>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.put(tree, key, &to_json(tree, value)?)
+    }
+}
+
+impl<S: Store + ?Sized> JsonStore for S {}
+
+/// `value` as the bytes of a JSON record, for a [`Write`] of a batch.
+pub fn to_json<T: serde::Serialize + ?Sized>(tree: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value)
+        .map_err(|e| StoreError::Corrupt(format!("a record for {tree} does not encode: {e}")))
+}
+
 /// Checks or records the key-encoding version of a component's data.
 pub fn check_schema(store: &dyn Store, component: &str, version: u32) -> Result<(), StoreError> {
     match store.get("meta", SCHEMA_KEY)? {
@@ -579,6 +614,40 @@ mod tests {
         assert!(matches!(f.put("t", b"k", b"v"), Err(StoreError::Injected)));
         assert_eq!(f.get("t", b"k").expect("get"), None);
         f.put("t", b"k", b"v").expect("second write succeeds");
+    }
+
+    #[test]
+    fn json_records_round_trip_and_garbage_is_corrupt() {
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct Rec {
+            name: String,
+            n: u64,
+        }
+        let shared: SharedStore = MemStore::shared();
+        let store: &dyn Store = &*shared;
+        let r = Rec {
+            name: "a".into(),
+            n: 7,
+        };
+        assert_eq!(store.get_json::<Rec>("t", b"k").expect("get"), None);
+        store.put_json("t", b"k", &r).expect("put");
+        assert_eq!(shared.get_json::<Rec>("t", b"k").expect("get"), Some(r));
+        assert_eq!(
+            store.get("t", b"k").expect("get").as_deref(),
+            Some(&br#"{"name":"a","n":7}"#[..])
+        );
+        store.put("t", b"bad", b"{not json").expect("put");
+        assert!(matches!(
+            store.get_json::<Rec>("t", b"bad"),
+            Err(StoreError::Corrupt(m)) if m.contains("in t")
+        ));
+        let faulty = FaultStore::new(MemStore::shared());
+        faulty.fail_next();
+        assert!(matches!(
+            faulty.put_json("t", b"k", &1u8),
+            Err(StoreError::Injected)
+        ));
+        assert_eq!(faulty.get_json::<u8>("t", b"k").expect("get"), None);
     }
 
     #[test]

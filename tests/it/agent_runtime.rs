@@ -685,9 +685,12 @@ async fn the_proxy_injects_the_leased_key_and_the_client_never_sees_it() {
     );
     assert!(received.try_recv().is_err(), "nothing reached any upstream");
 
-    // Each use and refusal is audited at the cache, stamped with the agent.
-    tokio::time::timeout(WAIT, async {
-        loop {
+    // Each use and refusal is audited at the cache, stamped with the agent
+    // (no event announces a report's arrival: polled).
+    common::eventually(
+        "proxy use and refusal reach the cache's audit trail",
+        WAIT,
+        async || {
             let events = l.audit.events();
             let reported = events.iter().filter(|e| {
                 matches!(e, lattice_regional_cache::AuditEvent::Reported { agent: a, .. } if a == &agent.id)
@@ -698,14 +701,10 @@ async fn the_proxy_injects_the_leased_key_and_the_client_never_sees_it() {
                     _ => None,
                 })
                 .collect();
-            if kinds.iter().any(|k| k == "proxy_use") && kinds.iter().any(|k| k == "proxy_refused") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await; // deadline poll: no event for this
-        }
-    })
-    .await
-    .expect("proxy use and refusal reach the cache's audit trail");
+            kinds.iter().any(|k| k == "proxy_use") && kinds.iter().any(|k| k == "proxy_refused")
+        },
+    )
+    .await;
     run.stop().await.expect("stop");
 }
 
@@ -790,12 +789,14 @@ unless { context.posture has os_patched && context.posture.os_patched };
     assert!(agent.held_jtis().contains(&api.jti));
 
     // The cache asked the control plane; the revocation comes back to every
-    // cache (deadline poll on the log head: nothing signals a commit here).
-    let deadline = Instant::now() + WAIT;
-    while l.cp().state.log.head() == before {
-        assert!(Instant::now() < deadline, "no revocation committed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // cache (the log head's watch channel announces the commit).
+    tokio::time::timeout(
+        WAIT,
+        l.cp().state.log.subscribe().wait_for(|h| *h != before),
+    )
+    .await
+    .expect("no revocation committed")
+    .expect("the log is open");
     let head = l.cp().state.log.head();
     l.wait_all_applied(head).await.expect("applied");
     let exchange = |token: String| pb::ExchangeTokenRequest {

@@ -289,19 +289,16 @@ fn cache_records(l: &Lattice, cache: &str) -> Vec<serde_json::Value> {
 /// Polls until `n` records of `cache` are in the log (no event to wait on
 /// across the two processes' worth of tasks; bounded by a deadline).
 async fn wait_records(l: &Lattice, cache: &str, n: usize) -> Vec<serde_json::Value> {
-    let deadline = std::time::Instant::now() + lattice::harness::WAIT;
-    loop {
+    let what = format!("{n} records of {cache} arrive");
+    common::eventually(&what, lattice::harness::WAIT, async || {
         let got = cache_records(l, cache);
         if got.len() >= n {
-            return got;
+            Ok(got)
+        } else {
+            Err(format!("only {} arrived", got.len()))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} of {n} records of {cache} arrived",
-            got.len()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -357,14 +354,12 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
             .expect("mint while partitioned (still fresh on the fake clock)");
     }
     let outbox = l.caches[0].app().state.outbox.clone();
-    let deadline = std::time::Instant::now() + lattice::harness::WAIT;
-    while outbox.backlog() < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "records never became durable"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    common::eventually(
+        "records become durable",
+        lattice::harness::WAIT,
+        async || outbox.backlog() >= 3,
+    )
+    .await;
     drop(outbox); // it holds the cache's store, which a restart reopens
     assert_eq!(
         cache_records(&l, &eu).len(),
@@ -432,14 +427,12 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
         "each record once, in order"
     );
     // The ack follows the commit: the cache deletes what the log holds.
-    let deadline = std::time::Instant::now() + lattice::harness::WAIT;
-    while l.caches[0].app().state.outbox.backlog() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "acked records are deleted"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    common::eventually(
+        "acked records are deleted",
+        lattice::harness::WAIT,
+        async || l.caches[0].app().state.outbox.backlog() == 0,
+    )
+    .await;
     l.shutdown().await;
 }
 

@@ -184,21 +184,15 @@ fn kill_9_loses_no_acknowledged_revocation_and_leaves_no_gap() {
     // Restart on the same port; no join token: its identity and its events
     // are on disk, and it refuses to start on a gap.
     let (_cache2, _) = start_cache(d, cp_addr, &cache_addr.to_string(), None);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((head, applied)) =
-            admin.head_and_applied("spiffe://lattice.local/cache/eu/crash")
-            && applied == head
-            && head >= *more.last().expect("some")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cache caught up after kill -9: {:?}",
-            admin.status()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::eventually_blocking(
+        "the cache catches up after kill -9",
+        Duration::from_secs(60),
+        || match admin.head_and_applied("spiffe://lattice.local/cache/eu/crash") {
+            Some((head, applied)) if applied == head && head >= *more.last().expect("some") => {
+                Ok(())
+            }
+            _ => Err(format!("{:?}", admin.status())),
+        },
+    );
     drop(cp);
 }

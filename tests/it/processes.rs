@@ -134,21 +134,21 @@ fn binaries_run_alone_from_their_configuration() {
     };
     // The cache serves once it is fresh: it has applied the log head it
     // asked for (both policy releases included). Poll the operator's view.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let status = run_ok(Command::new(bin("lattice")).arg("status").args(admin));
-        if status
-            .lines()
-            .any(|l| l.contains("proc-cache") && l.ends_with("fresh"))
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cache never became fresh:\n{status}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    common::eventually_blocking(
+        "the cache becomes fresh",
+        std::time::Duration::from_secs(30),
+        || {
+            let status = run_ok(Command::new(bin("lattice")).arg("status").args(admin));
+            if status
+                .lines()
+                .any(|l| l.contains("proc-cache") && l.ends_with("fresh"))
+            {
+                Ok(())
+            } else {
+                Err(status)
+            }
+        },
+    );
     let jwt = agent(Some(token.trim()));
     let parts: Vec<&str> = jwt.trim().split('.').collect();
     assert_eq!(parts.len(), 3, "a compact JWS: {jwt}");
@@ -215,19 +215,18 @@ fn binaries_run_alone_from_their_configuration() {
         .args(["secret", "openai", "--ttl-secs", "60"])
         .env("RUST_LOG", "warn");
     // The cache applies the approval's events shortly after it is durable.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let value = loop {
-        let out = lease.output().expect("runs");
-        if out.status.success() {
-            break out.stdout;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lease never succeeded: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let value = common::eventually_blocking(
+        "the lease succeeds",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = lease.output().expect("runs");
+            if out.status.success() {
+                Ok(out.stdout)
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        },
+    );
     assert_eq!(
         value, b"sk-proc-test-value",
         "the trailing newline is stripped at put"
@@ -256,21 +255,20 @@ fn binaries_run_alone_from_their_configuration() {
     ));
     assert!(out.contains("Approve") || out.contains("approved"), "{out}");
     // Tree heads are signed every few seconds: wait for one past entry 1.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let proof = loop {
-        let out = as_admin(&ann, &["audit", "proof", "1"])
-            .output()
-            .expect("runs");
-        if out.status.success() {
-            break out.stdout;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no signed head: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let proof = common::eventually_blocking(
+        "a signed head covers entry 1",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = as_admin(&ann, &["audit", "proof", "1"])
+                .output()
+                .expect("runs");
+            if out.status.success() {
+                Ok(out.stdout)
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        },
+    );
     let proof_file = write(&d.join("proof.json"), &String::from_utf8_lossy(&proof));
     let out = run_ok(Command::new(bin("lattice")).args([
         "audit",
@@ -299,26 +297,22 @@ fn binaries_run_alone_from_their_configuration() {
 
     // Evidence: who may and who did use each audience and secret, under a
     // signed tree head (the agent's records reach the log shortly after).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let report: serde_json::Value = loop {
-        let out = run_ok(&mut as_admin(&ann, &["report", "access", "--days", "1"]));
-        let v: serde_json::Value = serde_json::from_str(&out).expect("report JSON");
-        let leased = v["rows"].as_array().is_some_and(|rows| {
-            rows.iter().any(|r| {
-                r["resource"] == "openai"
-                    && r["principal"] == agent_id
-                    && r["uses"].as_u64() >= Some(1)
-            })
-        });
-        if leased {
-            break v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no lease in the report: {out}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let report: serde_json::Value = common::eventually_blocking(
+        "the lease is in the report",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = run_ok(&mut as_admin(&ann, &["report", "access", "--days", "1"]));
+            let v: serde_json::Value = serde_json::from_str(&out).expect("report JSON");
+            let leased = v["rows"].as_array().is_some_and(|rows| {
+                rows.iter().any(|r| {
+                    r["resource"] == "openai"
+                        && r["principal"] == agent_id
+                        && r["uses"].as_u64() >= Some(1)
+                })
+            });
+            if leased { Ok(v) } else { Err(out) }
+        },
+    );
     assert!(
         report["tree_head"]["tree_size"].as_u64() > Some(0),
         "{report}"
@@ -408,6 +402,128 @@ fn binaries_run_alone_from_their_configuration() {
     let status = child.0.wait().expect("agent exits");
     assert!(status.success(), "SIGTERM is a clean stop: {status:?}");
     assert!(!socket.exists(), "the socket is removed on SIGTERM");
+}
+
+/// Starts `cmd` logging at info; returns the process, the address of its
+/// "listening on" line and every stderr line (that one included).
+fn spawn_logging(
+    mut cmd: Command,
+) -> (
+    Proc,
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    use std::io::BufRead as _;
+    cmd.env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = Proc(cmd.spawn().expect("spawns"));
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the process reports its address");
+        if let Some(rest) = line.split(" listening on ").nth(1) {
+            break rest.split([' ', ';']).next().unwrap_or_default().to_owned();
+        }
+    };
+    (child, addr.parse().expect("address"), rx)
+}
+
+/// `kill -TERM` (what systemd and Kubernetes send to stop a service), then
+/// the exit status and the lines logged until the exit.
+fn terminate(
+    p: &mut Proc,
+    log: &std::sync::mpsc::Receiver<String>,
+) -> (std::process::ExitStatus, String) {
+    run_ok(Command::new("kill").args(["-TERM", &p.0.id().to_string()]));
+    let status = common::eventually_blocking(
+        "the process exits after SIGTERM",
+        std::time::Duration::from_secs(30),
+        || p.0.try_wait().expect("wait"),
+    );
+    // Until the reader sees the end of stderr (bounded, should a child of
+    // the process hold it open).
+    let mut lines = Vec::new();
+    while let Ok(line) = log.recv_timeout(std::time::Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    (status, lines.join("\n"))
+}
+
+#[test]
+fn sigterm_stops_the_control_plane_and_a_cache_gracefully() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cp_cfg = write(
+        &d.join("cp.toml"),
+        &format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            d.join("cp").display()
+        ),
+    );
+    let mut cmd = Command::new(bin("lattice-cp"));
+    cmd.args(["--config", cp_cfg.to_str().expect("utf8")]);
+    let (mut cp, cp_addr, cp_log) = spawn_logging(cmd);
+    let admin_dir = d.join("cp/admin");
+    let admin = [
+        "--control-plane",
+        &cp_addr.to_string(),
+        "--admin-dir",
+        admin_dir.to_str().expect("utf8"),
+    ];
+    let cache_id = "spiffe://lattice.local/cache/eu/term-cache";
+    let token = run_ok(
+        Command::new(bin("lattice"))
+            .args(["join-token", "create", "--id", cache_id, "--ttl", "5m"])
+            .args(admin),
+    );
+    let cache_cfg = write(
+        &d.join("cache.toml"),
+        &format!(
+            "id = \"{cache_id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncontrol_plane = \"{cp_addr}\"\nroot_ca = \"{}\"\n",
+            d.join("cache").display(),
+            d.join("cp/root.crt").display()
+        ),
+    );
+    let mut cmd = Command::new(bin("lattice-cache"));
+    cmd.args(["--config", cache_cfg.to_str().expect("utf8")])
+        .env("LATTICE_CACHE_JOIN_TOKEN", token.trim());
+    let (mut cache, _, cache_log) = spawn_logging(cmd);
+    // The cache's Sync stream is open: the control plane's stop closes it.
+    common::eventually_blocking(
+        "the cache becomes fresh",
+        std::time::Duration::from_secs(30),
+        || {
+            run_ok(Command::new(bin("lattice")).arg("status").args(admin))
+                .lines()
+                .any(|l| l.contains("term-cache") && l.ends_with("fresh"))
+        },
+    );
+
+    for (name, p, log) in [
+        ("lattice-cp", &mut cp, &cp_log),
+        ("lattice-cache", &mut cache, &cache_log),
+    ] {
+        let (status, lines) = terminate(p, log);
+        assert!(
+            status.success(),
+            "{name}: SIGTERM is a clean stop: {status:?}\n{lines}"
+        );
+        assert!(
+            lines.contains("shutting down"),
+            "{name} logs its graceful shutdown:\n{lines}"
+        );
+    }
 }
 
 #[test]

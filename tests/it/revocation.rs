@@ -127,16 +127,20 @@ async fn token_serial_before_and_join_token_targets() {
     // One token: the agent drops it, the others stay.
     let t1 = a.mint(AUDIENCE, &[], None).await.expect("mint");
     let t2 = a.mint(AUDIENCE, &[], None).await.expect("mint");
+    let mut events = a.subscribe();
     let ev = l.revoke(Target::Jti(t1.jti.clone())).expect("revoke");
     l.wait_all_applied(ev.seq).await.expect("applied");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while a.held_jtis().contains(&t1.jti) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent drops the revoked token"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(lattice_edge_agent::AgentEvent::TokenRevoked { jti }) = events.recv().await
+                && jti == t1.jti
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("agent drops the revoked token");
     assert_eq!(a.held_jtis(), vec![t2.jti.clone()]);
     a.mint(AUDIENCE, &[], None)
         .await
@@ -350,33 +354,28 @@ async fn a_partitioned_cache_refuses_after_l_in_real_time() {
     let started = std::time::Instant::now();
     l.caches[0].partition();
     // Poll until the refusal (bounded); a cache that never went stale fails here.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let refused_at = loop {
-        match l.agents[0].mint(AUDIENCE, &[], None).await {
-            Err(e) if code(&e) == Code::Unavailable => break started.elapsed(),
-            Ok(_) => {}
+    let refused_at = eventually(
+        "the partitioned cache refuses",
+        Duration::from_secs(10),
+        async || match l.agents[0].mint(AUDIENCE, &[], None).await {
+            Err(e) if code(&e) == Code::Unavailable => Some(started.elapsed()),
+            Ok(_) => None,
             Err(e) => panic!("unexpected error {e}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the partitioned cache never refused"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        },
+    )
+    .await;
     assert!(
         refused_at >= Duration::from_millis(300) - Duration::from_millis(300 / 5 + 20),
         "refused too early: {refused_at:?}"
     );
     // The silent link is detected as dead (no message for 3 ping periods,
     // at least 1 s), although TCP still looks open through the black hole.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while l.caches[0].app().state.sync.connected() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a silent link was never dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "a silent link is dropped",
+        Duration::from_secs(10),
+        async || !l.caches[0].app().state.sync.connected(),
+    )
+    .await;
     l.agents[1]
         .mint(AUDIENCE, &[], None)
         .await
@@ -472,22 +471,23 @@ async fn status_reports_each_cache() {
     let mut admin =
         lattice::admin::connect(l.cp().local_addr(), &l.cp().admin_files().dir).expect("admin");
     // Acks arrive just after the durable apply; wait for the control plane to see them.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let s = admin
-            .status(pb::StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        if s.caches.iter().all(|c| c.acked_seq == ev.seq) {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "acks reach the control plane: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = eventually(
+        "acks reach the control plane",
+        Duration::from_secs(20),
+        async || {
+            let s = admin
+                .status(pb::StatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            if s.caches.iter().all(|c| c.acked_seq == ev.seq) {
+                Ok(s)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
     assert_eq!(status.head_seq, ev.seq);
     assert_eq!(status.caches.len(), 2);
     assert!(

@@ -27,16 +27,6 @@ fn report(runbook: &str, took: Duration) {
     );
 }
 
-/// Retries `check` until it holds (deadline poll: containment is a state
-/// of several parties that no one event announces).
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "not contained: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn stolen_agent_key() {
     let (l, _clock) = common::lattice().await;
@@ -61,7 +51,9 @@ async fn stolen_agent_key() {
         .expect("every cache applied it");
     // The thief's key: a fresh connection with the agent's certificate.
     let mut thief = agent.new_cache_client().expect("client");
-    until("the stolen key still mints", async || {
+    // Polled: containment is a state of several parties that no one event
+    // announces.
+    common::eventually("contained: the stolen key is refused", WAIT, async || {
         thief
             .mint_token(common::mint_req(common::AUDIENCE))
             .await
@@ -114,8 +106,9 @@ async fn compromised_cache() {
     // ...and an agent it certified is refused by the other cache of its
     // region.
     let mut elsewhere = agent.cache_client_at(l.caches[1].addr()).expect("client");
-    until(
-        "an agent certified by the revoked cache is still served",
+    common::eventually(
+        "contained: an agent certified by the revoked cache is refused",
+        WAIT,
         async || {
             elsewhere
                 .mint_token(common::mint_req(common::AUDIENCE))

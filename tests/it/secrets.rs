@@ -1056,19 +1056,13 @@ async fn an_alert_can_rotate_the_secret_it_names() {
     assert_eq!(alert.secret, "openai");
     assert_eq!(alert.action, Action::RotateSecret);
     // The rotation runs in its own task (nothing signals its end to a
-    // test but the record): polled with a deadline.
-    let deadline = std::time::Instant::now() + lattice::harness::WAIT;
-    loop {
-        let rec = l.cp().state.secret_record("openai").expect("record");
-        if rec.active == 2 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the secret was not rotated"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // test but the record): polled.
+    common::eventually(
+        "the secret is rotated",
+        lattice::harness::WAIT,
+        async || l.cp().state.secret_record("openai").expect("record").active == 2,
+    )
+    .await;
     let steps: Vec<String> = up
         .lock()
         .expect("lock")

@@ -68,3 +68,75 @@ pub fn mint_req(audience: &str) -> pb::MintTokenRequest {
 }
 
 pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// What a condition polled by [`eventually`] returns: `bool`, `Option<T>`
+/// (done with `T`) or `Result<T, E>` (`E` describes the state not yet
+/// reached; the last one is shown on timeout).
+pub trait Settled {
+    type Value;
+    fn settled(self) -> Result<Self::Value, String>;
+}
+
+impl Settled for bool {
+    type Value = ();
+    fn settled(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err(String::new()) }
+    }
+}
+
+impl<T> Settled for Option<T> {
+    type Value = T;
+    fn settled(self) -> Result<T, String> {
+        self.ok_or_else(String::new)
+    }
+}
+
+impl<T, E: std::fmt::Display> Settled for Result<T, E> {
+    type Value = T;
+    fn settled(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+fn timed_out(what: &str, deadline: Duration, last: &str) -> ! {
+    if last.is_empty() {
+        panic!("{what}: not within {deadline:?}")
+    }
+    panic!("{what}: not within {deadline:?}; last seen: {last}")
+}
+
+/// Polls `cond` (on `tokio::time`, every 5 ms) until it settles and returns
+/// its value; panics with `what` once `deadline` has passed. For states that
+/// no event announces; where a watch channel or an `AgentEvent` exists, wait
+/// on it instead.
+pub async fn eventually<S: Settled>(
+    what: &str,
+    deadline: Duration,
+    mut cond: impl AsyncFnMut() -> S,
+) -> S::Value {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        match cond().await.settled() {
+            Ok(v) => return v,
+            Err(last) if tokio::time::Instant::now() >= end => timed_out(what, deadline, &last),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// [`eventually`] for the synchronous process tests, every 100 ms (each try
+/// usually runs a command).
+pub fn eventually_blocking<S: Settled>(
+    what: &str,
+    deadline: Duration,
+    mut cond: impl FnMut() -> S,
+) -> S::Value {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        match cond().settled() {
+            Ok(v) => return v,
+            Err(last) if std::time::Instant::now() >= end => timed_out(what, deadline, &last),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
