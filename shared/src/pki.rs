@@ -821,4 +821,116 @@ mod tests {
             Err(PkiError::TooLarge)
         ));
     }
+
+    /// A key made by `genpkey_args` and a CSR signed with `req_args`, by the
+    /// openssl CLI: ring signs P-384 only with SHA-384 and P-256 only with
+    /// SHA-256, so the mixed pairs need another signer. `None` (the test
+    /// skips) when openssl is absent.
+    fn openssl_csr(dir: &std::path::Path, genpkey: &[&str], req: &[&str]) -> Option<Vec<u8>> {
+        use std::process::Command;
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("openssl is not installed: skipping the CSRs it builds");
+            return None;
+        }
+        let key = dir.join("k.der");
+        let csr = dir.join("c.der");
+        let run = |args: Vec<&str>| {
+            let out = Command::new("openssl")
+                .args(&args)
+                .output()
+                .expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let (k, c) = (key.to_str().expect("path"), csr.to_str().expect("path"));
+        run([&["genpkey"], genpkey, &["-outform", "DER", "-out", k]].concat());
+        run([
+            &[
+                "req", "-new", "-key", k, "-keyform", "DER", "-subj", "/CN=x",
+            ],
+            req,
+            &["-outform", "DER", "-out", c],
+        ]
+        .concat());
+        Some(std::fs::read(&csr).expect("csr"))
+    }
+
+    #[test]
+    fn the_key_type_comes_from_the_public_key_not_the_signature() {
+        use x509_parser::prelude::FromDer as _;
+        let p = pki();
+        let dir = tempfile::tempdir().expect("dir");
+        let ec = |curve: &'static str| -> Vec<&'static str> {
+            vec!["-algorithm", "EC", "-pkeyopt", curve]
+        };
+        let p256 = ec("ec_paramgen_curve:P-256");
+        let p384 = ec("ec_paramgen_curve:P-384");
+        let rsa = vec!["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+        let ed = vec!["-algorithm", "ED25519"];
+        let pss = |h: &'static str| {
+            vec![
+                h,
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:digest",
+            ]
+        };
+        let accepted: Vec<(&str, &Vec<&str>, Vec<&str>)> = vec![
+            ("P-256/SHA-256", &p256, vec!["-sha256"]),
+            ("P-256/SHA-384", &p256, vec!["-sha384"]),
+            ("P-384/SHA-256", &p384, vec!["-sha256"]),
+            ("P-384/SHA-384", &p384, vec!["-sha384"]),
+            ("Ed25519", &ed, vec![]),
+            ("RSA/SHA-256", &rsa, vec!["-sha256"]),
+            ("RSA/SHA-384", &rsa, vec!["-sha384"]),
+            ("RSA/SHA-512", &rsa, vec!["-sha512"]),
+            ("RSA-PSS/SHA-256", &rsa, pss("-sha256")),
+            ("RSA-PSS/SHA-512", &rsa, pss("-sha512")),
+        ];
+        for (what, genpkey, req) in accepted {
+            let Some(csr) = openssl_csr(dir.path(), genpkey, &req) else {
+                return;
+            };
+            check_csr(&csr).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let cert = p
+                .cache_ca
+                .issue(
+                    &csr,
+                    &id("spiffe://lattice.local/agent/eu/a"),
+                    Profile::TlsClient,
+                    p.now,
+                    Duration::from_secs(600),
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (_, req) =
+                x509_parser::certification_request::X509CertificationRequest::from_der(&csr)
+                    .expect("csr");
+            let (_, cert) = x509_parser::parse_x509_certificate(&cert).expect("cert");
+            assert_eq!(
+                cert.public_key().raw,
+                req.certification_request_info.subject_pki.raw,
+                "{what}: the certificate carries the request's key, labelled as it was"
+            );
+        }
+        let p521 = ec("ec_paramgen_curve:P-521");
+        let k256 = ec("ec_paramgen_curve:secp256k1");
+        let refused: Vec<(&str, &Vec<&str>, Vec<&str>)> = vec![
+            ("P-256/SHA-512", &p256, vec!["-sha512"]),
+            ("P-384/SHA-1", &p384, vec!["-sha1"]),
+            ("P-521/SHA-512", &p521, vec!["-sha512"]),
+            ("secp256k1/SHA-256", &k256, vec!["-sha256"]),
+            ("RSA/SHA-1", &rsa, vec!["-sha1"]),
+        ];
+        for (what, genpkey, req) in refused {
+            let Some(csr) = openssl_csr(dir.path(), genpkey, &req) else {
+                return;
+            };
+            let e = check_csr(&csr).expect_err(what);
+            assert!(matches!(e, PkiError::UnsupportedKey), "{what}: {e}");
+            assert!(
+                e.to_string().contains("P-384"),
+                "{what}: names what is supported: {e}"
+            );
+        }
+    }
 }

@@ -476,4 +476,37 @@ mod tests {
         assert!(set.is_agent_revoked(&agent));
         assert_eq!(set.len(), 1);
     }
+
+    fn token(sub: &str, iss: &str) -> crate::token::Claims {
+        crate::token::Claims {
+            iss: iss.into(),
+            sub: sub.into(),
+            aud: "https://api".into(),
+            scope: "read".into(),
+            jti: "j1".into(),
+            iat: 1000,
+            nbf: 1000,
+            exp: 1300,
+            cnf: None,
+            act: None,
+            parent_jtis: vec![],
+        }
+    }
+
+    #[test]
+    fn a_token_whose_sub_or_iss_does_not_parse_is_refused() {
+        let set = RevocationSet::default();
+        let (sub, iss) = ("spiffe://t/agent/eu/a", "spiffe://t/cache/eu/c");
+        assert!(set.check_token(&token(sub, iss)).is_ok());
+        for (sub, iss) in [
+            ("not an id", iss),
+            (sub, "not an id"),
+            (sub, "spiffe://t/agent/eu/b"),
+        ] {
+            assert!(
+                set.check_token(&token(sub, iss)).is_err(),
+                "sub {sub:?}, iss {iss:?} cannot be checked, so it is refused"
+            );
+        }
+    }
 }
