@@ -168,7 +168,7 @@ async fn a_bound_token_is_refused_with_another_agents_certificate() {
 
     // A genuine bound token verifies with its holder's chain.
     let t = l.agents[B].mint(AUDIENCE, &[], None).await.expect("mint");
-    v.verify_bound(&t.token, AUDIENCE, &chain_b[0])
+    v.verify_bound(&t.token, AUDIENCE, &chain_b)
         .await
         .expect("the holder's certificate");
 
@@ -177,7 +177,7 @@ async fn a_bound_token_is_refused_with_another_agents_certificate() {
     let mut claims = forge(&l, US, &us, &b, None);
     claims.cnf = Some(thumbprint(&chain_c[0]));
     let e = v
-        .verify_bound(&sign(&l, US, &claims), AUDIENCE, &chain_c[0])
+        .verify_bound(&sign(&l, US, &claims), AUDIENCE, &chain_c)
         .await
         .expect_err("c's certificate for b's token");
     assert!(matches!(e, VerifyError::NotBound(_)), "{e}");
@@ -186,7 +186,7 @@ async fn a_bound_token_is_refused_with_another_agents_certificate() {
     let mut claims = forge(&l, US, &us, &a, None);
     claims.cnf = Some(thumbprint(&chain_c[0]));
     let e = v
-        .verify_bound(&sign(&l, US, &claims), AUDIENCE, &chain_c[0])
+        .verify_bound(&sign(&l, US, &claims), AUDIENCE, &chain_c)
         .await
         .expect_err("an eu subject bound to a us certificate");
     assert!(
@@ -206,7 +206,7 @@ async fn a_bound_token_is_refused_when_the_certificates_issuing_ca_is_revoked() 
     let mut claims = forge(&l, US, &us, &b, None);
     claims.cnf = Some(thumbprint(&chain_b[0]));
     let token = sign(&l, US, &claims);
-    v.verify_bound(&token, AUDIENCE, &chain_b[0])
+    v.verify_bound(&token, AUDIENCE, &chain_b)
         .await
         .expect("bound to b's certificate");
 
@@ -217,7 +217,7 @@ async fn a_bound_token_is_refused_when_the_certificates_issuing_ca_is_revoked() 
     tokio::time::timeout(WAIT, v.follower().wait_applied(ev.seq))
         .await
         .expect("the verifier applies the revocation");
-    match v.verify_bound(&token, AUDIENCE, &chain_b[0]).await {
+    match v.verify_bound(&token, AUDIENCE, &chain_b).await {
         Err(VerifyError::Revoked(RevocationReason::ClientCertificate(m))) => {
             assert!(m.contains("issuing CA"), "{m}");
         }
