@@ -1,5 +1,6 @@
 //! Revocations: what can be revoked, the set of what has been, and the checks
-//! every enforcer (control plane, caches, agents) runs against it.
+//! every enforcer (control plane, caches, agents, `shared::verifier`) runs
+//! against it — for tokens, one rule ([`RevocationSet::check_token`]).
 
 use std::collections::{HashMap, HashSet};
 

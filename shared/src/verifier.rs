@@ -3,6 +3,15 @@
 //! stream under the caches' own freshness rule (design §4): when what it
 //! knows of revocations is older than `L`, it refuses (fails closed).
 //!
+//! A token is confined to the cache whose key signed it (known from the
+//! key's root-issued certificate in the JWKS, not from the token):
+//! `iss` names that cache, and `sub` and every `act` agent are agents of its
+//! trust domain and region ([`crate::token::check_confinement`]). A bound
+//! token is presented with its holder's chain, which must verify to the
+//! root and name `sub`; the leaf and its issuing CA are checked for
+//! revocation. The revocation rule itself is the shared one,
+//! [`RevocationSet::check_token`].
+//!
 //! Freshness is on the local monotonic clock only. A heartbeat received at
 //! local time `m` from a cache `s` ms past its last proof of freshness makes
 //! the follower fresh as of `m − s`; it is stale when

@@ -226,9 +226,9 @@ async fn a_bound_token_is_refused_when_the_certificates_issuing_ca_is_revoked() 
     l.shutdown().await;
 }
 
-/// A PKCS#8 key and a CSR signed with `hash`, made by the openssl CLI (ring
-/// signs P-384 only with SHA-384 and P-256 only with SHA-256). `None` when
-/// openssl is absent.
+/// A PKCS#8 key on `curve` and a CSR for it signed with `hash` by the
+/// openssl CLI (ring signs P-384 only with SHA-384 and P-256 only with
+/// SHA-256). `None` when openssl is absent.
 fn openssl_csr(dir: &Path, curve: &str, hash: &str) -> Option<(Vec<u8>, Vec<u8>)> {
     if Command::new("openssl").arg("version").output().is_err() {
         eprintln!("openssl is not installed: skipping the CSRs it builds");
@@ -243,18 +243,15 @@ fn openssl_csr(dir: &Path, curve: &str, hash: &str) -> Option<(Vec<u8>, Vec<u8>)
             .expect("openssl");
         assert!(out.status.success(), "openssl {args:?}: {out:?}");
     };
+    // The key comes from ring, which reads its own PKCS#8 back (it refuses
+    // OpenSSL's EC keys, which repeat the curve inside the key).
+    let alg = match curve {
+        "P-256" => &rcgen::PKCS_ECDSA_P256_SHA256,
+        _ => &rcgen::PKCS_ECDSA_P384_SHA384,
+    };
+    let pair = rcgen::KeyPair::generate_for(alg).expect("key");
+    std::fs::write(&key, pair.serialize_der()).expect("write key");
     let (k, c) = (key.to_str().expect("path"), csr.to_str().expect("path"));
-    run(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        &format!("ec_paramgen_curve:{curve}"),
-        "-outform",
-        "DER",
-        "-out",
-        k,
-    ]);
     run(&[
         "req",
         "-new",
