@@ -231,9 +231,14 @@ impl Sync {
     pub fn is_join_token_revoked(&self, hash: &[u8; 32]) -> bool {
         self.read().revocations.is_join_token_revoked(hash)
     }
-    /// Whether a token (or one it descends from) is revoked.
+    /// Whether a token (or one it descends from) is revoked: the shared
+    /// rule. Kept for the cache's exchange path until it switches to
+    /// `RevocationSet::check_token` and its `RevocationReason`.
     pub fn check_token(&self, c: &lattice_shared::token::Claims) -> Result<(), String> {
-        self.read().revocations.check_token(c)
+        self.read()
+            .revocations
+            .check_token(c, None)
+            .map_err(|r| r.to_string())
     }
     pub fn is_jti_revoked(&self, jti: &str) -> bool {
         self.read().revocations.is_jti_revoked(jti)

@@ -249,6 +249,16 @@ impl SpiffeId {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Whether this is an agent id that `cache` has authority over: an
+    /// agent of the cache's own trust domain and region. The confinement
+    /// rule for certificates and tokens alike.
+    pub fn is_agent_within(&self, cache: &SpiffeId) -> bool {
+        self.role() == Role::Agent
+            && cache.role() == Role::Cache
+            && self.trust_domain == cache.trust_domain
+            && self.region == cache.region
+    }
 }
 
 impl FromStr for SpiffeId {

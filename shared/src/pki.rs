@@ -11,11 +11,11 @@
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::id::{Role, SpiffeId, TrustDomain};
@@ -30,7 +30,9 @@ pub const MAX_DER_LEN: usize = 8 * 1024;
 pub enum PkiError {
     #[error("certificate request is malformed or its signature is invalid")]
     BadCsr,
-    #[error("certificate request uses an unsupported key type (want ECDSA P-256 or Ed25519)")]
+    #[error(
+        "certificate request uses an unsupported key or signature algorithm (supported: {SUPPORTED_CSR_ALGORITHMS})"
+    )]
     UnsupportedKey,
     #[error("certificate or request is larger than {MAX_DER_LEN} bytes")]
     TooLarge,
@@ -82,9 +84,6 @@ impl PrivateKey {
     pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
         Zeroizing::new(self.0.serialize_der())
     }
-    pub fn key_pair(&self) -> &KeyPair {
-        &self.0
-    }
     /// The raw public key (for Ed25519, the 32 bytes a JWK's `x` carries).
     pub fn public_key_raw(&self) -> &[u8] {
         self.0.public_key_raw()
@@ -101,6 +100,11 @@ impl PrivateKey {
     }
 }
 
+/// The (key, signature) pairs a certificate request may use: every pair that
+/// rcgen can label in a certificate and webpki (ring) can verify.
+pub const SUPPORTED_CSR_ALGORITHMS: &str = "ECDSA P-256 or P-384 keys signed with SHA-256 or SHA-384; \
+     Ed25519; RSA keys of 2048 to 8192 bits signed with PKCS#1 v1.5 or PSS and SHA-256, SHA-384 or SHA-512";
+
 /// Checks a certificate request (size, signature, key type) without issuing:
 /// callers check before consuming anything, such as a one-time join token.
 pub fn check_csr(csr_der: &[u8]) -> Result<(), PkiError> {
@@ -108,19 +112,58 @@ pub fn check_csr(csr_der: &[u8]) -> Result<(), PkiError> {
 }
 
 /// Parses a request, verifying its signature (proof of possession), and
-/// accepts only the key types we use.
-fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, PkiError> {
+/// returns the requested key. The key type comes from the request's
+/// SubjectPublicKeyInfo, never from its signature algorithm (rcgen's own
+/// CSR parser takes it from the signature, so a P-384 key signed with
+/// SHA-256 would be labelled P-256); the pair must be one of
+/// [`SUPPORTED_CSR_ALGORITHMS`].
+fn parse_csr(csr_der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, PkiError> {
+    use x509_parser::oid_registry as oid;
+    use x509_parser::prelude::FromDer as _;
     if csr_der.len() > MAX_DER_LEN {
         return Err(PkiError::TooLarge);
     }
-    let csr =
-        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+    let (rest, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
             .map_err(|_| PkiError::BadCsr)?;
-    let alg = csr.public_key.algorithm();
-    if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
+    if !rest.is_empty() {
+        return Err(PkiError::BadCsr);
+    }
+    let key = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|_| PkiError::UnsupportedKey)?;
+    let sig = &csr.signature_algorithm.algorithm;
+    let alg = rcgen::PublicKeyData::algorithm(&key);
+    let supported =
+        if alg == &rcgen::PKCS_ECDSA_P256_SHA256 || alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
+            [
+                oid::OID_SIG_ECDSA_WITH_SHA256,
+                oid::OID_SIG_ECDSA_WITH_SHA384,
+            ]
+            .contains(sig)
+        } else if alg == &rcgen::PKCS_ED25519 {
+            *sig == oid::OID_SIG_ED25519
+        } else if alg == &rcgen::PKCS_RSA_SHA256 {
+            // An rsaEncryption key. PSS parameters naming SHA-1 fail the
+            // signature check below as unsupported; ring refuses moduli outside
+            // 2048..=8192 bits.
+            [
+                oid::OID_PKCS1_SHA256WITHRSA,
+                oid::OID_PKCS1_SHA384WITHRSA,
+                oid::OID_PKCS1_SHA512WITHRSA,
+                oid::OID_PKCS1_RSASSAPSS,
+            ]
+            .contains(sig)
+        } else {
+            false
+        };
+    if !supported {
         return Err(PkiError::UnsupportedKey);
     }
-    Ok(csr)
+    csr.verify_signature().map_err(|e| match e {
+        x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => PkiError::UnsupportedKey,
+        _ => PkiError::BadCsr,
+    })?;
+    Ok(key)
 }
 
 /// What a certificate is for.
@@ -361,7 +404,7 @@ impl Authority {
         ttl: Duration,
         org_unit: Option<&str>,
     ) -> Result<Vec<u8>, PkiError> {
-        let csr = parse_csr(csr_der)?;
+        let key = parse_csr(csr_der)?;
         // The issuer's own scope rule, applied before signing as well as at
         // every verifier.
         let issuer_scope = if self.info.id.is_some() {
@@ -417,10 +460,7 @@ impl Authority {
                 };
             }
         }
-        Ok(params
-            .signed_by(&csr.public_key, &self.issuer)?
-            .der()
-            .to_vec())
+        Ok(params.signed_by(&key, &self.issuer)?.der().to_vec())
     }
 }
 
@@ -820,5 +860,117 @@ mod tests {
             ),
             Err(PkiError::TooLarge)
         ));
+    }
+
+    /// A key made by `genpkey_args` and a CSR signed with `req_args`, by the
+    /// openssl CLI: ring signs P-384 only with SHA-384 and P-256 only with
+    /// SHA-256, so the mixed pairs need another signer. `None` (the test
+    /// skips) when openssl is absent.
+    fn openssl_csr(dir: &std::path::Path, genpkey: &[&str], req: &[&str]) -> Option<Vec<u8>> {
+        use std::process::Command;
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("openssl is not installed: skipping the CSRs it builds");
+            return None;
+        }
+        let key = dir.join("k.der");
+        let csr = dir.join("c.der");
+        let run = |args: Vec<&str>| {
+            let out = Command::new("openssl")
+                .args(&args)
+                .output()
+                .expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let (k, c) = (key.to_str().expect("path"), csr.to_str().expect("path"));
+        run([&["genpkey"], genpkey, &["-outform", "DER", "-out", k]].concat());
+        run([
+            &[
+                "req", "-new", "-key", k, "-keyform", "DER", "-subj", "/CN=x",
+            ],
+            req,
+            &["-outform", "DER", "-out", c],
+        ]
+        .concat());
+        Some(std::fs::read(&csr).expect("csr"))
+    }
+
+    #[test]
+    fn the_key_type_comes_from_the_public_key_not_the_signature() {
+        use x509_parser::prelude::FromDer as _;
+        let p = pki();
+        let dir = tempfile::tempdir().expect("dir");
+        let ec = |curve: &'static str| -> Vec<&'static str> {
+            vec!["-algorithm", "EC", "-pkeyopt", curve]
+        };
+        let p256 = ec("ec_paramgen_curve:P-256");
+        let p384 = ec("ec_paramgen_curve:P-384");
+        let rsa = vec!["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+        let ed = vec!["-algorithm", "ED25519"];
+        let pss = |h: &'static str| {
+            vec![
+                h,
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:digest",
+            ]
+        };
+        let accepted: Vec<(&str, &Vec<&str>, Vec<&str>)> = vec![
+            ("P-256/SHA-256", &p256, vec!["-sha256"]),
+            ("P-256/SHA-384", &p256, vec!["-sha384"]),
+            ("P-384/SHA-256", &p384, vec!["-sha256"]),
+            ("P-384/SHA-384", &p384, vec!["-sha384"]),
+            ("Ed25519", &ed, vec![]),
+            ("RSA/SHA-256", &rsa, vec!["-sha256"]),
+            ("RSA/SHA-384", &rsa, vec!["-sha384"]),
+            ("RSA/SHA-512", &rsa, vec!["-sha512"]),
+            ("RSA-PSS/SHA-256", &rsa, pss("-sha256")),
+            ("RSA-PSS/SHA-512", &rsa, pss("-sha512")),
+        ];
+        for (what, genpkey, req) in accepted {
+            let Some(csr) = openssl_csr(dir.path(), genpkey, &req) else {
+                return;
+            };
+            check_csr(&csr).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let cert = p
+                .cache_ca
+                .issue(
+                    &csr,
+                    &id("spiffe://lattice.local/agent/eu/a"),
+                    Profile::TlsClient,
+                    p.now,
+                    Duration::from_secs(600),
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (_, req) =
+                x509_parser::certification_request::X509CertificationRequest::from_der(&csr)
+                    .expect("csr");
+            let (_, cert) = x509_parser::parse_x509_certificate(&cert).expect("cert");
+            assert_eq!(
+                cert.public_key().raw,
+                req.certification_request_info.subject_pki.raw,
+                "{what}: the certificate carries the request's key, labelled as it was"
+            );
+        }
+        let p521 = ec("ec_paramgen_curve:P-521");
+        let k256 = ec("ec_paramgen_curve:secp256k1");
+        let refused: Vec<(&str, &Vec<&str>, Vec<&str>)> = vec![
+            ("P-256/SHA-512", &p256, vec!["-sha512"]),
+            ("P-384/SHA-1", &p384, vec!["-sha1"]),
+            ("P-521/SHA-512", &p521, vec!["-sha512"]),
+            ("secp256k1/SHA-256", &k256, vec!["-sha256"]),
+            ("RSA/SHA-1", &rsa, vec!["-sha1"]),
+        ];
+        for (what, genpkey, req) in refused {
+            let Some(csr) = openssl_csr(dir.path(), genpkey, &req) else {
+                return;
+            };
+            let e = check_csr(&csr).expect_err(what);
+            assert!(matches!(e, PkiError::UnsupportedKey), "{what}: {e}");
+            assert!(
+                e.to_string().contains("P-384"),
+                "{what}: names what is supported: {e}"
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Revocations: what can be revoked, the set of what has been, and the checks
-//! every enforcer (control plane, caches, agents) runs against it.
+//! every enforcer (control plane, caches, agents, `shared::verifier`) runs
+//! against it — for tokens, one rule ([`RevocationSet::check_token`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -30,6 +31,30 @@ pub enum Target {
         name: String,
         version: u64,
     },
+}
+
+/// Why a token is refused as revoked. The text names only what the holder
+/// of the token already knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevocationReason {
+    #[error("token {0} has been revoked")]
+    Token(String),
+    #[error("token {0}, which this token was delegated from, has been revoked")]
+    Parent(String),
+    #[error("agent {0} has been revoked")]
+    Agent(SpiffeId),
+    #[error("credentials of {0} issued before the cutoff have been revoked")]
+    Cutoff(SpiffeId),
+    #[error("issuing cache {0} has been revoked")]
+    Issuer(SpiffeId),
+    #[error("the signing key certificate {0} has been revoked")]
+    SigningKey(String),
+    #[error("the client certificate: {0}")]
+    ClientCertificate(String),
+    /// A principal of the token does not parse, so its revocations cannot
+    /// be looked up: refused (fail closed).
+    #[error("the token cannot be checked for revocation: {0}")]
+    Unreadable(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,33 +264,58 @@ impl RevocationSet {
             .is_some_and(|cut| issued_at_unix < *cut)
     }
 
-    /// Checks a token's claims against every rule: its own `jti`, the
-    /// tokens it was delegated from (the cascade), its subject (revoked, or
-    /// cut off before the token was issued) and its issuing cache.
-    pub fn check_token(&self, c: &crate::token::Claims) -> Result<(), String> {
+    /// The one token-revocation rule, for every enforcer (the cache's
+    /// exchange path, `shared::verifier`): the token's own `jti`, the tokens
+    /// it was delegated from (the cascade), every principal of it — the
+    /// subject, then the agent of each actor of its delegation chain —
+    /// revoked or cut off before `iat`, its issuing cache, and the
+    /// certificate of the key that signed it (`signer_serial`, hex, when the
+    /// caller knows it). A `sub`, actor or `iss` that does not parse cannot
+    /// be checked, so the token is refused ([`RevocationReason::Unreadable`]).
+    pub fn check_token(
+        &self,
+        c: &crate::token::Claims,
+        signer_serial: Option<&str>,
+    ) -> Result<(), RevocationReason> {
         if self.jtis.contains(&c.jti) {
-            return Err(format!("token {} has been revoked", c.jti));
+            return Err(RevocationReason::Token(c.jti.clone()));
         }
         if let Some(p) = c.parent_jtis.iter().find(|p| self.jtis.contains(*p)) {
-            return Err(format!(
-                "token {p}, which token {} was delegated from, has been revoked",
-                c.jti
-            ));
+            return Err(RevocationReason::Parent(p.clone()));
         }
-        if let Ok(sub) = SpiffeId::parse(&c.sub) {
-            if self.agents.contains(&sub) {
-                return Err(format!("{sub} has been revoked"));
+        let unreadable = |what: &str| Err(RevocationReason::Unreadable(what.to_owned()));
+        let Ok(sub) = SpiffeId::parse(&c.sub) else {
+            return unreadable("sub is not a SPIFFE id");
+        };
+        let mut principals = vec![sub];
+        let mut actor = c.act.as_ref();
+        while let Some(a) = actor {
+            // `AGENT_ID/ACTOR`: the sub-agent acts for that agent.
+            let Some(id) = a.agent() else {
+                return unreadable("the agent of act.sub is not a SPIFFE id");
+            };
+            principals.push(id);
+            actor = a.act.as_deref();
+        }
+        for id in principals {
+            if self.agents.contains(&id) {
+                return Err(RevocationReason::Agent(id));
             }
-            if self.issued_before_cutoff(&sub, c.iat) {
-                return Err(format!(
-                    "credentials of {sub} issued before the revocation cut-off are revoked"
-                ));
+            if self.issued_before_cutoff(&id, c.iat) {
+                return Err(RevocationReason::Cutoff(id));
             }
         }
-        if let Ok(iss) = SpiffeId::parse(&c.iss)
-            && self.caches.contains(&iss)
-        {
-            return Err(format!("issuing cache {iss} has been revoked"));
+        let Ok(iss) = SpiffeId::parse(&c.iss) else {
+            return unreadable("iss is not a SPIFFE id");
+        };
+        if iss.role() != Role::Cache {
+            return unreadable("iss is not a cache id");
+        }
+        if self.caches.contains(&iss) {
+            return Err(RevocationReason::Issuer(iss));
+        }
+        if let Some(serial) = signer_serial.filter(|s| self.serials.contains(*s)) {
+            return Err(RevocationReason::SigningKey(serial.to_owned()));
         }
         Ok(())
     }
@@ -475,5 +525,41 @@ mod tests {
         assert!(set.check_cert(&cert, None).is_err());
         assert!(set.is_agent_revoked(&agent));
         assert_eq!(set.len(), 1);
+    }
+
+    fn token(sub: &str, iss: &str) -> crate::token::Claims {
+        crate::token::Claims {
+            iss: iss.into(),
+            sub: sub.into(),
+            aud: "https://api".into(),
+            scope: "read".into(),
+            jti: "j1".into(),
+            iat: 1000,
+            nbf: 1000,
+            exp: 1300,
+            cnf: None,
+            act: None,
+            parent_jtis: vec![],
+        }
+    }
+
+    #[test]
+    fn a_token_whose_sub_or_iss_does_not_parse_is_refused() {
+        let set = RevocationSet::default();
+        let (sub, iss) = ("spiffe://t/agent/eu/a", "spiffe://t/cache/eu/c");
+        assert!(set.check_token(&token(sub, iss), None).is_ok());
+        for (sub, iss) in [
+            ("not an id", iss),
+            (sub, "not an id"),
+            (sub, "spiffe://t/agent/eu/b"),
+        ] {
+            assert!(
+                matches!(
+                    set.check_token(&token(sub, iss), None),
+                    Err(RevocationReason::Unreadable(_))
+                ),
+                "sub {sub:?}, iss {iss:?} cannot be checked, so it is refused"
+            );
+        }
     }
 }

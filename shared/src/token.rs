@@ -21,7 +21,7 @@ use jsonwebtoken::jwk::{
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{SharedClock, unix_secs};
-use crate::id::SpiffeId;
+use crate::id::{Role, SpiffeId};
 use crate::pki::{TrustBundle, Usage};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,9 @@ pub enum TokenError {
     NotYetValid,
     #[error("token issuer {iss} does not match the certificate of key {kid}")]
     WrongIssuer { iss: String, kid: String },
+    /// The token names a principal its issuing cache has no authority over.
+    #[error("token reaches outside its issuing cache's authority: {0}")]
+    NotConfined(String),
 }
 
 /// Longest token accepted anywhere.
@@ -109,6 +112,48 @@ impl Claims {
     pub fn scopes(&self) -> Vec<&str> {
         self.scope.split(' ').filter(|s| !s.is_empty()).collect()
     }
+}
+
+/// The confinement rule for tokens, as [`crate::pki::check_issuance_scope`]
+/// is for certificates: a cache speaks only for the agents of its own trust
+/// domain and region. `issuer` is the cache the root certified the signing
+/// key for (from the key's certificate, not from the token): `iss` must name
+/// it, and `sub` and the agent of every `act` link must be agents in its
+/// scope — never an admin, a cache, the control plane or another region's
+/// agent.
+pub fn check_confinement(claims: &Claims, issuer: &SpiffeId) -> Result<(), TokenError> {
+    let outside = |m: String| Err(TokenError::NotConfined(m));
+    if issuer.role() != Role::Cache {
+        return outside(format!("{issuer} is not a cache"));
+    }
+    if claims.iss != issuer.as_str() {
+        return outside(format!(
+            "iss {} is not the cache that signed the token",
+            claims.iss
+        ));
+    }
+    let sub = SpiffeId::parse(&claims.sub)
+        .map_err(|_| TokenError::Malformed("sub is not a SPIFFE id".into()))?;
+    if !sub.is_agent_within(issuer) {
+        return outside(format!(
+            "{sub} is not an agent of {issuer}'s trust domain and region"
+        ));
+    }
+    let mut actor = claims.act.as_ref();
+    while let Some(a) = actor {
+        let Some(agent) = a.agent() else {
+            return Err(TokenError::Malformed(
+                "the agent of act.sub is not a SPIFFE id".into(),
+            ));
+        };
+        if !agent.is_agent_within(issuer) {
+            return outside(format!(
+                "actor {agent} is not an agent of {issuer}'s trust domain and region"
+            ));
+        }
+        actor = a.act.as_deref();
+    }
+    Ok(())
 }
 
 /// RFC 7638 thumbprint of an Ed25519 public key: the `kid` of its JWK.
@@ -307,5 +352,95 @@ impl TokenVerifier {
             });
         }
         Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).expect("valid id")
+    }
+
+    fn claims(iss: &str, sub: &str, act: Option<Actor>) -> Claims {
+        Claims {
+            iss: iss.into(),
+            sub: sub.into(),
+            aud: "https://api".into(),
+            scope: "read".into(),
+            jti: "j".into(),
+            iat: 0,
+            nbf: 0,
+            exp: 1,
+            cnf: None,
+            act,
+            parent_jtis: vec![],
+        }
+    }
+
+    #[test]
+    fn a_token_is_confined_to_its_signing_caches_region() {
+        let us = id("spiffe://t/cache/us/c1");
+        let iss = us.as_str();
+        let actor = |sub: &str| {
+            Some(Actor {
+                sub: sub.into(),
+                act: None,
+            })
+        };
+        assert!(check_confinement(&claims(iss, "spiffe://t/agent/us/b", None), &us).is_ok());
+        assert!(
+            check_confinement(
+                &claims(
+                    iss,
+                    "spiffe://t/agent/us/b",
+                    actor("spiffe://t/agent/us/c/planner")
+                ),
+                &us
+            )
+            .is_ok()
+        );
+        for (what, c) in [
+            ("another region", claims(iss, "spiffe://t/agent/eu/a", None)),
+            (
+                "another trust domain",
+                claims(iss, "spiffe://o/agent/us/b", None),
+            ),
+            ("an admin", claims(iss, "spiffe://t/admin/bootstrap", None)),
+            ("the control plane", claims(iss, "spiffe://t/cp/main", None)),
+            ("a cache", claims(iss, "spiffe://t/cache/us/c1", None)),
+            (
+                "another region's actor",
+                claims(
+                    iss,
+                    "spiffe://t/agent/us/b",
+                    actor("spiffe://t/agent/eu/a/planner"),
+                ),
+            ),
+            (
+                "another cache's iss",
+                claims("spiffe://t/cache/us/c2", "spiffe://t/agent/us/b", None),
+            ),
+        ] {
+            assert!(
+                matches!(check_confinement(&c, &us), Err(TokenError::NotConfined(_))),
+                "{what}"
+            );
+        }
+        for c in [
+            claims(iss, "not an id", None),
+            claims(iss, "spiffe://t/agent/us/b", actor("garbage")),
+        ] {
+            assert!(matches!(
+                check_confinement(&c, &us),
+                Err(TokenError::Malformed(_))
+            ));
+        }
+        let agent = id("spiffe://t/agent/us/b");
+        assert!(matches!(
+            check_confinement(&claims(agent.as_str(), agent.as_str(), None), &agent),
+            Err(TokenError::NotConfined(_))
+        ));
     }
 }

@@ -3,6 +3,15 @@
 //! stream under the caches' own freshness rule (design §4): when what it
 //! knows of revocations is older than `L`, it refuses (fails closed).
 //!
+//! A token is confined to the cache whose key signed it (known from the
+//! key's root-issued certificate in the JWKS, not from the token):
+//! `iss` names that cache, and `sub` and every `act` agent are agents of its
+//! trust domain and region ([`crate::token::check_confinement`]). A bound
+//! token is presented with its holder's chain, which must verify to the
+//! root and name `sub`; the leaf and its issuing CA are checked for
+//! revocation. The revocation rule itself is the shared one,
+//! [`RevocationSet::check_token`].
+//!
 //! Freshness is on the local monotonic clock only. A heartbeat received at
 //! local time `m` from a cache `s` ms past its last proof of freshness makes
 //! the follower fresh as of `m − s`; it is stale when
@@ -24,11 +33,12 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::clock::SharedClock;
-use crate::id::{Role, SpiffeId};
-use crate::pki::{CertInfo, TrustBundle};
+use crate::id::SpiffeId;
+use crate::pki::{CertInfo, TrustBundle, Usage};
 use crate::proto::{self as pb, cache_client::CacheClient};
+pub use crate::revocation::RevocationReason;
 use crate::revocation::{Revocation, RevocationSet};
-use crate::token::{Actor, Claims, TokenError, TokenVerifier};
+use crate::token::{Claims, TokenError, TokenVerifier};
 
 /// The caches' default `L`.
 pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(5);
@@ -47,26 +57,6 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_JWKS_BYTES: usize = crate::limits::MAX_SYNC_MESSAGE_BYTES;
 pub const MAX_JWKS_KEYS: usize = 1024;
-
-/// Why a token is refused as revoked. The text names only what the holder
-/// of the token already knows.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RevocationReason {
-    #[error("token {0} has been revoked")]
-    Token(String),
-    #[error("token {0}, which this token was delegated from, has been revoked")]
-    Parent(String),
-    #[error("agent {0} has been revoked")]
-    Agent(SpiffeId),
-    #[error("credentials of {0} issued before the cutoff have been revoked")]
-    Cutoff(SpiffeId),
-    #[error("issuing cache {0} has been revoked")]
-    Issuer(SpiffeId),
-    #[error("the signing key certificate {0} has been revoked")]
-    SigningKey(String),
-    #[error("the client certificate: {0}")]
-    ClientCertificate(String),
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -97,6 +87,16 @@ fn describe_staleness(ms: Option<u64>) -> String {
     match ms {
         Some(ms) => format!("last fresh {ms} ms ago"),
         None => "never fresh".into(),
+    }
+}
+
+impl From<RevocationReason> for VerifyError {
+    /// A token whose principals do not parse is malformed, not revoked.
+    fn from(r: RevocationReason) -> Self {
+        match r {
+            RevocationReason::Unreadable(m) => VerifyError::Token(TokenError::Malformed(m)),
+            r => VerifyError::Revoked(r),
+        }
     }
 }
 
@@ -199,21 +199,22 @@ impl FollowerState {
         self.status.fresh_as_of.map(|f| now.saturating_sub(f))
     }
 
-    /// Freshness, then every revocation rule (the client certificate's
-    /// too, when one is given). One read of the state decides.
+    /// Freshness, then every revocation rule (the client certificate's and
+    /// its issuing CA's too, when one is given). One read of the state
+    /// decides.
     fn check(
         &self,
         now: Duration,
         max: Duration,
         claims: &Claims,
         signer_serial: Option<&str>,
-        client_cert: Option<&CertInfo>,
+        client_cert: Option<&ClientCert>,
     ) -> Result<(), VerifyError> {
         self.check_fresh(now, max)?;
-        check_revocations(&self.set, claims, signer_serial)?;
-        if let Some(cert) = client_cert {
+        self.set.check_token(claims, signer_serial)?;
+        if let Some(c) = client_cert {
             self.set
-                .check_cert(cert, None)
+                .check_cert(&c.leaf, Some(&c.issuer))
                 .map_err(|e| VerifyError::Revoked(RevocationReason::ClientCertificate(e)))?;
         }
         Ok(())
@@ -231,64 +232,12 @@ impl FollowerState {
     }
 }
 
-/// Checks verified claims against every revocation rule that applies to a
-/// token: its `jti`, the tokens it descends from, its subject (revoked, or
-/// cut off before `iat`), every actor of its delegation chain, its issuing
-/// cache and the certificate of the key that signed it.
-fn check_revocations(
-    set: &RevocationSet,
-    claims: &Claims,
-    signer_serial: Option<&str>,
-) -> Result<(), VerifyError> {
-    let revoked = |r| Err(VerifyError::Revoked(r));
-    if set.is_jti_revoked(&claims.jti) {
-        return revoked(RevocationReason::Token(claims.jti.clone()));
-    }
-    if let Some(p) = claims.parent_jtis.iter().find(|p| set.is_jti_revoked(p)) {
-        return revoked(RevocationReason::Parent(p.clone()));
-    }
-    let malformed = |what: &str| {
-        Err(VerifyError::Token(TokenError::Malformed(format!(
-            "{what} is not a SPIFFE id"
-        ))))
-    };
-    let Ok(sub) = SpiffeId::parse(&claims.sub) else {
-        return malformed("sub");
-    };
-    // Every principal in the chain: the subject, then each actor.
-    let mut principals = vec![sub];
-    let mut actor: Option<&Actor> = claims.act.as_ref();
-    while let Some(a) = actor {
-        // `AGENT_ID/ACTOR`: the sub-agent acts for that agent.
-        let Some(id) = a.agent() else {
-            return malformed("the agent of act.sub");
-        };
-        principals.push(id);
-        actor = a.act.as_deref();
-    }
-    for id in principals {
-        if set.is_agent_revoked(&id) {
-            return revoked(RevocationReason::Agent(id));
-        }
-        if set.issued_before_cutoff(&id, claims.iat) {
-            return revoked(RevocationReason::Cutoff(id));
-        }
-    }
-    let Ok(iss) = SpiffeId::parse(&claims.iss) else {
-        return malformed("iss");
-    };
-    if iss.role() != Role::Cache {
-        return Err(VerifyError::Token(TokenError::Malformed(
-            "iss is not a cache id".into(),
-        )));
-    }
-    if set.is_cache_revoked(&iss) {
-        return revoked(RevocationReason::Issuer(iss));
-    }
-    if let Some(serial) = signer_serial.filter(|s| set.is_serial_revoked(s)) {
-        return revoked(RevocationReason::SigningKey(serial.to_owned()));
-    }
-    Ok(())
+/// A client certificate a bound token was presented with, verified to the
+/// root: the leaf and the cache CA that issued it.
+#[derive(Debug, Clone)]
+struct ClientCert {
+    leaf: CertInfo,
+    issuer: CertInfo,
 }
 
 #[derive(Debug)]
@@ -419,7 +368,7 @@ impl RevocationFollower {
         &self,
         claims: &Claims,
         signer_serial: Option<&str>,
-        client_cert: Option<&CertInfo>,
+        client_cert: Option<&ClientCert>,
     ) -> Result<(), VerifyError> {
         let now = self.shared.clock.monotonic();
         self.shared.read().check(
@@ -549,9 +498,21 @@ impl Default for VerifierConfig {
 #[derive(Debug)]
 struct Keys {
     tokens: TokenVerifier,
-    /// kid → serial (hex) of the key's certificate, for revocation checks.
-    signer_serials: HashMap<String, String>,
+    /// kid → what the key's certificate says of its signer.
+    signers: HashMap<String, Signer>,
     generation: u64,
+}
+
+/// The certificate of a signing key, as read from the JWKS `x5c` (the
+/// token verifier verifies it to the root before any token it signed is
+/// accepted).
+#[derive(Debug, Clone)]
+struct Signer {
+    /// Serial (hex), for revocation checks.
+    serial: String,
+    /// The cache the root certified the key for: a token it signed is
+    /// confined to that cache's trust domain and region.
+    cache: Option<SpiffeId>,
 }
 
 #[derive(Debug, Clone)]
@@ -572,18 +533,18 @@ impl KeySource {
         metrics::counter!("lattice_verifier_jwks_fetches_total",
             "outcome" => if r.is_ok() { "ok" } else { "failed" })
         .increment(1);
-        let (jwks, signer_serials) = r?;
+        let (jwks, signers) = r?;
         let mut g = self.keys.write().unwrap_or_else(|p| p.into_inner());
         let generation = g.generation + 1;
         *g = Arc::new(Keys {
             tokens: TokenVerifier::new(jwks, self.bundle.clone(), self.clock.clone()),
-            signer_serials,
+            signers,
             generation,
         });
         Ok(())
     }
 
-    async fn fetch(&self) -> Result<(JwkSet, HashMap<String, String>), VerifyError> {
+    async fn fetch(&self) -> Result<(JwkSet, HashMap<String, Signer>), VerifyError> {
         let unavailable = |m: String| VerifyError::Cache(m);
         let mut client = self.client.clone();
         let json = tokio::time::timeout(JWKS_TIMEOUT, client.jwks(pb::JwksRequest {}))
@@ -602,7 +563,7 @@ impl KeySource {
         }
         // Keys without a readable certificate stay in the set: the token
         // verifier refuses them.
-        let serials = jwks
+        let signers = jwks
             .keys
             .iter()
             .filter_map(|k| {
@@ -610,10 +571,15 @@ impl KeySource {
                 let der = base64::engine::general_purpose::STANDARD
                     .decode(k.common.x509_chain.as_ref()?.first()?)
                     .ok()?;
-                Some((kid, crate::pki::inspect(&der).ok()?.serial_hex))
+                let info = crate::pki::inspect(&der).ok()?;
+                let signer = Signer {
+                    serial: info.serial_hex,
+                    cache: info.id,
+                };
+                Some((kid, signer))
             })
             .collect();
-        Ok((jwks, serials))
+        Ok((jwks, signers))
     }
 }
 
@@ -653,7 +619,7 @@ impl Verifier {
             clock: clock.clone(),
             keys: Arc::new(RwLock::new(Arc::new(Keys {
                 tokens: TokenVerifier::new(JwkSet { keys: vec![] }, bundle, clock.clone()),
-                signer_serials: HashMap::new(),
+                signers: HashMap::new(),
                 generation: 0,
             }))),
         };
@@ -702,14 +668,18 @@ impl Verifier {
 
     /// As [`Verifier::verify`], and the token must be bound (RFC 8705
     /// `cnf.x5t#S256`) to the client certificate the caller presented on
-    /// this connection (DER), which must not be revoked either.
-    pub async fn verify_bound(
+    /// this connection. `peer_chain` is that chain as presented (leaf first,
+    /// then the issuing cache's CA: what rustls's `peer_certificates()`
+    /// returns). The chain must verify to the root, the leaf must name the
+    /// token's `sub`, and neither it nor the CA that issued it may be revoked.
+    pub async fn verify_bound<C: AsRef<[u8]>>(
         &self,
         token: &str,
         audience: &str,
-        peer_cert_der: &[u8],
+        peer_chain: &[C],
     ) -> Result<Claims, VerifyError> {
-        self.record(self.decide(token, audience, Some(peer_cert_der)).await)
+        let chain: Vec<&[u8]> = peer_chain.iter().map(AsRef::as_ref).collect();
+        self.record(self.decide(token, audience, Some(&chain)).await)
     }
 
     fn record(&self, r: Result<Claims, VerifyError>) -> Result<Claims, VerifyError> {
@@ -732,7 +702,7 @@ impl Verifier {
         &self,
         token: &str,
         audience: &str,
-        peer_cert_der: Option<&[u8]>,
+        peer_chain: Option<&[&[u8]]>,
     ) -> Result<Claims, VerifyError> {
         let mut keys = self.inner.keys.current();
         let claims = match keys.tokens.verify(token, audience) {
@@ -744,32 +714,71 @@ impl Verifier {
             }
             r => r?,
         };
-        let client_cert = match peer_cert_der {
+        // Verified above, so the header decodes and names a key we hold,
+        // whose certificate the root issued to a cache.
+        let kid = jsonwebtoken::decode_header(token)
+            .ok()
+            .and_then(|h| h.kid)
+            .unwrap_or_default();
+        let signer = keys.signers.get(&kid);
+        let cache = signer
+            .and_then(|s| s.cache.as_ref())
+            .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+        crate::token::check_confinement(&claims, cache)?;
+        let client_cert = match peer_chain {
             None => None,
-            Some(der) => {
-                let cnf = claims
-                    .cnf
-                    .as_ref()
-                    .ok_or(VerifyError::NotBound("the token carries no cnf"))?;
-                let info = crate::pki::inspect(der)
-                    .map_err(|_| VerifyError::NotBound("the client certificate is unreadable"))?;
-                if info.thumbprint_b64() != cnf.x5t_s256 {
-                    return Err(VerifyError::NotBound(
-                        "the token was issued for another certificate",
-                    ));
-                }
-                Some(info)
-            }
+            Some(chain) => Some(self.bound_certificate(&claims, chain)?),
         };
-        // Verified above, so the header decodes and names a key we hold.
-        let kid = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid);
-        let signer_serial = kid.and_then(|k| keys.signer_serials.get(&k));
         self.inner.follower.check_with(
             &claims,
-            signer_serial.map(String::as_str),
+            signer.map(|s| s.serial.as_str()),
             client_cert.as_ref(),
         )?;
         Ok(claims)
+    }
+
+    /// The client certificate of a bound token: the chain verifies to the
+    /// root (so its issuing CA is known for revocation checks), its leaf is
+    /// the one `cnf` names and it names the token's subject.
+    fn bound_certificate(
+        &self,
+        claims: &Claims,
+        chain: &[&[u8]],
+    ) -> Result<ClientCert, VerifyError> {
+        let cnf = claims
+            .cnf
+            .as_ref()
+            .ok_or(VerifyError::NotBound("the token carries no cnf"))?;
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(VerifyError::NotBound("no client certificate was presented"))?;
+        let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = intermediates
+            .iter()
+            .map(|c| rustls_pki_types::CertificateDer::from(*c))
+            .collect();
+        let keys = &self.inner.keys;
+        let (leaf, issuer) = keys
+            .bundle
+            .verify_path(leaf, &intermediates, keys.clock.now(), Usage::TlsClient)
+            .map_err(|e| {
+                tracing::debug!(error = %e, "a bound token's client certificate does not verify");
+                VerifyError::NotBound("the client certificate chain does not verify")
+            })?;
+        if leaf.thumbprint_b64() != cnf.x5t_s256 {
+            return Err(VerifyError::NotBound(
+                "the token was issued for another certificate",
+            ));
+        }
+        if leaf.id.as_ref().map(SpiffeId::as_str) != Some(claims.sub.as_str()) {
+            return Err(VerifyError::NotBound(
+                "the client certificate names another subject than the token",
+            ));
+        }
+        // The scope rule admits agent leaves from a cache CA only.
+        let issuer = issuer.ok_or(VerifyError::NotBound(
+            "the client certificate was not issued by a cache",
+        ))?;
+        Ok(ClientCert { leaf, issuer })
     }
 
     /// Fetches the JWKS for a token naming a key we do not hold, at most
@@ -840,6 +849,15 @@ mod tests {
             cache_staleness_ms: staleness_ms,
         })
         .expect("a heartbeat is valid")
+    }
+
+    /// The shared rule, as the verifier reports it.
+    fn check_revocations(
+        set: &RevocationSet,
+        claims: &Claims,
+        signer_serial: Option<&str>,
+    ) -> Result<(), VerifyError> {
+        Ok(set.check_token(claims, signer_serial)?)
     }
 
     fn reason(r: Result<(), VerifyError>) -> RevocationReason {
@@ -919,6 +937,7 @@ mod tests {
 
     #[test]
     fn a_token_is_refused_when_it_or_any_parent_is_revoked() {
+        use crate::token::Actor;
         let mut c = claims();
         let empty = RevocationSet::default();
         assert!(check_revocations(&empty, &c, None).is_ok());
@@ -956,6 +975,7 @@ mod tests {
 
     #[test]
     fn subjects_actors_issuers_and_signing_keys_are_checked() {
+        use crate::token::Actor;
         let mut c = claims();
         let a = id("spiffe://t/agent/eu/a");
         assert_eq!(
@@ -1045,8 +1065,8 @@ mod tests {
     }
 
     #[test]
-    fn a_revoked_client_certificate_is_refused() {
-        let mut cert = CertInfo {
+    fn a_revoked_client_certificate_or_its_issuing_ca_is_refused() {
+        let mut leaf = CertInfo {
             id: Some(id("spiffe://t/agent/eu/a")),
             serial_hex: "aa".into(),
             not_before: std::time::UNIX_EPOCH,
@@ -1057,18 +1077,48 @@ mod tests {
             eku_server_auth: false,
             org_unit: None,
         };
+        let mut issuer = leaf.clone();
+        issuer.id = Some(id("spiffe://t/cache/eu/c1"));
+        issuer.serial_hex = "ca".into();
+        issuer.is_ca = true;
+        let mut set = revoked(Target::CertSerial("aa".into()));
+        set.apply(&Revocation {
+            target: Target::CertSerial("ca".into()),
+            reason: String::new(),
+        });
         let mut st = FollowerState {
-            set: revoked(Target::CertSerial("aa".into())),
+            set,
             status: FollowerStatus::default(),
         };
         st.on_notice(Duration::from_secs(60), &heartbeat(1, 0));
         let now = Duration::from_secs(60);
         assert!(st.check(now, L, &claims(), None, None).is_ok());
-        assert!(matches!(
-            st.check(now, L, &claims(), None, Some(&cert)),
-            Err(VerifyError::Revoked(RevocationReason::ClientCertificate(_)))
-        ));
-        cert.serial_hex = "bb".into();
-        assert!(st.check(now, L, &claims(), None, Some(&cert)).is_ok());
+        let cert = |leaf: &CertInfo, issuer: &CertInfo| ClientCert {
+            leaf: leaf.clone(),
+            issuer: issuer.clone(),
+        };
+        let refused = |r| {
+            matches!(
+                r,
+                Err(VerifyError::Revoked(RevocationReason::ClientCertificate(_)))
+            )
+        };
+        assert!(refused(st.check(
+            now,
+            L,
+            &claims(),
+            None,
+            Some(&cert(&leaf, &issuer))
+        )));
+        leaf.serial_hex = "bb".into();
+        assert!(
+            refused(st.check(now, L, &claims(), None, Some(&cert(&leaf, &issuer)))),
+            "the issuing CA is revoked"
+        );
+        issuer.serial_hex = "cb".into();
+        assert!(
+            st.check(now, L, &claims(), None, Some(&cert(&leaf, &issuer)))
+                .is_ok()
+        );
     }
 }

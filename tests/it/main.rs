@@ -3,6 +3,7 @@
 //! `tests/metrics.rs` stays a binary of its own: the metrics recorder is
 //! process-wide, and other modules' lattices would write into it.
 
+mod adversary;
 mod agent_runtime;
 mod audit;
 mod common;

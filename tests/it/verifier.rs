@@ -91,11 +91,12 @@ async fn a_minted_token_verifies_until_it_or_its_agent_is_revoked() {
     assert!(!e.is_unavailable());
 
     // RFC 8705: bound to the agent's certificate, not the service's.
-    v.verify_bound(&t.token, AUDIENCE, &agent.chain().leaf)
+    let (held, other) = (agent.chain(), svc.chain());
+    v.verify_bound(&t.token, AUDIENCE, &[held.leaf, held.intermediate])
         .await
         .expect("the holder's certificate");
     let e = v
-        .verify_bound(&t.token, AUDIENCE, &svc.chain().leaf)
+        .verify_bound(&t.token, AUDIENCE, &[other.leaf, other.intermediate])
         .await
         .expect_err("another certificate");
     assert!(matches!(e, VerifyError::NotBound(_)), "{e}");
