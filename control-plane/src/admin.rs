@@ -21,8 +21,8 @@ use lattice_shared::proto::{self as pb, admin_server::Admin};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::admin_trail;
 use crate::approval::{self, NewPending};
-use crate::audit;
 use crate::policy::{NewRelease, push_again, with_any_approval};
 use crate::service::{Service, blocking, require_role};
 use crate::{Error, join};
@@ -62,9 +62,9 @@ fn check_message(m: &str) -> Result<(), Status> {
 
 impl Service {
     /// Writes an admin trail record durably.
-    async fn trail(&self, r: audit::AdminRecord) -> Result<(), Status> {
+    async fn trail(&self, r: admin_trail::AdminRecord) -> Result<(), Status> {
         let state = self.state.clone();
-        blocking(move || audit::record(&state, &r)).await
+        blocking(move || admin_trail::record(&state, &r)).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -72,13 +72,13 @@ impl Service {
         &self,
         c: &Caller,
         action: AdminAction,
-        outcome: audit::Outcome,
+        outcome: admin_trail::Outcome,
         decided: &lattice_shared::policy::Outcome,
         approved_by: Option<&SpiffeId>,
         request_id: Option<&str>,
         summary: &str,
-    ) -> audit::AdminRecord {
-        audit::AdminRecord {
+    ) -> admin_trail::AdminRecord {
+        admin_trail::AdminRecord {
             at_unix_ms: self.state.now_ms(),
             action: action.name().to_string(),
             admin: c.id.to_string(),
@@ -140,8 +140,16 @@ impl Service {
         }
         tracing::warn!(admin = %c.id, action = action.name(), policy_version = outcome.version, "admin action denied");
         let state = self.state.clone();
-        let r = self.trail_record(c, action, audit::Outcome::Denied, &outcome, None, None, "");
-        if let Err(e) = audit::record(&state, &r) {
+        let r = self.trail_record(
+            c,
+            action,
+            admin_trail::Outcome::Denied,
+            &outcome,
+            None,
+            None,
+            "",
+        );
+        if let Err(e) = admin_trail::record(&state, &r) {
             tracing::error!(error = %e, "writing the admin trail failed");
             return Err(Status::internal("internal error; see control-plane logs"));
         }
@@ -167,13 +175,13 @@ impl Service {
         let r = self.trail_record(
             c,
             action,
-            audit::Outcome::Denied,
+            admin_trail::Outcome::Denied,
             &outcome,
             None,
             None,
             resource,
         );
-        if let Err(e) = audit::record(&self.state, &r) {
+        if let Err(e) = admin_trail::record(&self.state, &r) {
             tracing::error!(error = %e, "writing the admin trail failed");
             return Err(Status::internal("internal error; see control-plane logs"));
         }
@@ -203,7 +211,7 @@ impl Service {
             self.trail(self.trail_record(
                 c,
                 action,
-                audit::Outcome::Allowed,
+                admin_trail::Outcome::Allowed,
                 &outcome,
                 None,
                 None,
@@ -220,7 +228,7 @@ impl Service {
             self.trail(self.trail_record(
                 c,
                 action,
-                audit::Outcome::Denied,
+                admin_trail::Outcome::Denied,
                 &outcome,
                 None,
                 None,
@@ -267,7 +275,7 @@ impl Service {
         self.trail(self.trail_record(
             c,
             action,
-            audit::Outcome::Pending,
+            admin_trail::Outcome::Pending,
             &outcome,
             None,
             Some(&pending.id),
@@ -719,7 +727,7 @@ impl Admin for Service {
             self.trail(self.trail_record(
                 &approver,
                 AdminAction::Approve,
-                audit::Outcome::Denied,
+                admin_trail::Outcome::Denied,
                 &outcome,
                 None,
                 Some(&id),
@@ -758,7 +766,7 @@ impl Admin for Service {
         self.trail(self.trail_record(
             &requester,
             pending.action,
-            audit::Outcome::Approved,
+            admin_trail::Outcome::Approved,
             &outcome,
             Some(&approver.id),
             Some(&id),

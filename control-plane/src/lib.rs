@@ -3,12 +3,12 @@
 //! keys, and serves the `ControlPlane` (caches) and `Admin` (operators) APIs.
 
 mod admin;
+pub mod admin_trail;
 pub mod approval;
-pub mod audit;
-pub mod auditlog;
+pub mod audit_log;
 pub mod detect;
+pub mod event_log;
 pub mod join;
-pub mod log;
 pub mod policy;
 pub mod rotation;
 pub mod secrets;
@@ -283,15 +283,15 @@ pub struct State {
     tls_cert: Arc<ReloadableCert>,
     tls_info: std::sync::Mutex<CertInfo>,
     /// The ordered event log and the revocations derived from it.
-    pub log: Arc<log::EventLog>,
+    pub log: Arc<event_log::EventLog>,
     /// Policy releases and the engine in force.
     pub policy: policy::Policies,
     pub links: sync::Links,
     /// Upstream secrets: the KMS and what orders changes.
     pub secrets: secrets::Secrets,
     /// The tamper-evident audit log.
-    pub audit_log: auditlog::AuditLog,
-    audit_jobs: tokio::sync::mpsc::Sender<auditlog::Job>,
+    pub audit_log: audit_log::AuditLog,
+    audit_jobs: tokio::sync::mpsc::Sender<audit_log::Job>,
     /// Rotators of upstream keys, by secret name.
     pub rotators: rotation::Rotators,
     /// Detection rules over the audit stream, and the alerts they raise.
@@ -303,7 +303,7 @@ pub struct State {
 
 /// Refuses revoked caches (and anything they issued) at the TLS handshake.
 #[derive(Debug)]
-struct RevocationCheck(Arc<log::EventLog>);
+struct RevocationCheck(Arc<event_log::EventLog>);
 
 impl lattice_shared::tls::PeerCheck for RevocationCheck {
     fn check(&self, leaf: &CertInfo, issuer: Option<&CertInfo>) -> Result<(), String> {
@@ -410,7 +410,7 @@ impl App {
         let tls_cert = ReloadableCert::empty();
         let tls_info = issue_own_tls(&root, &id, &deps.clock, &tls_cert)?;
 
-        let (log, released) = log::EventLog::open(deps.store.clone())?;
+        let (log, released) = event_log::EventLog::open(deps.store.clone())?;
         let log = Arc::new(log);
         let policy = policy::Policies::open(
             &root,
@@ -424,7 +424,7 @@ impl App {
         let kms = cfg.kms.open(&cfg.data_dir)?;
         let secrets = secrets::Secrets::open(&deps.store, &deps.vault, kms)?;
         let rotators = rotation::Rotators::from_config(&cfg.rotation)?;
-        let audit_log = auditlog::AuditLog::open(deps.store.clone())?;
+        let audit_log = audit_log::AuditLog::open(deps.store.clone())?;
         let (audit_jobs, audit_rx) = tokio::sync::mpsc::channel(1024);
         let (shutdown, mut rx) = watch::channel(false);
         let detector = detect::Detector::new(cfg.detect.clone());
@@ -454,7 +454,7 @@ impl App {
         let root_pem = state.cfg.data_dir.join("root.crt");
         std::fs::write(&root_pem, pem::encode("CERTIFICATE", state.root.cert_der()))?;
         state.ensure_admin_files(&AdminFiles::in_dir(&state.cfg.data_dir.join("admin")))?;
-        tokio::spawn(auditlog::run_committer(Arc::downgrade(&state), audit_rx));
+        tokio::spawn(audit_log::run_committer(Arc::downgrade(&state), audit_rx));
         // Finish any distribution a crash interrupted.
         state.reconcile_secrets()?;
         state
@@ -724,7 +724,7 @@ impl State {
     }
 
     /// Appends an audit record durably (a signed head follows at least every
-    /// `auditlog::HEAD_EVERY` entries). Returns its index.
+    /// `audit_log::HEAD_EVERY` entries). Returns its index.
     pub fn audit(&self, record: &impl Serialize) -> Result<u64, Error> {
         let bytes = serde_json::to_vec(record).map_err(|e| Error::Corrupt(e.to_string()))?;
         let (index, head_due) = self.audit_log.append(&bytes)?;
@@ -744,7 +744,7 @@ impl State {
     ) -> Result<(), Error> {
         let (reply, done) = tokio::sync::oneshot::channel();
         self.audit_jobs
-            .send(auditlog::Job {
+            .send(audit_log::Job {
                 records,
                 extra,
                 reply,

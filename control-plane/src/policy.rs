@@ -17,7 +17,7 @@ use lattice_shared::store::{SharedStore, Write};
 use prost::Message;
 
 use crate::Error;
-use crate::log::EventLog;
+use crate::event_log::EventLog;
 
 const T_IDENTITY: &str = "identity";
 const KEY_AAD: &str = "cp/policy-key";

@@ -6,7 +6,7 @@
 use crate::common;
 
 use lattice::harness::Lattice;
-use lattice_control_plane::auditlog;
+use lattice_control_plane::audit_log;
 use lattice_shared::merkle;
 use lattice_shared::policy::AdminRole;
 use lattice_shared::proto as pb;
@@ -126,7 +126,7 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
     let hs = heads(&mut auditor).await;
     assert!(hs.len() >= 2, "the start head and ours");
     let td = lattice_shared::id::TrustDomain::new("lattice.local").expect("td");
-    let v = auditlog::verify(&recs, &hs, &root_der(&l), &td).expect("verifies");
+    let v = audit_log::verify(&recs, &hs, &root_der(&l), &td).expect("verifies");
     assert_eq!(v.entries, recs.len() as u64);
 
     // Altering a stored entry: the recomputed tree no longer matches.
@@ -143,7 +143,7 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
         .store
         .put("audit_leaves", &1u64.to_be_bytes(), forged.as_bytes())
         .expect("tamper");
-    let err = auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+    let err = audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect_err("tampering is detected");
     assert!(err.contains("altered"), "{err}");
     state
@@ -157,7 +157,7 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
     let mut th = pb::TreeHead::decode(bad[last].tree_head.as_slice()).expect("head");
     th.root_hash[0] ^= 1;
     bad[last].tree_head = th.encode_to_vec();
-    let err = auditlog::verify(&recs, &bad, &root_der(&l), &td).expect_err("forged head");
+    let err = audit_log::verify(&recs, &bad, &root_der(&l), &td).expect_err("forged head");
     assert!(err.contains("signature"), "{err}");
     // A head signed by anyone else (another lattice's root) is refused.
     let other = lattice_shared::pki::Authority::new_root(
@@ -167,7 +167,7 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
         std::time::Duration::from_secs(3600),
     )
     .expect("root");
-    assert!(auditlog::verify(&recs, &hs, other.cert_der(), &td).is_err());
+    assert!(audit_log::verify(&recs, &hs, other.cert_der(), &td).is_err());
     l.shutdown().await;
 }
 
@@ -185,7 +185,7 @@ async fn proofs_verify_and_fail_when_altered() {
     let first = state.audit_log.size();
     // A head is signed on its own every HEAD_EVERY entries.
     let before = heads(&mut auditor).await.len();
-    for i in 0..auditlog::HEAD_EVERY {
+    for i in 0..audit_log::HEAD_EVERY {
         state
             .audit(&serde_json::json!({"kind": "test", "n": 100 + i}))
             .expect("append");
@@ -391,7 +391,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
                 && lattice_shared::chunk::decode(v).is_ok_and(|r| r.len() >= 2)
         })
         .expect("a stored chunk of several records");
-    auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+    audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect("verifies before");
     // Same length, so the chunk still decodes: only the hashes tell.
     let at = original
@@ -404,7 +404,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
         .store
         .put("audit_leaves", &key, &forged)
         .expect("tamper");
-    let err = auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+    let err = audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect_err("tampering inside a chunk is detected");
     assert!(err.contains("altered"), "{err}");
     state

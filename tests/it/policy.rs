@@ -624,8 +624,8 @@ async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
     assert_eq!(s.code(), Code::NotFound);
 
     // The admin trail holds each decision, both admins of the approval.
-    use lattice_control_plane::audit::{self, Outcome};
-    let trail = audit::list(&l.cp().state, 1000).expect("trail");
+    use lattice_control_plane::admin_trail::{self, Outcome};
+    let trail = admin_trail::list(&l.cp().state, 1000).expect("trail");
     let has = |admin: &str, action: &str, outcome: Outcome| {
         trail
             .iter()

@@ -1,6 +1,6 @@
 //! The admin trail: every admin decision at the control plane (allowed,
 //! denied, parked for a second admin, approved), written durably to the
-//! tamper-evident audit log (`auditlog`) before the caller learns the
+//! tamper-evident audit log (`audit_log`) before the caller learns the
 //! outcome. Both admins of a two-person action are in the approval's record.
 
 use serde::{Deserialize, Serialize};
