@@ -294,7 +294,7 @@ impl Lattice {
     pub async fn start_in(dir: &Path, spec: Spec, clock: SharedClock) -> anyhow::Result<Self> {
         lattice_shared::tls::install_crypto_provider();
         let mut cp_cfg = cp::Config {
-            trust_domain: TRUST_DOMAIN.into(),
+            trust_domain: lattice_shared::id::TrustDomain::new(TRUST_DOMAIN)?,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: dir.join("cp"),
             max_staleness_ms: u64::try_from(spec.max_staleness.as_millis()).unwrap_or(u64::MAX),
