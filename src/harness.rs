@@ -610,7 +610,7 @@ impl Lattice {
     {
         let id = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/admin/{name}"))?;
         let key = lattice_shared::pki::PrivateKey::generate_p256()?;
-        let cert = self.cp().state.issue_admin_cert(
+        let cert = self.cp().issue_admin_cert(
             &key.csr_der()?,
             &id,
             &lattice_shared::policy::AdminAttributes {
@@ -621,7 +621,7 @@ impl Lattice {
         )?;
         crate::admin::connect_with(
             self.cp_cfg.listen,
-            self.cp().state.root.cert_der().to_vec(),
+            self.cp().root_cert_der().to_vec(),
             vec![cert],
             &key,
         )

@@ -6,20 +6,20 @@
 mod admin;
 pub mod admin_trail;
 mod api;
-pub mod approval;
+mod approval;
 pub mod audit_log;
 mod ca;
 mod config;
 pub mod detect;
 mod error;
 pub mod event_log;
-pub mod join;
-pub mod policy;
+mod join;
+mod policy;
 mod registry;
 mod revoke;
 pub mod rotation;
-pub mod secrets;
-pub mod sync;
+mod secrets;
+mod sync;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,7 +44,10 @@ use tokio::task::JoinHandle;
 pub use ca::AdminFiles;
 pub use config::{Config, KmsConfig, KmsKind};
 pub use error::Error;
-pub use registry::CacheRecord;
+pub use join::NewJoinToken;
+pub use policy::Released;
+pub use registry::{CacheCsrs, CacheRecord};
+pub use secrets::{SecretRecord, VersionRecord};
 
 /// Key-encoding version of the control plane's store.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -60,14 +63,13 @@ pub struct Deps {
 
 /// Shared state behind every handler.
 #[derive(Debug)]
-pub struct State {
+pub(crate) struct State {
     pub cfg: Config,
     pub td: TrustDomain,
     pub id: SpiffeId,
     pub clock: SharedClock,
     pub store: SharedStore,
     pub root: Authority,
-    pub bundle: Arc<TrustBundle>,
     vault: Arc<dyn KeyVault>,
     tls_cert: Arc<ReloadableCert>,
     tls_info: std::sync::Mutex<CertInfo>,
@@ -103,7 +105,7 @@ impl lattice_shared::tls::PeerCheck for RevocationCheck {
 /// A running control plane.
 #[derive(Debug)]
 pub struct App {
-    pub state: Arc<State>,
+    state: Arc<State>,
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     kill: watch::Sender<bool>,
@@ -162,7 +164,6 @@ impl App {
             clock: deps.clock.clone(),
             store: deps.store,
             root,
-            bundle: bundle.clone(),
             vault: deps.vault.clone(),
             tls_cert: tls_cert.clone(),
             tls_info: std::sync::Mutex::new(tls_info),
@@ -271,7 +272,7 @@ impl App {
         &self,
         id: &SpiffeId,
         ttl: Option<Duration>,
-    ) -> Result<join::NewJoinToken, Error> {
+    ) -> Result<NewJoinToken, Error> {
         join::create(&self.state, id, ttl)
     }
 
@@ -289,7 +290,7 @@ impl App {
         &self,
         files: lattice_shared::policy::BundleFiles,
         message: &str,
-    ) -> Result<policy::Released, Error> {
+    ) -> Result<Released, Error> {
         self.state.release_policy(policy::NewRelease {
             files,
             message: message.into(),
@@ -299,6 +300,94 @@ impl App {
             lockout_check: None,
             base_version: None,
         })
+    }
+
+    /// The control plane's own id.
+    pub fn id(&self) -> &SpiffeId {
+        &self.state.id
+    }
+    pub fn config(&self) -> &Config {
+        &self.state.cfg
+    }
+    pub fn root_cert_der(&self) -> &[u8] {
+        self.state.root.cert_der()
+    }
+    /// Now on the control plane's clock, in Unix ms.
+    pub fn now_ms(&self) -> i64 {
+        self.state.now_ms()
+    }
+    /// The store, for tests that tamper with what it holds.
+    pub fn store(&self) -> &SharedStore {
+        &self.state.store
+    }
+
+    /// The ordered event log (head, events; tests append forged ones).
+    pub fn event_log(&self) -> &event_log::EventLog {
+        &self.state.log
+    }
+
+    /// The version of the policy in force.
+    pub fn policy_version(&self) -> u64 {
+        self.state.policy.current().version()
+    }
+    /// Every release, oldest first.
+    pub fn policy_history(&self) -> Vec<Released> {
+        self.state.policy.history()
+    }
+    /// The certificate (DER) policy releases are signed with now.
+    pub fn policy_signer_cert(&self) -> Vec<u8> {
+        self.state.policy.signer_cert()
+    }
+
+    /// The tamper-evident audit log (entries, size, heads).
+    pub fn audit_log(&self) -> &audit_log::AuditLog {
+        &self.state.audit_log
+    }
+    /// Appends an audit record durably; returns its index.
+    pub fn audit(&self, record: &impl Serialize) -> Result<u64, Error> {
+        self.state.audit(record)
+    }
+    /// Signs a tree head over the audit log as it stands.
+    pub fn sign_audit_head(&self) -> Result<(), Error> {
+        self.state
+            .audit_log
+            .sign_head(&self.state.policy.signer(), self.state.now_ms())
+            .map(|_| ())
+    }
+    /// The oldest `limit` records of the admin trail.
+    pub fn admin_trail(&self, limit: u32) -> Result<Vec<admin_trail::AdminRecord>, Error> {
+        admin_trail::list(&self.state, limit)
+    }
+    /// Alerts raised from now on.
+    pub fn subscribe_alerts(&self) -> tokio::sync::broadcast::Receiver<detect::Alert> {
+        self.state.alerts.subscribe()
+    }
+
+    pub fn secret_record(&self, name: &str) -> Result<SecretRecord, Error> {
+        self.state.secret_record(name)
+    }
+    /// The plaintext of a secret version (tests compare it with what caches serve).
+    pub fn open_secret_version(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+        self.state.open_secret_version(name, version)
+    }
+    /// Runs the rotations that are due now (the timer's work, on demand).
+    pub async fn run_due_rotations(&self) {
+        rotation::run_due(&self.state).await;
+    }
+
+    /// An admin certificate for the key in `csr_der`, carrying `attrs`.
+    pub fn issue_admin_cert(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        attrs: &lattice_shared::policy::AdminAttributes,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, Error> {
+        self.state.issue_admin_cert(csr_der, id, attrs, ttl)
     }
 
     /// Stops serving and waits for the server task to end.

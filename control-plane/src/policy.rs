@@ -9,7 +9,7 @@ use std::time::Duration;
 use lattice_shared::clock::{SharedClock, past_half_life};
 use lattice_shared::id::SpiffeId;
 use lattice_shared::pki::{Authority, PrivateKey, Profile};
-use lattice_shared::policy::sign::{PolicySigner, VerifiedRelease};
+use lattice_shared::policy::sign::PolicySigner;
 use lattice_shared::policy::{self, AdminAction, AdminRequest, BundleFiles, Engine, PolicyError};
 use lattice_shared::proto as pb;
 use lattice_shared::seal::KeyVault;
@@ -335,15 +335,6 @@ impl Policies {
             "policy released"
         );
         Ok(info)
-    }
-
-    /// Verifies a release as a cache would (used by tests and `lattice dev`).
-    pub fn verify(
-        signed: &pb::SignedPolicy,
-        root_der: &[u8],
-        td: &lattice_shared::id::TrustDomain,
-    ) -> Result<VerifiedRelease, Error> {
-        Ok(lattice_shared::policy::sign::verify(signed, root_der, td)?)
     }
 }
 

@@ -612,7 +612,7 @@ async fn the_proxy_injects_the_leased_key_and_the_client_never_sees_it() {
         })
         .await
         .expect("put");
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
 
     let (upstream, mut received) = echo_upstream().await;
@@ -774,7 +774,7 @@ unless { context.posture has os_patched && context.posture.os_patched };
             .is_empty(),
         "nothing changes when the posture does not"
     );
-    let before = l.cp().state.log.head();
+    let before = l.cp().event_log().head();
     let revoked = agent
         .set_posture(Posture {
             os_patched: Some(false),
@@ -792,11 +792,11 @@ unless { context.posture has os_patched && context.posture.os_patched };
     // The cache asked the control plane; the revocation comes back to every
     // cache (deadline poll on the log head: nothing signals a commit here).
     let deadline = Instant::now() + WAIT;
-    while l.cp().state.log.head() == before {
+    while l.cp().event_log().head() == before {
         assert!(Instant::now() < deadline, "no revocation committed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
     let exchange = |token: String| pb::ExchangeTokenRequest {
         subject_token: token,

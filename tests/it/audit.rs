@@ -43,15 +43,11 @@ async fn heads(auditor: &mut AdminClient<Channel>) -> Vec<pb::SignedTreeHead> {
 }
 
 fn root_der(l: &Lattice) -> Vec<u8> {
-    l.cp().state.root.cert_der().to_vec()
+    l.cp().root_cert_der().to_vec()
 }
 
 fn sign_head(l: &Lattice) {
-    let state = &l.cp().state;
-    state
-        .audit_log
-        .sign_head(&state.policy.signer(), state.now_ms())
-        .expect("sign");
+    l.cp().sign_audit_head().expect("sign");
 }
 
 #[tokio::test]
@@ -130,9 +126,9 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
     assert_eq!(v.entries, recs.len() as u64);
 
     // Altering a stored entry: the recomputed tree no longer matches.
-    let state = &l.cp().state;
+    let state = l.cp();
     let original = state
-        .store
+        .store()
         .get("audit_leaves", &1u64.to_be_bytes())
         .expect("get")
         .expect("entry 1");
@@ -140,14 +136,14 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
     let forged = String::from_utf8_lossy(&original).replace("allowed", "denied");
     assert_ne!(forged.as_bytes(), original.as_slice());
     state
-        .store
+        .store()
         .put("audit_leaves", &1u64.to_be_bytes(), forged.as_bytes())
         .expect("tamper");
     let err = audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect_err("tampering is detected");
     assert!(err.contains("altered"), "{err}");
     state
-        .store
+        .store()
         .put("audit_leaves", &1u64.to_be_bytes(), &original)
         .expect("restore");
 
@@ -175,14 +171,14 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
 async fn proofs_verify_and_fail_when_altered() {
     let (l, _clock) = common::lattice().await;
     let mut auditor = l.admin("ann", &[AdminRole::Auditor], &[]).expect("auditor");
-    let state = l.cp().state.clone();
+    let state = l.cp();
     for i in 0..5 {
         state
             .audit(&serde_json::json!({"kind": "test", "n": i}))
             .expect("append");
     }
     sign_head(&l);
-    let first = state.audit_log.size();
+    let first = state.audit_log().size();
     // A head is signed on its own every HEAD_EVERY entries.
     let before = heads(&mut auditor).await.len();
     for i in 0..audit_log::HEAD_EVERY {
@@ -268,7 +264,7 @@ async fn proofs_verify_and_fail_when_altered() {
 
 /// The records the control plane's log holds from `cache`, as JSON.
 fn cache_records(l: &Lattice, cache: &str) -> Vec<serde_json::Value> {
-    let log = &l.cp().state.audit_log;
+    let log = l.cp().audit_log();
     let mut out = Vec::new();
     let mut start = 0;
     loop {
@@ -324,7 +320,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
         })
         .await
         .expect("put");
-    l.wait_all_applied(l.cp().state.log.head())
+    l.wait_all_applied(l.cp().event_log().head())
         .await
         .expect("applied");
     let agent = l.agents[0].clone();
@@ -380,9 +376,9 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
     let mut auditor = l.admin("ann", &[AdminRole::Auditor], &[]).expect("auditor");
     let hs = heads(&mut auditor).await;
     let td = lattice_shared::id::TrustDomain::new("lattice.local").expect("td");
-    let state = &l.cp().state;
+    let state = l.cp();
     let (key, original) = state
-        .store
+        .store()
         .scan_prefix("audit_leaves", b"", usize::MAX)
         .expect("scan")
         .into_iter()
@@ -401,14 +397,14 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
     let mut forged = original.clone();
     forged[at + 1..at + 7].copy_from_slice(b"ISSUED");
     state
-        .store
+        .store()
         .put("audit_leaves", &key, &forged)
         .expect("tamper");
     let err = audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect_err("tampering inside a chunk is detected");
     assert!(err.contains("altered"), "{err}");
     state
-        .store
+        .store()
         .put("audit_leaves", &key, &original)
         .expect("restore");
 
@@ -474,7 +470,7 @@ async fn a_honeytoken_lease_raises_an_alert_and_revokes_the_agent() {
             .await
             .expect("put");
     }
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
     let mut auditor = l
         .admin("audrey", &[AdminRole::Auditor], &[])
