@@ -129,20 +129,24 @@ impl Service {
             return Ok(());
         }
         tracing::warn!(admin = %c.id, action = action.name(), policy_version = outcome.version, "admin action denied");
-        let state = self.state.clone();
-        let r = self.trail_record(c, action, admin_trail::Outcome::Denied, &outcome, "");
-        if let Err(e) = admin_trail::record(&state, &r) {
+        Err(self.record_denial(c, action, &outcome, ""))
+    }
+
+    /// Writes a denial to the admin trail (in place: reads do not wait on a
+    /// worker) and returns the refusal the caller sees.
+    fn record_denial(
+        &self,
+        c: &Caller,
+        action: AdminAction,
+        outcome: &lattice_shared::policy::Outcome,
+        summary: &str,
+    ) -> Error {
+        let r = self.trail_record(c, action, admin_trail::Outcome::Denied, outcome, summary);
+        if let Err(e) = admin_trail::record(&self.state, &r) {
             tracing::error!(error = %e, "writing the admin trail failed");
-            return Err(Error::Internal(
-                "internal error; see control-plane logs".into(),
-            ));
+            return Error::Internal("internal error; see control-plane logs".into());
         }
-        Err(Error::Denied(format!(
-            "{} may not {}: {}",
-            c.id,
-            action.name(),
-            outcome.denial()
-        )))
+        denial(c, action, outcome)
     }
 
     /// Whether `c` could do `action` at all, with an approval if need be
@@ -160,19 +164,7 @@ impl Service {
         }
         // Denied outright: recorded like any other denial.
         let outcome = engine.decide_admin(&req);
-        let r = self.trail_record(c, action, admin_trail::Outcome::Denied, &outcome, resource);
-        if let Err(e) = admin_trail::record(&self.state, &r) {
-            tracing::error!(error = %e, "writing the admin trail failed");
-            return Err(Error::Internal(
-                "internal error; see control-plane logs".into(),
-            ));
-        }
-        Err(Error::Denied(format!(
-            "{} may not {}: {}",
-            c.id,
-            action.name(),
-            outcome.denial()
-        )))
+        Err(self.record_denial(c, action, &outcome, resource))
     }
 
     /// A change: allowed, or parked for a second admin, or denied.
@@ -213,12 +205,7 @@ impl Service {
                 &summary,
             ))
             .await?;
-            return Err(Error::Denied(format!(
-                "{} may not {}: {}",
-                c.id,
-                action.name(),
-                outcome.denial()
-            )));
+            return Err(denial(c, action, &outcome));
         }
         let state = self.state.clone();
         let new_payload = payload.encode_to_vec();
@@ -268,4 +255,14 @@ impl Service {
             request_id: pending.id,
         })
     }
+}
+
+/// The refusal of `action` to `c`, with the policy's reason.
+fn denial(c: &Caller, action: AdminAction, outcome: &lattice_shared::policy::Outcome) -> Error {
+    Error::Denied(format!(
+        "{} may not {}: {}",
+        c.id,
+        action.name(),
+        outcome.denial()
+    ))
 }
