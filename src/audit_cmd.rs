@@ -242,7 +242,7 @@ fn check_doc(
     let head_bytes = d(&doc.tree_head_b64)?;
     let cert = d(&doc.signer_cert_b64)?;
     lattice_shared::policy::sign::check_signature(
-        lattice_control_plane::auditlog::HEAD_CONTEXT,
+        lattice_control_plane::audit_log::HEAD_CONTEXT,
         &head_bytes,
         &d(&doc.signature_b64)?,
         &cert,
@@ -277,7 +277,7 @@ fn check_doc(
     if let (Some(fh), Some(fs)) = (&doc.first_tree_head_b64, &doc.first_signature_b64) {
         let fb = d(fh)?;
         lattice_shared::policy::sign::check_signature(
-            lattice_control_plane::auditlog::HEAD_CONTEXT,
+            lattice_control_plane::audit_log::HEAD_CONTEXT,
             &fb,
             &d(fs)?,
             &cert,
@@ -318,7 +318,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             let records = all_records(&mut client).await?;
             let heads = tree_heads(&mut client).await?;
             let (root, td) = root_and_td(&admin.admin_dir.join("root.crt"))?;
-            let v = lattice_control_plane::auditlog::verify(&records, &heads, &root, &td)
+            let v = lattice_control_plane::audit_log::verify(&records, &heads, &root, &td)
                 .map_err(|e| anyhow!("audit log verification FAILED: {e}"))?;
             println!(
                 "ok: {} entries recomputed; {} signed tree heads verified against the root",

@@ -238,7 +238,7 @@ async fn pair(opts: Options, what: Call) -> anyhow::Result<(Stats, Stats)> {
             })
             .await?;
         lattice
-            .wait_all_applied(lattice.cp().state.log.head())
+            .wait_all_applied(lattice.cp().event_log().head())
             .await?;
     }
     let agent = &lattice.agents[0];
@@ -580,7 +580,7 @@ pub async fn audit(caches: usize, records: usize) -> anyhow::Result<AuditBench> 
         ..Spec::default()
     };
     let lattice = Lattice::start(spec, SystemClock::shared()).await?;
-    let log = &lattice.cp().state.audit_log;
+    let log = lattice.cp().audit_log();
     let base = log.size();
     let per = records / caches.max(1);
     let total = per * caches;

@@ -46,7 +46,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     println!(
         "    control plane   https://{}  ({})",
         lattice.cp().local_addr(),
-        lattice.cp().state.id
+        lattice.cp().id()
     );
     println!("    root CA         {}", lattice.root_pem().display());
     println!(
@@ -438,7 +438,7 @@ async fn secret_step(lattice: &Lattice) -> anyhow::Result<()> {
         }
     }
     lattice
-        .wait_all_applied(lattice.cp().state.log.head())
+        .wait_all_applied(lattice.cp().event_log().head())
         .await?;
     for c in &lattice.caches {
         let held = c.app().state.sync.secrets.held();

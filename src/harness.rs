@@ -294,7 +294,7 @@ impl Lattice {
     pub async fn start_in(dir: &Path, spec: Spec, clock: SharedClock) -> anyhow::Result<Self> {
         lattice_shared::tls::install_crypto_provider();
         let mut cp_cfg = cp::Config {
-            trust_domain: TRUST_DOMAIN.into(),
+            trust_domain: lattice_shared::id::TrustDomain::new(TRUST_DOMAIN)?,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: dir.join("cp"),
             max_staleness_ms: u64::try_from(spec.max_staleness.as_millis()).unwrap_or(u64::MAX),
@@ -610,7 +610,7 @@ impl Lattice {
     {
         let id = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/admin/{name}"))?;
         let key = lattice_shared::pki::PrivateKey::generate_p256()?;
-        let cert = self.cp().state.issue_admin_cert(
+        let cert = self.cp().issue_admin_cert(
             &key.csr_der()?,
             &id,
             &lattice_shared::policy::AdminAttributes {
@@ -621,7 +621,7 @@ impl Lattice {
         )?;
         crate::admin::connect_with(
             self.cp_cfg.listen,
-            self.cp().state.root.cert_der().to_vec(),
+            self.cp().root_cert_der().to_vec(),
             vec![cert],
             &key,
         )

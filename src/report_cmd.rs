@@ -221,7 +221,7 @@ pub async fn run(days: u64, csv: bool, admin: &crate::AdminArgs) -> anyhow::Resu
     })?;
     let (root, td) = crate::audit_cmd::root_and_td(&admin.admin_dir.join("root.crt"))?;
     lattice_shared::policy::sign::check_signature(
-        lattice_control_plane::auditlog::HEAD_CONTEXT,
+        lattice_control_plane::audit_log::HEAD_CONTEXT,
         &newest.tree_head,
         &newest.signature,
         &newest.signer_cert,

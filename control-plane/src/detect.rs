@@ -352,7 +352,10 @@ impl Detector {
 
 /// Records each alert in the audit log (durably), counts it, tells the
 /// watchers, and carries out its action.
-pub async fn raise(state: &Arc<crate::State>, alerts: Vec<Alert>) -> Result<(), crate::Error> {
+pub(crate) async fn raise(
+    state: &Arc<crate::State>,
+    alerts: Vec<Alert>,
+) -> Result<(), crate::Error> {
     let leaves: Vec<Vec<u8>> = alerts
         .iter()
         .map(|a| {

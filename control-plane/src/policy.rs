@@ -9,15 +9,15 @@ use std::time::Duration;
 use lattice_shared::clock::{SharedClock, past_half_life};
 use lattice_shared::id::SpiffeId;
 use lattice_shared::pki::{Authority, PrivateKey, Profile};
-use lattice_shared::policy::sign::{PolicySigner, VerifiedRelease};
+use lattice_shared::policy::sign::PolicySigner;
 use lattice_shared::policy::{self, AdminAction, AdminRequest, BundleFiles, Engine, PolicyError};
 use lattice_shared::proto as pb;
 use lattice_shared::seal::KeyVault;
 use lattice_shared::store::{SharedStore, Write};
 use prost::Message;
 
-use crate::Error;
-use crate::log::EventLog;
+use crate::event_log::EventLog;
+use crate::{Error, State};
 
 const T_IDENTITY: &str = "identity";
 const KEY_AAD: &str = "cp/policy-key";
@@ -25,9 +25,19 @@ const KEY_AAD: &str = "cp/policy-key";
 const SIGNER_TTL: Duration = Duration::from_secs(365 * 86400);
 
 /// A release as the history lists it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Released {
-    pub info: pb::PolicyVersion,
+    pub version: u64,
+    pub bundle_sha256: Vec<u8>,
+    pub released_at_unix_ms: i64,
+    pub pushed_by: String,
+    pub approved_by: String,
+    pub message: String,
+    pub rollback_of: u64,
+    /// The event that carries it.
+    pub seq: u64,
+    pub policies: u32,
+    pub tests_passed: u32,
 }
 
 #[derive(Debug)]
@@ -55,8 +65,8 @@ fn version_info(
     release: &pb::PolicyRelease,
     engine: Option<&Engine>,
     tests: usize,
-) -> pb::PolicyVersion {
-    pb::PolicyVersion {
+) -> Released {
+    Released {
         version: release.version,
         bundle_sha256: release.bundle_sha256.clone(),
         released_at_unix_ms: release.released_at_unix_ms,
@@ -154,9 +164,7 @@ impl Policies {
         for (seq, signed) in &released {
             let release = pb::PolicyRelease::decode(signed.release.as_slice())
                 .map_err(|e| Error::Corrupt(format!("policy release at {seq}: {e}")))?;
-            versions.push(Released {
-                info: version_info(*seq, &release, None, 0),
-            });
+            versions.push(version_info(*seq, &release, None, 0));
             last = Some(release);
         }
         let engine = match &last {
@@ -220,30 +228,24 @@ impl Policies {
             .clone()
     }
 
-    pub fn history(&self) -> Vec<pb::PolicyVersion> {
+    pub fn history(&self) -> Vec<Released> {
         self.versions
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|r| r.info.clone())
-            .collect()
+            .clone()
     }
 
     /// A version's metadata and files (`0`: the current one).
-    pub fn get(
-        &self,
-        log: &EventLog,
-        version: u64,
-    ) -> Result<(pb::PolicyVersion, BundleFiles), Error> {
+    pub fn get(&self, log: &EventLog, version: u64) -> Result<(Released, BundleFiles), Error> {
         let info = {
             let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
             let found = if version == 0 {
                 versions.last()
             } else {
-                versions.iter().find(|r| r.info.version == version)
+                versions.iter().find(|r| r.version == version)
             };
             found
-                .map(|r| r.info.clone())
+                .cloned()
                 .ok_or_else(|| Error::NotFound(format!("no policy version {version}")))?
         };
         let ev = log
@@ -270,14 +272,14 @@ impl Policies {
         log: &EventLog,
         clock: &SharedClock,
         new: NewRelease<'_>,
-    ) -> Result<pb::PolicyVersion, Error> {
+    ) -> Result<Released, Error> {
         let _guard = self.release_lock.lock().unwrap_or_else(|p| p.into_inner());
         let version = self
             .versions
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .last()
-            .map(|r| r.info.version)
+            .map(|r| r.version)
             .unwrap_or(0)
             + 1;
         if let Some(base) = new.base_version
@@ -321,7 +323,7 @@ impl Policies {
         self.versions
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Released { info: info.clone() });
+            .push(info.clone());
         metrics::gauge!("lattice_cp_policy_version").set(version as f64);
         tracing::info!(
             version,
@@ -333,15 +335,6 @@ impl Policies {
             "policy released"
         );
         Ok(info)
-    }
-
-    /// Verifies a release as a cache would (used by tests and `lattice dev`).
-    pub fn verify(
-        signed: &pb::SignedPolicy,
-        root_der: &[u8],
-        td: &lattice_shared::id::TrustDomain,
-    ) -> Result<VerifiedRelease, Error> {
-        Ok(lattice_shared::policy::sign::verify(signed, root_der, td)?)
     }
 }
 
@@ -389,5 +382,33 @@ pub fn push_again(req: &AdminRequest) -> AdminRequest {
         action: AdminAction::PushPolicy,
         approvals: vec![],
         ..req.clone()
+    }
+}
+
+impl State {
+    /// Releases policy, first replacing the signing key if its certificate
+    /// has been revoked (caches refuse releases it signs).
+    pub fn release_policy(&self, new: NewRelease<'_>) -> Result<Released, Error> {
+        self.ensure_policy_signer()?;
+        self.policy.release(&self.log, &self.clock, new)
+    }
+
+    /// True when a new signing key was made.
+    pub(crate) fn ensure_policy_signer(&self) -> Result<bool, Error> {
+        let info = lattice_shared::pki::inspect(&self.policy.signer_cert())?;
+        if self.log.revocations().check_cert(&info, None).is_ok() {
+            return Ok(false);
+        }
+        let signer = load_or_create_signer(
+            &self.root,
+            &self.id,
+            &self.clock,
+            &self.store,
+            &self.vault,
+            true,
+        )?;
+        self.policy.replace_signer(signer);
+        tracing::warn!(revoked_serial = %info.serial_hex, "policy signing certificate revoked; made a new signing key");
+        Ok(true)
     }
 }

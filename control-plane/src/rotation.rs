@@ -350,7 +350,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Rotates `secret`; returns the new active version. Steps go to `progress`.
-pub async fn rotate(
+pub(crate) async fn rotate(
     state: &Arc<State>,
     secret: &str,
     by: &str,
@@ -546,7 +546,7 @@ pub async fn rotate(
 
 /// Runs the rotations whose schedule is due (active version older than
 /// `every_secs`, by the control plane's clock).
-pub async fn run_due(state: &Arc<State>) {
+pub(crate) async fn run_due(state: &Arc<State>) {
     let now = unix_secs(state.clock.now());
     for (secret, every) in state.rotators.scheduled() {
         let rec = {

@@ -64,7 +64,7 @@ pub struct VersionRecord {
     /// Binds the wrapped DEK to this version (random, chosen when staged).
     pub dek_id: String,
     /// Empty once retired: the value is shredded with its DEK.
-    #[serde(with = "crate::b64")]
+    #[serde(with = "crate::registry::b64")]
     pub ciphertext: Vec<u8>,
     pub wrapped_dek: Option<WrappedKey>,
     /// Caches that were sent this version's DEK, as `ID#KEY` (see
@@ -122,7 +122,7 @@ impl SecretRecord {
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Staged {
     pub dek_id: String,
-    #[serde(with = "crate::b64")]
+    #[serde(with = "crate::registry::b64")]
     pub ciphertext: Vec<u8>,
     pub wrapped_dek: WrappedKey,
     pub fingerprint: String,
@@ -747,29 +747,9 @@ impl State {
         Ok(())
     }
 
-    pub fn secret_summary(&self, rec: &SecretRecord) -> pb::SecretSummary {
-        pb::SecretSummary {
-            name: rec.name.clone(),
-            active: rec.active,
-            previous: rec.previous,
-            regions: rec.regions.clone(),
-            versions: u32::try_from(rec.versions.len()).unwrap_or(u32::MAX),
-            holders: rec
-                .published
-                .as_ref()
-                .map(|p| p.holders.clone())
-                .unwrap_or_default(),
-            deleted: rec.deleted,
-            last_rotated_unix: rec.last_rotated_unix,
-        }
-    }
-
-    pub fn secret_version_info(
-        &self,
-        rec: &SecretRecord,
-        v: &VersionRecord,
-    ) -> pb::SecretVersionInfo {
-        let state = if self
+    /// What a version is to its secret: revoked, active, previous or retired.
+    pub(crate) fn version_state(&self, rec: &SecretRecord, v: &VersionRecord) -> &'static str {
+        if self
             .log
             .revocations()
             .is_secret_version_revoked(&rec.name, v.version)
@@ -781,33 +761,6 @@ impl State {
             "previous"
         } else {
             "retired"
-        };
-        pb::SecretVersionInfo {
-            name: rec.name.clone(),
-            version: v.version,
-            state: state.into(),
-            created_at_unix: v.created_at_unix,
-            created_by: v.created_by.clone(),
-            approved_by: v.approved_by.clone(),
-            fingerprint: v.fingerprint.clone(),
-            kek_version: v.wrapped_dek.as_ref().map_or(0, |w| w.kek_version),
-            origin: v.origin.clone(),
-            previous_until_unix: if v.version == rec.previous {
-                rec.previous_until_unix
-            } else {
-                0
-            },
-        }
-    }
-
-    pub fn secret_versions(&self, rec: &SecretRecord) -> pb::SecretVersionsResponse {
-        pb::SecretVersionsResponse {
-            summary: Some(self.secret_summary(rec)),
-            versions: rec
-                .versions
-                .values()
-                .map(|v| self.secret_version_info(rec, v))
-                .collect(),
         }
     }
 }

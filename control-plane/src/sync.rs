@@ -1,7 +1,10 @@
 //! The control plane's side of the `Sync` stream: every event after the
 //! cache's durable sequence, in order, in bounded batches (the bounded
 //! channel is the backpressure); pongs that carry the head; heartbeats; and
-//! per-cache link status from the acks.
+//! per-cache link status from the acks. Audit records that caches send up
+//! the same stream are ingested by `audit_ingest`.
+
+mod audit_ingest;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -146,318 +149,6 @@ async fn revoke_issued(
     .map_err(|_| "worker failed".to_string())?
 }
 
-/// Audit records forwarded by caches: appended to the audit log once each,
-/// wrapped with the sender's authenticated id.
-mod cache_audit {
-    use lattice_shared::id::SpiffeId;
-    use lattice_shared::proto as pb;
-    use lattice_shared::store::Write;
-
-    use crate::{Error, State};
-
-    const T_HWM: &str = "audit_hwm";
-    /// Records one batch may carry, and the size of one record.
-    pub const MAX_RECORDS: usize = 1024;
-    pub const MAX_RECORD_BYTES: usize = 16 * 1024;
-    const KINDS: [&str; 7] = [
-        "issued",
-        "leased",
-        "refused",
-        "delegated",
-        "proxy_use",
-        "proxy_refused",
-        "outbox_pressure",
-    ];
-
-    fn key(cache: &SpiffeId, epoch: u64) -> Vec<u8> {
-        format!("{cache}#{epoch:016x}").into_bytes()
-    }
-
-    pub fn hwm(state: &State, cache: &SpiffeId, epoch: u64) -> Result<u64, Error> {
-        Ok(lattice_shared::eventlog::read_seq(
-            &*state.store,
-            T_HWM,
-            &key(cache, epoch),
-        )?)
-    }
-
-    /// Records queued at one link's audit worker at most: a cache keeps
-    /// far fewer in flight (its window), so more is a misbehaving peer.
-    pub const MAX_QUEUED: u64 = 64 * 1024;
-
-    /// The leaves of one batch after `hwm`, validated and stamped with the
-    /// sender, what detection reads of them (borrowed from the batch), and
-    /// the new mark.
-    pub struct Prepared<'a> {
-        pub leaves: Vec<Vec<u8>>,
-        pub observed: Vec<crate::detect::Record<'a>>,
-        pub upto: u64,
-    }
-
-    /// The leaf of a record: `{"cache":…,"cache_seq":…,` then the record's
-    /// own fields. Written directly rather than through a JSON tree: this
-    /// runs for every record of every cache.
-    fn stamp(cache: &SpiffeId, seq: u64, record: &[u8]) -> Result<Vec<u8>, Error> {
-        let body = record.trim_ascii_start();
-        let rest = body
-            .strip_prefix(b"{")
-            .ok_or_else(|| Error::InvalidArgument("record is not a JSON object".into()))?;
-        let mut leaf = Vec::with_capacity(record.len() + cache.as_str().len() + 40);
-        leaf.extend_from_slice(b"{\"cache\":");
-        serde_json::to_writer(&mut leaf, cache.as_str())
-            .map_err(|e| Error::Corrupt(e.to_string()))?;
-        leaf.extend_from_slice(b",\"cache_seq\":");
-        leaf.extend_from_slice(seq.to_string().as_bytes());
-        if !rest.trim_ascii_start().starts_with(b"}") {
-            leaf.push(b',');
-        }
-        leaf.extend_from_slice(rest);
-        Ok(leaf)
-    }
-
-    /// Checks a batch against the mark and turns its new records into
-    /// leaves (the sender is the certificate's id: a record that names a
-    /// cache itself is refused).
-    pub fn prepare<'a>(
-        cache: &'a SpiffeId,
-        hwm: u64,
-        batch: &'a pb::AuditBatch,
-    ) -> Result<Prepared<'a>, Error> {
-        if batch.records.len() > MAX_RECORDS {
-            return Err(Error::InvalidArgument(format!(
-                "more than {MAX_RECORDS} records"
-            )));
-        }
-        if batch.first == 0 || batch.first > hwm + 1 {
-            return Err(Error::InvalidArgument(format!(
-                "records start at {} but {} is the next expected",
-                batch.first,
-                hwm + 1
-            )));
-        }
-        let skip = usize::try_from(hwm + 1 - batch.first).unwrap_or(usize::MAX);
-        let mut leaves = Vec::new();
-        let mut observed = Vec::new();
-        for (i, r) in batch.records.iter().enumerate().skip(skip) {
-            let seq = batch.first + i as u64;
-            if r.len() > MAX_RECORD_BYTES {
-                return Err(Error::InvalidArgument(format!(
-                    "record {seq} is larger than {MAX_RECORD_BYTES} bytes"
-                )));
-            }
-            let mut rec: crate::detect::Record<'a> = serde_json::from_slice(r).map_err(|e| {
-                Error::InvalidArgument(format!("record {seq} is not an audit record: {e}"))
-            })?;
-            if !KINDS.contains(&&*rec.kind) {
-                return Err(Error::InvalidArgument(format!(
-                    "record {seq}: kind {:?} is not one a cache sends",
-                    rec.kind
-                )));
-            }
-            if rec.claimed_cache.is_some() || rec.claimed_cache_seq.is_some() {
-                return Err(Error::InvalidArgument(format!(
-                    "record {seq} names a cache itself; the control plane sets that"
-                )));
-            }
-            leaves.push(stamp(cache, seq, r)?);
-            rec.cache = std::borrow::Cow::Borrowed(cache.as_str());
-            observed.push(rec);
-        }
-        let upto = hwm + leaves.len() as u64;
-        Ok(Prepared {
-            leaves,
-            observed,
-            upto,
-        })
-    }
-
-    /// Appends prepared leaves (one or more batches, in order) and the new
-    /// mark in one durable write through the group committer, then runs
-    /// detection on them.
-    pub async fn commit(
-        state: &std::sync::Arc<State>,
-        cache: &SpiffeId,
-        epoch: u64,
-        prepared: Vec<Prepared<'_>>,
-    ) -> Result<(), Error> {
-        let Some(upto) = prepared.last().map(|p| p.upto) else {
-            return Ok(());
-        };
-        let mut leaves = Vec::new();
-        let mut observed = Vec::new();
-        for p in prepared {
-            leaves.extend(p.leaves);
-            observed.extend(p.observed);
-        }
-        if leaves.is_empty() {
-            return Ok(());
-        }
-        let n = leaves.len() as u64;
-        state
-            .commit_audit(
-                leaves,
-                vec![Write {
-                    tree: T_HWM,
-                    key: key(cache, epoch),
-                    value: Some(upto.to_be_bytes().to_vec()),
-                }],
-            )
-            .await?;
-        metrics::counter!("lattice_cp_audit_records_total", "cache" => cache.to_string())
-            .increment(n);
-        // Durable first, then looked at: an alert never names a record the
-        // log could lose.
-        let alerts: Vec<crate::detect::Alert> = observed
-            .iter()
-            .flat_map(|r| state.detector.observe(r))
-            .collect();
-        if !alerts.is_empty() {
-            crate::detect::raise(state, alerts).await?;
-        }
-        Ok(())
-    }
-
-    /// One link's audit worker: takes the batches the stream reader hands
-    /// over, commits whatever queued meanwhile as one write, and acks.
-    /// Runs beside the stream so that revocations going down never wait
-    /// for an audit commit.
-    pub async fn worker(
-        state: std::sync::Arc<State>,
-        cache: SpiffeId,
-        epoch: u64,
-        queued: std::sync::Arc<std::sync::atomic::AtomicU64>,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<pb::AuditBatch>,
-        tx: tokio::sync::mpsc::Sender<Result<pb::SyncDown, tonic::Status>>,
-    ) -> String {
-        use std::sync::atomic::Ordering;
-        let _held = state.links.audit_lock(&cache).lock_owned().await;
-        let mut hwm = {
-            let (st, id) = (state.clone(), cache.clone());
-            match tokio::task::spawn_blocking(move || hwm(&st, &id, epoch)).await {
-                Ok(Ok(h)) => h,
-                Ok(Err(e)) => return format!("reading the audit mark failed: {e}"),
-                Err(_) => return "audit worker failed".into(),
-            }
-        };
-        let ack = pb::SyncDown {
-            msg: Some(super::Down::AuditAck(pb::AuditAck { upto: hwm })),
-        };
-        if tx.send(Ok(ack)).await.is_err() {
-            return "cache went away".into();
-        }
-        while let Some(first) = rx.recv().await {
-            let mut batches = vec![first];
-            while let Ok(b) = rx.try_recv() {
-                batches.push(b);
-            }
-            let n: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
-            let mut prepared = Vec::with_capacity(batches.len());
-            let mut mark = hwm;
-            for b in &batches {
-                match prepare(&cache, mark, b) {
-                    Ok(p) => {
-                        mark = p.upto;
-                        prepared.push(p);
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(tonic::Status::invalid_argument(format!(
-                                "audit batch: {e}"
-                            ))))
-                            .await;
-                        return format!("bad audit batch: {e}");
-                    }
-                }
-            }
-            if let Err(e) = commit(&state, &cache, epoch, prepared).await {
-                let _ = tx
-                    .send(Err(tonic::Status::unavailable(format!(
-                        "audit records not stored: {e}"
-                    ))))
-                    .await;
-                return format!("audit commit failed: {e}");
-            }
-            queued.fetch_sub(n, Ordering::Relaxed);
-            hwm = mark;
-            let ack = pb::SyncDown {
-                msg: Some(super::Down::AuditAck(pb::AuditAck { upto: hwm })),
-            };
-            if tx.send(Ok(ack)).await.is_err() {
-                return "cache went away".into();
-            }
-        }
-        "stream closed".into()
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        fn batch(first: u64, records: &[&str]) -> pb::AuditBatch {
-            pb::AuditBatch {
-                first,
-                records: records.iter().map(|r| r.as_bytes().to_vec()).collect(),
-            }
-        }
-
-        #[test]
-        fn leaves_carry_the_sender_and_its_number() {
-            let c = SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id");
-            let b = batch(
-                5,
-                &[
-                    r#"{"kind":"issued","agent":"spiffe://t/agent/eu/a","at_unix_ms":7}"#,
-                    r#" { "kind" : "refused" , "reason":"x\"y" } "#,
-                ],
-            );
-            let p = prepare(&c, 4, &b).expect("prepared");
-            assert_eq!(p.upto, 6);
-            let v: Vec<serde_json::Value> = p
-                .leaves
-                .iter()
-                .map(|l| serde_json::from_slice(l).expect("a leaf is JSON"))
-                .collect();
-            assert_eq!(v[0]["cache"], "spiffe://t/cache/eu/c1");
-            assert_eq!(v[0]["cache_seq"], 5);
-            assert_eq!(v[0]["at_unix_ms"], 7);
-            assert_eq!(v[1]["cache_seq"], 6);
-            assert_eq!(v[1]["reason"], "x\"y");
-            assert_eq!(p.observed[0].cache, "spiffe://t/cache/eu/c1");
-            assert_eq!(p.observed[0].agent, "spiffe://t/agent/eu/a");
-            // Records the control plane holds already are skipped.
-            let p = prepare(&c, 5, &b).expect("prepared");
-            assert_eq!((p.leaves.len(), p.upto), (1, 6));
-        }
-
-        #[test]
-        fn bad_records_are_refused() {
-            let c = SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id");
-            for bad in [
-                r#"{"kind":"issued","cache":"spiffe://t/cache/us/other"}"#,
-                r#"{"kind":"issued","cache_seq":1}"#,
-                r#"{"kind":"alert"}"#,
-                r#"{"agent":"a"}"#,
-                r#"["issued"]"#,
-                r#"{"kind":"issued"} trailing"#,
-                r#"{"kind":"issued","at_unix_ms":"soon"}"#,
-                "not json",
-            ] {
-                assert!(prepare(&c, 0, &batch(1, &[bad])).is_err(), "{bad}");
-            }
-            let pressure = r#"{"kind":"outbox_pressure","held":80,"max":100,"at_unix_ms":1}"#;
-            let b = batch(1, &[pressure]);
-            let p = prepare(&c, 0, &b).expect("a cache's own pressure record");
-            assert_eq!((p.observed[0].held, p.observed[0].max), (80, 100));
-            let ok = r#"{"kind":"issued"}"#;
-            assert!(prepare(&c, 0, &batch(3, &[ok])).is_err(), "a gap");
-            assert!(
-                prepare(&c, 0, &batch(0, &[ok])).is_err(),
-                "numbers start at 1"
-            );
-        }
-    }
-}
-
 pub(crate) async fn open(
     state: Arc<State>,
     cache: SpiffeId,
@@ -519,8 +210,6 @@ async fn serve(
     tx: &mpsc::Sender<Result<pb::SyncDown, Status>>,
 ) -> String {
     let mut heads = state.log.subscribe();
-    // Where this cache's audit records stand: told first, so it resends
-    // only what is missing.
     // Audit batches are committed by a worker of their own: events going
     // down never wait for an audit write. It tells the cache where its
     // records stand first (the cache sends none before), once the previous
@@ -529,7 +218,7 @@ async fn serve(
     // channel closes.
     let audit_queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
-    let mut audit_worker = tokio::spawn(cache_audit::worker(
+    let mut audit_worker = tokio::spawn(audit_ingest::worker(
         state.clone(),
         cache.clone(),
         audit_epoch,
@@ -663,7 +352,7 @@ async fn serve(
                     }
                     Some(Up::Audit(batch)) => {
                         let n = batch.records.len() as u64;
-                        if audit_queued.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n > cache_audit::MAX_QUEUED {
+                        if audit_queued.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n > audit_ingest::MAX_QUEUED {
                             let _ = tx.send(Err(Status::resource_exhausted("too many audit records in flight"))).await;
                             return "audit flood".into();
                         }

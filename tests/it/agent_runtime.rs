@@ -612,7 +612,7 @@ async fn the_proxy_injects_the_leased_key_and_the_client_never_sees_it() {
         })
         .await
         .expect("put");
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
 
     let (upstream, mut received) = echo_upstream().await;
@@ -773,7 +773,7 @@ unless { context.posture has os_patched && context.posture.os_patched };
             .is_empty(),
         "nothing changes when the posture does not"
     );
-    let before = l.cp().state.log.head();
+    let before = l.cp().event_log().head();
     let revoked = agent
         .set_posture(Posture {
             os_patched: Some(false),
@@ -792,12 +792,12 @@ unless { context.posture has os_patched && context.posture.os_patched };
     // cache (the log head's watch channel announces the commit).
     tokio::time::timeout(
         WAIT,
-        l.cp().state.log.subscribe().wait_for(|h| *h != before),
+        l.cp().event_log().subscribe().wait_for(|h| *h != before),
     )
     .await
     .expect("no revocation committed")
     .expect("the log is open");
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
     let exchange = |token: String| pb::ExchangeTokenRequest {
         subject_token: token,

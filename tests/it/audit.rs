@@ -6,7 +6,7 @@
 use crate::common;
 
 use lattice::harness::Lattice;
-use lattice_control_plane::auditlog;
+use lattice_control_plane::audit_log;
 use lattice_shared::merkle;
 use lattice_shared::policy::AdminRole;
 use lattice_shared::proto as pb;
@@ -43,15 +43,11 @@ async fn heads(auditor: &mut AdminClient<Channel>) -> Vec<pb::SignedTreeHead> {
 }
 
 fn root_der(l: &Lattice) -> Vec<u8> {
-    l.cp().state.root.cert_der().to_vec()
+    l.cp().root_cert_der().to_vec()
 }
 
 fn sign_head(l: &Lattice) {
-    let state = &l.cp().state;
-    state
-        .audit_log
-        .sign_head(&state.policy.signer(), state.now_ms())
-        .expect("sign");
+    l.cp().sign_audit_head().expect("sign");
 }
 
 #[tokio::test]
@@ -126,13 +122,13 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
     let hs = heads(&mut auditor).await;
     assert!(hs.len() >= 2, "the start head and ours");
     let td = lattice_shared::id::TrustDomain::new("lattice.local").expect("td");
-    let v = auditlog::verify(&recs, &hs, &root_der(&l), &td).expect("verifies");
+    let v = audit_log::verify(&recs, &hs, &root_der(&l), &td).expect("verifies");
     assert_eq!(v.entries, recs.len() as u64);
 
     // Altering a stored entry: the recomputed tree no longer matches.
-    let state = &l.cp().state;
+    let state = l.cp();
     let original = state
-        .store
+        .store()
         .get("audit_leaves", &1u64.to_be_bytes())
         .expect("get")
         .expect("entry 1");
@@ -140,14 +136,14 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
     let forged = String::from_utf8_lossy(&original).replace("allowed", "denied");
     assert_ne!(forged.as_bytes(), original.as_slice());
     state
-        .store
+        .store()
         .put("audit_leaves", &1u64.to_be_bytes(), forged.as_bytes())
         .expect("tamper");
-    let err = auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+    let err = audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect_err("tampering is detected");
     assert!(err.contains("altered"), "{err}");
     state
-        .store
+        .store()
         .put("audit_leaves", &1u64.to_be_bytes(), &original)
         .expect("restore");
 
@@ -157,7 +153,7 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
     let mut th = pb::TreeHead::decode(bad[last].tree_head.as_slice()).expect("head");
     th.root_hash[0] ^= 1;
     bad[last].tree_head = th.encode_to_vec();
-    let err = auditlog::verify(&recs, &bad, &root_der(&l), &td).expect_err("forged head");
+    let err = audit_log::verify(&recs, &bad, &root_der(&l), &td).expect_err("forged head");
     assert!(err.contains("signature"), "{err}");
     // A head signed by anyone else (another lattice's root) is refused.
     let other = lattice_shared::pki::Authority::new_root(
@@ -167,7 +163,7 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
         std::time::Duration::from_secs(3600),
     )
     .expect("root");
-    assert!(auditlog::verify(&recs, &hs, other.cert_der(), &td).is_err());
+    assert!(audit_log::verify(&recs, &hs, other.cert_der(), &td).is_err());
     l.shutdown().await;
 }
 
@@ -175,17 +171,17 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
 async fn proofs_verify_and_fail_when_altered() {
     let (l, _clock) = common::lattice().await;
     let mut auditor = l.admin("ann", &[AdminRole::Auditor], &[]).expect("auditor");
-    let state = l.cp().state.clone();
+    let state = l.cp();
     for i in 0..5 {
         state
             .audit(&serde_json::json!({"kind": "test", "n": i}))
             .expect("append");
     }
     sign_head(&l);
-    let first = state.audit_log.size();
+    let first = state.audit_log().size();
     // A head is signed on its own every HEAD_EVERY entries.
     let before = heads(&mut auditor).await.len();
-    for i in 0..auditlog::HEAD_EVERY {
+    for i in 0..audit_log::HEAD_EVERY {
         state
             .audit(&serde_json::json!({"kind": "test", "n": 100 + i}))
             .expect("append");
@@ -268,7 +264,7 @@ async fn proofs_verify_and_fail_when_altered() {
 
 /// The records the control plane's log holds from `cache`, as JSON.
 fn cache_records(l: &Lattice, cache: &str) -> Vec<serde_json::Value> {
-    let log = &l.cp().state.audit_log;
+    let log = l.cp().audit_log();
     let mut out = Vec::new();
     let mut start = 0;
     loop {
@@ -321,7 +317,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
         })
         .await
         .expect("put");
-    l.wait_all_applied(l.cp().state.log.head())
+    l.wait_all_applied(l.cp().event_log().head())
         .await
         .expect("applied");
     let agent = l.agents[0].clone();
@@ -375,9 +371,9 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
     let mut auditor = l.admin("ann", &[AdminRole::Auditor], &[]).expect("auditor");
     let hs = heads(&mut auditor).await;
     let td = lattice_shared::id::TrustDomain::new("lattice.local").expect("td");
-    let state = &l.cp().state;
+    let state = l.cp();
     let (key, original) = state
-        .store
+        .store()
         .scan_prefix("audit_leaves", b"", usize::MAX)
         .expect("scan")
         .into_iter()
@@ -386,7 +382,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
                 && lattice_shared::chunk::decode(v).is_ok_and(|r| r.len() >= 2)
         })
         .expect("a stored chunk of several records");
-    auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+    audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect("verifies before");
     // Same length, so the chunk still decodes: only the hashes tell.
     let at = original
@@ -396,14 +392,14 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
     let mut forged = original.clone();
     forged[at + 1..at + 7].copy_from_slice(b"ISSUED");
     state
-        .store
+        .store()
         .put("audit_leaves", &key, &forged)
         .expect("tamper");
-    let err = auditlog::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
+    let err = audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect_err("tampering inside a chunk is detected");
     assert!(err.contains("altered"), "{err}");
     state
-        .store
+        .store()
         .put("audit_leaves", &key, &original)
         .expect("restore");
 
@@ -467,7 +463,7 @@ async fn a_honeytoken_lease_raises_an_alert_and_revokes_the_agent() {
             .await
             .expect("put");
     }
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
     let mut auditor = l
         .admin("audrey", &[AdminRole::Auditor], &[])

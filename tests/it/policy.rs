@@ -66,7 +66,7 @@ async fn a_new_release_takes_effect_at_every_cache_and_invalidates_cached_decisi
         .mint(AUDIENCE, &["read".into()], None)
         .await
         .expect("allowed");
-    let v_before = l.cp().state.policy.current().version();
+    let v_before = l.cp().policy_version();
     assert_eq!(
         before.policy_version, v_before,
         "the token records the deciding version"
@@ -123,8 +123,8 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
 
     // Take the signed release in force and change its bundle after signing:
     // the caches must refuse it (the signature no longer matches).
-    let seq = l.cp().state.policy.history().last().expect("a release").seq;
-    let ev = l.cp().state.log.get(seq).expect("read").expect("event");
+    let seq = l.cp().policy_history().last().expect("a release").seq;
+    let ev = l.cp().event_log().get(seq).expect("read").expect("event");
     let Some(pb::lattice_event::Body::Policy(mut signed)) = ev.body else {
         panic!("not a policy event");
     };
@@ -140,11 +140,10 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
     release.bundle = Some(files.to_proto());
     release.bundle_sha256 = files.sha256().to_vec();
     signed.release = release.encode_to_vec();
-    let now_ms = l.cp().state.now_ms();
+    let now_ms = l.cp().now_ms();
     let bad = l
         .cp()
-        .state
-        .log
+        .event_log()
         .append_policy(signed.clone(), now_ms)
         .expect("append");
 
@@ -163,7 +162,7 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
     let cert = fake_root
         .issue(
             &forger.csr_der().expect("csr"),
-            &l.cp().state.id,
+            l.cp().id(),
             lattice_shared::pki::Profile::JwtSigning,
             l.clock.now(),
             Duration::from_secs(3600),
@@ -174,15 +173,13 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
         .expect("sign");
     let bad2 = l
         .cp()
-        .state
-        .log
+        .event_log()
         .append_policy(forged, now_ms)
         .expect("append");
 
     let bad3 = l
         .cp()
-        .state
-        .log
+        .event_log()
         .append_policy(replayed, now_ms)
         .expect("append");
     l.wait_all_applied(bad3.seq)
@@ -305,7 +302,7 @@ async fn rollback_is_an_ordered_event_that_both_caches_apply_even_after_a_partit
 async fn pushes_are_validated_and_tested_at_the_control_plane() {
     let (l, _clock) = common::lattice().await;
     let mut admin = l.bootstrap_admin().expect("admin");
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     let base = audience_bundle(&[Audience::new(AUDIENCE, &["read"])]);
 
     let typo = with_file(
@@ -399,7 +396,7 @@ async fn pushes_are_validated_and_tested_at_the_control_plane() {
         .expect_err("bad name");
     assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
 
-    assert_eq!(l.cp().state.log.head(), head, "nothing was released");
+    assert_eq!(l.cp().event_log().head(), head, "nothing was released");
     l.shutdown().await;
 }
 
@@ -497,7 +494,7 @@ async fn the_example_bundle_rules_hold_end_to_end() {
 #[tokio::test]
 async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
     let l = example_lattice().await;
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     let mut alice = l
         .admin("alice", &[AdminRole::PlatformAdmin], &[])
         .expect("alice");
@@ -609,7 +606,7 @@ async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
         "{v:?}"
     );
     // Both names are in the signed release the caches receive.
-    let ev = l.cp().state.log.get(v.seq).expect("read").expect("event");
+    let ev = l.cp().event_log().get(v.seq).expect("read").expect("event");
     let Some(pb::lattice_event::Body::Policy(signed)) = ev.body else {
         panic!("policy event");
     };
@@ -624,8 +621,8 @@ async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
     assert_eq!(s.code(), Code::NotFound);
 
     // The admin trail holds each decision, both admins of the approval.
-    use lattice_control_plane::audit::{self, Outcome};
-    let trail = audit::list(&l.cp().state, 1000).expect("trail");
+    use lattice_control_plane::admin_trail::Outcome;
+    let trail = l.cp().admin_trail(1000).expect("trail");
     let has = |admin: &str, action: &str, outcome: Outcome| {
         trail
             .iter()
@@ -644,33 +641,26 @@ async fn separation_of_duties_and_the_two_person_rule_at_the_admin_api() {
             && r.request_id.as_deref() == Some(id.as_str())
             && r.policies.contains(&"policy-change-two-person".to_string())
     }));
-    assert!(l.cp().state.log.head() > head);
+    assert!(l.cp().event_log().head() > head);
     l.shutdown().await;
 }
 
 #[tokio::test]
 async fn revoking_the_policy_signer_re_signs_the_policy_with_a_new_key() {
     let (l, _clock) = common::lattice().await;
-    let before = l.cp().state.policy.current().version();
-    let old = lattice_shared::pki::inspect(&l.cp().state.policy.signer_cert()).expect("cert");
+    let before = l.cp().policy_version();
+    let old = lattice_shared::pki::inspect(&l.cp().policy_signer_cert()).expect("cert");
     let ev = l
         .revoke(lattice_shared::revocation::Target::CertSerial(
             old.serial_hex.clone(),
         ))
         .expect("revoke");
-    let resigned = l
-        .cp()
-        .state
-        .policy
-        .history()
-        .last()
-        .cloned()
-        .expect("a release");
+    let resigned = l.cp().policy_history().last().cloned().expect("a release");
     assert!(
         resigned.seq > ev.seq && resigned.version == before + 1,
         "{resigned:?}"
     );
-    let new = lattice_shared::pki::inspect(&l.cp().state.policy.signer_cert()).expect("cert");
+    let new = lattice_shared::pki::inspect(&l.cp().policy_signer_cert()).expect("cert");
     assert_ne!(new.serial_hex, old.serial_hex);
     l.wait_all_applied(resigned.seq).await.expect("applied");
     for c in &l.caches {

@@ -42,7 +42,7 @@ async fn a_revoked_agent_cannot_mint_renew_or_enrol_and_forgets_its_credentials(
     // Keep a client on the agent's existing connection to show it is cut too.
     let mut raw = agent.cache_client();
 
-    let base = l.cp().state.log.head();
+    let base = l.cp().event_log().head();
     let ev = l.revoke(Target::Agent(agent.id.clone())).expect("revoke");
     assert_eq!(ev.seq, base + 1);
     l.wait_all_applied(ev.seq)
@@ -421,13 +421,13 @@ async fn delayed_and_dropped_links_still_deliver_everything_in_order() {
 #[tokio::test]
 async fn control_plane_restart_mid_stream_and_cache_restart_leave_no_gap() {
     let (mut l, _clock) = lattice().await;
-    let base = l.cp().state.log.head();
+    let base = l.cp().event_log().head();
     for i in 0..5 {
         l.revoke(Target::Jti(format!("a{i}"))).expect("revoke");
     }
     l.restart_cp().await.expect("cp restarts");
     assert_eq!(
-        l.cp().state.log.head(),
+        l.cp().event_log().head(),
         base + 5,
         "acknowledged revocations survived"
     );

@@ -138,7 +138,7 @@ async fn leaked_upstream_key() {
         message: String::new(),
     };
     carol.put_secret(put(b"sk-leaked")).await.expect("v1");
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
     let agent = l.agents[0].clone();
     assert_eq!(

@@ -126,7 +126,7 @@ async fn scenario(seed: u64, steps: usize) -> Outcome {
             }
             _ => {
                 // Let connected caches catch up, as time passes in the real world.
-                let head = l.cp().state.log.head();
+                let head = l.cp().event_log().head();
                 for c in l
                     .caches
                     .iter()

@@ -58,7 +58,7 @@ async fn put(
 
 /// Waits until every cache has applied everything the log holds now.
 async fn settle(l: &Lattice) {
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
 }
 
@@ -333,7 +333,6 @@ async fn revoking_a_version_makes_every_cache_refuse_it() {
     // Revoking the active version stops every lease of the secret.
     let v2 = l
         .cp()
-        .state
         .revoke(&lattice_shared::revocation::Revocation {
             target: lattice_shared::revocation::Target::SecretVersion {
                 name: "openai".into(),
@@ -405,7 +404,7 @@ async fn rollback_activates_the_previous_version_within_its_grace_window() {
         .expect("lease");
     assert_eq!((lease.value.as_slice(), lease.version), (MARKER, 1));
     // A lease of the previous version ends with its grace window.
-    let grace = l.cp().state.cfg.secret_grace_secs;
+    let grace = l.cp().config().secret_grace_secs;
     clock.advance(Duration::from_secs(grace - 60));
     l.caches[0].wait_fresh().await.expect("fresh");
     let prev = l.agents[0]
@@ -442,7 +441,7 @@ async fn kek_rotation_rewraps_every_dek_and_every_version_stays_readable() {
     put(&mut carol, "openai", MARKER, &["*"]).await;
     put(&mut carol, "openai", MARKER2, &["*"]).await;
     put(&mut carol, "anthropic", b"sk-ant-third-value", &["us"]).await;
-    let before = l.cp().state.secret_record("openai").expect("record");
+    let before = l.cp().secret_record("openai").expect("record");
     let r = carol
         .rotate_kms(pb::RotateKmsRequest {})
         .await
@@ -454,7 +453,7 @@ async fn kek_rotation_rewraps_every_dek_and_every_version_stays_readable() {
         "two live versions of openai, one of anthropic"
     );
     assert!(r.kms.starts_with("local:"));
-    let after = l.cp().state.secret_record("openai").expect("record");
+    let after = l.cp().secret_record("openai").expect("record");
     for v in [1, 2] {
         let (b, a) = (&before.versions[&v], &after.versions[&v]);
         assert_eq!(a.wrapped_dek.as_ref().map(|w| w.kek_version), Some(2));
@@ -464,11 +463,11 @@ async fn kek_rotation_rewraps_every_dek_and_every_version_stays_readable() {
     // Readable after a restart (the KEKs are reloaded from their files).
     l.restart_cp().await.expect("restart");
     assert_eq!(
-        &*l.cp().state.open_secret_version("openai", 1).expect("v1"),
+        &*l.cp().open_secret_version("openai", 1).expect("v1"),
         MARKER
     );
     assert_eq!(
-        &*l.cp().state.open_secret_version("openai", 2).expect("v2"),
+        &*l.cp().open_secret_version("openai", 2).expect("v2"),
         MARKER2
     );
     settle(&l).await;
@@ -482,7 +481,7 @@ async fn kek_rotation_rewraps_every_dek_and_every_version_stays_readable() {
     );
 
     // DEK rotation: new DEKs and ciphertexts, the same values, sealed again.
-    let applied = l.cp().state.log.head();
+    let applied = l.cp().event_log().head();
     let r = carol
         .rekey_secret(pb::RekeySecretRequest {
             name: "openai".into(),
@@ -491,7 +490,7 @@ async fn kek_rotation_rewraps_every_dek_and_every_version_stays_readable() {
         .expect("rekey")
         .into_inner();
     assert_eq!(r.summary.expect("summary").active, 2);
-    let rekeyed = l.cp().state.secret_record("openai").expect("record");
+    let rekeyed = l.cp().secret_record("openai").expect("record");
     assert_ne!(
         rekeyed.versions[&2].ciphertext,
         after.versions[&2].ciphertext
@@ -500,7 +499,10 @@ async fn kek_rotation_rewraps_every_dek_and_every_version_stays_readable() {
         rekeyed.versions[&2].fingerprint,
         after.versions[&2].fingerprint
     );
-    assert!(l.cp().state.log.head() > applied, "new envelopes streamed");
+    assert!(
+        l.cp().event_log().head() > applied,
+        "new envelopes streamed"
+    );
     settle(&l).await;
     for a in &l.agents {
         let lease = a.lease_secret("openai", 0, None).await.expect("lease");
@@ -522,7 +524,6 @@ async fn another_kek_gives_a_clear_error_not_a_value() {
         .expect("a new KEK directory is created");
     let e = l
         .cp()
-        .state
         .open_secret_version("openai", 1)
         .expect_err("another KEK");
     let msg = e.to_string();
@@ -608,8 +609,7 @@ async fn a_put_under_the_two_person_rule_waits_encrypted_and_runs_on_approval() 
     let mut waiting = 0;
     for (_, v) in l
         .cp()
-        .state
-        .store
+        .store()
         .scan_prefix("pending", b"", 100)
         .expect("scan")
     {
@@ -641,7 +641,7 @@ async fn a_put_under_the_two_person_rule_waits_encrypted_and_runs_on_approval() 
         other => panic!("expected a secret version, got {other:?}"),
     }
     assert_eq!(
-        &*l.cp().state.open_secret_version("openai", 1).expect("open"),
+        &*l.cp().open_secret_version("openai", 1).expect("open"),
         MARKER
     );
 
@@ -678,7 +678,7 @@ async fn a_put_under_the_two_person_rule_waits_encrypted_and_runs_on_approval() 
         .expect_err("the previous version changed");
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("changed since"), "{}", e.message());
-    assert_eq!(l.cp().state.secret_record("openai").expect("rec").active, 3);
+    assert_eq!(l.cp().secret_record("openai").expect("rec").active, 3);
     l.shutdown().await;
 }
 
@@ -901,18 +901,17 @@ async fn a_failed_post_check_rolls_back_and_a_failed_pre_check_changes_nothing()
     }
 
     up.lock().expect("lock").fail = Some("pre-check".into());
-    let head = l.cp().state.log.head();
+    let head = l.cp().event_log().head();
     let (_, result) = rotate(&mut carol, "openai").await;
     let e = result.expect_err("pre-check fails");
     assert!(e.message().contains("nothing changed"), "{}", e.message());
-    assert_eq!(l.cp().state.log.head(), head, "no event was written");
-    assert_eq!(l.cp().state.secret_record("openai").expect("rec").active, 1);
+    assert_eq!(l.cp().event_log().head(), head, "no event was written");
+    assert_eq!(l.cp().secret_record("openai").expect("rec").active, 1);
 
     // A leaked key: v1 is revoked, then rotated. Rolling back to a revoked
     // version would leave nothing to serve, so a failed post-check keeps
     // the new version and says so.
     l.cp()
-        .state
         .revoke(&lattice_shared::revocation::Revocation {
             target: lattice_shared::revocation::Target::SecretVersion {
                 name: "openai".into(),
@@ -925,7 +924,7 @@ async fn a_failed_post_check_rolls_back_and_a_failed_pre_check_changes_nothing()
     let (_, result) = rotate(&mut carol, "openai").await;
     let e = result.expect_err("post-check fails");
     assert!(e.message().contains("stays active"), "{}", e.message());
-    let rec = l.cp().state.secret_record("openai").expect("rec");
+    let rec = l.cp().secret_record("openai").expect("rec");
     assert_eq!(rec.active, 3, "the new version serves");
     settle(&l).await;
     let lease = l.agents[0]
@@ -943,20 +942,20 @@ async fn a_scheduled_rotation_runs_when_the_active_version_is_old_enough() {
     let (l, clock) = common::lattice_with(rotation_spec(url, 3600)).await;
     let mut carol = custodian(&l, "carol");
     put(&mut carol, "openai", MARKER, &["eu"]).await;
-    let state = l.cp().state.clone();
-    lattice_control_plane::rotation::run_due(&state).await;
+    let state = l.cp();
+    state.run_due_rotations().await;
     assert_eq!(
         state.secret_record("openai").expect("rec").active,
         1,
         "not due yet"
     );
     clock.advance(Duration::from_secs(3601));
-    lattice_control_plane::rotation::run_due(&state).await;
+    state.run_due_rotations().await;
     let rec = state.secret_record("openai").expect("rec");
     assert_eq!(rec.active, 2, "due: rotated");
-    assert_eq!(rec.versions[&2].created_by, state.id.to_string());
+    assert_eq!(rec.versions[&2].created_by, state.id().to_string());
     // Just rotated: not due again.
-    lattice_control_plane::rotation::run_due(&state).await;
+    state.run_due_rotations().await;
     assert_eq!(state.secret_record("openai").expect("rec").active, 2);
     l.shutdown().await;
 }
@@ -1008,7 +1007,7 @@ async fn the_control_plane_keeps_its_keks_in_a_pkcs11_token() {
     );
     l.restart_cp().await.expect("restart");
     assert_eq!(
-        &*l.cp().state.open_secret_version("openai", 1).expect("open"),
+        &*l.cp().open_secret_version("openai", 1).expect("open"),
         MARKER
     );
     assert!(
@@ -1043,7 +1042,7 @@ async fn an_alert_can_rotate_the_secret_it_names() {
     let mut carol = custodian(&l, "carol");
     put(&mut carol, "openai", MARKER, &["*"]).await;
     settle(&l).await;
-    let mut alerts = l.cp().state.alerts.subscribe();
+    let mut alerts = l.cp().subscribe_alerts();
     l.agents[0]
         .lease_secret("openai", 1, None)
         .await
@@ -1060,7 +1059,7 @@ async fn an_alert_can_rotate_the_secret_it_names() {
     common::eventually(
         "the secret is rotated",
         lattice::harness::WAIT,
-        async || l.cp().state.secret_record("openai").expect("record").active == 2,
+        async || l.cp().secret_record("openai").expect("record").active == 2,
     )
     .await;
     let steps: Vec<String> = up

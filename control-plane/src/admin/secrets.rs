@@ -7,11 +7,10 @@
 use lattice_shared::envelope::check_secret_name;
 use lattice_shared::policy::AdminAction;
 use lattice_shared::proto as pb;
-use tonic::Status;
 
-use super::{Allowed, Caller, check_message};
+use super::gate::{Allowed, Caller, check_message};
+use crate::api::{Service, blocking, encode};
 use crate::secrets::{Origin, Staged, check_regions, check_value};
-use crate::service::{Service, blocking};
 use crate::{Error, rotation};
 
 /// What a secret change produced.
@@ -53,9 +52,8 @@ pub(crate) fn action_of(op: &str) -> Option<AdminAction> {
     })
 }
 
-#[allow(clippy::result_large_err)]
-pub(crate) fn check_name(name: &str) -> Result<(), Status> {
-    check_secret_name(name).map_err(Status::invalid_argument)
+pub(crate) fn check_name(name: &str) -> Result<(), Error> {
+    check_secret_name(name).map_err(Error::InvalidArgument)
 }
 
 impl Service {
@@ -65,9 +63,9 @@ impl Service {
         c: &Caller,
         change: pb::PendingSecretChange,
         summary: String,
-    ) -> Result<SecretOutcome, Status> {
+    ) -> Result<SecretOutcome, Error> {
         let action = action_of(&change.op)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown op {:?}", change.op)))?;
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown op {:?}", change.op)))?;
         let resource = if action == AdminAction::RotateKmsKey {
             ""
         } else {
@@ -82,7 +80,7 @@ impl Service {
         by: &Caller,
         allowed: Allowed,
         change: pb::PendingSecretChange,
-    ) -> Result<SecretOutcome, Status> {
+    ) -> Result<SecretOutcome, Error> {
         let state = self.state.clone();
         let by_id = by.id.to_string();
         let approved_by = allowed
@@ -94,14 +92,14 @@ impl Service {
         if !matches!(change.op.as_str(), "rotate" | "kms-rotate")
             && self.state.rotators.is_running(&name)
         {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "a rotation of secret {name} is running; retry when it has finished"
             )));
         }
         match change.op.as_str() {
             "put" => {
                 let staged: Staged = serde_json::from_slice(&change.staged_json)
-                    .map_err(|e| Status::internal(format!("staged secret: {e}")))?;
+                    .map_err(|e| Error::Internal(format!("staged secret: {e}")))?;
                 let regions = change.regions.clone();
                 blocking(move || {
                     let (rec, v) = state.commit_secret(
@@ -118,7 +116,9 @@ impl Service {
                         .versions
                         .get(&v)
                         .ok_or_else(|| Error::Corrupt("committed version missing".into()))?;
-                    Ok(SecretOutcome::Version(state.secret_version_info(&rec, vr)))
+                    Ok(SecretOutcome::Version(encode::secret_version_info(
+                        &state, &rec, vr,
+                    )))
                 })
                 .await
             }
@@ -135,14 +135,18 @@ impl Service {
             "rollback" => {
                 blocking(move || {
                     let rec = state.rollback_secret(&name, change.version)?;
-                    Ok(SecretOutcome::Versions(state.secret_versions(&rec)))
+                    Ok(SecretOutcome::Versions(encode::secret_versions(
+                        &state, &rec,
+                    )))
                 })
                 .await
             }
             "rekey" => {
                 blocking(move || {
                     let rec = state.rekey_secret(&name)?;
-                    Ok(SecretOutcome::Versions(state.secret_versions(&rec)))
+                    Ok(SecretOutcome::Versions(encode::secret_versions(
+                        &state, &rec,
+                    )))
                 })
                 .await
             }
@@ -169,20 +173,20 @@ impl Service {
                 .await
             }
             "rotate" => {
-                let v = rotation::rotate(&state, &name, &by_id, &approved_by, None)
-                    .await
-                    .map_err(Status::from)?;
+                let v = rotation::rotate(&state, &name, &by_id, &approved_by, None).await?;
                 blocking(move || {
                     let rec = state.secret_record(&name)?;
                     let vr = rec
                         .versions
                         .get(&v)
                         .ok_or_else(|| Error::Corrupt("rotated version missing".into()))?;
-                    Ok(SecretOutcome::Version(state.secret_version_info(&rec, vr)))
+                    Ok(SecretOutcome::Version(encode::secret_version_info(
+                        &state, &rec, vr,
+                    )))
                 })
                 .await
             }
-            other => Err(Status::invalid_argument(format!("unknown op {other:?}"))),
+            other => Err(Error::InvalidArgument(format!("unknown op {other:?}"))),
         }
     }
 
@@ -191,14 +195,14 @@ impl Service {
         &self,
         c: &Caller,
         r: pb::PutSecretRequest,
-    ) -> Result<SecretOutcome, Status> {
+    ) -> Result<SecretOutcome, Error> {
         check_name(&r.name)?;
         check_message(&r.message)?;
-        check_value(&r.value).map_err(Status::from)?;
+        check_value(&r.value)?;
         let mut regions = r.regions.clone();
         regions.sort();
         regions.dedup();
-        check_regions(&regions).map_err(Status::from)?;
+        check_regions(&regions)?;
         // Refuse early a caller who could never put (not even approved):
         // staging costs a KMS call.
         self.may_ever(c, AdminAction::PutSecret, &r.name)?;
@@ -215,8 +219,7 @@ impl Service {
             op: "put".into(),
             name: r.name,
             regions,
-            staged_json: serde_json::to_vec(&staged)
-                .map_err(|e| Status::internal(e.to_string()))?,
+            staged_json: serde_json::to_vec(&staged).map_err(|e| Error::Internal(e.to_string()))?,
             message: r.message,
             ..Default::default()
         };

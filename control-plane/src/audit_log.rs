@@ -291,7 +291,7 @@ const MAX_JOBS: usize = 256;
 /// the next one, in arrival order.
 /// Holds the state weakly: the channel closes, and this ends, when the
 /// control plane's state is dropped.
-pub async fn run_committer(
+pub(crate) async fn run_committer(
     state: std::sync::Weak<crate::State>,
     mut rx: tokio::sync::mpsc::Receiver<Job>,
 ) {

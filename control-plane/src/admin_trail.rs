@@ -1,6 +1,6 @@
 //! The admin trail: every admin decision at the control plane (allowed,
 //! denied, parked for a second admin, approved), written durably to the
-//! tamper-evident audit log (`auditlog`) before the caller learns the
+//! tamper-evident audit log (`audit_log`) before the caller learns the
 //! outcome. Both admins of a two-person action are in the approval's record.
 
 use serde::{Deserialize, Serialize};
@@ -43,12 +43,12 @@ pub enum Record {
 }
 
 /// Appends an admin record durably to the audit log.
-pub fn record(state: &State, r: &AdminRecord) -> Result<(), Error> {
+pub(crate) fn record(state: &State, r: &AdminRecord) -> Result<(), Error> {
     state.audit(&Record::Admin(r.clone())).map(|_| ())
 }
 
 /// The oldest `limit` admin records, in log order.
-pub fn list(state: &State, limit: u32) -> Result<Vec<AdminRecord>, Error> {
+pub(crate) fn list(state: &State, limit: u32) -> Result<Vec<AdminRecord>, Error> {
     let mut out = Vec::new();
     for e in state.audit_log.entries(0, limit)? {
         let v: serde_json::Value = serde_json::from_slice(&e.record)

@@ -1,106 +1,50 @@
-//! gRPC handlers of the `ControlPlane` (for caches) and `Admin` (for
-//! operators) services. Callers are identified only by their verified
-//! certificate; the `Enrol` call alone is open.
-
-use std::sync::Arc;
+//! Handlers of the `ControlPlane` service, called by caches: enrolment and
+//! renewal of a cache's certificates, agents' join tokens, the JWKS of all
+//! caches' signing keys, and the `Sync` stream (served in `crate::sync`).
 
 use lattice_shared::id::{Role, SpiffeId};
 use lattice_shared::limits;
-use lattice_shared::net::{PeerIdentity, authenticated};
-use lattice_shared::pki::{MAX_DER_LEN, PkiError, inspect};
+use lattice_shared::pki::{MAX_DER_LEN, inspect};
 use lattice_shared::proto::{self as pb, control_plane_server::ControlPlane};
 use tonic::{Request, Response, Status};
 
+use super::{Service, blocking, require_role};
 use crate::join::{self, Redemption};
+use crate::registry::CacheCsrs;
 use crate::{CacheRecord, Error, State};
 
-/// Paths served without a client certificate.
-pub(crate) const OPEN_PATHS: &[&str] = &["/lattice.v1.ControlPlane/Enrol"];
-
-#[derive(Debug, Clone)]
-pub(crate) struct Service {
-    pub state: Arc<State>,
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        match e {
-            Error::Denied(m) => Status::permission_denied(m),
-            Error::Unauthenticated(m) => Status::unauthenticated(m),
-            Error::InvalidArgument(m) => Status::invalid_argument(m),
-            Error::NotFound(m) => Status::not_found(m),
-            Error::FailedPrecondition(m) => Status::failed_precondition(m),
-            Error::Kms(m) => {
-                tracing::error!(error = %m, "KMS call failed");
-                Status::unavailable("the KMS is unavailable; see control-plane logs")
-            }
-            Error::Pki(
-                e @ (PkiError::BadCsr
-                | PkiError::UnsupportedKey
-                | PkiError::TooLarge
-                | PkiError::Scope(_)),
-            ) => Status::invalid_argument(e.to_string()),
-            other => {
-                // Internals stay in our logs, not in the peer's hands.
-                tracing::error!(error = %other, "control-plane request failed");
-                Status::internal("internal error; see control-plane logs")
-            }
-        }
-    }
-}
-
 /// An X25519 public key, or none (a cache that does not take secrets).
-#[allow(clippy::result_large_err)]
-fn check_hpke(key: &[u8]) -> Result<Vec<u8>, Status> {
+fn check_hpke(key: &[u8]) -> Result<Vec<u8>, Error> {
     if !key.is_empty() && lattice_shared::envelope::check_public_key(key).is_err() {
-        return Err(Status::invalid_argument(
-            "hpke_public_key must be a 32-byte X25519 public key",
+        return Err(Error::InvalidArgument(
+            "hpke_public_key must be a 32-byte X25519 public key".into(),
         ));
     }
     Ok(key.to_vec())
 }
 
-#[allow(clippy::result_large_err)]
-pub(crate) fn require_role<T>(
-    state: &State,
-    req: &Request<T>,
-    role: Role,
-) -> Result<Arc<PeerIdentity>, Status> {
-    let peer = authenticated(req, &state.clock)?;
-    if peer.id.role() != role {
-        return Err(Status::permission_denied(format!(
-            "{} may not call this; it is for a {role}",
-            peer.id
-        )));
-    }
-    // A connection made before a revocation must not outlive it.
-    let issuer = peer.issuer.as_ref();
-    state
-        .log
-        .revocations()
-        .check_cert(&peer.cert, issuer)
-        .map_err(Status::permission_denied)?;
-    Ok(peer)
-}
-
-#[allow(clippy::result_large_err)]
-fn check_csrs(csrs: Option<&pb::CacheCsrs>) -> Result<&pb::CacheCsrs, Status> {
-    let csrs = csrs.ok_or_else(|| Status::invalid_argument("csrs are required"))?;
+/// The three CSRs, each checked (before a join token is consumed).
+fn check_csrs(csrs: Option<&pb::CacheCsrs>) -> Result<CacheCsrs, Error> {
+    let csrs = csrs.ok_or_else(|| Error::InvalidArgument("csrs are required".into()))?;
     for (name, c) in [
         ("ca_csr", &csrs.ca_csr),
         ("tls_csr", &csrs.tls_csr),
         ("signing_csr", &csrs.signing_csr),
     ] {
         if c.is_empty() || c.len() > MAX_DER_LEN {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "{name} must be 1..={MAX_DER_LEN} bytes"
             )));
         }
         // Checked before a join token is consumed.
         lattice_shared::pki::check_csr(c)
-            .map_err(|e| Status::invalid_argument(format!("{name}: {e}")))?;
+            .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))?;
     }
-    Ok(csrs)
+    Ok(CacheCsrs {
+        ca_csr: csrs.ca_csr.clone(),
+        tls_csr: csrs.tls_csr.clone(),
+        signing_csr: csrs.signing_csr.clone(),
+    })
 }
 
 fn certificates(state: &State, r: &CacheRecord) -> pb::CacheCertificates {
@@ -113,23 +57,13 @@ fn certificates(state: &State, r: &CacheRecord) -> pb::CacheCertificates {
     }
 }
 
-#[allow(clippy::result_large_err)]
-fn optional_id(s: &str) -> Result<Option<SpiffeId>, Status> {
+fn optional_id(s: &str) -> Result<Option<SpiffeId>, Error> {
     if s.is_empty() {
         return Ok(None);
     }
     SpiffeId::parse(s)
         .map(Some)
-        .map_err(|e| Status::invalid_argument(format!("requested_id: {e}")))
-}
-
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Status::internal("worker failed"))?
-        .map_err(Status::from)
+        .map_err(|e| Error::InvalidArgument(format!("requested_id: {e}")))
 }
 
 #[tonic::async_trait]
@@ -140,12 +74,10 @@ impl ControlPlane for Service {
     ) -> Result<Response<pb::EnrolCacheResponse>, Status> {
         let r = req.into_inner();
         if r.join_token.is_empty() || r.join_token.len() > limits::MAX_JOIN_TOKEN_LEN {
-            return Err(Status::invalid_argument(
-                "join_token is missing or too long",
-            ));
+            return Err(Error::InvalidArgument("join_token is missing or too long".into()).into());
         }
         let requested = optional_id(&r.requested_id)?;
-        let csrs = check_csrs(r.csrs.as_ref())?.clone();
+        let csrs = check_csrs(r.csrs.as_ref())?;
         let hpke = check_hpke(&r.hpke_public_key)?;
         let state = self.state.clone();
         let token_hash = join::token_hash(&r.join_token);
@@ -180,7 +112,7 @@ impl ControlPlane for Service {
         req: Request<pb::RenewCaRequest>,
     ) -> Result<Response<pb::RenewCaResponse>, Status> {
         let peer = require_role(&self.state, &req, Role::Cache)?;
-        let csrs = check_csrs(req.get_ref().csrs.as_ref())?.clone();
+        let csrs = check_csrs(req.get_ref().csrs.as_ref())?;
         let hpke = check_hpke(&req.get_ref().hpke_public_key)?;
         let state = self.state.clone();
         let record = blocking(move || {
@@ -226,7 +158,7 @@ impl ControlPlane for Service {
             .token_sha256
             .as_slice()
             .try_into()
-            .map_err(|_| Status::invalid_argument("token_sha256 must be 32 bytes"))?;
+            .map_err(|_| Error::InvalidArgument("token_sha256 must be 32 bytes".into()))?;
         let requested = optional_id(&r.requested_id)?;
         let state = self.state.clone();
         let id = blocking(move || {
@@ -285,7 +217,7 @@ impl ControlPlane for Service {
             blocking(move || state.cache_record(&id)).await?
         };
         if enrolled.is_none() {
-            return Err(Status::not_found(format!("{} is not enrolled", peer.id)));
+            return Err(Error::NotFound(format!("{} is not enrolled", peer.id)).into());
         }
         let stream =
             crate::sync::open(self.state.clone(), peer.id.clone(), req.into_inner()).await?;

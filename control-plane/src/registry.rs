@@ -1,0 +1,163 @@
+//! The registry of enrolled caches: each cache's certificates (intermediate
+//! CA, TLS, token signing, newest last) and its HPKE key, issued from CSRs
+//! and kept durably so the JWKS and secret distribution can read them.
+
+use std::time::Duration;
+
+use lattice_shared::clock::unix_secs;
+use lattice_shared::id::SpiffeId;
+use lattice_shared::pki::Profile;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, State};
+
+const T_CACHES: &str = "caches";
+/// Signing certificates kept per cache (current and recent ones).
+const MAX_SIGNING_CERTS: usize = 4;
+
+/// An enrolled cache as the control plane records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheRecord {
+    pub id: SpiffeId,
+    pub enrolled_at_unix: i64,
+    #[serde(with = "b64")]
+    pub ca_cert: Vec<u8>,
+    #[serde(with = "b64")]
+    pub tls_cert: Vec<u8>,
+    /// Signing certificates still valid, newest last; older ones stay in the
+    /// JWKS until they expire so tokens they signed remain verifiable.
+    #[serde(with = "b64_vec")]
+    pub signing_certs: Vec<Vec<u8>>,
+    /// X25519 key the cache receives sealed secrets with (empty: none yet).
+    #[serde(default, with = "b64")]
+    pub hpke_public_key: Vec<u8>,
+}
+
+pub(crate) mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
+}
+mod b64_vec {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for x in v {
+            seq.serialize_element(&base64::engine::general_purpose::STANDARD.encode(x))?;
+        }
+        seq.end()
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .into_iter()
+            .map(|s| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
+/// A cache's certificate requests, each checked as a CSR.
+#[derive(Debug, Clone)]
+pub struct CacheCsrs {
+    pub ca_csr: Vec<u8>,
+    pub tls_csr: Vec<u8>,
+    pub signing_csr: Vec<u8>,
+}
+
+impl State {
+    pub fn cache_record(&self, id: &SpiffeId) -> Result<Option<CacheRecord>, Error> {
+        match self.store.get(T_CACHES, id.as_str().as_bytes())? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    pub fn caches(&self) -> Result<Vec<CacheRecord>, Error> {
+        self.store
+            .scan_prefix(T_CACHES, b"", 100_000)?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| Error::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Issues a cache's three certificates and records them durably.
+    pub fn certify_cache(
+        &self,
+        cache_id: &SpiffeId,
+        csrs: &CacheCsrs,
+        hpke_public_key: &[u8],
+    ) -> Result<CacheRecord, Error> {
+        if !hpke_public_key.is_empty() {
+            lattice_shared::envelope::check_public_key(hpke_public_key).map_err(|_| {
+                Error::InvalidArgument("hpke_public_key is not an X25519 public key".into())
+            })?;
+        }
+        if self.log.revocations().is_cache_revoked(cache_id) {
+            return Err(Error::Denied(format!("{cache_id} has been revoked")));
+        }
+        let now = self.clock.now();
+        let ttl = Duration::from_secs(self.cfg.cache_cert_ttl_hours * 3600);
+        let ca_cert = self
+            .root
+            .issue(&csrs.ca_csr, cache_id, Profile::IntermediateCa, now, ttl)?;
+        let tls_cert =
+            self.root
+                .issue(&csrs.tls_csr, cache_id, Profile::TlsServerClient, now, ttl)?;
+        let signing =
+            self.root
+                .issue(&csrs.signing_csr, cache_id, Profile::JwtSigning, now, ttl)?;
+        let previous = self.cache_record(cache_id)?;
+        let mut signing_certs: Vec<Vec<u8>> = previous
+            .as_ref()
+            .map(|r| r.signing_certs.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| {
+                lattice_shared::pki::inspect(c)
+                    .map(|i| i.not_after > now)
+                    .unwrap_or(false)
+            })
+            .collect();
+        signing_certs.push(signing);
+        // Bounded whatever a cache does: the newest few stay verifiable.
+        let excess = signing_certs.len().saturating_sub(MAX_SIGNING_CERTS);
+        signing_certs.drain(..excess);
+        let hpke_public_key = if hpke_public_key.is_empty() {
+            previous
+                .as_ref()
+                .map(|p| p.hpke_public_key.clone())
+                .unwrap_or_default()
+        } else {
+            hpke_public_key.to_vec()
+        };
+        let record = CacheRecord {
+            id: cache_id.clone(),
+            hpke_public_key,
+            enrolled_at_unix: previous
+                .map(|p| p.enrolled_at_unix)
+                .unwrap_or_else(|| unix_secs(now)),
+            ca_cert,
+            tls_cert,
+            signing_certs,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
+        self.store
+            .put(T_CACHES, cache_id.as_str().as_bytes(), &bytes)?;
+        metrics::counter!("lattice_cp_cache_certifications_total").increment(1);
+        Ok(record)
+    }
+}
