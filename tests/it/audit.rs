@@ -356,7 +356,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
             .await
             .expect("mint while partitioned (still fresh on the fake clock)");
     }
-    let outbox = l.caches[0].app().state.outbox.clone();
+    let outbox = l.caches[0].app().outbox();
     let deadline = std::time::Instant::now() + lattice::harness::WAIT;
     while outbox.backlog() < 3 {
         assert!(
@@ -433,7 +433,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
     );
     // The ack follows the commit: the cache deletes what the log holds.
     let deadline = std::time::Instant::now() + lattice::harness::WAIT;
-    while l.caches[0].app().state.outbox.backlog() > 0 {
+    while l.caches[0].app().outbox().backlog() > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "acked records are deleted"
