@@ -10,7 +10,7 @@ use lattice_shared::id::SpiffeId;
 use lattice_shared::limits;
 use lattice_shared::net::peer_addr;
 use lattice_shared::pki::MAX_DER_LEN;
-use lattice_shared::policy::AgentAction;
+use lattice_shared::policy::{AgentAction, Posture};
 use lattice_shared::proto::{self as pb, cache_server::Cache};
 use lattice_shared::token::MAX_TOKEN_LEN;
 use tonic::{Request, Response, Status};
@@ -84,6 +84,17 @@ fn chain(c: enrol::Chain) -> pb::CertificateChain {
     }
 }
 
+/// The claims as sent (none: none reported).
+fn claims(c: Option<&pb::AgentClaims>) -> AgentClaims {
+    match c {
+        Some(c) => AgentClaims::new(
+            c.posture.as_ref().map(Posture::from_proto),
+            c.job_type.clone(),
+        ),
+        None => AgentClaims::new(None, String::new()),
+    }
+}
+
 fn valid_actor(a: &str) -> bool {
     !a.is_empty()
         && a.len() <= MAX_ACTOR_LEN
@@ -118,7 +129,7 @@ fn decode_enrol(r: pb::EnrolAgentRequest) -> Result<enrol::Enrol, Error> {
         )
     };
     Ok(enrol::Enrol {
-        claims: AgentClaims::decode(r.claims.as_ref()),
+        claims: claims(r.claims.as_ref()),
         join_token: r.join_token,
         csr: r.csr,
         requested_id,
@@ -154,7 +165,7 @@ fn decode_mint(r: pb::MintTokenRequest, cfg: &Config) -> Result<token::Mint, Err
         )));
     }
     Ok(token::Mint {
-        claims: AgentClaims::decode(r.claims.as_ref()),
+        claims: claims(r.claims.as_ref()),
         audience: r.audience,
         scopes: r.scopes,
         ttl_secs,
@@ -189,7 +200,7 @@ fn decode_exchange(r: pb::ExchangeTokenRequest, cfg: &Config) -> Result<token::E
         )));
     }
     Ok(token::Exchange {
-        claims: AgentClaims::decode(r.claims.as_ref()),
+        claims: claims(r.claims.as_ref()),
         subject_token: r.subject_token,
         actor: r.actor,
         scopes: r.scopes,
@@ -211,7 +222,7 @@ fn decode_lease(r: pb::LeaseSecretRequest, cfg: &Config) -> Result<lease::LeaseR
         )));
     }
     Ok(lease::LeaseRequest {
-        claims: AgentClaims::decode(r.claims.as_ref()),
+        claims: claims(r.claims.as_ref()),
         name: r.name,
         version: r.version,
         ttl_secs,
@@ -286,7 +297,7 @@ impl Cache for Service {
             None,
         )?;
         let r = req.into_inner();
-        let c = enrol::issue_certificate(call, &r.csr, &AgentClaims::decode(r.claims.as_ref()))?;
+        let c = enrol::issue_certificate(call, &r.csr, &claims(r.claims.as_ref()))?;
         Ok(Response::new(pb::IssueCertificateResponse {
             chain: Some(chain(c)),
         }))
@@ -416,7 +427,7 @@ impl Cache for Service {
         req: Request<pb::ReportClaimsRequest>,
     ) -> Result<Response<pb::ReportClaimsResponse>, Status> {
         let call = AgentCall::authenticate(&self.state, &req, "ReportClaims", None)?;
-        let claims = AgentClaims::decode(Some(&req.into_inner().claims.unwrap_or_default()));
+        let claims = claims(Some(&req.into_inner().claims.unwrap_or_default()));
         let (revoked_jtis, policy_version) = report::report_claims(call, claims)?;
         Ok(Response::new(pb::ReportClaimsResponse {
             revoked_jtis,

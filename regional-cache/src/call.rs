@@ -94,17 +94,9 @@ pub(crate) struct AgentClaims {
 }
 
 impl AgentClaims {
-    pub(crate) fn decode(c: Option<&lattice_shared::proto::AgentClaims>) -> Self {
-        match c {
-            Some(c) => Self {
-                posture: c.posture.as_ref().map(Posture::from_proto),
-                job_type: c.job_type.clone(),
-            },
-            None => Self {
-                posture: None,
-                job_type: String::new(),
-            },
-        }
+    /// `posture`: `None` when none was sent, else as decoded.
+    pub(crate) fn new(posture: Option<Result<Posture, String>>, job_type: String) -> Self {
+        Self { posture, job_type }
     }
 
     /// The posture and job type a decision sees.

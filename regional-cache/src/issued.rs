@@ -165,16 +165,13 @@ mod tests {
     fn claims_changes_and_live_tokens() {
         let i = Issued::new(std::time::Duration::from_secs(600));
         let a = SpiffeId::parse("spiffe://t/agent/eu/a").expect("id");
-        let c1 = AgentClaims::decode(Some(&pb::AgentClaims {
-            job_type: "x".into(),
-            ..Default::default()
-        }));
+        let c1 = AgentClaims::new(None, "x".into());
         i.record(&a, &c1, tok("j1", 100));
         i.record(&a, &c1, tok("j2", 200));
         let (changed, live) = i.update_claims(&a, &c1, 150);
         assert!(!changed, "same claims");
         assert_eq!(live, vec![tok("j2", 200)], "expired tokens are dropped");
-        let c2 = AgentClaims::decode(None);
+        let c2 = AgentClaims::new(None, String::new());
         assert!(i.update_claims(&a, &c2, 150).0, "different claims");
         i.forget(&a, &["j2".into()]);
         assert!(i.update_claims(&a, &c2, 150).1.is_empty());
