@@ -12,7 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use lattice_regional_cache::authz::{Authorizer as _, PolicyAuthorizer};
+use lattice_regional_cache::authz::PolicyAuthorizer;
 use lattice_shared::policy::{AgentRequest, Engine};
 
 const POLICIES: usize = 200;

@@ -494,7 +494,7 @@ pub fn policy_request(n: usize, i: usize, agent: usize) -> lattice_shared::polic
 /// over every audience and a few agents, first uncached, then through the
 /// cache's decision cache (warm).
 pub fn policy(n: usize, decisions: usize) -> anyhow::Result<PolicyBench> {
-    use lattice_regional_cache::authz::{Authorizer as _, PolicyAuthorizer};
+    use lattice_regional_cache::authz::PolicyAuthorizer;
     use lattice_shared::policy::{AgentRequest, Engine};
     let files = large_bundle(n);
     let t = Instant::now();
@@ -587,7 +587,7 @@ pub async fn audit(caches: usize, records: usize) -> anyhow::Result<AuditBench> 
     let bar = indicatif::ProgressBar::new(total as u64);
     let t0 = Instant::now();
     for c in &lattice.caches {
-        let outbox = c.app().state.outbox.clone();
+        let outbox = c.app().outbox();
         let id = c.cfg.id.clone();
         tokio::task::spawn_blocking(move || {
             for i in 0..per {

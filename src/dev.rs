@@ -59,10 +59,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "caches enrolled with one-time join tokens; each got an intermediate CA, a TLS and a JWT signing certificate",
     );
     for c in &lattice.caches {
-        let ident = c.app().state.identity();
+        let ident = c.app().identity();
         println!(
             "    {:<42} https://{}  CA serial {}  kid {}",
-            c.cfg.id,
+            c.cfg.id.as_str(),
             c.addr(),
             &ident.ca.info().serial_hex[..16],
             ident.signer.kid()
@@ -128,8 +128,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         c.wait_applied(v.seq).await?;
         println!(
             "    {:<42} verified the signature and enforces version {}",
-            c.cfg.id,
-            c.app().state.policy.version()
+            c.cfg.id.as_str(),
+            c.app().policy_version()
         );
     }
 
@@ -333,7 +333,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let waits = lattice.caches.iter().map(|c| async move {
         c.wait_applied(ev.seq)
             .await
-            .map(|()| (c.cfg.id.clone(), t0.elapsed()))
+            .map(|()| (c.cfg.id.to_string(), t0.elapsed()))
     });
     for r in futures::future::join_all(waits).await {
         let (id, at) = r?;
@@ -441,8 +441,8 @@ async fn secret_step(lattice: &Lattice) -> anyhow::Result<()> {
         .wait_all_applied(lattice.cp().event_log().head())
         .await?;
     for c in &lattice.caches {
-        let held = c.app().state.sync.secrets.held();
-        println!("    {:<42} holds (sealed) {held:?}", c.cfg.id);
+        let held = c.app().secrets_held();
+        println!("    {:<42} holds (sealed) {held:?}", c.cfg.id.as_str());
     }
     let agent = &lattice.agents[0];
     let lease = agent

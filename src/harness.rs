@@ -215,12 +215,12 @@ impl CacheNode {
         self.cfg.listen
     }
     pub fn id(&self) -> SpiffeId {
-        SpiffeId::parse(&self.cfg.id).expect("validated at start") // set by the harness
+        self.cfg.id.clone()
     }
 
     /// Waits until this cache has applied (durably) every event up to `seq`.
     pub async fn wait_applied(&self, seq: u64) -> anyhow::Result<()> {
-        let mut rx = self.app().state.sync.subscribe_applied();
+        let mut rx = self.app().subscribe_applied();
         tokio::time::timeout(WAIT, rx.wait_for(|a| *a >= seq))
             .await
             .map_err(|_| anyhow!("{} did not apply {seq} within {WAIT:?}", self.cfg.id))?
@@ -231,7 +231,7 @@ impl CacheNode {
     /// Waits until this cache enforces every event up to `seq` (in memory;
     /// durability and the ack follow).
     pub async fn wait_enforced(&self, seq: u64) -> anyhow::Result<()> {
-        let mut rx = self.app().state.sync.subscribe_enforced();
+        let mut rx = self.app().subscribe_enforced();
         tokio::time::timeout(WAIT, rx.wait_for(|a| *a >= seq))
             .await
             .map_err(|_| anyhow!("{} did not enforce {seq} within {WAIT:?}", self.cfg.id))?
@@ -241,7 +241,7 @@ impl CacheNode {
 
     /// Waits until this cache is fresh on its own clock, pinging at once.
     pub async fn wait_fresh(&self) -> anyhow::Result<()> {
-        let sync = &self.app().state.sync;
+        let sync = self.app();
         let mut rx = sync.subscribe_fresh();
         let deadline = tokio::time::Instant::now() + WAIT;
         while !sync.is_fresh() {
@@ -395,7 +395,7 @@ impl Lattice {
         let token = self.join_token(&id, None)?;
         let link = FaultProxy::start(self.cp_cfg.listen).await?;
         let cfg = cache::Config {
-            id,
+            id: id.parse()?,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: self.dir.join(format!("cache-{region}-{name}")),
             control_plane: link.addr(),
@@ -428,7 +428,6 @@ impl Lattice {
                 store: store.clone(),
                 vault,
                 listener: l,
-                authorizer: None,
                 audit: self
                     .spec
                     .record_audit
@@ -445,7 +444,7 @@ impl Lattice {
     pub async fn refresh_jwks(&self) -> anyhow::Result<()> {
         for c in &self.caches {
             if let Some(app) = &c.app {
-                app.state.refresh_jwks().await?;
+                app.refresh_jwks().await?;
             }
         }
         Ok(())

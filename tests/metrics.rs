@@ -21,9 +21,9 @@ async fn revocation_metrics_are_exported() {
     l.wait_all_applied(ev.seq).await.expect("applied");
     // A stale refusal.
     l.caches[0].partition();
-    clock.advance(l.caches[0].app().state.sync.max_staleness() + Duration::from_millis(1));
+    clock.advance(l.caches[0].app().max_staleness() + Duration::from_millis(1));
     assert!(l.agents[0].mint(common::AUDIENCE, &[], None).await.is_err());
-    lattice_regional_cache::sync::publish_metrics(&l.caches[0].app().state);
+    l.caches[0].app().publish_metrics();
 
     // Acks reach the control plane just after the durable apply.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

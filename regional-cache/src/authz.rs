@@ -1,16 +1,12 @@
-//! The `Authorizer` seam: who may do what at this cache. The implementation
-//! is the Cedar policy release in force ([`PolicyAuthorizer`]), which the
-//! sync stream replaces whole when a verified release arrives. Decisions are
+//! Who may do what at this cache: the Cedar policy release in force
+//! ([`PolicyAuthorizer`]), which the sync stream replaces whole when a
+//! verified release arrives. Decisions are
 //! cached per release: the cache key carries the release version and the
 //! whole request (context included), and a new release empties the cache.
 
 use std::sync::{Arc, RwLock};
 
 use lattice_shared::policy::{AgentRequest, Engine, Outcome};
-
-pub trait Authorizer: Send + Sync + std::fmt::Debug + 'static {
-    fn authorize(&self, req: &AgentRequest) -> Outcome;
-}
 
 /// Bytes of cached decisions at most (keys weigh what they hold).
 const DECISION_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -86,10 +82,9 @@ impl PolicyAuthorizer {
         self.decisions.run_pending_tasks();
         self.decisions.entry_count()
     }
-}
 
-impl Authorizer for PolicyAuthorizer {
-    fn authorize(&self, req: &AgentRequest) -> Outcome {
+    /// The decision of the release in force (cached per release).
+    pub fn authorize(&self, req: &AgentRequest) -> Outcome {
         let Some(engine) = self.current() else {
             return Outcome {
                 allowed: false,

@@ -12,6 +12,8 @@ use lattice_shared::id::SpiffeId;
 use lattice_shared::policy::AgentAction;
 use lattice_shared::proto as pb;
 
+use crate::call::AgentClaims;
+
 /// Agents tracked at most, and tokens per agent (the oldest go first).
 const MAX_AGENTS: u64 = 100_000;
 const MAX_TOKENS_PER_AGENT: usize = 1024;
@@ -30,7 +32,7 @@ pub struct IssuedToken {
 
 #[derive(Debug, Default)]
 struct AgentIssued {
-    claims: Option<pb::AgentClaims>,
+    claims: Option<AgentClaims>,
     tokens: VecDeque<IssuedToken>,
 }
 
@@ -59,11 +61,11 @@ impl Issued {
 
     /// Notes a token issued to `agent` (and the claims it came with, when
     /// none are known yet).
-    pub fn record(&self, agent: &SpiffeId, claims: Option<&pb::AgentClaims>, t: IssuedToken) {
+    pub fn record(&self, agent: &SpiffeId, claims: &AgentClaims, t: IssuedToken) {
         let e = self.entry(agent);
         let mut g = e.lock().unwrap_or_else(|p| p.into_inner());
         if g.claims.is_none() {
-            g.claims = Some(claims.cloned().unwrap_or_default());
+            g.claims = Some(claims.clone());
         }
         if g.tokens.len() >= MAX_TOKENS_PER_AGENT {
             g.tokens.pop_front();
@@ -76,7 +78,7 @@ impl Issued {
     pub fn update_claims(
         &self,
         agent: &SpiffeId,
-        claims: &pb::AgentClaims,
+        claims: &AgentClaims,
         now_unix: i64,
     ) -> (bool, Vec<IssuedToken>) {
         let e = self.entry(agent);
@@ -163,16 +165,13 @@ mod tests {
     fn claims_changes_and_live_tokens() {
         let i = Issued::new(std::time::Duration::from_secs(600));
         let a = SpiffeId::parse("spiffe://t/agent/eu/a").expect("id");
-        let c1 = pb::AgentClaims {
-            job_type: "x".into(),
-            ..Default::default()
-        };
-        i.record(&a, Some(&c1), tok("j1", 100));
-        i.record(&a, Some(&c1), tok("j2", 200));
+        let c1 = AgentClaims::new(None, "x".into());
+        i.record(&a, &c1, tok("j1", 100));
+        i.record(&a, &c1, tok("j2", 200));
         let (changed, live) = i.update_claims(&a, &c1, 150);
         assert!(!changed, "same claims");
         assert_eq!(live, vec![tok("j2", 200)], "expired tokens are dropped");
-        let c2 = pb::AgentClaims::default();
+        let c2 = AgentClaims::new(None, String::new());
         assert!(i.update_claims(&a, &c2, 150).0, "different claims");
         i.forget(&a, &["j2".into()]);
         assert!(i.update_claims(&a, &c2, 150).1.is_empty());

@@ -58,14 +58,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             store,
             vault: std::sync::Arc::new(vault),
             listener,
-            authorizer: None,
             audit: None,
         },
     )
     .await?;
     eprintln!(
         "lattice-cache {} listening on {} (JWKS at https://{}/.well-known/jwks.json)",
-        app.state.id,
+        app.id(),
         app.local_addr(),
         app.local_addr()
     );

@@ -349,7 +349,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
             .await
             .expect("mint while partitioned (still fresh on the fake clock)");
     }
-    let outbox = l.caches[0].app().state.outbox.clone();
+    let outbox = l.caches[0].app().outbox();
     common::eventually(
         "records become durable",
         lattice::harness::WAIT,
@@ -426,7 +426,7 @@ async fn cache_records_reach_the_log_once_across_a_partition_and_a_restart() {
     common::eventually(
         "acked records are deleted",
         lattice::harness::WAIT,
-        async || l.caches[0].app().state.outbox.backlog() == 0,
+        async || l.caches[0].app().outbox().backlog() == 0,
     )
     .await;
     l.shutdown().await;

@@ -134,7 +134,7 @@ async fn jwks_is_served_over_https_for_any_verifier() {
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("application/jwk-set+json"));
-    let kid = cache.app().state.identity().signer.kid().to_owned();
+    let kid = cache.app().identity().signer.kid().to_owned();
     assert!(resp.contains(&kid), "the JWKS lists this cache's key");
     l.shutdown().await;
 }
@@ -436,14 +436,7 @@ async fn oversized_and_malformed_requests_get_clear_statuses() {
 async fn control_plane_and_cache_restart_with_identity_and_state_intact() {
     let (mut l, clock) = lattice().await;
     let root_before = std::fs::read(l.root_pem()).expect("root");
-    let cache_serial = l.caches[0]
-        .app()
-        .state
-        .identity()
-        .ca
-        .info()
-        .serial_hex
-        .clone();
+    let cache_serial = l.caches[0].app().identity().ca.info().serial_hex.clone();
     let used = l
         .join_token("spiffe://lattice.local/agent/eu/agent-9", None)
         .expect("token");
@@ -473,7 +466,7 @@ async fn control_plane_and_cache_restart_with_identity_and_state_intact() {
         "same root CA"
     );
     assert_eq!(
-        l.caches[0].app().state.identity().ca.info().serial_hex,
+        l.caches[0].app().identity().ca.info().serial_hex,
         cache_serial,
         "same cache CA"
     );
@@ -542,7 +535,7 @@ async fn agent_chain_verifies_with_webpki_and_out_of_region_leaves_are_rejected_
     let eu = l.cache_in("eu").expect("eu");
     let key = PrivateKey::generate_p256().expect("k");
     let forged_id = SpiffeId::parse("spiffe://lattice.local/agent/us/intruder").expect("id");
-    let ident = eu.app().state.identity();
+    let ident = eu.app().identity();
     let forged = ident
         .ca
         .dangerous_issue_unchecked(&key, &forged_id, clock.now(), HOUR)
@@ -623,7 +616,7 @@ async fn certificates_renew_at_half_life_on_the_fake_clock() {
     // The cache's CA (24 h) renews after 12 h; its old signing key stays in
     // the JWKS so that tokens it signed keep verifying until they expire.
     let cache = &l.caches[0];
-    let state = &cache.app().state;
+    let state = cache.app();
     assert!(!state.renew_if_due().await.expect("check"));
     let old_kid = state.identity().signer.kid().to_owned();
     clock.advance(Duration::from_secs(12 * 3600));
@@ -644,7 +637,7 @@ async fn a_cache_without_a_token_or_with_a_bad_one_does_not_start() {
     })
     .await;
     let mut cfg = l.caches[0].cfg.clone();
-    cfg.id = Lattice::cache_id("eu", "fresh");
+    cfg.id = Lattice::cache_id("eu", "fresh").parse().expect("id");
     cfg.data_dir = l.dir.join("fresh-cache");
     cfg.listen = "127.0.0.1:0".parse().expect("addr");
     cfg.join_token = None;
@@ -666,7 +659,6 @@ async fn a_cache_without_a_token_or_with_a_bad_one_does_not_start() {
             store,
             vault,
             listener,
-            authorizer: None,
             audit: None,
         },
     )
@@ -693,7 +685,6 @@ async fn a_cache_without_a_token_or_with_a_bad_one_does_not_start() {
             store,
             vault,
             listener,
-            authorizer: None,
             audit: None,
         },
     )

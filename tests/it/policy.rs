@@ -77,7 +77,7 @@ async fn a_new_release_takes_effect_at_every_cache_and_invalidates_cached_decisi
         .await
         .expect("allowed");
     let eu = &l.caches[0];
-    assert!(eu.app().state.policy.cached_decisions() > 0);
+    assert!(eu.app().cached_decisions() > 0);
 
     let forbidding = with_file(
         &audience_bundle(&[Audience::new(AUDIENCE, &["read"])]),
@@ -90,7 +90,7 @@ async fn a_new_release_takes_effect_at_every_cache_and_invalidates_cached_decisi
         .expect("release");
     l.wait_all_applied(v.seq).await.expect("applied");
     for c in &l.caches {
-        assert_eq!(c.app().state.policy.version(), v.version);
+        assert_eq!(c.app().policy_version(), v.version);
     }
     let e = agent
         .mint(AUDIENCE, &["read".into()], None)
@@ -114,7 +114,7 @@ async fn a_new_release_takes_effect_at_every_cache_and_invalidates_cached_decisi
 #[tokio::test]
 async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
     let (mut l, _clock) = common::lattice().await;
-    let in_force = l.caches[0].app().state.policy.version();
+    let in_force = l.caches[0].app().policy_version();
     let agent = &l.agents[0];
     agent
         .mint(AUDIENCE, &[], None)
@@ -188,7 +188,7 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
     assert!(bad.seq < bad2.seq);
     for c in &l.caches {
         assert_eq!(
-            c.app().state.policy.version(),
+            c.app().policy_version(),
             in_force,
             "kept the previous release"
         );
@@ -201,7 +201,7 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
     // After a restart the cache restores the newest release that verifies.
     l.restart_cache(0).await.expect("restart");
     l.caches[0].wait_fresh().await.expect("fresh");
-    assert_eq!(l.caches[0].app().state.policy.version(), in_force);
+    assert_eq!(l.caches[0].app().policy_version(), in_force);
 
     // A genuine release after the forgeries is accepted.
     let v = l
@@ -210,7 +210,7 @@ async fn a_tampered_release_is_refused_and_the_previous_one_stays_in_force() {
         .expect("release");
     l.wait_all_applied(v.seq).await.expect("applied");
     for c in &l.caches {
-        assert_eq!(c.app().state.policy.version(), v.version);
+        assert_eq!(c.app().policy_version(), v.version);
     }
     l.shutdown().await;
 }
@@ -249,7 +249,7 @@ async fn rollback_is_an_ordered_event_that_both_caches_apply_even_after_a_partit
     us.heal();
     l.wait_all_applied(rolled.seq).await.expect("both apply");
     for c in [eu, us] {
-        let engine = c.app().state.policy.current().expect("a release");
+        let engine = c.app().policy_in_force().expect("a release");
         assert_eq!(engine.version(), rolled.version);
         assert_eq!(engine.sha256().to_vec(), va.bundle_sha256);
     }
@@ -664,7 +664,7 @@ async fn revoking_the_policy_signer_re_signs_the_policy_with_a_new_key() {
     assert_ne!(new.serial_hex, old.serial_hex);
     l.wait_all_applied(resigned.seq).await.expect("applied");
     for c in &l.caches {
-        assert_eq!(c.app().state.policy.version(), resigned.version);
+        assert_eq!(c.app().policy_version(), resigned.version);
     }
     let v = l
         .cp()
@@ -673,7 +673,7 @@ async fn revoking_the_policy_signer_re_signs_the_policy_with_a_new_key() {
     l.wait_all_applied(v.seq).await.expect("applied");
     for c in &l.caches {
         assert_eq!(
-            c.app().state.policy.version(),
+            c.app().policy_version(),
             v.version,
             "later releases still go in"
         );

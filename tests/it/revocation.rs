@@ -220,8 +220,8 @@ async fn a_revoked_cache_leaves_every_jwks_and_its_agents_are_refused_elsewhere(
     };
     let (l, clock) = lattice_with(spec).await;
     let c1 = l.caches[0].id();
-    let c1_kid = l.caches[0].app().state.identity().signer.kid().to_owned();
-    assert!(l.caches[1].app().state.jwks_json().contains(&c1_kid));
+    let c1_kid = l.caches[0].app().identity().signer.kid().to_owned();
+    assert!(l.caches[1].app().jwks_json().contains(&c1_kid));
     // The agent enrolled at c1; its chain carries c1's intermediate.
     let chain = l.agents[0].chain();
 
@@ -229,7 +229,7 @@ async fn a_revoked_cache_leaves_every_jwks_and_its_agents_are_refused_elsewhere(
     l.wait_all_applied(ev.seq).await.expect("applied");
 
     assert!(
-        !l.caches[1].app().state.jwks_json().contains(&c1_kid),
+        !l.caches[1].app().jwks_json().contains(&c1_kid),
         "key left c2's JWKS"
     );
     // c1 refuses to mint at once, even for an agent certified by c2.
@@ -267,7 +267,7 @@ async fn a_revoked_cache_leaves_every_jwks_and_its_agents_are_refused_elsewhere(
     wait_revoked(&l.agents[0]).await;
     // An agent certificate issued by c1's intermediate is refused at c2.
     let key = lattice_shared::pki::PrivateKey::generate_p256().expect("k");
-    let ident = l.caches[0].app().state.identity();
+    let ident = l.caches[0].app().identity();
     let leaf = ident
         .ca
         .issue(
@@ -289,11 +289,10 @@ async fn a_revoked_cache_leaves_every_jwks_and_its_agents_are_refused_elsewhere(
     // The control plane no longer lists the key either.
     l.caches[1]
         .app()
-        .state
         .refresh_jwks()
         .await
         .expect("refresh from the control plane");
-    assert!(!l.caches[1].app().state.jwks_json().contains(&c1_kid));
+    assert!(!l.caches[1].app().jwks_json().contains(&c1_kid));
     l.shutdown().await;
 }
 
@@ -309,7 +308,7 @@ async fn a_partitioned_cache_refuses_after_l_on_the_fake_clock_and_recovers_when
     // Revocations committed meanwhile reach only the connected cache.
     let ev = l.revoke(Target::Jti("some-token".into())).expect("revoke");
     us.wait_applied(ev.seq).await.expect("us applies");
-    assert!(eu.app().state.sync.applied() < ev.seq, "eu is cut off");
+    assert!(eu.app().applied() < ev.seq, "eu is cut off");
 
     // Within L the partitioned cache still serves (its last proof is recent)...
     l.agents[0]
@@ -317,7 +316,7 @@ async fn a_partitioned_cache_refuses_after_l_on_the_fake_clock_and_recovers_when
         .await
         .expect("within L");
     // ...and one tick past L it refuses, saying why.
-    clock.advance(l.caches[0].app().state.sync.max_staleness() + Duration::from_millis(1));
+    clock.advance(l.caches[0].app().max_staleness() + Duration::from_millis(1));
     let e = l.agents[0]
         .mint(AUDIENCE, &[], None)
         .await
@@ -373,7 +372,7 @@ async fn a_partitioned_cache_refuses_after_l_in_real_time() {
     eventually(
         "a silent link is dropped",
         Duration::from_secs(10),
-        async || !l.caches[0].app().state.sync.connected(),
+        async || !l.caches[0].app().connected(),
     )
     .await;
     l.agents[1]
@@ -396,7 +395,7 @@ async fn delayed_and_dropped_links_still_deliver_everything_in_order() {
         .link
         .set(lattice::faults::Mode::Delay(Duration::from_millis(30)));
     l.caches[1].link.set(lattice::faults::Mode::Drop);
-    let before = l.caches[1].app().state.sync.applied();
+    let before = l.caches[1].app().applied();
     let mut last = 0;
     for i in 0..20 {
         last = l.revoke(Target::Jti(format!("t{i}"))).expect("revoke").seq;
@@ -405,14 +404,14 @@ async fn delayed_and_dropped_links_still_deliver_everything_in_order() {
         .wait_applied(last)
         .await
         .expect("delayed link delivers");
-    assert_eq!(l.caches[1].app().state.sync.applied(), before);
+    assert_eq!(l.caches[1].app().applied(), before);
     l.caches[1].heal();
     l.caches[1]
         .wait_applied(last)
         .await
         .expect("dropped link reconnects and catches up");
     for c in &l.caches {
-        let set = c.app().state.sync.revocations();
+        let set = c.app().revocations();
         assert!((0..20).all(|i| set.is_jti_revoked(&format!("t{i}"))));
     }
     l.shutdown().await;
@@ -446,7 +445,7 @@ async fn control_plane_restart_mid_stream_and_cache_restart_leave_no_gap() {
     }
     l.start_cache(1).await.expect("start");
     assert!(
-        l.caches[1].app().state.sync.applied() >= base + 10,
+        l.caches[1].app().applied() >= base + 10,
         "durable state kept across restart"
     );
     l.caches[1]
@@ -454,7 +453,7 @@ async fn control_plane_restart_mid_stream_and_cache_restart_leave_no_gap() {
         .await
         .expect("catches up");
     l.caches[1].wait_fresh().await.expect("fresh");
-    let set = l.caches[1].app().state.sync.revocations();
+    let set = l.caches[1].app().revocations();
     assert_eq!(
         set.len(),
         15,

@@ -96,7 +96,7 @@ async fn compromised_cache() {
     }
     // Its signing key has left every other cache's JWKS...
     for c in &l.caches[1..] {
-        let jwks = c.app().state.jwks_json();
+        let jwks = c.app().jwks_json();
         assert!(
             !jwks.contains(&token.kid),
             "{} still publishes the revoked cache's key",

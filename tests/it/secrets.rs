@@ -136,11 +136,11 @@ async fn a_secret_reaches_only_its_regions_and_is_leased_with_an_audited_fingerp
     let eu = l.cache_in("eu").expect("eu");
     let us = l.cache_in("us").expect("us");
     assert_eq!(
-        eu.app().state.sync.secrets.held(),
+        eu.app().secrets_held(),
         vec![("openai".to_string(), vec![1])]
     );
     assert!(
-        us.app().state.sync.secrets.held().is_empty(),
+        us.app().secrets_held().is_empty(),
         "a cache outside the secret's regions holds nothing"
     );
 
@@ -261,12 +261,12 @@ async fn a_restarted_cache_serves_from_its_sealed_envelopes() {
     let mut carol = custodian(&l, "carol");
     put(&mut carol, "openai", MARKER, &["eu"]).await;
     settle(&l).await;
-    let applied = l.caches[0].app().state.sync.applied();
+    let applied = l.caches[0].app().applied();
     l.restart_cache(0).await.expect("restart");
     // It resumes after what it holds: the envelope is not sent again.
-    assert_eq!(l.caches[0].app().state.sync.applied(), applied);
+    assert_eq!(l.caches[0].app().applied(), applied);
     assert_eq!(
-        l.caches[0].app().state.sync.secrets.held(),
+        l.caches[0].app().secrets_held(),
         vec![("openai".to_string(), vec![1])],
         "restored from the local log"
     );
@@ -553,7 +553,7 @@ async fn deleting_a_secret_withdraws_it_from_every_cache() {
     assert_eq!(r.versions_revoked, 1);
     settle(&l).await;
     for c in &l.caches {
-        assert!(c.app().state.sync.secrets.held().is_empty());
+        assert!(c.app().secrets_held().is_empty());
     }
     for a in &l.agents {
         let e = a

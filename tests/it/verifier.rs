@@ -17,7 +17,7 @@ use lattice_shared::verifier::{RevocationReason, Verifier, VerifierConfig, Verif
 async fn verifier(l: &Lattice, svc: usize) -> Verifier {
     let client = l.agents[svc].new_cache_client().expect("client");
     let cfg = VerifierConfig {
-        max_staleness: l.caches[0].app().state.sync.max_staleness(),
+        max_staleness: l.caches[0].app().max_staleness(),
         ..VerifierConfig::default()
     };
     let v = Verifier::start(client, bundle(l), l.clock.clone(), cfg)

@@ -1,0 +1,113 @@
+//! The `WatchRevocations` stream: the stored backlog after the follower's
+//! sequence, then live revocations as they are enforced, with a heartbeat
+//! (carrying this cache's staleness) when nothing happens. It ends with the
+//! cache.
+
+use std::sync::Arc;
+
+use lattice_shared::proto as pb;
+use tonic::Status;
+
+use crate::State;
+
+/// How often a revocation watch carries a heartbeat when nothing happens.
+pub(crate) const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub(crate) type Notices =
+    tokio_stream::wrappers::ReceiverStream<Result<pb::RevocationNotice, Status>>;
+
+/// Starts the stream of revocations after `after`.
+pub(crate) fn watch(state: Arc<State>, after: u64) -> Notices {
+    // Subscribe before reading the backlog so that nothing falls between.
+    let mut live = state.replica.subscribe_notices();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut stop_all = state.stopping.clone();
+    let task = async move {
+        let notice = |seq: u64, r: pb::Revocation| pb::RevocationNotice {
+            seq,
+            revocation: Some(r),
+            cache_staleness_ms: state.replica.staleness_ms().unwrap_or(u64::MAX),
+        };
+        let mut last = after;
+        loop {
+            let st = state.clone();
+            let from = last;
+            let batch = match tokio::task::spawn_blocking(move || {
+                crate::replica::revocations_after(&st.store, from, 256)
+            })
+            .await
+            {
+                Ok(Ok(b)) => b,
+                _ => {
+                    let _ = tx
+                        .send(Err(Status::internal("reading revocations failed")))
+                        .await;
+                    return;
+                }
+            };
+            let (batch, n, scanned_to) = batch;
+            for (seq, r) in batch {
+                if tx.send(Ok(notice(seq, r))).await.is_err() {
+                    return;
+                }
+            }
+            last = scanned_to;
+            if n < 256 {
+                break;
+            }
+        }
+        let mut stopping = state.stopping.clone();
+        let mut heartbeat = tokio::time::interval(WATCH_HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = tokio::select! {
+                // Queued revocations go before a heartbeat, so that a
+                // heartbeat never vouches for one still queued behind it.
+                biased;
+                n = live.recv() => n,
+                _ = lattice_shared::net::until_true(&mut stopping) => {
+                    let _ = tx.send(Err(Status::unavailable("cache stopping"))).await;
+                    return;
+                }
+                _ = heartbeat.tick() => {
+                    // No revocation: tells followers how fresh this cache is.
+                    let beat = pb::RevocationNotice {
+                        seq: last,
+                        revocation: None,
+                        cache_staleness_ms: state.replica.staleness_ms().unwrap_or(u64::MAX),
+                    };
+                    if tx.send(Ok(beat)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match next {
+                Ok((seq, r)) if seq > last => {
+                    last = seq;
+                    if tx.send(Ok(notice(seq, r))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = tx
+                        .send(Err(Status::aborted(format!(
+                            "fell behind; resume after {last}"
+                        ))))
+                        .await;
+                    return;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    };
+    // Ends with the cache even when blocked on a reader that reads nothing.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = task => {}
+            _ = lattice_shared::net::until_true(&mut stop_all) => {}
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
