@@ -130,20 +130,6 @@ pub enum ProxyError {
     Io(#[from] std::io::Error),
 }
 
-/// Builds the proxy from `cfg` and serves `listener` until `stop` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    cfg: Arc<ProxyConfig>,
-    source: Arc<dyn SecretSource>,
-    audit: Arc<dyn ProxyAudit>,
-    clock: SharedClock,
-    stop: impl Future<Output = ()>,
-) -> Result<(), ProxyError> {
-    Proxy::build(cfg, source, audit, clock)?
-        .serve(listener, stop)
-        .await
-}
-
 /// A built proxy: configuration checked, routes and TLS ready. Build it
 /// before binding the port, so a bad configuration fails first.
 pub struct Proxy {
