@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Enrol (or load the stored identity), and keep it renewed.
     let cfg = agent::Config {
-        id: args.id,
+        id: args.id.parse()?,
         cache: args.cache,
         data_dir: args.data_dir.clone(),
         root_ca: args.root_ca.clone(),
@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         .context("the root CA file holds no certificate")?;
     let bundle = Arc::new(TrustBundle::new(me.id.trust_domain().clone(), root)?);
     let verifier = Verifier::start(
-        me.new_cache_client()?,
+        me.cache_client(Some(me.current_cache()))?,
         bundle,
         clock,
         VerifierConfig::default(),

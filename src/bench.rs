@@ -243,7 +243,7 @@ async fn pair(opts: Options, what: Call) -> anyhow::Result<(Stats, Stats)> {
     }
     let agent = &lattice.agents[0];
     let clients: Vec<_> = (0..opts.connections.max(1))
-        .map(|_| agent.new_cache_client())
+        .map(|_| agent.cache_client(Some(agent.current_cache())))
         .collect::<Result<_, _>>()?;
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));

@@ -343,7 +343,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         );
     }
     let refused = agent
-        .cache_client()
+        .cache_client(None)?
         .mint_token(lattice_shared::proto::MintTokenRequest {
             audience: audience.into(),
             scopes: vec![],

@@ -511,7 +511,7 @@ impl Lattice {
     /// The configuration an agent of `region` would use (not started).
     pub fn agent_config(&self, region: &str, name: &str, cache_addr: SocketAddr) -> agent::Config {
         agent::Config {
-            id: Self::agent_id(region, name),
+            id: SpiffeId::parse(&Self::agent_id(region, name)).expect("a valid agent id"),
             cache: cache_addr,
             data_dir: self.dir.join(format!("agent-{region}-{name}")),
             root_ca: self.root_pem(),

@@ -206,6 +206,42 @@ pub async fn run(
     }
 }
 
+/// The agent leases from the cache of its region.
+impl crate::proxy::SecretSource for Agent {
+    fn lease<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<crate::proxy::LeasedKey, crate::proxy::LeaseError>>
+    {
+        Box::pin(async move {
+            let l = self.lease_secret(name, 0, None).await.map_err(|e| {
+                let unreachable = matches!(
+                    &e,
+                    crate::Error::Transport(_)
+                        | crate::Error::Refused {
+                            code: tonic::Code::Unavailable | tonic::Code::DeadlineExceeded,
+                            ..
+                        }
+                );
+                crate::proxy::LeaseError {
+                    message: e.to_string(),
+                    unreachable,
+                }
+            })?;
+            Ok(crate::proxy::LeasedKey {
+                value: l.value,
+                fingerprint: l.fingerprint,
+                expires_at_unix: l.expires_at_unix,
+                version: l.version,
+            })
+        })
+    }
+
+    fn generation(&self) -> u64 {
+        self.lease_generation()
+    }
+}
+
 /// Audit events of the proxy, queued for the cache (bounded: a full queue
 /// drops the event and counts it, the proxy never waits on the network).
 #[derive(Debug)]

@@ -139,30 +139,17 @@ impl std::fmt::Display for Caller {
     }
 }
 
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+fn caller<T>(req: &Request<T>) -> Result<Caller, Error> {
     let cred = req
         .extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
         .and_then(|i| i.peer_cred)
-        .ok_or_else(|| Status::unauthenticated("no peer credentials on this connection"))?;
+        .ok_or(Error::NoPeerCredentials)?;
     Ok(Caller {
         uid: cred.uid(),
         gid: cred.gid(),
         pid: cred.pid(),
     })
-}
-
-/// Maps an agent error to the status a local process sees.
-pub fn status_of(e: Error) -> Status {
-    match e {
-        Error::Refused { code, message } => Status::new(code, message),
-        Error::Revoked => Status::permission_denied(Error::Revoked.to_string()),
-        Error::Transport(m) => Status::unavailable(format!("no cache reachable: {m}")),
-        other => {
-            tracing::warn!(error = %other, "workload request failed");
-            Status::internal("the agent could not serve this request; see its logs")
-        }
-    }
 }
 
 fn token_msg(t: &ServedToken) -> pb::WorkloadToken {
@@ -186,12 +173,12 @@ fn cert_msg(agent: &Agent) -> pb::WorkloadCertificate {
     }
 }
 
-fn check_audience(a: &str) -> Result<(), Status> {
+fn check_audience(a: &str) -> Result<(), Error> {
     if a.is_empty()
         || a.len() > lattice_shared::limits::MAX_AUDIENCE_LEN
         || a.chars().any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(Status::invalid_argument(format!(
+        return Err(Error::InvalidArgument(format!(
             "audience must be 1..={} printable characters without spaces",
             lattice_shared::limits::MAX_AUDIENCE_LEN
         )));
@@ -221,13 +208,12 @@ impl WorkloadService {
     }
 
     /// The caller, if some rule lets it do this.
-    #[allow(clippy::result_large_err)]
     fn authorize<T>(
         &self,
         req: &Request<T>,
         audience: Option<&str>,
         delegate: bool,
-    ) -> Result<Caller, Status> {
+    ) -> Result<Caller, Error> {
         let who = caller(req)?;
         let ok = self.rules.iter().any(|r| {
             r.matches(who.uid, who.gid)
@@ -242,7 +228,7 @@ impl WorkloadService {
                 (Some(a), false) => format!("tokens for {a}"),
                 (None, _) => "this agent's Workload API".to_string(),
             };
-            return Err(Status::permission_denied(format!(
+            return Err(Error::Denied(format!(
                 "{who} is not allowed {what} by workload.allow"
             )));
         }
@@ -263,7 +249,7 @@ impl Workload for WorkloadService {
         let who = self.authorize(&req, Some(&req.get_ref().audience), false)?;
         let r = req.into_inner();
         let key = TokenKey::new(&r.audience, &r.scopes, r.ttl_secs);
-        let t = self.agent.token_for(&key).await.map_err(status_of)?;
+        let t = self.agent.token_for(&key).await?;
         tracing::info!(caller = %who, audience = %key.audience, jti = %t.jti, "token served");
         metrics::counter!("lattice_agent_workload_tokens_total").increment(1);
         Ok(Response::new(token_msg(&t)))
@@ -274,24 +260,19 @@ impl Workload for WorkloadService {
         req: Request<pb::WorkloadDelegateRequest>,
     ) -> Result<Response<pb::WorkloadToken>, Status> {
         if req.get_ref().subject_token.len() > lattice_shared::token::MAX_TOKEN_LEN {
-            return Err(Status::invalid_argument("subject_token is too long"));
+            return Err(Error::InvalidArgument("subject_token is too long".into()).into());
         }
         let audience = self
             .agent
             .held_audience(&req.get_ref().subject_token)
-            .ok_or_else(|| {
-                Status::permission_denied(
-                    "the subject token is not one this agent holds (revoked, expired, or never served here)",
-                )
-            })?;
+            .ok_or_else(|| Error::Denied(crate::tokens::NOT_HELD.into()))?;
         let who = self.authorize(&req, Some(&audience), true)?;
         let r = req.into_inner();
         let ttl = (r.ttl_secs > 0).then(|| std::time::Duration::from_secs(r.ttl_secs));
         let t = self
             .agent
             .delegate(&r.subject_token, &r.actor, &r.scopes, ttl)
-            .await
-            .map_err(status_of)?;
+            .await?;
         tracing::info!(caller = %who, audience = %audience, actor = %r.actor, jti = %t.jti, depth = t.delegation_depth, "token delegated");
         Ok(Response::new(token_msg(&t)))
     }
@@ -302,7 +283,7 @@ impl Workload for WorkloadService {
     ) -> Result<Response<pb::WorkloadCertificate>, Status> {
         self.authorize(&req, None, false)?;
         if self.agent.is_revoked() {
-            return Err(status_of(Error::Revoked));
+            return Err(Error::Revoked.into());
         }
         Ok(Response::new(cert_msg(&self.agent)))
     }
@@ -323,7 +304,7 @@ impl Workload for WorkloadService {
             false,
         )?;
         if self.agent.is_revoked() {
-            return Err(status_of(Error::Revoked));
+            return Err(Error::Revoked.into());
         }
         let r = req.into_inner();
         let agent = self.agent.clone();
@@ -332,7 +313,7 @@ impl Workload for WorkloadService {
         let mut events = agent.subscribe();
         let key = (!audience.is_empty()).then(|| TokenKey::new(&r.audience, &r.scopes, 0));
         let first = match &key {
-            Some(k) => Some(agent.token_for(k).await.map_err(status_of)?),
+            Some(k) => Some(agent.token_for(k).await?),
             None => None,
         };
         let guard = key.clone().map(|k| agent.keep(k));
@@ -363,7 +344,7 @@ impl Workload for WorkloadService {
                     ev = events.recv() => ev,
                     _ = tx.closed() => return,
                     _ = lattice_shared::net::until_true(&mut stopping) => {
-                        let _ = tx.send(Err(Status::unavailable("the agent is stopping"))).await;
+                        let _ = tx.send(Err(Error::Stopping.into())).await;
                         return;
                     }
                 };
@@ -393,11 +374,7 @@ impl Workload for WorkloadService {
                     }
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let _ = tx
-                            .send(Err(Status::aborted(
-                                "fell behind the agent's events; watch again",
-                            )))
-                            .await;
+                        let _ = tx.send(Err(Error::FellBehind.into())).await;
                         return;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

@@ -497,7 +497,8 @@ async fn delegation_narrows_and_revoking_a_parent_revokes_its_descendants() {
 
     // The cache itself refuses to exchange a descendant of a revoked token.
     let refused = agent
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .exchange_token(pb::ExchangeTokenRequest {
             subject_token: child.token.clone(),
             actor: "again".into(),
@@ -527,7 +528,8 @@ async fn an_agent_cannot_exchange_another_agents_token() {
         .await
         .expect("mint");
     let refused = b
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .exchange_token(pb::ExchangeTokenRequest {
             subject_token: minted.token,
             actor: "thief".into(),
@@ -807,7 +809,8 @@ unless { context.posture has os_patched && context.posture.os_patched };
         claims: Some(agent.claims()),
     };
     let refused = agent
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .exchange_token(pb::ExchangeTokenRequest {
             scopes: vec!["charge".into()],
             ..exchange(pay.token.clone())
@@ -820,7 +823,8 @@ unless { context.posture has os_patched && context.posture.os_patched };
         refused.message()
     );
     agent
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .exchange_token(pb::ExchangeTokenRequest {
             scopes: vec!["read".into()],
             ..exchange(api.token.clone())

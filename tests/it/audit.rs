@@ -505,7 +505,8 @@ async fn a_honeytoken_lease_raises_an_alert_and_revokes_the_agent() {
     // Its next attempt (straight to the cache) is refused as revoked: an
     // alert of its own once the record arrives.
     let _ = agent
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .mint_token(common::mint_req(common::AUDIENCE))
         .await
         .expect_err("revoked");
@@ -544,7 +545,12 @@ async fn records_carry_the_request_id_and_the_source_address() {
     let mut req = tonic::Request::new(common::mint_req(common::AUDIENCE));
     req.metadata_mut()
         .insert("x-lattice-request-id", "req-7f3a".parse().expect("ascii"));
-    let r = agent.cache_client().mint_token(req).await.expect("mint");
+    let r = agent
+        .cache_client(None)
+        .expect("client")
+        .mint_token(req)
+        .await
+        .expect("mint");
     assert_eq!(
         r.metadata()
             .get("x-lattice-request-id")
@@ -553,7 +559,8 @@ async fn records_carry_the_request_id_and_the_source_address() {
     );
     let jti = r.into_inner().jti;
     let r = agent
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .mint_token(common::mint_req(common::AUDIENCE))
         .await
         .expect("mint");
@@ -592,7 +599,8 @@ async fn records_carry_the_request_id_and_the_source_address() {
     req.metadata_mut()
         .insert("x-lattice-request-id", "req-deny-1".parse().expect("ascii"));
     agent
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .mint_token(req)
         .await
         .expect_err("denied by policy");

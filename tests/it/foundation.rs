@@ -245,7 +245,9 @@ async fn an_expired_certificate_is_refused_on_new_and_existing_connections() {
     assert!(s.to_string().contains("expired"), "{s}");
 
     // A new connection fails the handshake.
-    let fresh = agent.new_cache_client().expect("client");
+    let fresh = agent
+        .cache_client(Some(agent.current_cache()))
+        .expect("client");
     let err = fresh
         .clone()
         .ping(pb::PingRequest { payload: vec![] })
@@ -373,7 +375,7 @@ async fn join_tokens_are_one_time_expire_and_are_bound_to_id_and_region() {
 #[tokio::test]
 async fn oversized_and_malformed_requests_get_clear_statuses() {
     let (l, _clock) = lattice().await;
-    let mut c = l.agents[0].cache_client();
+    let mut c = l.agents[0].cache_client(None).expect("client");
     let s = c
         .mint_token(mint_req(&"a".repeat(100 * 1024)))
         .await

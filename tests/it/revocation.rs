@@ -40,7 +40,7 @@ async fn a_revoked_agent_cannot_mint_renew_or_enrol_and_forgets_its_credentials(
     let held = agent.mint(AUDIENCE, &[], None).await.expect("mint before");
     assert_eq!(agent.held_jtis(), vec![held.jti.clone()]);
     // Keep a client on the agent's existing connection to show it is cut too.
-    let mut raw = agent.cache_client();
+    let mut raw = agent.cache_client(None).expect("client");
 
     let base = l.cp().event_log().head();
     let ev = l.revoke(Target::Agent(agent.id.clone())).expect("revoke");
@@ -96,7 +96,9 @@ async fn a_revoked_agent_cannot_mint_renew_or_enrol_and_forgets_its_credentials(
     assert!(s.message().contains("revoked"), "{s:?}");
 
     // A new connection fails at the handshake.
-    let fresh = agent.new_cache_client().expect("client");
+    let fresh = agent
+        .cache_client(Some(agent.current_cache()))
+        .expect("client");
     assert!(
         fresh
             .clone()
@@ -151,7 +153,8 @@ async fn token_serial_before_and_join_token_targets() {
     let ev = l.revoke(Target::CertSerial(serial)).expect("revoke");
     l.wait_all_applied(ev.seq).await.expect("applied");
     let e = b
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .mint_token(mint_req(AUDIENCE))
         .await
         .expect_err("serial revoked");
@@ -177,7 +180,8 @@ async fn token_serial_before_and_join_token_targets() {
     l.wait_all_applied(ev.seq).await.expect("applied");
     l.caches[0].wait_fresh().await.expect("fresh");
     let e = c
-        .cache_client()
+        .cache_client(None)
+        .expect("client")
         .mint_token(mint_req(AUDIENCE))
         .await
         .expect_err("cut off");

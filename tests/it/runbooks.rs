@@ -50,7 +50,9 @@ async fn stolen_agent_key() {
         .await
         .expect("every cache applied it");
     // The thief's key: a fresh connection with the agent's certificate.
-    let mut thief = agent.new_cache_client().expect("client");
+    let mut thief = agent
+        .cache_client(Some(agent.current_cache()))
+        .expect("client");
     // Polled: containment is a state of several parties that no one event
     // announces.
     common::eventually("contained: the stolen key is refused", WAIT, async || {
@@ -105,7 +107,9 @@ async fn compromised_cache() {
     }
     // ...and an agent it certified is refused by the other cache of its
     // region.
-    let mut elsewhere = agent.cache_client_at(l.caches[1].addr()).expect("client");
+    let mut elsewhere = agent
+        .cache_client(Some(l.caches[1].addr()))
+        .expect("client");
     common::eventually(
         "contained: an agent certified by the revoked cache is refused",
         WAIT,

@@ -15,7 +15,9 @@ use lattice_shared::verifier::{RevocationReason, Verifier, VerifierConfig, Verif
 
 /// The verifier of a service that enrolled as agent `svc`, fresh.
 async fn verifier(l: &Lattice, svc: usize) -> Verifier {
-    let client = l.agents[svc].new_cache_client().expect("client");
+    let client = l.agents[svc]
+        .cache_client(Some(l.agents[svc].current_cache()))
+        .expect("client");
     let cfg = VerifierConfig {
         max_staleness: l.caches[0].app().max_staleness(),
         ..VerifierConfig::default()
