@@ -40,9 +40,11 @@ const SVC: usize = 3;
 const US: usize = 1;
 
 async fn verifier(l: &Lattice) -> Verifier {
-    let client = l.agents[SVC].new_cache_client().expect("client");
+    let client = l.agents[SVC]
+        .cache_client(Some(l.agents[SVC].current_cache()))
+        .expect("client");
     let cfg = VerifierConfig {
-        max_staleness: l.caches[0].app().state.sync.max_staleness(),
+        max_staleness: l.caches[0].app().max_staleness(),
         ..VerifierConfig::default()
     };
     let v = Verifier::start(client, bundle(l), l.clock.clone(), cfg)
@@ -76,7 +78,6 @@ fn forge(l: &Lattice, cache: usize, iss: &str, sub: &str, act: Option<Actor>) ->
 fn sign(l: &Lattice, cache: usize, claims: &Claims) -> String {
     l.caches[cache]
         .app()
-        .state
         .identity()
         .signer
         .sign(claims)
