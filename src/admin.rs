@@ -56,18 +56,17 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "trust domain {}; log head {}; {} outstanding join tokens; staleness bound {} ms; policy v{} (event {})",
+        "trust domain {}; log head {}; {} outstanding join tokens; policy v{} (event {})",
         r.trust_domain,
         r.head_seq,
         r.join_tokens_outstanding,
-        r.max_staleness_ms,
         r.policy_version,
         r.policy_seq
     );
     let _ = writeln!(
         out,
-        "{:<44} {:>8} {:>6} {:>12} {:>14} {:>7}  state",
-        "cache", "applied", "lag", "staleness", "last contact", "policy"
+        "{:<44} {:>8} {:>6} {:>12} {:>10} {:>14} {:>7}  state",
+        "cache", "applied", "lag", "staleness", "bound L", "last contact", "policy"
     );
     for c in &r.caches {
         // Past the release's event yet enforcing an older one: it refused it.
@@ -80,7 +79,7 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
             "refused policy"
         } else if c.staleness_ms == 0 {
             "syncing"
-        } else if c.staleness_ms > r.max_staleness_ms {
+        } else if c.staleness_ms > bound_ms(c, r) {
             "stale"
         } else {
             "fresh"
@@ -92,17 +91,31 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
         };
         let _ = writeln!(
             out,
-            "{:<44} {:>8} {:>6} {:>9} ms {:>14} {:>7}  {state}",
+            "{:<44} {:>8} {:>6} {:>9} ms {:>7} ms {:>14} {:>7}  {state}",
             c.cache_id,
             c.acked_seq,
             r.head_seq.saturating_sub(c.acked_seq),
             c.staleness_ms,
+            bound_ms(c, r),
             contact,
             format!("v{}", c.policy_version)
         );
     }
     out
 }
+
+/// The staleness bound L a cache enforces, as it reported it; from a cache
+/// or control plane that predates the report, the control plane's old
+/// setting, else the caches' default.
+fn bound_ms(c: &lattice_shared::proto::CacheStatus, r: &lattice_shared::proto::StatusResponse) -> u64 {
+    [c.max_staleness_ms, r.max_staleness_ms]
+        .into_iter()
+        .find(|&ms| ms > 0)
+        .unwrap_or(DEFAULT_MAX_STALENESS_MS)
+}
+
+/// The caches' default bound (`regional-cache`'s `max_staleness_ms`).
+const DEFAULT_MAX_STALENESS_MS: u64 = 5000;
 
 /// A gRPC refusal as a CLI error: the server's message and its code.
 pub fn refused(s: tonic::Status) -> anyhow::Error {
@@ -210,5 +223,25 @@ mod tests {
             "still catching up: {text}"
         );
         assert!(line("refused").ends_with("refused policy"), "{text}");
+    }
+
+    #[test]
+    fn status_judges_each_cache_by_the_bound_it_reported() {
+        let cache = |id: &str, max_staleness_ms| pb::CacheStatus {
+            cache_id: id.into(),
+            connected: true,
+            staleness_ms: 300,
+            max_staleness_ms,
+            ..Default::default()
+        };
+        let r = pb::StatusResponse {
+            caches: vec![cache("tight", 200), cache("loose", 5000)],
+            ..Default::default()
+        };
+        let text = render_status(&r, 0);
+        let line = |id: &str| text.lines().find(|l| l.starts_with(id)).unwrap_or_default();
+        assert!(line("tight").ends_with("stale"), "{text}");
+        assert!(line("tight").contains(" 200 ms"), "{text}");
+        assert!(line("loose").ends_with("fresh"), "{text}");
     }
 }

@@ -390,7 +390,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     drop(stop_runtime);
     println!(
         "    a cache that cannot prove freshness within L = {} ms refuses to mint (UNAVAILABLE, \"stale\")",
-        lattice.cp_cfg.max_staleness_ms
+        lattice.caches[0].app().max_staleness().as_millis()
     );
 
     println!(

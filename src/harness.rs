@@ -297,7 +297,6 @@ impl Lattice {
             trust_domain: lattice_shared::id::TrustDomain::new(TRUST_DOMAIN)?,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: dir.join("cp"),
-            max_staleness_ms: u64::try_from(spec.max_staleness.as_millis()).unwrap_or(u64::MAX),
             ..cp::Config::default()
         };
         if let Some(adjust) = &spec.cp_config {

@@ -28,9 +28,11 @@ pub struct Config {
     pub admin_cert_ttl_days: u64,
     /// Heartbeat interval on each cache's sync stream.
     pub heartbeat_ms: u64,
-    /// The staleness bound L that caches are configured with; `lattice status`
-    /// calls a cache stale beyond it.
-    pub max_staleness_ms: u64,
+    /// Retired: each cache reports the bound L it enforces (its own
+    /// `max_staleness_ms`). Accepted and ignored, with a warning, for one
+    /// release so that existing files still load.
+    #[serde(skip_serializing)]
+    pub max_staleness_ms: Option<u64>,
     pub metrics_listen: Option<SocketAddr>,
     pub log_json: bool,
     /// Where KEKs live (default: versioned key files in `DATA_DIR/kms`).
@@ -96,7 +98,7 @@ impl Default for Config {
             join_token_max_ttl_secs: 86400,
             admin_cert_ttl_days: 30,
             heartbeat_ms: 2000,
-            max_staleness_ms: 5000,
+            max_staleness_ms: None,
             metrics_listen: None,
             log_json: false,
             kms: KmsConfig::default(),

@@ -122,6 +122,12 @@ pub(crate) fn unix_ms(t: std::time::SystemTime) -> i64 {
 impl App {
     pub async fn build(cfg: Config, deps: Deps) -> Result<App, Error> {
         cfg.validate().map_err(Error::Config)?;
+        if let Some(ms) = cfg.max_staleness_ms {
+            tracing::warn!(
+                max_staleness_ms = ms,
+                "max_staleness_ms is retired at the control plane and ignored: each cache reports the bound it enforces (set it in the cache's configuration)"
+            );
+        }
         let td = cfg.trust_domain.clone();
         let id = cfg.id().map_err(|e| Error::Config(e.to_string()))?;
         lattice_shared::store::check_schema(&*deps.store, "control-plane", SCHEMA_VERSION)?;

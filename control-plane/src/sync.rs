@@ -38,6 +38,8 @@ pub struct Link {
     pub fresh_at_ms: i64,
     /// The policy release the cache says it enforces (0: not reported).
     pub policy_version: u64,
+    /// The staleness bound L the cache said it enforces (0: not reported).
+    pub max_staleness_ms: u64,
     pongs: VecDeque<(i64, u64)>,
     /// Counts the cache's streams: an older one still open ends itself.
     stream: u64,
@@ -182,6 +184,7 @@ pub(crate) async fn open(
             generation = l.stream;
             l.connected = true;
             l.acked = l.acked.max(hello.resume_after);
+            l.max_staleness_ms = hello.max_staleness_ms;
             l.last_contact_ms = now_ms(&state);
         });
         let mut stopping = state.stopping.clone();

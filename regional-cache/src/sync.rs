@@ -81,6 +81,7 @@ async fn session(
         msg: Some(Up::Hello(pb::SyncHello {
             resume_after: sync.applied(),
             audit_epoch: state.outbox.epoch(),
+            max_staleness_ms: u64::try_from(sync.max_staleness().as_millis()).unwrap_or(u64::MAX),
         })),
     })
     .await

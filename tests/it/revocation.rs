@@ -499,6 +499,13 @@ async fn status_reports_each_cache() {
             .iter()
             .all(|c| c.connected && !c.revoked && c.last_contact_unix_ms > 0)
     );
+    // Each cache reports the bound L it enforces: the control plane has no
+    // setting of its own for it.
+    let enforced = u64::try_from(l.caches[0].app().max_staleness().as_millis()).expect("ms");
+    assert!(
+        status.caches.iter().all(|c| c.max_staleness_ms == enforced),
+        "{status:?}"
+    );
     // Revocations through the Admin API are acknowledged with their sequence.
     let r = admin
         .revoke(pb::RevokeRequest {

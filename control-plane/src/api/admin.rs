@@ -68,6 +68,7 @@ impl Admin for Service {
                     connected: link.connected,
                     revoked: revoked.is_cache_revoked(&c.id),
                     policy_version: link.policy_version,
+                    max_staleness_ms: link.max_staleness_ms,
                     // 0 means never fresh; a fresh cache reads at least 1.
                     staleness_ms: if link.fresh_at_ms == 0 {
                         0
@@ -82,7 +83,7 @@ impl Admin for Service {
             caches,
             join_tokens_outstanding: outstanding,
             head_seq: self.state.log.head(),
-            max_staleness_ms: self.state.cfg.max_staleness_ms,
+            max_staleness_ms: 0,
             policy_version: self.state.policy.current().version(),
             policy_seq: self
                 .state
