@@ -144,6 +144,10 @@ pub(crate) fn exchange(mut call: AgentCall<'_>, r: Exchange) -> Result<Token, Er
             cache: state.id.to_string(),
         }));
     }
+    // Confined like every token a verifier accepts: this cache speaks only
+    // for agents of its region (and the parent's actors with it).
+    lattice_shared::token::check_confinement(&parent, &state.id)
+        .map_err(|e| call.refuse(Refused::InvalidParent(e.to_string())))?;
     if let Err(m) = state.replica.check_token(&parent) {
         return Err(call.refuse(Refused::ParentRevoked(m.to_string())));
     }
