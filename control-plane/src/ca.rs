@@ -11,12 +11,20 @@ use lattice_shared::id::{Role, SpiffeId, TrustDomain};
 use lattice_shared::pem;
 use lattice_shared::pki::{Authority, CertInfo, PrivateKey, Profile};
 use lattice_shared::seal::KeyVault;
-use lattice_shared::store::{SharedStore, Write};
+use lattice_shared::store::{JsonStore, SharedStore, Write};
 use lattice_shared::tls::ReloadableCert;
 
 use crate::{Config, Error, State};
 
 const T_IDENTITY: &str = "identity";
+/// The bootstrap admin minted once: which certificate, and when.
+const BOOTSTRAP_KEY: &[u8] = b"bootstrap_admin";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct BootstrapRecord {
+    serial_hex: String,
+    recorded_at_unix_ms: i64,
+}
 
 /// Files an operator needs: the root certificate and the bootstrap admin
 /// credential (written once, mode 0600 for the key).
@@ -117,32 +125,86 @@ impl State {
         Ok(())
     }
 
-    /// Writes the root certificate and a bootstrap admin credential to `files`
-    /// unless a credential still in the first half of its life is there.
-    pub fn ensure_admin_files(&self, files: &AdminFiles) -> Result<(), Error> {
-        if let Ok(certs) = pem::read_certs(&files.cert_pem)
-            && let Some(info) = certs
-                .first()
-                .and_then(|c| lattice_shared::pki::inspect(c).ok())
-            && !past_half_life(self.clock.now(), info.not_before, info.not_after)
-            && lattice_shared::policy::AdminAttributes::of_cert(&info)
-                .is_ok_and(|a| !a.roles.is_empty())
-        {
-            return Ok(());
-        }
-        std::fs::create_dir_all(&files.dir)?;
+    /// Writes the root certificate and the bootstrap admin credential to
+    /// `files` on the first start only. The bootstrap admin is minted once
+    /// and recorded in the store and the admin trail; later starts never
+    /// mint it again (not past half-life, not when its files are gone),
+    /// unless the operator asks (`reissue`), and never while its certificate
+    /// is revoked: an admin revoked for cause stays revoked.
+    pub fn ensure_admin_files(&self, files: &AdminFiles, reissue: bool) -> Result<(), Error> {
         let admin_id = SpiffeId::new(&self.td, Role::Admin, None, "bootstrap")
             .map_err(|e| Error::Config(e.to_string()))?;
+        let minted: Option<BootstrapRecord> = self.store.get_json(T_IDENTITY, BOOTSTRAP_KEY)?;
+        let on_disk = pem::read_certs(&files.cert_pem)
+            .ok()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .and_then(|c| lattice_shared::pki::inspect(c).ok())
+            })
+            .filter(|info| {
+                lattice_shared::policy::AdminAttributes::of_cert(info)
+                    .is_ok_and(|a| !a.roles.is_empty())
+            });
+        let summary = match (&minted, &on_disk, reissue) {
+            (Some(rec), _, false) => {
+                let usable = on_disk.as_ref().is_some_and(|i| {
+                    i.serial_hex == rec.serial_hex
+                        && !past_half_life(self.clock.now(), i.not_before, i.not_after)
+                });
+                if !usable {
+                    tracing::warn!(
+                        dir = %files.dir.display(),
+                        serial = %rec.serial_hex,
+                        "the bootstrap admin credential is missing, replaced or past half-life; it is minted only once: issue admin certificates with `lattice admin-cert issue`, or start once with --reissue-bootstrap"
+                    );
+                }
+                return Ok(());
+            }
+            // A data directory from before the record existed: adopt the
+            // credential it holds rather than mint another.
+            (None, Some(info), false) => {
+                self.record_bootstrap(&info.serial_hex)?;
+                return Ok(());
+            }
+            (None, None, false) => "bootstrap admin minted at the first start".to_string(),
+            (_, _, true) => {
+                let revoked = self.log.revocations();
+                let standing = minted
+                    .iter()
+                    .map(|r| r.serial_hex.as_str())
+                    .chain(on_disk.iter().map(|i| i.serial_hex.as_str()))
+                    .find(|serial| revoked.is_serial_revoked(serial))
+                    .map(str::to_owned);
+                let cut = revoked.issued_before_cutoff(&admin_id, self.clock.now_unix());
+                drop(revoked);
+                if let Some(serial) = standing {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the bootstrap admin's certificate {serial} is revoked; it is not re-issued (certify another admin with `lattice admin-cert issue`)"
+                    )));
+                }
+                if cut {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{admin_id} has a standing revocation; it is not re-issued (certify another admin with `lattice admin-cert issue`)"
+                    )));
+                }
+                "bootstrap admin re-issued at the operator's request (--reissue-bootstrap)"
+                    .to_string()
+            }
+        };
+        std::fs::create_dir_all(&files.dir)?;
         let key = PrivateKey::generate_p256()?;
+        let attrs = lattice_shared::policy::AdminAttributes {
+            roles: vec![lattice_shared::policy::AdminRole::PlatformAdmin],
+            regions: vec![],
+        };
         let cert = self.issue_admin_cert(
             &key.csr_der()?,
             &admin_id,
-            &lattice_shared::policy::AdminAttributes {
-                roles: vec![lattice_shared::policy::AdminRole::PlatformAdmin],
-                regions: vec![],
-            },
+            &attrs,
             Duration::from_secs(self.cfg.admin_cert_ttl_days * 86400),
         )?;
+        let serial = lattice_shared::pki::inspect(&cert)?.serial_hex;
         for p in [&files.key_pem, &files.cert_pem, &files.root_pem] {
             let _ = std::fs::remove_file(p);
         }
@@ -153,8 +215,36 @@ impl State {
             &files.root_pem,
             pem::encode("CERTIFICATE", self.root.cert_der()),
         )?;
-        tracing::info!(dir = %files.dir.display(), id = %admin_id, "wrote bootstrap admin credential");
+        self.record_bootstrap(&serial)?;
+        crate::admin_trail::record(
+            self,
+            &crate::admin_trail::AdminRecord {
+                at_unix_ms: self.now_ms(),
+                action: lattice_shared::policy::AdminAction::IssueAdminCertificate
+                    .name()
+                    .to_string(),
+                admin: self.id.to_string(),
+                outcome: crate::admin_trail::Outcome::Allowed,
+                approved_by: None,
+                request_id: None,
+                policy_version: 0,
+                policies: vec![],
+                summary: format!(
+                    "{summary}: {admin_id} serial {serial} roles {}",
+                    attrs.to_org_unit()
+                ),
+            },
+        )?;
+        tracing::info!(dir = %files.dir.display(), id = %admin_id, serial = %serial, "wrote bootstrap admin credential");
         Ok(())
+    }
+
+    fn record_bootstrap(&self, serial_hex: &str) -> Result<(), Error> {
+        let rec = BootstrapRecord {
+            serial_hex: serial_hex.to_owned(),
+            recorded_at_unix_ms: self.now_ms(),
+        };
+        Ok(self.store.put_json(T_IDENTITY, BOOTSTRAP_KEY, &rec)?)
     }
 
     /// An admin certificate for the key in `csr_der`, carrying `attrs`.

@@ -40,6 +40,11 @@ pub struct Config {
     /// How long a replaced secret version stays leasable (and can be
     /// rolled back to).
     pub secret_grace_secs: u64,
+    /// Mint the bootstrap admin credential again at this start (the
+    /// `--reissue-bootstrap` flag; never from a file). Refused while its
+    /// certificate is revoked.
+    #[serde(skip)]
+    pub reissue_bootstrap: bool,
     /// Upstream key rotation: one rotator per secret.
     pub rotation: Vec<rotation::RotationConfig>,
     /// How often scheduled rotations are looked for.
@@ -103,6 +108,7 @@ impl Default for Config {
             log_json: false,
             kms: KmsConfig::default(),
             secret_grace_secs: 3600,
+            reissue_bootstrap: false,
             rotation: Vec::new(),
             rotation_check_secs: 60,
             detect: detect::DetectConfig::default(),

@@ -181,7 +181,10 @@ impl App {
         std::fs::create_dir_all(&state.cfg.data_dir)?;
         let root_pem = state.cfg.data_dir.join("root.crt");
         std::fs::write(&root_pem, pem::encode("CERTIFICATE", state.root.cert_der()))?;
-        state.ensure_admin_files(&AdminFiles::in_dir(&state.cfg.data_dir.join("admin")))?;
+        state.ensure_admin_files(
+            &AdminFiles::in_dir(&state.cfg.data_dir.join("admin")),
+            state.cfg.reissue_bootstrap,
+        )?;
         tokio::spawn(audit_log::run_committer(Arc::downgrade(&state), audit_rx));
         // Finish any distribution a crash interrupted.
         state.reconcile_secrets()?;

@@ -20,12 +20,17 @@ struct Cli {
     /// TOML configuration file (see deploy/control-plane.toml).
     #[arg(long, short, env = "LATTICE_CP_CONFIG")]
     config: Option<PathBuf>,
+    /// Mint the bootstrap admin credential again (DATA_DIR/admin). It is
+    /// minted once, at the first start, and never again without this flag;
+    /// refused while its certificate is revoked.
+    #[arg(long)]
+    reissue_bootstrap: bool,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg: Config = match lattice_shared::config::load_or_exit(
+    let mut cfg: Config = match lattice_shared::config::load_or_exit(
         "lattice-cp",
         cli.config.as_deref(),
         "LATTICE_CP_",
@@ -34,6 +39,7 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    cfg.reissue_bootstrap = cli.reissue_bootstrap;
     lattice_shared::telemetry::init_tracing(cfg.log_json, "info");
     lattice_shared::tls::install_crypto_provider();
     match run(cfg).await {

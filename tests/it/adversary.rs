@@ -3,7 +3,8 @@
 //! authority (another region's agent, an admin, another cache's `iss`), a
 //! bound token presented with a certificate it was not issued to, and CSRs
 //! whose key and signature algorithms differ (the key type comes from the
-//! SubjectPublicKeyInfo).
+//! SubjectPublicKeyInfo); a revoked bootstrap admin that restarts would
+//! bring back.
 
 use crate::common;
 
@@ -342,5 +343,62 @@ async fn a_csr_whose_hash_differs_from_its_curve_enrols_with_its_own_key_type() 
             .await
             .unwrap_or_else(|s| panic!("{curve}/{hash} mints over mTLS: {s:?}"));
     }
+    l.shutdown().await;
+}
+
+fn bootstrap_serial(files: &lattice_control_plane::AdminFiles) -> Option<String> {
+    let certs = lattice_shared::pem::read_certs(&files.cert_pem).ok()?;
+    Some(
+        lattice_shared::pki::inspect(certs.first()?)
+            .ok()?
+            .serial_hex,
+    )
+}
+
+/// The bootstrap platform admin is minted once: revoked, it stays revoked
+/// through restarts past its half-life, deleting its files does not bring
+/// it back, and its one minting is in the admin trail.
+#[tokio::test]
+async fn a_revoked_bootstrap_admin_is_not_minted_again_by_restarts() {
+    let (mut l, clock) = common::lattice_with(Spec {
+        cp_config: Some(lattice::harness::CpConfigFn(std::sync::Arc::new(|c| {
+            c.admin_cert_ttl_days = 1;
+        }))),
+        ..Spec::default()
+    })
+    .await;
+    let files = l.cp().admin_files();
+    let serial = bootstrap_serial(&files).expect("the first start wrote it");
+    l.revoke(Target::CertSerial(serial.clone()))
+        .expect("revoke");
+
+    // Past half-life (12 h of a 1-day certificate), then restarted.
+    clock.advance(std::time::Duration::from_secs(13 * 3600));
+    l.restart_cp().await.expect("restart");
+    assert_eq!(
+        bootstrap_serial(&files).as_deref(),
+        Some(serial.as_str()),
+        "the revoked bootstrap admin was minted again"
+    );
+    let refused = lattice::admin::connect(l.cp().local_addr(), &files.dir)
+        .expect("client")
+        .status(pb::StatusRequest {})
+        .await;
+    assert!(refused.is_err(), "the revoked admin is still refused");
+
+    // Its files deleted, then restarted: nothing comes back.
+    std::fs::remove_file(&files.cert_pem).expect("rm cert");
+    std::fs::remove_file(&files.key_pem).expect("rm key");
+    l.restart_cp().await.expect("restart");
+    assert!(!files.cert_pem.exists() && !files.key_pem.exists());
+
+    let mints = l
+        .cp()
+        .admin_trail(10_000)
+        .expect("trail")
+        .into_iter()
+        .filter(|r| r.summary.contains("bootstrap admin"))
+        .count();
+    assert_eq!(mints, 1, "one minting, in the admin trail");
     l.shutdown().await;
 }
