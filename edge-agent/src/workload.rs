@@ -262,11 +262,15 @@ impl Workload for WorkloadService {
         if req.get_ref().subject_token.len() > lattice_shared::token::MAX_TOKEN_LEN {
             return Err(Error::InvalidArgument("subject_token is too long".into()).into());
         }
-        let audience = self
-            .agent
-            .held_audience(&req.get_ref().subject_token)
-            .ok_or_else(|| Error::Denied(crate::tokens::NOT_HELD.into()))?;
-        let who = self.authorize(&req, Some(&audience), true)?;
+        // Authorized before the token is looked up, and one answer for a
+        // token not held and one held for an audience this caller may not
+        // use: the socket must not tell a caller which tokens are held.
+        self.authorize(&req, None, true)?;
+        let held = self.agent.held_audience(&req.get_ref().subject_token);
+        let (audience, who) = match held.map(|a| (self.authorize(&req, Some(&a), true), a)) {
+            Some((Ok(who), audience)) => (audience, who),
+            _ => return Err(Error::Denied(crate::tokens::NOT_HELD.into()).into()),
+        };
         let r = req.into_inner();
         let ttl = (r.ttl_secs > 0).then(|| std::time::Duration::from_secs(r.ttl_secs));
         let t = self

@@ -901,3 +901,63 @@ async fn the_optional_token_cache_file_is_sealed_and_skips_tokens_revoked_meanwh
     assert_eq!(again.jti, t_kept.jti, "served from the sealed cache");
     run.stop().await.expect("stop");
 }
+
+/// `Delegate` authorizes before it looks the token up: a caller allowed to
+/// delegate only for another audience gets the same answer for a token the
+/// agent holds as for one it never saw, so it cannot learn what is held.
+#[tokio::test]
+async fn delegate_does_not_reveal_which_tokens_are_held() {
+    let (l, _clock, agent) = with_agent(Spec::default()).await;
+    let held = agent
+        .token_for(&lattice_edge_agent::TokenKey::new(AUDIENCE, &[], 0))
+        .await
+        .expect("a held token");
+    let narrow = WorkloadConfig {
+        socket: None,
+        allow: vec![WorkloadRule {
+            uid: Some(effective_uid()),
+            gid: None,
+            audiences: vec!["https://other.example.com".into()],
+            delegate: true,
+        }],
+        disabled: false,
+    };
+    let path = l.dir.join("narrow.sock");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let a = agent.clone();
+    let p = path.clone();
+    let served = tokio::spawn(async move {
+        lattice_edge_agent::workload::serve(a, &narrow, &p, Some(ready_tx), async move {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    ready_rx.await.expect("socket ready");
+    let mut w = lattice_edge_agent::workload::connect(&path)
+        .await
+        .expect("connect");
+    let ask = |token: &str| pb::WorkloadDelegateRequest {
+        subject_token: token.into(),
+        actor: "planner".into(),
+        scopes: vec![],
+        ttl_secs: 0,
+    };
+    let for_held = w
+        .delegate(ask(&held.token))
+        .await
+        .expect_err("not this caller's audience");
+    let for_unknown = w
+        .delegate(ask("eyJ.never.seen"))
+        .await
+        .expect_err("not held");
+    assert_eq!(for_held.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        (for_held.code(), for_held.message()),
+        (for_unknown.code(), for_unknown.message()),
+        "the answers tell held from unknown tokens"
+    );
+    let _ = stop_tx.send(());
+    served.await.expect("joined").expect("served");
+    l.shutdown().await;
+}
