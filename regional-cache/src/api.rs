@@ -103,8 +103,14 @@ fn valid_actor(a: &str) -> bool {
 }
 
 fn valid_scope(s: &str) -> bool {
+    valid_word(s, limits::MAX_SCOPE_LEN)
+}
+
+/// 1..=`max` printable ASCII characters, no space, quote or backslash (they
+/// go into token claims and audit records verbatim).
+fn valid_word(s: &str, max: usize) -> bool {
     !s.is_empty()
-        && s.len() <= limits::MAX_SCOPE_LEN
+        && s.len() <= max
         && s.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
@@ -137,10 +143,7 @@ fn decode_enrol(r: pb::EnrolAgentRequest) -> Result<enrol::Enrol, Error> {
 }
 
 fn decode_mint(r: pb::MintTokenRequest, cfg: &Config) -> Result<token::Mint, Error> {
-    if r.audience.is_empty()
-        || r.audience.len() > limits::MAX_AUDIENCE_LEN
-        || !valid_scope(&r.audience)
-    {
+    if !valid_word(&r.audience, limits::MAX_AUDIENCE_LEN) {
         return Err(Error::InvalidArgument(format!(
             "audience must be 1..={} printable characters without spaces",
             limits::MAX_AUDIENCE_LEN
@@ -449,5 +452,30 @@ impl Cache for Service {
             payload: r.payload,
             serving,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mint(audience: &str) -> pb::MintTokenRequest {
+        pb::MintTokenRequest {
+            audience: audience.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_audience_is_accepted_up_to_the_length_its_message_names() {
+        let cfg = Config::default();
+        let longest = format!("https://{}", "a".repeat(limits::MAX_AUDIENCE_LEN - 8));
+        assert!(decode_mint(mint(&longest), &cfg).is_ok());
+        let over = format!("{longest}a");
+        let Err(Error::InvalidArgument(m)) = decode_mint(mint(&over), &cfg) else {
+            panic!("an audience over the limit is refused");
+        };
+        assert!(m.contains(&limits::MAX_AUDIENCE_LEN.to_string()), "{m}");
+        assert!(decode_mint(mint("has space"), &cfg).is_err());
     }
 }
