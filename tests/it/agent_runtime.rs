@@ -76,7 +76,39 @@ impl Running {
 fn quick(cfg: &mut lattice_edge_agent::Config) {
     cfg.renewal.check_interval_ms = 20;
 }
-
+/// A second Workload API socket of `agent` under `rules`, served until the
+/// returned sender is dropped or sent to.
+async fn extra_socket(
+    l: &Lattice,
+    agent: &Arc<Agent>,
+    name: &str,
+    rules: Vec<WorkloadRule>,
+) -> (
+    WorkloadClient<Channel>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), lattice_edge_agent::Error>>,
+) {
+    let config = WorkloadConfig {
+        socket: None,
+        allow: rules,
+        disabled: false,
+    };
+    let path = l.dir.join(name);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (a, p) = (agent.clone(), path.clone());
+    let served = tokio::spawn(async move {
+        lattice_edge_agent::workload::serve(a, &config, &p, Some(ready_tx), async move {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    ready_rx.await.expect("socket ready");
+    let client = lattice_edge_agent::workload::connect(&path)
+        .await
+        .expect("connect");
+    (client, stop_tx, served)
+}
 async fn with_agent(spec: Spec) -> (Lattice, lattice_shared::clock::FakeClock, Arc<Agent>) {
     let (mut l, clock) = common::lattice_with(Spec {
         agents: vec![],
@@ -173,31 +205,18 @@ async fn workload_api_serves_tokens_and_certificate_to_allowed_uids_only() {
 
     // A second socket whose rules admit another uid only: our process is
     // refused by its kernel-reported credentials.
-    let other = WorkloadConfig {
-        socket: None,
-        allow: vec![WorkloadRule {
+    let (mut o, stop_tx, served) = extra_socket(
+        &l,
+        &agent,
+        "other.sock",
+        vec![WorkloadRule {
             uid: Some(effective_uid().wrapping_add(1)),
             gid: None,
             audiences: vec!["*".into()],
             delegate: true,
         }],
-        disabled: false,
-    };
-    let path = l.dir.join("other.sock");
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let a = agent.clone();
-    let p = path.clone();
-    let served = tokio::spawn(async move {
-        lattice_edge_agent::workload::serve(a, &other, &p, Some(ready_tx), async move {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    ready_rx.await.expect("second socket ready");
-    let mut o = lattice_edge_agent::workload::connect(&path)
-        .await
-        .expect("connect");
+    )
+    .await;
     let denied = o
         .fetch_token(token_req(&["read"]))
         .await
@@ -217,7 +236,10 @@ async fn workload_api_serves_tokens_and_certificate_to_allowed_uids_only() {
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     let _ = stop_tx.send(());
     served.await.expect("task").expect("served");
-    assert!(!path.exists(), "the socket is removed on stop");
+    assert!(
+        !l.dir.join("other.sock").exists(),
+        "the socket is removed on stop"
+    );
 
     run.stop().await.expect("clean stop");
     assert!(!run_socket_exists(&agent), "socket removed at shutdown");
@@ -912,31 +934,18 @@ async fn delegate_does_not_reveal_which_tokens_are_held() {
         .token_for(&lattice_edge_agent::TokenKey::new(AUDIENCE, &[], 0))
         .await
         .expect("a held token");
-    let narrow = WorkloadConfig {
-        socket: None,
-        allow: vec![WorkloadRule {
+    let (mut w, stop_tx, served) = extra_socket(
+        &l,
+        &agent,
+        "narrow.sock",
+        vec![WorkloadRule {
             uid: Some(effective_uid()),
             gid: None,
             audiences: vec!["https://other.example.com".into()],
             delegate: true,
         }],
-        disabled: false,
-    };
-    let path = l.dir.join("narrow.sock");
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let a = agent.clone();
-    let p = path.clone();
-    let served = tokio::spawn(async move {
-        lattice_edge_agent::workload::serve(a, &narrow, &p, Some(ready_tx), async move {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    ready_rx.await.expect("socket ready");
-    let mut w = lattice_edge_agent::workload::connect(&path)
-        .await
-        .expect("connect");
+    )
+    .await;
     let ask = |token: &str| pb::WorkloadDelegateRequest {
         subject_token: token.into(),
         actor: "planner".into(),
