@@ -57,11 +57,7 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
     let _ = writeln!(
         out,
         "trust domain {}; log head {}; {} outstanding join tokens; policy v{} (event {})",
-        r.trust_domain,
-        r.head_seq,
-        r.join_tokens_outstanding,
-        r.policy_version,
-        r.policy_seq
+        r.trust_domain, r.head_seq, r.join_tokens_outstanding, r.policy_version, r.policy_seq
     );
     let _ = writeln!(
         out,
@@ -107,7 +103,10 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
 /// The staleness bound L a cache enforces, as it reported it; from a cache
 /// or control plane that predates the report, the control plane's old
 /// setting, else the caches' default.
-fn bound_ms(c: &lattice_shared::proto::CacheStatus, r: &lattice_shared::proto::StatusResponse) -> u64 {
+fn bound_ms(
+    c: &lattice_shared::proto::CacheStatus,
+    r: &lattice_shared::proto::StatusResponse,
+) -> u64 {
     [c.max_staleness_ms, r.max_staleness_ms]
         .into_iter()
         .find(|&ms| ms > 0)

@@ -100,9 +100,6 @@ fn only_for(e: &mut pb::LatticeEvent, cache: &str) {
     }
 }
 
-/// Jtis one `RevokeIssued` may carry.
-pub const MAX_REVOKE_ISSUED: usize = 256;
-
 /// Tokens a cache issued and asks to have revoked (its policy re-evaluation
 /// after an agent's claims changed). A cache can only deny with this, and
 /// each revocation names the cache that asked.
@@ -111,7 +108,7 @@ async fn revoke_issued(
     cache: &lattice_shared::id::SpiffeId,
     r: pb::RevokeIssued,
 ) -> Result<(), String> {
-    const MAX: usize = crate::sync::MAX_REVOKE_ISSUED;
+    const MAX: usize = lattice_shared::limits::MAX_REVOKE_BATCH;
     if r.jtis.is_empty() || r.jtis.len() > MAX {
         return Err(format!("1..={MAX} jtis"));
     }

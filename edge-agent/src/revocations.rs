@@ -6,15 +6,13 @@ use std::sync::RwLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use lattice_shared::limits::WATCH_SILENCE;
 use lattice_shared::pki::CertInfo;
 use lattice_shared::proto as pb;
 use lattice_shared::revocation::Revocation;
 
 use crate::caches::worth_failover;
 use crate::{Agent, AgentEvent, identity_store, token_cache};
-
-/// A revocation stream without a message for this long is dead.
-const WATCH_SILENCE: Duration = Duration::from_secs(3);
 
 /// The revocations this agent has heard of, applied to the caches it
 /// connects to: a revoked cache (or its certificate) is not trusted again.

@@ -15,9 +15,7 @@ use lattice_shared::proto::{self as pb, cache_server::Cache};
 use lattice_shared::token::MAX_TOKEN_LEN;
 use tonic::{Request, Response, Status};
 
-use crate::call::{
-    AgentCall, AgentClaims, REQUEST_ID_HEADER, request_id, require_agent, require_unrevoked,
-};
+use crate::call::{AgentCall, AgentClaims, request_id, require_agent, require_unrevoked};
 use crate::config::Config;
 use crate::ops::{enrol, lease, report, token};
 use crate::replica::Replica;
@@ -70,7 +68,7 @@ pub(crate) fn ping_serving(replica: &Replica, signer_serial: &str) -> bool {
 fn with_request_id<T>(body: T, id: &str) -> Response<T> {
     let mut r = Response::new(body);
     if let Ok(v) = id.parse() {
-        r.metadata_mut().insert(REQUEST_ID_HEADER, v);
+        r.metadata_mut().insert(limits::REQUEST_ID_HEADER, v);
     }
     r
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use base64::Engine;
 use lattice_shared::id::{Role, SpiffeId};
+use lattice_shared::limits::REQUEST_ID_HEADER;
 use lattice_shared::net::{PeerIdentity, authenticated};
 use lattice_shared::policy::{
     AgentAction, AgentRequest, MAX_JOB_TYPE, Outcome, Posture, hour_and_weekday,
@@ -17,10 +18,6 @@ use lattice_shared::policy::{
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::{AuditEvent, Error, Refused, State};
-
-/// Request metadata (and response metadata) naming the request in the
-/// audit log.
-pub(crate) const REQUEST_ID_HEADER: &str = "x-lattice-request-id";
 
 /// The caller must be an agent of this cache's region.
 pub(crate) fn require_agent<T>(

@@ -34,6 +34,7 @@ use tonic::transport::Channel;
 
 use crate::clock::SharedClock;
 use crate::id::SpiffeId;
+use crate::limits::WATCH_SILENCE;
 use crate::pki::{CertInfo, TrustBundle, Usage};
 use crate::proto::{self as pb, cache_client::CacheClient};
 pub use crate::revocation::RevocationReason;
@@ -47,9 +48,6 @@ pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(60);
 /// At most one extra JWKS fetch per this interval for tokens naming an
 /// unknown `kid` (anyone can send such a token).
 pub const DEFAULT_JWKS_REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(5);
-/// Caches send a heartbeat every second; a stream silent for this long is
-/// treated as dead and reopened.
-pub const WATCH_SILENCE: Duration = Duration::from_secs(3);
 /// Reconnect backoff: doubling from the first to the second, ±50 % jitter.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);

@@ -66,7 +66,9 @@ fn keys_in_example(text: &str) -> Vec<String> {
 }
 
 fn assert_documented(file: &str, config: &impl Serialize) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file);
     let text = std::fs::read_to_string(&path).expect("example config");
     let documented = keys_in_example(&text);
     let missing: Vec<String> = keys_of(config)

@@ -92,6 +92,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lattice_shared::clock::SharedClock;
+use lattice_shared::limits::REQUEST_ID_HEADER;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -109,7 +110,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const MAX_REASON_LEN: usize = 300;
 /// Longest path kept in an audit event's `detail`.
 const MAX_AUDIT_PATH_LEN: usize = 256;
-const REQUEST_ID_HEADER: &str = "x-lattice-request-id";
 
 /// Metric names.
 pub mod metric {
