@@ -411,7 +411,7 @@ impl State {
                 },
                 reason: reason.to_string(),
             },
-            self.now_ms(),
+            self.clock.now_unix_ms(),
         )?;
         metrics::counter!("lattice_cp_revocations_total").increment(1);
         tracing::info!(
@@ -466,7 +466,7 @@ impl State {
                 },
                 reason: "rotation post-check failed".into(),
             },
-            self.now_ms(),
+            self.clock.now_unix_ms(),
         )?;
         rec.active = old;
         rec.previous = 0;
@@ -543,7 +543,7 @@ impl State {
                     },
                     reason: "secret deleted".into(),
                 },
-                self.now_ms(),
+                self.clock.now_unix_ms(),
             )?;
             seq = ev.seq;
             revoked += 1;
@@ -705,7 +705,7 @@ impl State {
                         created_at_unix: vr.created_at_unix,
                     })),
                 },
-                self.now_ms(),
+                self.clock.now_unix_ms(),
             )?;
             vr.sealed_for.extend(sealed_to);
         }
@@ -728,7 +728,7 @@ impl State {
                         deleted: state.deleted,
                     })),
                 },
-                self.now_ms(),
+                self.clock.now_unix_ms(),
             )?;
             rec.published = Some(state);
         }

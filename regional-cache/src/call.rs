@@ -310,7 +310,7 @@ impl<'a> AgentCall<'a> {
             action: self.action.to_owned(),
             resource: self.resource.clone(),
             reason,
-            at_unix_ms: self.state.now_ms(),
+            at_unix_ms: self.state.clock.now_unix_ms(),
             policy_version,
         }
     }

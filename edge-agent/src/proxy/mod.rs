@@ -417,14 +417,6 @@ impl Inner {
         resp
     }
 
-    fn now_unix_ms(&self) -> i64 {
-        self.clock
-            .now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
-    }
-
     fn refuse(
         &self,
         ctx: &RequestCtx,
@@ -449,7 +441,7 @@ impl Inner {
             key_version: None,
             local_caller: ctx.caller,
             request_id: ctx.request_id.clone(),
-            at_unix_ms: self.now_unix_ms(),
+            at_unix_ms: self.clock.now_unix_ms(),
         });
         (plain(status, reason), outcome)
     }
@@ -635,7 +627,7 @@ impl Inner {
             key_version: Some(key.version),
             local_caller: ctx.caller,
             request_id: ctx.request_id.clone(),
-            at_unix_ms: self.now_unix_ms(),
+            at_unix_ms: self.clock.now_unix_ms(),
         });
         match result {
             Ok(r) => {
