@@ -64,7 +64,7 @@ pub struct VersionRecord {
     /// Binds the wrapped DEK to this version (random, chosen when staged).
     pub dek_id: String,
     /// Empty once retired: the value is shredded with its DEK.
-    #[serde(with = "crate::registry::b64")]
+    #[serde(with = "lattice_shared::serde_b64")]
     pub ciphertext: Vec<u8>,
     pub wrapped_dek: Option<WrappedKey>,
     /// Caches that were sent this version's DEK, as `ID#KEY` (see
@@ -122,7 +122,7 @@ impl SecretRecord {
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Staged {
     pub dek_id: String,
-    #[serde(with = "crate::registry::b64")]
+    #[serde(with = "lattice_shared::serde_b64")]
     pub ciphertext: Vec<u8>,
     pub wrapped_dek: WrappedKey,
     pub fingerprint: String,

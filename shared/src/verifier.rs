@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -566,9 +565,7 @@ impl KeySource {
             .iter()
             .filter_map(|k| {
                 let kid = k.common.key_id.clone()?;
-                let der = base64::engine::general_purpose::STANDARD
-                    .decode(k.common.x509_chain.as_ref()?.first()?)
-                    .ok()?;
+                let der = crate::serde_b64::decode(k.common.x509_chain.as_ref()?.first()?).ok()?;
                 let info = crate::pki::inspect(&der).ok()?;
                 let signer = Signer {
                     serial: info.serial_hex,
