@@ -31,6 +31,7 @@ use jsonwebtoken::jwk::JwkSet;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::backoff::Backoff;
 use crate::clock::SharedClock;
 use crate::id::SpiffeId;
 use crate::limits::WATCH_SILENCE;
@@ -401,19 +402,8 @@ impl RevocationFollower {
     }
 }
 
-/// `d` ± 50 %.
-fn jitter(d: Duration) -> Duration {
-    use ring::rand::SecureRandom as _;
-    let mut b = [0u8; 2];
-    let frac = match ring::rand::SystemRandom::new().fill(&mut b) {
-        Ok(()) => f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX),
-        Err(_) => 0.5,
-    };
-    d.mul_f64(0.5 + frac)
-}
-
 async fn follow(shared: Arc<FollowerShared>, mut client: CacheClient<Channel>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::with(BACKOFF_MIN, BACKOFF_MAX, 0.5);
     let mut failures = 0u32;
     loop {
         let after = shared.read().status.applied_seq;
@@ -428,7 +418,7 @@ async fn follow(shared: Arc<FollowerShared>, mut client: CacheClient<Channel>) {
                 let why = loop {
                     match tokio::time::timeout(WATCH_SILENCE, stream.message()).await {
                         Ok(Ok(Some(n))) => {
-                            backoff = BACKOFF_MIN;
+                            backoff.succeeded();
                             failures = 0;
                             match Notice::from_wire(&n) {
                                 Ok(n) => shared.on_notice(&n),
@@ -464,8 +454,7 @@ async fn follow(shared: Arc<FollowerShared>, mut client: CacheClient<Channel>) {
             }
         }
         metrics::counter!("lattice_verifier_watch_reconnects_total").increment(1);
-        tokio::time::sleep(jitter(backoff)).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        tokio::time::sleep(backoff.failed(Duration::ZERO)).await;
     }
 }
 
