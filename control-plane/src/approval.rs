@@ -10,7 +10,7 @@ use lattice_shared::limits;
 use lattice_shared::pki::CertInfo;
 use lattice_shared::policy::{AdminAction, AdminAttributes, AdminRole};
 use lattice_shared::serde_b64 as b64;
-use lattice_shared::store::SharedStore;
+use lattice_shared::store::{JsonStore as _, SharedStore};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
@@ -130,8 +130,7 @@ pub fn create(store: &SharedStore, new: NewPending<'_>) -> Result<Pending, Error
         requester_not_before_unix: lattice_shared::clock::unix_secs(new.requester_cert.not_before),
         requester_not_after_unix: lattice_shared::clock::unix_secs(new.requester_cert.not_after),
     };
-    let bytes = serde_json::to_vec(&p).map_err(|e| Error::Corrupt(e.to_string()))?;
-    store.put(T_PENDING, p.id.as_bytes(), &bytes)?;
+    store.put_json(T_PENDING, p.id.as_bytes(), &p)?;
     Ok(p)
 }
 

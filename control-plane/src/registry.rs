@@ -7,6 +7,7 @@ use std::time::Duration;
 use lattice_shared::clock::unix_secs;
 use lattice_shared::id::SpiffeId;
 use lattice_shared::pki::Profile;
+use lattice_shared::store::JsonStore as _;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, State};
@@ -43,12 +44,7 @@ pub struct CacheCsrs {
 
 impl State {
     pub fn cache_record(&self, id: &SpiffeId) -> Result<Option<CacheRecord>, Error> {
-        match self.store.get(T_CACHES, id.as_str().as_bytes())? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| Error::Corrupt(e.to_string())),
-            None => Ok(None),
-        }
+        Ok(self.store.get_json(T_CACHES, id.as_str().as_bytes())?)
     }
 
     pub fn caches(&self) -> Result<Vec<CacheRecord>, Error> {
@@ -119,9 +115,8 @@ impl State {
             tls_cert,
             signing_certs,
         };
-        let bytes = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
         self.store
-            .put(T_CACHES, cache_id.as_str().as_bytes(), &bytes)?;
+            .put_json(T_CACHES, cache_id.as_str().as_bytes(), &record)?;
         metrics::counter!("lattice_cp_cache_certifications_total").increment(1);
         Ok(record)
     }

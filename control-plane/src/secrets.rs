@@ -17,7 +17,7 @@ use lattice_shared::envelope::{self, MAX_SECRET_VALUE_LEN};
 use lattice_shared::kms::{Kms, KmsError, WrappedKey};
 use lattice_shared::proto as pb;
 use lattice_shared::seal::KeyVault;
-use lattice_shared::store::{SharedStore, Write};
+use lattice_shared::store::{JsonStore as _, SharedStore, Write};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -257,8 +257,7 @@ impl State {
     }
 
     fn save_secret(&self, rec: &SecretRecord) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| Error::Corrupt(e.to_string()))?;
-        self.store.put(T_SECRETS, rec.name.as_bytes(), &bytes)?;
+        self.store.put_json(T_SECRETS, rec.name.as_bytes(), rec)?;
         Ok(())
     }
 

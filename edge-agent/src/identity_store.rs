@@ -8,7 +8,7 @@ use lattice_shared::clock::SharedClock;
 use lattice_shared::id::SpiffeId;
 use lattice_shared::pki::{PrivateKey, TrustBundle, Usage};
 use lattice_shared::seal::KeyVault;
-use lattice_shared::store::{SharedStore, Write};
+use lattice_shared::store::{SharedStore, Write, to_json};
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
@@ -95,7 +95,7 @@ pub(crate) fn persist(
     let mut writes = vec![Write {
         tree: T_IDENTITY,
         key: b"chain".to_vec(),
-        value: Some(serde_json::to_vec(&stored).map_err(|e| Error::Corrupt(e.to_string()))?),
+        value: Some(to_json(T_IDENTITY, &stored)?),
     }];
     if let Some(k) = key {
         writes.push(Write {

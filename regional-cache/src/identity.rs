@@ -12,7 +12,7 @@ use lattice_shared::id::SpiffeId;
 use lattice_shared::pki::{Authority, CertInfo, PrivateKey, TrustBundle, Usage, inspect};
 use lattice_shared::proto::{self as pb, control_plane_client::ControlPlaneClient};
 use lattice_shared::seal::KeyVault;
-use lattice_shared::store::{SharedStore, Write};
+use lattice_shared::store::{JsonStore as _, SharedStore, Write, to_json};
 use lattice_shared::tls::ExpectedServer;
 use lattice_shared::token::{TokenSigner, jwks_from_certs};
 use serde::{Deserialize, Serialize};
@@ -194,7 +194,6 @@ impl State {
             tls_cert: certs.tls_cert.clone(),
             signing_cert: certs.signing_cert.clone(),
         };
-        let json = serde_json::to_vec(&stored).map_err(|e| Error::Corrupt(e.to_string()))?;
         store.apply(vec![
             Write {
                 tree: T_IDENTITY,
@@ -214,7 +213,7 @@ impl State {
             Write {
                 tree: T_IDENTITY,
                 key: b"certs".to_vec(),
-                value: Some(json),
+                value: Some(to_json(T_IDENTITY, &stored)?),
             },
         ])?;
         // The signing key lives on inside `signer`; this copy is zeroized on drop.
@@ -241,11 +240,9 @@ impl State {
         store: &SharedStore,
         vault: &Arc<dyn KeyVault>,
     ) -> Result<Option<(Identity, Vec<u8>, PrivateKey)>, Error> {
-        let Some(json) = store.get(T_IDENTITY, b"certs")? else {
+        let Some(stored) = store.get_json::<StoredCerts>(T_IDENTITY, b"certs")? else {
             return Ok(None);
         };
-        let stored: StoredCerts =
-            serde_json::from_slice(&json).map_err(|e| Error::Corrupt(e.to_string()))?;
         let get = |k: &[u8], aad: &str| -> Result<PrivateKey, Error> {
             let sealed = store
                 .get(T_IDENTITY, k)?
