@@ -112,7 +112,7 @@ impl DetectConfig {
             }
         }
         for h in &self.honeytokens {
-            lattice_shared::envelope::check_secret_name(h)
+            lattice_shared::id::check_secret_name(h)
                 .map_err(|e| format!("detect.honeytokens: {e}"))?;
         }
         Ok(())

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use lattice_shared::clock::unix_secs;
 use lattice_shared::envelope::{self, MAX_SECRET_VALUE_LEN};
+use lattice_shared::id::check_secret_name;
 use lattice_shared::kms::{Kms, KmsError, WrappedKey};
 use lattice_shared::proto as pb;
 use lattice_shared::seal::KeyVault;
@@ -193,7 +194,7 @@ impl Secrets {
 
     /// Encrypts `value` under a new DEK and wraps the DEK.
     pub fn stage(&self, name: &str, value: &[u8]) -> Result<Staged, Error> {
-        envelope::check_secret_name(name).map_err(Error::InvalidArgument)?;
+        check_secret_name(name).map_err(Error::InvalidArgument)?;
         check_value(value)?;
         let dek = envelope::new_dek()?;
         let dek_id = random_hex(12)?;
@@ -249,7 +250,7 @@ impl State {
     }
 
     fn live_secret(&self, name: &str) -> Result<SecretRecord, Error> {
-        envelope::check_secret_name(name).map_err(Error::InvalidArgument)?;
+        check_secret_name(name).map_err(Error::InvalidArgument)?;
         match self.load_secret(name)? {
             Some(r) if !r.deleted => Ok(r),
             _ => Err(Error::NotFound(format!("no secret named {name}"))),

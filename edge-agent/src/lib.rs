@@ -294,7 +294,7 @@ impl Agent {
     /// (returned, and dropped here at once).
     pub async fn set_posture(
         &self,
-        posture: lattice_shared::policy::Posture,
+        posture: lattice_shared::posture::Posture,
     ) -> Result<Vec<String>, Error> {
         let claims = {
             let mut c = self.claims.write().unwrap_or_else(|p| p.into_inner());

@@ -10,7 +10,8 @@ use lattice_shared::id::SpiffeId;
 use lattice_shared::limits;
 use lattice_shared::net::peer_addr;
 use lattice_shared::pki::MAX_DER_LEN;
-use lattice_shared::policy::{AgentAction, Posture};
+use lattice_shared::policy::AgentAction;
+use lattice_shared::posture::Posture;
 use lattice_shared::proto::{self as pb, cache_server::Cache};
 use lattice_shared::token::MAX_TOKEN_LEN;
 use tonic::{Request, Response, Status};
@@ -207,7 +208,7 @@ fn decode_exchange(r: pb::ExchangeTokenRequest, cfg: &Config) -> Result<token::E
 }
 
 fn decode_lease(r: pb::LeaseSecretRequest, cfg: &Config) -> Result<lease::LeaseRequest, Error> {
-    lattice_shared::envelope::check_secret_name(&r.name).map_err(Error::InvalidArgument)?;
+    lattice_shared::id::check_secret_name(&r.name).map_err(Error::InvalidArgument)?;
     let ttl_secs = if r.ttl_secs == 0 {
         cfg.lease_default_ttl_secs
     } else {

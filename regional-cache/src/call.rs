@@ -12,9 +12,8 @@ use base64::Engine;
 use lattice_shared::id::{Role, SpiffeId};
 use lattice_shared::limits::REQUEST_ID_HEADER;
 use lattice_shared::net::{PeerIdentity, authenticated};
-use lattice_shared::policy::{
-    AgentAction, AgentRequest, MAX_JOB_TYPE, Outcome, Posture, hour_and_weekday,
-};
+use lattice_shared::policy::{AgentAction, AgentRequest, Outcome, hour_and_weekday};
+use lattice_shared::posture::{MAX_JOB_TYPE, Posture};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::{AuditEvent, Error, Refused, State};
