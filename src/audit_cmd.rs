@@ -7,15 +7,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, anyhow, bail};
-use base64::Engine as _;
 use clap::Subcommand;
 use lattice_shared::merkle;
 use lattice_shared::proto as pb;
+use lattice_shared::serde_b64 as b64;
 use prost::Message;
 
 use crate::AdminArgs;
-
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -157,7 +155,7 @@ fn json_line(index: u64, record: &[u8]) -> String {
             m.insert("index".into(), index.into());
             serde_json::Value::Object(m).to_string()
         }
-        _ => serde_json::json!({ "index": index, "record_b64": B64.encode(record) }).to_string(),
+        _ => serde_json::json!({ "index": index, "record_b64": b64::encode(record) }).to_string(),
     }
 }
 
@@ -238,7 +236,7 @@ fn check_doc(
     root_der: &[u8],
     td: &lattice_shared::id::TrustDomain,
 ) -> anyhow::Result<String> {
-    let d = |s: &str| B64.decode(s).context("base64");
+    let d = |s: &str| b64::decode(s).context("base64");
     let head_bytes = d(&doc.tree_head_b64)?;
     let cert = d(&doc.signer_cert_b64)?;
     lattice_shared::policy::sign::check_signature(
@@ -386,15 +384,15 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             let doc = ProofDoc {
                 index: entry.index,
                 leaf_hash: hex::encode(merkle::leaf_hash(&entry.record)),
-                record_b64: B64.encode(&entry.record),
+                record_b64: b64::encode(&entry.record),
                 inclusion: p.inclusion.iter().map(hex::encode).collect(),
-                tree_head_b64: B64.encode(&head.tree_head),
-                signature_b64: B64.encode(&head.signature),
-                signer_cert_b64: B64.encode(&head.signer_cert),
+                tree_head_b64: b64::encode(&head.tree_head),
+                signature_b64: b64::encode(&head.signature),
+                signer_cert_b64: b64::encode(&head.signer_cert),
                 tree_size: th.tree_size,
                 root_hash: hex::encode(&th.root_hash),
-                first_tree_head_b64: p.first_head.as_ref().map(|h| B64.encode(&h.tree_head)),
-                first_signature_b64: p.first_head.as_ref().map(|h| B64.encode(&h.signature)),
+                first_tree_head_b64: p.first_head.as_ref().map(|h| b64::encode(&h.tree_head)),
+                first_signature_b64: p.first_head.as_ref().map(|h| b64::encode(&h.signature)),
                 consistency: p.consistency.iter().map(hex::encode).collect(),
             };
             // Checked here too before it is handed on.

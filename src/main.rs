@@ -3,10 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
+use lattice_shared::clock::unix_millis;
 use lattice_shared::proto as pb;
 
 /// mimalloc instead of glibc's malloc: the per-request allocations of
@@ -380,7 +381,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
                 .into_inner();
-            print!("{}", lattice::admin::render_status(&r, now_ms()));
+            print!(
+                "{}",
+                lattice::admin::render_status(&r, unix_millis(SystemTime::now()))
+            );
             Ok(())
         }
         Command::Revoke {
@@ -765,11 +769,4 @@ fn connect(
 
 fn admin_refused(s: tonic::Status) -> anyhow::Error {
     lattice::admin::refused(s)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

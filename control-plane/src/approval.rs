@@ -5,13 +5,12 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use lattice_shared::id::SpiffeId;
 use lattice_shared::limits;
 use lattice_shared::pki::CertInfo;
 use lattice_shared::policy::{AdminAction, AdminAttributes, AdminRole};
-use lattice_shared::store::SharedStore;
+use lattice_shared::serde_b64 as b64;
+use lattice_shared::store::{JsonStore as _, SharedStore};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +49,7 @@ pub struct Pending {
 
 impl Pending {
     pub fn payload(&self) -> Result<Vec<u8>, Error> {
-        B64.decode(&self.payload_b64)
+        b64::decode(&self.payload_b64)
             .map_err(|e| Error::Corrupt(format!("pending request {}: {e}", self.id)))
     }
     pub fn requester_cert(&self) -> CertInfo {
@@ -122,7 +121,7 @@ pub fn create(store: &SharedStore, new: NewPending<'_>) -> Result<Pending, Error
         target_region: new.target_region.to_string(),
         resource: new.resource.to_string(),
         source_ip: new.source_ip,
-        payload_b64: B64.encode(&new.payload),
+        payload_b64: b64::encode(&new.payload),
         created_at_unix: new.now_unix,
         expires_at_unix: new.now_unix + i64::try_from(APPROVAL_TTL.as_secs()).unwrap_or(3600),
         summary: new.summary,
@@ -131,8 +130,7 @@ pub fn create(store: &SharedStore, new: NewPending<'_>) -> Result<Pending, Error
         requester_not_before_unix: lattice_shared::clock::unix_secs(new.requester_cert.not_before),
         requester_not_after_unix: lattice_shared::clock::unix_secs(new.requester_cert.not_after),
     };
-    let bytes = serde_json::to_vec(&p).map_err(|e| Error::Corrupt(e.to_string()))?;
-    store.put(T_PENDING, p.id.as_bytes(), &bytes)?;
+    store.put_json(T_PENDING, p.id.as_bytes(), &p)?;
     Ok(p)
 }
 

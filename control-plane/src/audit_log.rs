@@ -318,7 +318,8 @@ pub(crate) async fn run_committer(
         let done = tokio::task::spawn_blocking(move || {
             let (_, head_due) = st.audit_log.append_batch(&records, extra)?;
             if head_due {
-                st.audit_log.sign_head(&st.policy.signer(), st.now_ms())?;
+                st.audit_log
+                    .sign_head(&st.policy.signer(), st.clock.now_unix_ms())?;
             }
             Ok::<(), Error>(())
         })

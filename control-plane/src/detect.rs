@@ -112,7 +112,7 @@ impl DetectConfig {
             }
         }
         for h in &self.honeytokens {
-            lattice_shared::envelope::check_secret_name(h)
+            lattice_shared::id::check_secret_name(h)
                 .map_err(|e| format!("detect.honeytokens: {e}"))?;
         }
         Ok(())
@@ -362,7 +362,7 @@ pub(crate) async fn raise(
             let mut v = serde_json::to_value(a).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
                 o.insert("kind".into(), "alert".into());
-                o.insert("raised_at_unix_ms".into(), state.now_ms().into());
+                o.insert("raised_at_unix_ms".into(), state.clock.now_unix_ms().into());
             }
             v.to_string().into_bytes()
         })

@@ -9,6 +9,7 @@ use base64::Engine;
 use lattice_shared::clock::unix_secs;
 use lattice_shared::id::{RegionId, Role, SpiffeId};
 use lattice_shared::pki::sha256;
+use lattice_shared::store::JsonStore as _;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -86,8 +87,7 @@ pub(crate) fn create(
         expires_at_unix: now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX)),
         used_at_unix: None,
     };
-    let bytes = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
-    state.store.put(T_JOIN, &token_hash(&token), &bytes)?;
+    state.store.put_json(T_JOIN, &token_hash(&token), &record)?;
     metrics::counter!("lattice_cp_join_tokens_created_total").increment(1);
     tracing::info!(id = %id, expires_at = record.expires_at_unix, "join token created");
     Ok(NewJoinToken { token, record })

@@ -113,12 +113,6 @@ pub struct App {
     renewer: JoinHandle<()>,
 }
 
-pub(crate) fn unix_ms(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 impl App {
     pub async fn build(cfg: Config, deps: Deps) -> Result<App, Error> {
         cfg.validate().map_err(Error::Config)?;
@@ -190,7 +184,7 @@ impl App {
         state.reconcile_secrets()?;
         state
             .audit_log
-            .sign_head(&state.policy.signer(), state.now_ms())?;
+            .sign_head(&state.policy.signer(), state.clock.now_unix_ms())?;
 
         let tls = lattice_shared::tls::server_config(
             bundle,
@@ -244,7 +238,7 @@ impl App {
                         _ = heads.tick() => {
                             let st = state.clone();
                             let signed = tokio::task::spawn_blocking(move || {
-                                st.audit_log.sign_head(&st.policy.signer(), st.now_ms())
+                                st.audit_log.sign_head(&st.policy.signer(), st.clock.now_unix_ms())
                             })
                             .await;
                             if let Ok(Err(e)) = signed {
@@ -323,7 +317,7 @@ impl App {
     }
     /// Now on the control plane's clock, in Unix ms.
     pub fn now_ms(&self) -> i64 {
-        self.state.now_ms()
+        self.state.clock.now_unix_ms()
     }
     /// The store, for tests that tamper with what it holds.
     pub fn store(&self) -> &SharedStore {
@@ -360,7 +354,7 @@ impl App {
     pub fn sign_audit_head(&self) -> Result<(), Error> {
         self.state
             .audit_log
-            .sign_head(&self.state.policy.signer(), self.state.now_ms())
+            .sign_head(&self.state.policy.signer(), self.state.clock.now_unix_ms())
             .map(|_| ())
     }
     /// The oldest `limit` records of the admin trail.
@@ -408,10 +402,6 @@ impl App {
 }
 
 impl State {
-    pub fn now_ms(&self) -> i64 {
-        unix_ms(self.clock.now())
-    }
-
     /// Appends an audit record durably (a signed head follows at least every
     /// `audit_log::HEAD_EVERY` entries). Returns its index.
     pub fn audit(&self, record: &impl Serialize) -> Result<u64, Error> {
@@ -419,7 +409,7 @@ impl State {
         let (index, head_due) = self.audit_log.append(&bytes)?;
         if head_due {
             self.audit_log
-                .sign_head(&self.policy.signer(), self.now_ms())?;
+                .sign_head(&self.policy.signer(), self.clock.now_unix_ms())?;
         }
         Ok(index)
     }

@@ -300,7 +300,7 @@ impl Policies {
                 req.principal
             )));
         }
-        let now_ms = crate::unix_ms(clock.now());
+        let now_ms = clock.now_unix_ms();
         let release = pb::PolicyRelease {
             version,
             bundle: Some(new.files.to_proto()),

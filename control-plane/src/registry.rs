@@ -7,6 +7,7 @@ use std::time::Duration;
 use lattice_shared::clock::unix_secs;
 use lattice_shared::id::SpiffeId;
 use lattice_shared::pki::Profile;
+use lattice_shared::store::JsonStore as _;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, State};
@@ -20,52 +21,17 @@ const MAX_SIGNING_CERTS: usize = 4;
 pub struct CacheRecord {
     pub id: SpiffeId,
     pub enrolled_at_unix: i64,
-    #[serde(with = "b64")]
+    #[serde(with = "lattice_shared::serde_b64")]
     pub ca_cert: Vec<u8>,
-    #[serde(with = "b64")]
+    #[serde(with = "lattice_shared::serde_b64")]
     pub tls_cert: Vec<u8>,
     /// Signing certificates still valid, newest last; older ones stay in the
     /// JWKS until they expire so tokens they signed remain verifiable.
-    #[serde(with = "b64_vec")]
+    #[serde(with = "lattice_shared::serde_b64::vec")]
     pub signing_certs: Vec<Vec<u8>>,
     /// X25519 key the cache receives sealed secrets with (empty: none yet).
-    #[serde(default, with = "b64")]
+    #[serde(default, with = "lattice_shared::serde_b64")]
     pub hpke_public_key: Vec<u8>,
-}
-
-pub(crate) mod b64 {
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .map_err(serde::de::Error::custom)
-    }
-}
-mod b64_vec {
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
-    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(v.len()))?;
-        for x in v {
-            seq.serialize_element(&base64::engine::general_purpose::STANDARD.encode(x))?;
-        }
-        seq.end()
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
-        Vec::<String>::deserialize(d)?
-            .into_iter()
-            .map(|s| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(s)
-                    .map_err(serde::de::Error::custom)
-            })
-            .collect()
-    }
 }
 
 /// A cache's certificate requests, each checked as a CSR.
@@ -78,12 +44,7 @@ pub struct CacheCsrs {
 
 impl State {
     pub fn cache_record(&self, id: &SpiffeId) -> Result<Option<CacheRecord>, Error> {
-        match self.store.get(T_CACHES, id.as_str().as_bytes())? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| Error::Corrupt(e.to_string())),
-            None => Ok(None),
-        }
+        Ok(self.store.get_json(T_CACHES, id.as_str().as_bytes())?)
     }
 
     pub fn caches(&self) -> Result<Vec<CacheRecord>, Error> {
@@ -154,9 +115,8 @@ impl State {
             tls_cert,
             signing_certs,
         };
-        let bytes = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
         self.store
-            .put(T_CACHES, cache_id.as_str().as_bytes(), &bytes)?;
+            .put_json(T_CACHES, cache_id.as_str().as_bytes(), &record)?;
         metrics::counter!("lattice_cp_cache_certifications_total").increment(1);
         Ok(record)
     }

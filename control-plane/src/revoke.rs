@@ -36,7 +36,7 @@ impl State {
         }
         // "Everything issued before now" (cutoff 0) takes the commit time,
         // rounded up: everything issued up to this second is covered.
-        let now_ms = self.now_ms();
+        let now_ms = self.clock.now_unix_ms();
         let resolved;
         let r = match &r.target {
             Target::SubjectBefore {

@@ -49,7 +49,7 @@ fn default_timeout() -> u64 {
 
 impl RotationConfig {
     pub fn validate(&self) -> Result<(), String> {
-        lattice_shared::envelope::check_secret_name(&self.secret)?;
+        lattice_shared::id::check_secret_name(&self.secret)?;
         webhook_uri(&self.webhook)?;
         if self.every_secs != 0 && self.every_secs < 60 {
             return Err("every_secs must be 0 (on command only) or at least 60".into());

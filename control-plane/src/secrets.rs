@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex};
 
 use lattice_shared::clock::unix_secs;
 use lattice_shared::envelope::{self, MAX_SECRET_VALUE_LEN};
+use lattice_shared::id::check_secret_name;
 use lattice_shared::kms::{Kms, KmsError, WrappedKey};
 use lattice_shared::proto as pb;
 use lattice_shared::seal::KeyVault;
-use lattice_shared::store::{SharedStore, Write};
+use lattice_shared::store::{JsonStore as _, SharedStore, Write};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -64,7 +65,7 @@ pub struct VersionRecord {
     /// Binds the wrapped DEK to this version (random, chosen when staged).
     pub dek_id: String,
     /// Empty once retired: the value is shredded with its DEK.
-    #[serde(with = "crate::registry::b64")]
+    #[serde(with = "lattice_shared::serde_b64")]
     pub ciphertext: Vec<u8>,
     pub wrapped_dek: Option<WrappedKey>,
     /// Caches that were sent this version's DEK, as `ID#KEY` (see
@@ -122,7 +123,7 @@ impl SecretRecord {
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Staged {
     pub dek_id: String,
-    #[serde(with = "crate::registry::b64")]
+    #[serde(with = "lattice_shared::serde_b64")]
     pub ciphertext: Vec<u8>,
     pub wrapped_dek: WrappedKey,
     pub fingerprint: String,
@@ -193,7 +194,7 @@ impl Secrets {
 
     /// Encrypts `value` under a new DEK and wraps the DEK.
     pub fn stage(&self, name: &str, value: &[u8]) -> Result<Staged, Error> {
-        envelope::check_secret_name(name).map_err(Error::InvalidArgument)?;
+        check_secret_name(name).map_err(Error::InvalidArgument)?;
         check_value(value)?;
         let dek = envelope::new_dek()?;
         let dek_id = random_hex(12)?;
@@ -249,7 +250,7 @@ impl State {
     }
 
     fn live_secret(&self, name: &str) -> Result<SecretRecord, Error> {
-        envelope::check_secret_name(name).map_err(Error::InvalidArgument)?;
+        check_secret_name(name).map_err(Error::InvalidArgument)?;
         match self.load_secret(name)? {
             Some(r) if !r.deleted => Ok(r),
             _ => Err(Error::NotFound(format!("no secret named {name}"))),
@@ -257,8 +258,7 @@ impl State {
     }
 
     fn save_secret(&self, rec: &SecretRecord) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| Error::Corrupt(e.to_string()))?;
-        self.store.put(T_SECRETS, rec.name.as_bytes(), &bytes)?;
+        self.store.put_json(T_SECRETS, rec.name.as_bytes(), rec)?;
         Ok(())
     }
 
@@ -411,7 +411,7 @@ impl State {
                 },
                 reason: reason.to_string(),
             },
-            self.now_ms(),
+            self.clock.now_unix_ms(),
         )?;
         metrics::counter!("lattice_cp_revocations_total").increment(1);
         tracing::info!(
@@ -466,7 +466,7 @@ impl State {
                 },
                 reason: "rotation post-check failed".into(),
             },
-            self.now_ms(),
+            self.clock.now_unix_ms(),
         )?;
         rec.active = old;
         rec.previous = 0;
@@ -543,7 +543,7 @@ impl State {
                     },
                     reason: "secret deleted".into(),
                 },
-                self.now_ms(),
+                self.clock.now_unix_ms(),
             )?;
             seq = ev.seq;
             revoked += 1;
@@ -705,7 +705,7 @@ impl State {
                         created_at_unix: vr.created_at_unix,
                     })),
                 },
-                self.now_ms(),
+                self.clock.now_unix_ms(),
             )?;
             vr.sealed_for.extend(sealed_to);
         }
@@ -728,7 +728,7 @@ impl State {
                         deleted: state.deleted,
                     })),
                 },
-                self.now_ms(),
+                self.clock.now_unix_ms(),
             )?;
             rec.published = Some(state);
         }

@@ -10,7 +10,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lattice_shared::clock::unix_secs;
 use lattice_shared::id::SpiffeId;
 use lattice_shared::limits;
 use lattice_shared::proto::{self as pb, sync_down::Msg as Down, sync_up::Msg as Up};
@@ -74,16 +73,6 @@ impl Links {
 
 pub type SyncStream = ReceiverStream<Result<pb::SyncDown, Status>>;
 
-fn now_ms(state: &State) -> i64 {
-    let now = state.clock.now();
-    unix_secs(now) * 1000
-        + i64::from(
-            now.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_millis())
-                .unwrap_or(0),
-        )
-}
-
 /// A cache receives its own sealed DEK and nothing sealed to another; a
 /// version it may not hold reaches it without ciphertext (the sequence stays
 /// contiguous).
@@ -100,9 +89,6 @@ fn only_for(e: &mut pb::LatticeEvent, cache: &str) {
     }
 }
 
-/// Jtis one `RevokeIssued` may carry.
-pub const MAX_REVOKE_ISSUED: usize = 256;
-
 /// Tokens a cache issued and asks to have revoked (its policy re-evaluation
 /// after an agent's claims changed). A cache can only deny with this, and
 /// each revocation names the cache that asked.
@@ -111,7 +97,7 @@ async fn revoke_issued(
     cache: &lattice_shared::id::SpiffeId,
     r: pb::RevokeIssued,
 ) -> Result<(), String> {
-    const MAX: usize = crate::sync::MAX_REVOKE_ISSUED;
+    const MAX: usize = lattice_shared::limits::MAX_REVOKE_BATCH;
     if r.jtis.is_empty() || r.jtis.len() > MAX {
         return Err(format!("1..={MAX} jtis"));
     }
@@ -185,7 +171,7 @@ pub(crate) async fn open(
             l.connected = true;
             l.acked = l.acked.max(hello.resume_after);
             l.max_staleness_ms = hello.max_staleness_ms;
-            l.last_contact_ms = now_ms(&state);
+            l.last_contact_ms = state.clock.now_unix_ms();
         });
         let mut stopping = state.stopping.clone();
         let reason = tokio::select! {
@@ -309,7 +295,7 @@ async fn serve(
                     Ok(None) => return "cache closed the stream".into(),
                     Err(s) => return format!("stream error: {s}"),
                 };
-                let now = now_ms(state);
+                let now = state.clock.now_unix_ms();
                 match msg.msg {
                     Some(Up::Ack(a)) => {
                         if a.seq > sent || a.seq < acked {

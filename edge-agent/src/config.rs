@@ -26,7 +26,7 @@ pub struct Config {
     pub join_token: Option<lattice_shared::secret::Secret>,
     /// Device posture this agent reports with each request, for policy
     /// (reported, not attested: a policy should weigh it accordingly).
-    pub posture: lattice_shared::policy::Posture,
+    pub posture: lattice_shared::posture::Posture,
     /// The kind of work this agent does (reported), e.g. "inference".
     pub job_type: String,
     pub log_json: bool,
@@ -83,7 +83,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data/agent"),
             root_ca: PathBuf::from("./data/cp/root.crt"),
             join_token: None,
-            posture: lattice_shared::policy::Posture::default(),
+            posture: lattice_shared::posture::Posture::default(),
             job_type: String::new(),
             log_json: false,
             caches: Vec::new(),
@@ -105,10 +105,10 @@ impl Config {
                 self.id
             ));
         }
-        if self.job_type.len() > lattice_shared::policy::MAX_JOB_TYPE {
+        if self.job_type.len() > lattice_shared::posture::MAX_JOB_TYPE {
             return Err(format!(
                 "job_type must be at most {} bytes",
-                lattice_shared::policy::MAX_JOB_TYPE
+                lattice_shared::posture::MAX_JOB_TYPE
             ));
         }
         if self.caches.len() + 1 > MAX_CACHES {

@@ -8,7 +8,7 @@ use lattice_shared::clock::SharedClock;
 use lattice_shared::id::SpiffeId;
 use lattice_shared::pki::{PrivateKey, TrustBundle, Usage};
 use lattice_shared::seal::KeyVault;
-use lattice_shared::store::{SharedStore, Write};
+use lattice_shared::store::{SharedStore, Write, to_json};
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
@@ -20,19 +20,10 @@ const AAD_KEY: &str = "agent/key";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredChain {
-    leaf: String,
-    intermediate: String,
-}
-
-fn b64(d: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(d)
-}
-fn unb64(s: &str) -> Result<Vec<u8>, Error> {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .map_err(|e| Error::Corrupt(e.to_string()))
+    #[serde(with = "lattice_shared::serde_b64")]
+    leaf: Vec<u8>,
+    #[serde(with = "lattice_shared::serde_b64")]
+    intermediate: Vec<u8>,
 }
 
 /// The stored key and chain, if both are there and the chain still
@@ -53,13 +44,7 @@ pub(crate) fn load(
     let key = PrivateKey::from_pkcs8(&vault.open(&sealed, AAD_KEY)?)?;
     let stored: StoredChain =
         serde_json::from_slice(&chain).map_err(|e| Error::Corrupt(e.to_string()))?;
-    let chain = verify_chain(
-        bundle,
-        id,
-        clock,
-        unb64(&stored.leaf)?,
-        unb64(&stored.intermediate)?,
-    );
+    let chain = verify_chain(bundle, id, clock, stored.leaf, stored.intermediate);
     match chain {
         Ok(chain) => Ok(Some((key, chain))),
         Err(e) => {
@@ -104,13 +89,13 @@ pub(crate) fn persist(
     chain: &Chain,
 ) -> Result<(), Error> {
     let stored = StoredChain {
-        leaf: b64(&chain.leaf),
-        intermediate: b64(&chain.intermediate),
+        leaf: chain.leaf.clone(),
+        intermediate: chain.intermediate.clone(),
     };
     let mut writes = vec![Write {
         tree: T_IDENTITY,
         key: b"chain".to_vec(),
-        value: Some(serde_json::to_vec(&stored).map_err(|e| Error::Corrupt(e.to_string()))?),
+        value: Some(to_json(T_IDENTITY, &stored)?),
     }];
     if let Some(k) = key {
         writes.push(Write {

@@ -130,14 +130,6 @@ pub struct Agent {
     watching: tokio::sync::watch::Sender<bool>,
 }
 
-/// A uniform random fraction in [0, 1).
-fn random_fraction() -> f64 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
-}
-
 /// Enrols at the first cache that answers, with the join token: a new key,
 /// its certificate from the cache, both stored. Returns which cache.
 async fn enrol(
@@ -260,7 +252,7 @@ impl Agent {
             tokens: std::sync::Mutex::new(Tokens::new(cache_key, loaded)),
             claims: RwLock::new(claims),
             lease_generation: AtomicU64::new(0),
-            renew_early: std::sync::Mutex::new(random_fraction() * jitter),
+            renew_early: std::sync::Mutex::new(lattice_shared::backoff::random_fraction() * jitter),
             events: tokio::sync::broadcast::channel(256).0,
             revoked: tokio::sync::watch::channel(false).0,
             watching: tokio::sync::watch::channel(false).0,
@@ -302,7 +294,7 @@ impl Agent {
     /// (returned, and dropped here at once).
     pub async fn set_posture(
         &self,
-        posture: lattice_shared::policy::Posture,
+        posture: lattice_shared::posture::Posture,
     ) -> Result<Vec<String>, Error> {
         let claims = {
             let mut c = self.claims.write().unwrap_or_else(|p| p.into_inner());

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use lattice_shared::backoff::random_fraction;
 use lattice_shared::clock::past_half_life;
 use lattice_shared::pki::PrivateKey;
 use lattice_shared::proto as pb;
 
-use crate::{Agent, AgentEvent, Error, identity_store, random_fraction, runtime, token_cache};
+use crate::{Agent, AgentEvent, Error, identity_store, runtime, token_cache};
 
 impl Agent {
     /// When the certificate should be renewed: half-life, minus this

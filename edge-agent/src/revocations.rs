@@ -6,15 +6,14 @@ use std::sync::RwLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use lattice_shared::backoff::Backoff;
+use lattice_shared::limits::WATCH_SILENCE;
 use lattice_shared::pki::CertInfo;
 use lattice_shared::proto as pb;
 use lattice_shared::revocation::Revocation;
 
 use crate::caches::worth_failover;
 use crate::{Agent, AgentEvent, identity_store, token_cache};
-
-/// A revocation stream without a message for this long is dead.
-const WATCH_SILENCE: Duration = Duration::from_secs(3);
 
 /// The revocations this agent has heard of, applied to the caches it
 /// connects to: a revoked cache (or its certificate) is not trusted again.
@@ -109,7 +108,7 @@ impl Agent {
     pub async fn watch_revocations(&self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut after = 0u64;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::with(Duration::from_millis(50), Duration::from_secs(2), 0.0);
         while !self.is_revoked() {
             let at = self.current.load(Ordering::Acquire);
             let stream = self
@@ -118,7 +117,7 @@ impl Agent {
                 .await;
             match stream {
                 Ok(resp) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.succeeded();
                     self.watching.send_replace(true);
                     let mut s = resp.into_inner();
                     loop {
@@ -163,9 +162,8 @@ impl Agent {
             }
             tokio::select! {
                 _ = &mut stop => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.failed(Duration::ZERO)) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 }

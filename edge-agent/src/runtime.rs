@@ -7,60 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lattice_shared::backoff::Backoff;
+
 use crate::{Agent, Error};
 
-/// The first retry after a failed renewal.
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// How often a failed-over agent checks whether an earlier cache serves again.
 const FAIL_BACK_EVERY: Duration = Duration::from_secs(30);
-
-/// Retry timing after failures: doubles from one second up to a ceiling,
-/// with ±10 % jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    max: Duration,
-    current: Option<Duration>,
-    next_at: Duration,
-}
-
-impl Backoff {
-    pub fn new(max: Duration) -> Self {
-        Self {
-            max,
-            current: None,
-            next_at: Duration::ZERO,
-        }
-    }
-
-    /// Whether an attempt may be made at monotonic time `now`.
-    pub fn ready(&self, now: Duration) -> bool {
-        now >= self.next_at
-    }
-
-    /// Records a failure at `now`; returns the wait before the next try.
-    pub fn failed(&mut self, now: Duration) -> Duration {
-        let d = match self.current {
-            None => FIRST_BACKOFF,
-            Some(d) => (d * 2).min(self.max),
-        };
-        self.current = Some(d);
-        let jittered = d
-            .mul_f64(0.9 + 0.2 * crate::random_fraction())
-            .min(self.max);
-        self.next_at = now + jittered;
-        jittered
-    }
-
-    pub fn succeeded(&mut self) {
-        self.current = None;
-        self.next_at = Duration::ZERO;
-    }
-
-    /// The current step (before jitter), if failing.
-    pub fn step(&self) -> Option<Duration> {
-        self.current
-    }
-}
 
 /// Renews the certificate and kept tokens when due, follows revocations
 /// and fails back to earlier caches, until `stop` or revocation.
@@ -360,40 +312,4 @@ async fn serve_proxy(
     // queue and ends.
     let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
     served.map_err(|e| Error::Config(e.to_string()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_ceiling_and_resets() {
-        let mut b = Backoff::new(Duration::from_secs(8));
-        let t0 = Duration::from_secs(100);
-        assert!(b.ready(t0));
-        let w = b.failed(t0);
-        assert!(
-            w >= Duration::from_millis(900) && w <= Duration::from_millis(1100),
-            "{w:?}"
-        );
-        assert!(!b.ready(t0 + Duration::from_millis(800)));
-        assert!(b.ready(t0 + Duration::from_millis(1100)));
-        let steps: Vec<Duration> = (0..6)
-            .map(|_| {
-                b.failed(t0);
-                b.step().expect("failing")
-            })
-            .collect();
-        assert_eq!(
-            steps,
-            [2, 4, 8, 8, 8, 8].map(Duration::from_secs).to_vec(),
-            "doubles, then stays at the ceiling"
-        );
-        assert!(
-            b.failed(t0) <= Duration::from_secs(8),
-            "jitter never passes the ceiling"
-        );
-        b.succeeded();
-        assert!(b.ready(t0) && b.step().is_none());
-    }
 }

@@ -10,14 +10,13 @@ use lattice_shared::id::SpiffeId;
 use lattice_shared::limits;
 use lattice_shared::net::peer_addr;
 use lattice_shared::pki::MAX_DER_LEN;
-use lattice_shared::policy::{AgentAction, Posture};
+use lattice_shared::policy::AgentAction;
+use lattice_shared::posture::Posture;
 use lattice_shared::proto::{self as pb, cache_server::Cache};
 use lattice_shared::token::MAX_TOKEN_LEN;
 use tonic::{Request, Response, Status};
 
-use crate::call::{
-    AgentCall, AgentClaims, REQUEST_ID_HEADER, request_id, require_agent, require_unrevoked,
-};
+use crate::call::{AgentCall, AgentClaims, request_id, require_agent, require_unrevoked};
 use crate::config::Config;
 use crate::ops::{enrol, lease, report, token};
 use crate::replica::Replica;
@@ -70,7 +69,7 @@ pub(crate) fn ping_serving(replica: &Replica, signer_serial: &str) -> bool {
 fn with_request_id<T>(body: T, id: &str) -> Response<T> {
     let mut r = Response::new(body);
     if let Ok(v) = id.parse() {
-        r.metadata_mut().insert(REQUEST_ID_HEADER, v);
+        r.metadata_mut().insert(limits::REQUEST_ID_HEADER, v);
     }
     r
 }
@@ -212,7 +211,7 @@ fn decode_exchange(r: pb::ExchangeTokenRequest, cfg: &Config) -> Result<token::E
 }
 
 fn decode_lease(r: pb::LeaseSecretRequest, cfg: &Config) -> Result<lease::LeaseRequest, Error> {
-    lattice_shared::envelope::check_secret_name(&r.name).map_err(Error::InvalidArgument)?;
+    lattice_shared::id::check_secret_name(&r.name).map_err(Error::InvalidArgument)?;
     let ttl_secs = if r.ttl_secs == 0 {
         cfg.lease_default_ttl_secs
     } else {

@@ -10,17 +10,13 @@ use std::time::Instant;
 
 use base64::Engine;
 use lattice_shared::id::{Role, SpiffeId};
+use lattice_shared::limits::REQUEST_ID_HEADER;
 use lattice_shared::net::{PeerIdentity, authenticated};
-use lattice_shared::policy::{
-    AgentAction, AgentRequest, MAX_JOB_TYPE, Outcome, Posture, hour_and_weekday,
-};
+use lattice_shared::policy::{AgentAction, AgentRequest, Outcome, hour_and_weekday};
+use lattice_shared::posture::{MAX_JOB_TYPE, Posture};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::{AuditEvent, Error, Refused, State};
-
-/// Request metadata (and response metadata) naming the request in the
-/// audit log.
-pub(crate) const REQUEST_ID_HEADER: &str = "x-lattice-request-id";
 
 /// The caller must be an agent of this cache's region.
 pub(crate) fn require_agent<T>(
@@ -313,7 +309,7 @@ impl<'a> AgentCall<'a> {
             action: self.action.to_owned(),
             resource: self.resource.clone(),
             reason,
-            at_unix_ms: self.state.now_ms(),
+            at_unix_ms: self.state.clock.now_unix_ms(),
             policy_version,
         }
     }

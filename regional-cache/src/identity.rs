@@ -12,7 +12,7 @@ use lattice_shared::id::SpiffeId;
 use lattice_shared::pki::{Authority, CertInfo, PrivateKey, TrustBundle, Usage, inspect};
 use lattice_shared::proto::{self as pb, control_plane_client::ControlPlaneClient};
 use lattice_shared::seal::KeyVault;
-use lattice_shared::store::{SharedStore, Write};
+use lattice_shared::store::{JsonStore as _, SharedStore, Write, to_json};
 use lattice_shared::tls::ExpectedServer;
 use lattice_shared::token::{TokenSigner, jwks_from_certs};
 use serde::{Deserialize, Serialize};
@@ -24,9 +24,12 @@ const T_IDENTITY: &str = "identity";
 /// Certificates as stored (keys are sealed separately).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredCerts {
-    ca_cert: String,
-    tls_cert: String,
-    signing_cert: String,
+    #[serde(with = "lattice_shared::serde_b64")]
+    ca_cert: Vec<u8>,
+    #[serde(with = "lattice_shared::serde_b64")]
+    tls_cert: Vec<u8>,
+    #[serde(with = "lattice_shared::serde_b64")]
+    signing_cert: Vec<u8>,
 }
 
 /// The cache's current keys and certificates; replaced whole on renewal.
@@ -91,17 +94,6 @@ fn new_keys() -> Result<(Keys, pb::CacheCsrs), Error> {
         signing_csr: keys.signing.csr_der()?,
     };
     Ok((keys, csrs))
-}
-
-fn b64(d: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(d)
-}
-fn unb64(s: &str) -> Result<Vec<u8>, Error> {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .map_err(|e| Error::Corrupt(e.to_string()))
 }
 
 fn status_to_error(what: &str, s: tonic::Status) -> Error {
@@ -198,11 +190,10 @@ impl State {
             ));
         }
         let stored = StoredCerts {
-            ca_cert: b64(&certs.ca_cert),
-            tls_cert: b64(&certs.tls_cert),
-            signing_cert: b64(&certs.signing_cert),
+            ca_cert: certs.ca_cert.clone(),
+            tls_cert: certs.tls_cert.clone(),
+            signing_cert: certs.signing_cert.clone(),
         };
-        let json = serde_json::to_vec(&stored).map_err(|e| Error::Corrupt(e.to_string()))?;
         store.apply(vec![
             Write {
                 tree: T_IDENTITY,
@@ -222,7 +213,7 @@ impl State {
             Write {
                 tree: T_IDENTITY,
                 key: b"certs".to_vec(),
-                value: Some(json),
+                value: Some(to_json(T_IDENTITY, &stored)?),
             },
         ])?;
         // The signing key lives on inside `signer`; this copy is zeroized on drop.
@@ -249,24 +240,22 @@ impl State {
         store: &SharedStore,
         vault: &Arc<dyn KeyVault>,
     ) -> Result<Option<(Identity, Vec<u8>, PrivateKey)>, Error> {
-        let Some(json) = store.get(T_IDENTITY, b"certs")? else {
+        let Some(stored) = store.get_json::<StoredCerts>(T_IDENTITY, b"certs")? else {
             return Ok(None);
         };
-        let stored: StoredCerts =
-            serde_json::from_slice(&json).map_err(|e| Error::Corrupt(e.to_string()))?;
         let get = |k: &[u8], aad: &str| -> Result<PrivateKey, Error> {
             let sealed = store
                 .get(T_IDENTITY, k)?
                 .ok_or_else(|| Error::Corrupt("missing key".into()))?;
             Ok(PrivateKey::from_pkcs8(&vault.open(&sealed, aad)?)?)
         };
-        let ca = Authority::from_parts(unb64(&stored.ca_cert)?, get(b"ca_key", AAD_CA)?)?;
+        let ca = Authority::from_parts(stored.ca_cert, get(b"ca_key", AAD_CA)?)?;
         let tls_key = get(b"tls_key", AAD_TLS)?;
         let signing_key = get(b"signing_key", AAD_SIGNING)?;
         let signer = TokenSigner::from_pkcs8(&signing_key.pkcs8_der())?;
-        let tls_cert = unb64(&stored.tls_cert)?;
+        let tls_cert = stored.tls_cert;
         let tls = inspect(&tls_cert)?;
-        let signing_cert = unb64(&stored.signing_cert)?;
+        let signing_cert = stored.signing_cert;
         let signing_serial = inspect(&signing_cert)?.serial_hex;
         Ok(Some((
             Identity {
@@ -343,11 +332,10 @@ impl State {
         let now = self.clock.now();
         let mut certs = Vec::new();
         for jwk in &set.keys {
-            use base64::Engine;
             let Some(c) = jwk.common.x509_chain.as_ref().and_then(|c| c.first()) else {
                 continue;
             };
-            let Ok(der) = base64::engine::general_purpose::STANDARD.decode(c) else {
+            let Ok(der) = lattice_shared::serde_b64::decode(c) else {
                 continue;
             };
             // Only keys the root certified for a cache enter our JWKS.

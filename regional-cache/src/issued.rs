@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use lattice_shared::id::SpiffeId;
+use lattice_shared::limits::MAX_REVOKE_BATCH;
 use lattice_shared::policy::AgentAction;
 use lattice_shared::proto as pb;
 
@@ -142,9 +143,6 @@ impl Issued {
         })
     }
 }
-
-/// Jtis one `RevokeIssued` carries at most.
-pub const MAX_REVOKE_BATCH: usize = 256;
 
 #[cfg(test)]
 mod tests {

@@ -94,16 +94,6 @@ pub(crate) struct State {
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-impl State {
-    pub fn now_ms(&self) -> i64 {
-        self.clock
-            .now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
-    }
-}
-
 /// Refuses revoked agents, certificates and issuing caches at the handshake.
 #[derive(Debug)]
 struct RevocationCheck(std::sync::Weak<State>);

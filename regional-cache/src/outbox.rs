@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use lattice_shared::limits::MAX_AUDIT_RECORD_BYTES;
 use lattice_shared::store::{SharedStore, Write};
 use tokio::sync::{Notify, watch};
 
@@ -37,8 +38,6 @@ pub const MAX_EVENTS: u64 = 1_000_000;
 pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
 /// Records per `AuditBatch` sent up (also bounded by bytes).
 pub const BATCH: usize = 512;
-/// The control plane refuses larger records.
-pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -155,7 +154,7 @@ impl Outbox {
     /// Queues a record; it is durable within `FLUSH_DELAY` (or dropped, and
     /// counted, when the outbox is full).
     pub fn record(&self, json: Vec<u8>) {
-        if json.len() > MAX_RECORD_BYTES {
+        if json.len() > MAX_AUDIT_RECORD_BYTES {
             // Our records are a few hundred bytes; the control plane refuses
             // larger ones, which would stall the queue behind them.
             metrics::counter!("lattice_cache_audit_dropped_total").increment(1);

@@ -7,9 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lattice_shared::backoff::Backoff;
 use lattice_shared::proto::{self as pb, sync_down::Msg as Down, sync_up::Msg as Up};
 use lattice_shared::revocation::Revocation;
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::rand::SystemRandom;
 use tokio::sync::mpsc;
 
 use crate::{Error, State};
@@ -20,13 +21,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const PERSIST_DELAY: Duration = Duration::from_millis(2);
 /// Largest batch accepted from the control plane.
 const MAX_BATCH: usize = 1024;
-
-fn jittered(d: Duration, rng: &SystemRandom) -> Duration {
-    let mut b = [0u8; 2];
-    let _ = rng.fill(&mut b);
-    let frac = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0..1
-    d.mul_f64(0.5 + frac)
-}
 
 /// Publishes staleness (seconds since last fresh; +Inf before the first
 /// proof) and the applied sequence.
@@ -51,7 +45,7 @@ pub(crate) fn publish_metrics(state: &State) {
 /// error reconnect with capped, jittered backoff.
 pub(crate) async fn run(state: Arc<State>) {
     let rng = SystemRandom::new();
-    let mut backoff = BACKOFF_START;
+    let mut backoff = Backoff::with(BACKOFF_START, BACKOFF_MAX, 0.5);
     loop {
         match session(&state, &rng, &mut backoff).await {
             Ok(()) => {}
@@ -62,15 +56,14 @@ pub(crate) async fn run(state: Arc<State>) {
         state.replica.set_connected(false);
         metrics::counter!("lattice_cache_sync_reconnects_total", "cache" => state.id.to_string())
             .increment(1);
-        tokio::time::sleep(jittered(backoff, &rng)).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        tokio::time::sleep(backoff.failed(Duration::ZERO)).await;
     }
 }
 
 async fn session(
     state: &Arc<State>,
     rng: &SystemRandom,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> Result<(), Error> {
     let sync = &state.replica;
     let ping_every = (sync.max_staleness() / 5).max(Duration::from_millis(10));
@@ -98,7 +91,7 @@ async fn session(
     .map_err(|s| Error::ControlPlane(format!("{} ({:?})", s.message(), s.code())))?
     .into_inner();
     sync.set_connected(true);
-    *backoff = BACKOFF_START;
+    backoff.succeeded();
     tracing::info!(cache_id = %state.id, applied = sync.applied(), "sync link up");
 
     // Enforcement never waits for the disk: batches are enforced as they

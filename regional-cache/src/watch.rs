@@ -5,13 +5,11 @@
 
 use std::sync::Arc;
 
+use lattice_shared::limits::WATCH_HEARTBEAT;
 use lattice_shared::proto as pb;
 use tonic::Status;
 
 use crate::State;
-
-/// How often a revocation watch carries a heartbeat when nothing happens.
-pub(crate) const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(crate) type Notices =
     tokio_stream::wrappers::ReceiverStream<Result<pb::RevocationNotice, Status>>;

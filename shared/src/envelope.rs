@@ -14,9 +14,6 @@ use ring::aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-// The secret-name rule is `id`'s; named here too for the callers of `envelope`.
-pub use crate::id::{MAX_SECRET_NAME_LEN, check_secret_name};
-
 pub const DEK_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 /// HPKE `info`: the purpose of every envelope.

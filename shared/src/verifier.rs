@@ -27,13 +27,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::backoff::Backoff;
 use crate::clock::SharedClock;
 use crate::id::SpiffeId;
+use crate::limits::WATCH_SILENCE;
 use crate::pki::{CertInfo, TrustBundle, Usage};
 use crate::proto::{self as pb, cache_client::CacheClient};
 pub use crate::revocation::RevocationReason;
@@ -47,9 +48,6 @@ pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(60);
 /// At most one extra JWKS fetch per this interval for tokens naming an
 /// unknown `kid` (anyone can send such a token).
 pub const DEFAULT_JWKS_REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(5);
-/// Caches send a heartbeat every second; a stream silent for this long is
-/// treated as dead and reopened.
-pub const WATCH_SILENCE: Duration = Duration::from_secs(3);
 /// Reconnect backoff: doubling from the first to the second, ±50 % jitter.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -404,19 +402,8 @@ impl RevocationFollower {
     }
 }
 
-/// `d` ± 50 %.
-fn jitter(d: Duration) -> Duration {
-    use ring::rand::SecureRandom as _;
-    let mut b = [0u8; 2];
-    let frac = match ring::rand::SystemRandom::new().fill(&mut b) {
-        Ok(()) => f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX),
-        Err(_) => 0.5,
-    };
-    d.mul_f64(0.5 + frac)
-}
-
 async fn follow(shared: Arc<FollowerShared>, mut client: CacheClient<Channel>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::with(BACKOFF_MIN, BACKOFF_MAX, 0.5);
     let mut failures = 0u32;
     loop {
         let after = shared.read().status.applied_seq;
@@ -431,7 +418,7 @@ async fn follow(shared: Arc<FollowerShared>, mut client: CacheClient<Channel>) {
                 let why = loop {
                     match tokio::time::timeout(WATCH_SILENCE, stream.message()).await {
                         Ok(Ok(Some(n))) => {
-                            backoff = BACKOFF_MIN;
+                            backoff.succeeded();
                             failures = 0;
                             match Notice::from_wire(&n) {
                                 Ok(n) => shared.on_notice(&n),
@@ -467,8 +454,7 @@ async fn follow(shared: Arc<FollowerShared>, mut client: CacheClient<Channel>) {
             }
         }
         metrics::counter!("lattice_verifier_watch_reconnects_total").increment(1);
-        tokio::time::sleep(jitter(backoff)).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        tokio::time::sleep(backoff.failed(Duration::ZERO)).await;
     }
 }
 
@@ -568,9 +554,7 @@ impl KeySource {
             .iter()
             .filter_map(|k| {
                 let kid = k.common.key_id.clone()?;
-                let der = base64::engine::general_purpose::STANDARD
-                    .decode(k.common.x509_chain.as_ref()?.first()?)
-                    .ok()?;
+                let der = crate::serde_b64::decode(k.common.x509_chain.as_ref()?.first()?).ok()?;
                 let info = crate::pki::inspect(&der).ok()?;
                 let signer = Signer {
                     serial: info.serial_hex,

@@ -72,7 +72,7 @@ impl Service {
         summary: &str,
     ) -> admin_trail::AdminRecord {
         admin_trail::AdminRecord {
-            at_unix_ms: self.state.now_ms(),
+            at_unix_ms: self.state.clock.now_unix_ms(),
             action: action.name().to_string(),
             admin: c.id.to_string(),
             outcome,

@@ -4,7 +4,7 @@
 //! already encrypted (the value is never stored in clear, not even while it
 //! waits).
 
-use lattice_shared::envelope::check_secret_name;
+use lattice_shared::id::check_secret_name;
 use lattice_shared::policy::AdminAction;
 use lattice_shared::proto as pb;
 

@@ -50,7 +50,7 @@ impl Admin for Service {
         let state = self.state.clone();
         let (caches, outstanding) =
             blocking(move || Ok((state.caches()?, join::outstanding(&state)?))).await?;
-        let now = self.state.now_ms();
+        let now = self.state.clock.now_unix_ms();
         let revoked = self.state.log.revocations().clone();
         let caches: Vec<pb::CacheStatus> = caches
             .iter()

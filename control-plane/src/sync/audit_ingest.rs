@@ -2,15 +2,15 @@
 //! wrapped with the sender's authenticated id.
 
 use lattice_shared::id::SpiffeId;
+use lattice_shared::limits::MAX_AUDIT_RECORD_BYTES;
 use lattice_shared::proto as pb;
 use lattice_shared::store::Write;
 
 use crate::{Error, State};
 
 const T_HWM: &str = "audit_hwm";
-/// Records one batch may carry, and the size of one record.
+/// Records one batch may carry.
 pub const MAX_RECORDS: usize = 1024;
-pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 const KINDS: [&str; 7] = [
     "issued",
     "leased",
@@ -91,9 +91,9 @@ pub fn prepare<'a>(
     let mut observed = Vec::new();
     for (i, r) in batch.records.iter().enumerate().skip(skip) {
         let seq = batch.first + i as u64;
-        if r.len() > MAX_RECORD_BYTES {
+        if r.len() > MAX_AUDIT_RECORD_BYTES {
             return Err(Error::InvalidArgument(format!(
-                "record {seq} is larger than {MAX_RECORD_BYTES} bytes"
+                "record {seq} is larger than {MAX_AUDIT_RECORD_BYTES} bytes"
             )));
         }
         let mut rec: crate::detect::Record<'a> = serde_json::from_slice(r).map_err(|e| {

@@ -92,6 +92,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lattice_shared::clock::SharedClock;
+use lattice_shared::limits::REQUEST_ID_HEADER;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -109,7 +110,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const MAX_REASON_LEN: usize = 300;
 /// Longest path kept in an audit event's `detail`.
 const MAX_AUDIT_PATH_LEN: usize = 256;
-const REQUEST_ID_HEADER: &str = "x-lattice-request-id";
 
 /// Metric names.
 pub mod metric {
@@ -417,14 +417,6 @@ impl Inner {
         resp
     }
 
-    fn now_unix_ms(&self) -> i64 {
-        self.clock
-            .now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
-    }
-
     fn refuse(
         &self,
         ctx: &RequestCtx,
@@ -449,7 +441,7 @@ impl Inner {
             key_version: None,
             local_caller: ctx.caller,
             request_id: ctx.request_id.clone(),
-            at_unix_ms: self.now_unix_ms(),
+            at_unix_ms: self.clock.now_unix_ms(),
         });
         (plain(status, reason), outcome)
     }
@@ -635,7 +627,7 @@ impl Inner {
             key_version: Some(key.version),
             local_caller: ctx.caller,
             request_id: ctx.request_id.clone(),
-            at_unix_ms: self.now_unix_ms(),
+            at_unix_ms: self.clock.now_unix_ms(),
         });
         match result {
             Ok(r) => {

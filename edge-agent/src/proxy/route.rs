@@ -8,8 +8,9 @@ use http::uri::{Authority, PathAndQuery};
 use rustls_pki_types::ServerName;
 use zeroize::Zeroizing;
 
+use super::SECRET_PLACEHOLDER;
 use super::config::Upstream;
-use super::{REQUEST_ID_HEADER, SECRET_PLACEHOLDER};
+use lattice_shared::limits::REQUEST_ID_HEADER;
 
 const MAX_NAME_LEN: usize = 256;
 

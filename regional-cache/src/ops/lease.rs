@@ -108,7 +108,7 @@ pub(crate) fn lease(call: AgentCall<'_>, r: LeaseRequest) -> Result<Lease, Error
         lease_id: lease_id.clone(),
         fingerprint: sealed.fingerprint.clone(),
         expires_at_unix: exp,
-        at_unix_ms: state.now_ms(),
+        at_unix_ms: state.clock.now_unix_ms(),
         policy_version,
     });
     Ok(Lease {

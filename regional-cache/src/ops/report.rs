@@ -54,7 +54,7 @@ pub(crate) fn report_audit(
         }
         g.1 += n;
     }
-    let received = state.now_ms();
+    let received = state.clock.now_unix_ms();
     for e in events {
         state.audit(AuditEvent::Reported {
             cache: state.id.clone(),

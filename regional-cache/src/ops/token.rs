@@ -100,7 +100,7 @@ pub(crate) fn mint(call: AgentCall<'_>, r: Mint) -> Result<Token, Error> {
         request_id: call.request_id.clone(),
         jti,
         audience: claims.aud.clone(),
-        at_unix_ms: state.now_ms(),
+        at_unix_ms: state.clock.now_unix_ms(),
         policy_version,
     };
     issue_token(
@@ -208,7 +208,7 @@ pub(crate) fn exchange(mut call: AgentCall<'_>, r: Exchange) -> Result<Token, Er
         actor,
         audience: claims.aud.clone(),
         depth,
-        at_unix_ms: state.now_ms(),
+        at_unix_ms: state.clock.now_unix_ms(),
         policy_version,
     };
     issue_token(
