@@ -219,7 +219,7 @@ impl State {
         crate::admin_trail::record(
             self,
             &crate::admin_trail::AdminRecord {
-                at_unix_ms: self.now_ms(),
+                at_unix_ms: self.clock.now_unix_ms(),
                 action: lattice_shared::policy::AdminAction::IssueAdminCertificate
                     .name()
                     .to_string(),
@@ -242,7 +242,7 @@ impl State {
     fn record_bootstrap(&self, serial_hex: &str) -> Result<(), Error> {
         let rec = BootstrapRecord {
             serial_hex: serial_hex.to_owned(),
-            recorded_at_unix_ms: self.now_ms(),
+            recorded_at_unix_ms: self.clock.now_unix_ms(),
         };
         Ok(self.store.put_json(T_IDENTITY, BOOTSTRAP_KEY, &rec)?)
     }
