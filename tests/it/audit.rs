@@ -127,24 +127,29 @@ async fn admin_decisions_are_leaves_under_signed_heads_and_tampering_is_detected
 
     // Altering a stored entry: the recomputed tree no longer matches.
     let state = l.cp();
+    // The allowed join token's entry (after the bootstrap admin's minting
+    // and the first start's records): rewrite it as denied.
+    let at = text
+        .iter()
+        .position(|t| t.contains("CreateJoinToken") && t.contains("\"outcome\":\"allowed\""))
+        .expect("the join token's entry") as u64;
     let original = state
         .store()
-        .get("audit_leaves", &1u64.to_be_bytes())
+        .get("audit_leaves", &at.to_be_bytes())
         .expect("get")
-        .expect("entry 1");
-    // Entry 1 is the allowed join token: rewrite it as denied.
+        .expect("the entry");
     let forged = String::from_utf8_lossy(&original).replace("allowed", "denied");
     assert_ne!(forged.as_bytes(), original.as_slice());
     state
         .store()
-        .put("audit_leaves", &1u64.to_be_bytes(), forged.as_bytes())
+        .put("audit_leaves", &at.to_be_bytes(), forged.as_bytes())
         .expect("tamper");
     let err = audit_log::verify(&records(&mut auditor).await, &hs, &root_der(&l), &td)
         .expect_err("tampering is detected");
     assert!(err.contains("altered"), "{err}");
     state
         .store()
-        .put("audit_leaves", &1u64.to_be_bytes(), &original)
+        .put("audit_leaves", &at.to_be_bytes(), &original)
         .expect("restore");
 
     // Altering a head: its signature no longer holds.
