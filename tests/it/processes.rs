@@ -338,30 +338,9 @@ fn binaries_run_alone_from_their_configuration() {
     // commands go through it (the running agent holds the store), the
     // parent token travels on stdin; SIGTERM stops it and removes the socket.
     let mut run = Command::new(bin("lattice-agent"));
-    run.args(["--config", agent_cfg.to_str().expect("utf8"), "run"])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut child = Proc(run.spawn().expect("agent runs"));
-    let stderr = child.0.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let socket = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the agent reports its socket");
-        if let Some(rest) = line.split("workload API on ").nth(1) {
-            break std::path::PathBuf::from(rest.split(';').next().unwrap_or_default());
-        }
-    };
+    run.args(["--config", agent_cfg.to_str().expect("utf8"), "run"]);
+    let (mut child, lines) = spawn_lines(run, "warn");
+    let socket = std::path::PathBuf::from(wait_for_line(&lines, "workload API on ", &[';']));
     assert!(socket.exists(), "{}", socket.display());
     let parent = agent(None);
     let mut delegate = Command::new(bin("lattice-agent"));
@@ -404,17 +383,11 @@ fn binaries_run_alone_from_their_configuration() {
     assert!(!socket.exists(), "the socket is removed on SIGTERM");
 }
 
-/// Starts `cmd` logging at info; returns the process, the address of its
-/// "listening on" line and every stderr line (that one included).
-fn spawn_logging(
-    mut cmd: Command,
-) -> (
-    Proc,
-    std::net::SocketAddr,
-    std::sync::mpsc::Receiver<String>,
-) {
+/// Starts `cmd` with `RUST_LOG=level`; returns the process and every line
+/// it writes to stderr.
+fn spawn_lines(mut cmd: Command, level: &str) -> (Proc, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead as _;
-    cmd.env("RUST_LOG", "info")
+    cmd.env("RUST_LOG", level)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let mut child = Proc(cmd.spawn().expect("spawns"));
@@ -428,14 +401,32 @@ fn spawn_logging(
             let _ = tx.send(line);
         }
     });
-    let addr = loop {
+    (child, rx)
+}
+
+/// The text after `marker` in the first line that holds it, up to `ends`.
+fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, marker: &str, ends: &[char]) -> String {
+    loop {
         let line = rx
             .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the process reports its address");
-        if let Some(rest) = line.split(" listening on ").nth(1) {
-            break rest.split([' ', ';']).next().unwrap_or_default().to_owned();
+            .unwrap_or_else(|_| panic!("no line with {marker:?} within 60 s"));
+        if let Some(rest) = line.split(marker).nth(1) {
+            return rest.split(ends).next().unwrap_or_default().to_owned();
         }
-    };
+    }
+}
+
+/// Starts `cmd` logging at info; returns the process, the address of its
+/// "listening on" line and every stderr line (that one included).
+fn spawn_logging(
+    cmd: Command,
+) -> (
+    Proc,
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let (child, rx) = spawn_lines(cmd, "info");
+    let addr = wait_for_line(&rx, " listening on ", &[' ', ';']);
     (child, addr.parse().expect("address"), rx)
 }
 
