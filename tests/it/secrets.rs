@@ -969,7 +969,7 @@ async fn the_control_plane_keeps_its_keks_in_a_pkcs11_token() {
     // Runs in a child process pointed at a throwaway token (see `softhsm`);
     // skipped with a message when SoftHSM2 is absent, unless CI requires it.
     let Some(()) = testing::softhsm(
-        "the_control_plane_keeps_its_keks_in_a_pkcs11_token",
+        "secrets::the_control_plane_keeps_its_keks_in_a_pkcs11_token",
         &["lattice-cp"],
     ) else {
         return;
