@@ -82,23 +82,7 @@ fn binaries_run_alone_from_their_configuration() {
     );
 
     let cache_id = "spiffe://lattice.local/cache/eu/proc-cache";
-    let token = run_ok(
-        Command::new(bin("lattice"))
-            .args(["join-token", "create", "--id", cache_id, "--ttl", "5m"])
-            .args(admin),
-    );
-    let cache_cfg = write(
-        &d.join("cache.toml"),
-        &format!(
-            "id = \"{cache_id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncontrol_plane = \"{cp_addr}\"\nroot_ca = \"{}\"\n",
-            d.join("cache").display(),
-            d.join("cp/root.crt").display()
-        ),
-    );
-    let mut cmd = Command::new(bin("lattice-cache"));
-    // The join token comes from the environment, overriding the file.
-    cmd.args(["--config", cache_cfg.to_str().expect("utf8")])
-        .env("LATTICE_CACHE_JOIN_TOKEN", token.trim());
+    let cmd = cache_command(d, cp_addr, cache_id, &admin);
     let (_cache, cache_addr) = spawn_listening(cmd);
 
     let agent_id = "spiffe://lattice.local/agent/eu/proc-agent";
@@ -472,23 +456,12 @@ fn sigterm_stops_the_control_plane_and_a_cache_gracefully() {
         "--admin-dir",
         admin_dir.to_str().expect("utf8"),
     ];
-    let cache_id = "spiffe://lattice.local/cache/eu/term-cache";
-    let token = run_ok(
-        Command::new(bin("lattice"))
-            .args(["join-token", "create", "--id", cache_id, "--ttl", "5m"])
-            .args(admin),
+    let cmd = cache_command(
+        d,
+        cp_addr,
+        "spiffe://lattice.local/cache/eu/term-cache",
+        &admin,
     );
-    let cache_cfg = write(
-        &d.join("cache.toml"),
-        &format!(
-            "id = \"{cache_id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncontrol_plane = \"{cp_addr}\"\nroot_ca = \"{}\"\n",
-            d.join("cache").display(),
-            d.join("cp/root.crt").display()
-        ),
-    );
-    let mut cmd = Command::new(bin("lattice-cache"));
-    cmd.args(["--config", cache_cfg.to_str().expect("utf8")])
-        .env("LATTICE_CACHE_JOIN_TOKEN", token.trim());
     let (mut cache, _, cache_log) = spawn_logging(cmd);
     // The cache's Sync stream is open: the control plane's stop closes it.
     common::eventually_blocking(
@@ -631,4 +604,32 @@ fn the_grafana_dashboard_graphs_metrics_that_exist() {
     for e in exprs {
         check("alert rule", e);
     }
+}
+
+/// `lattice-cache` for `cache_id` under `d`, enrolling at `cp_addr` with a
+/// join token the admin creates; the token comes from the environment,
+/// overriding the file.
+fn cache_command(
+    d: &Path,
+    cp_addr: std::net::SocketAddr,
+    cache_id: &str,
+    admin: &[&str],
+) -> Command {
+    let token = run_ok(
+        Command::new(bin("lattice"))
+            .args(["join-token", "create", "--id", cache_id, "--ttl", "5m"])
+            .args(admin),
+    );
+    let cache_cfg = write(
+        &d.join("cache.toml"),
+        &format!(
+            "id = \"{cache_id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ncontrol_plane = \"{cp_addr}\"\nroot_ca = \"{}\"\n",
+            d.join("cache").display(),
+            d.join("cp/root.crt").display()
+        ),
+    );
+    let mut cmd = Command::new(bin("lattice-cache"));
+    cmd.args(["--config", cache_cfg.to_str().expect("utf8")])
+        .env("LATTICE_CACHE_JOIN_TOKEN", token.trim());
+    cmd
 }
