@@ -402,3 +402,6 @@ async fn a_revoked_bootstrap_admin_is_not_minted_again_by_restarts() {
     assert_eq!(mints, 1, "one minting, in the admin trail");
     l.shutdown().await;
 }
+
+// Each further attack family has a file of its own; its cases may use the
+// helpers above through `use super::*`.
