@@ -517,14 +517,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     )
                 })?
                 .into_inner();
-            std::fs::write(
-                out.join("admin.crt"),
-                lattice_shared::pem::encode("CERTIFICATE", &r.cert),
-            )?;
-            std::fs::write(
-                out.join("root.crt"),
-                lattice_shared::pem::encode("CERTIFICATE", &r.root),
-            )?;
+            for (name, der) in [("admin.crt", &r.cert), ("root.crt", &r.root)] {
+                let pem = lattice_shared::pem::encode("CERTIFICATE", der);
+                lattice_shared::seal::write_file_atomic(&out.join(name), pem.as_bytes(), false)?;
+            }
             println!(
                 "wrote {} (admin.key, admin.crt, root.crt); valid until unix {}",
                 out.display(),

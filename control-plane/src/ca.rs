@@ -210,11 +210,15 @@ impl State {
         }
         let key_pem = zeroize::Zeroizing::new(pem::encode("PRIVATE KEY", &key.pkcs8_der()));
         lattice_shared::seal::write_private_file(&files.key_pem, key_pem.as_bytes())?;
-        std::fs::write(&files.cert_pem, pem::encode("CERTIFICATE", &cert))?;
-        std::fs::write(
-            &files.root_pem,
-            pem::encode("CERTIFICATE", self.root.cert_der()),
-        )?;
+        let public = |path, der| {
+            lattice_shared::seal::write_file_atomic(
+                path,
+                pem::encode("CERTIFICATE", der).as_bytes(),
+                false,
+            )
+        };
+        public(&files.cert_pem, &cert)?;
+        public(&files.root_pem, self.root.cert_der())?;
         self.record_bootstrap(&serial)?;
         crate::admin_trail::record(
             self,

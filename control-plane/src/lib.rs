@@ -174,7 +174,11 @@ impl App {
         });
         std::fs::create_dir_all(&state.cfg.data_dir)?;
         let root_pem = state.cfg.data_dir.join("root.crt");
-        std::fs::write(&root_pem, pem::encode("CERTIFICATE", state.root.cert_der()))?;
+        lattice_shared::seal::write_file_atomic(
+            &root_pem,
+            pem::encode("CERTIFICATE", state.root.cert_der()).as_bytes(),
+            false,
+        )?;
         state.ensure_admin_files(
             &AdminFiles::in_dir(&state.cfg.data_dir.join("admin")),
             state.cfg.reissue_bootstrap,

@@ -125,26 +125,8 @@ pub fn open(key: &CacheKey, data: &[u8]) -> Result<Vec<Entry>, Error> {
 
 /// Writes the file atomically (temporary file, fsync, rename), mode 0600.
 pub fn write(path: &Path, sealed: &[u8]) -> Result<(), Error> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |e: std::io::Error| Error::Config(format!("{}: {e}", path.display()));
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(sealed).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    lattice_shared::seal::write_file_atomic(path, sealed, true)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
 /// Reads the file if there is one.

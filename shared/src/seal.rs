@@ -94,25 +94,51 @@ pub(crate) fn is_private(_: &Path) -> bool {
     true
 }
 
-/// Writes `bytes` to a new file readable only by its owner, durably.
+/// Writes `bytes` to a new file readable only by its owner, durably; fails
+/// with `AlreadyExists` if `path` is there. A crash leaves no short file at
+/// `path`: see [`write_file_atomic`].
 pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    write_via_temp(path, bytes, true, false)
+}
+
+/// Writes `bytes` to `path` so that a crash at any point leaves the old file
+/// or the whole new one, never a short one: a temporary file beside it
+/// (mode 0600 when `private`) is written and fsynced, renamed over `path`,
+/// and the directory is fsynced.
+pub fn write_file_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    write_via_temp(path, bytes, private, true)
+}
+
+fn write_via_temp(path: &Path, bytes: &[u8], private: bool, replace: bool) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = dir.join(name);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
+    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        opts.mode(if private { 0o600 } else { 0o644 });
     }
-    let mut f = opts.open(path)?;
+    let mut f = opts.open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+    drop(f);
+    if replace {
+        std::fs::rename(&tmp, path)?;
+    } else {
+        // A hard link publishes the whole file and, unlike rename, refuses
+        // to replace one that is there.
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        linked?;
     }
-    Ok(())
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl KeyVault for LocalKeyFile {
@@ -155,6 +181,65 @@ impl KeyVault for LocalKeyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// kill -9 of a process writing a key file leaves no short file behind
+    /// (a short key file blocks the next start-up). The writer is this test
+    /// binary run again as a child, killed as soon as the file shows up.
+    #[test]
+    fn a_writer_killed_mid_write_leaves_no_short_key_file() {
+        const LEN: usize = 64 << 20;
+        if let Some(path) = std::env::var_os("LATTICE_SEAL_CHILD_WRITE") {
+            let _ = write_private_file(Path::new(&path), &vec![7u8; LEN]);
+            return;
+        }
+        for round in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("kek.key");
+            let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+                .args([
+                    "--exact",
+                    "seal::tests::a_writer_killed_mid_write_leaves_no_short_key_file",
+                ])
+                .env("LATTICE_SEAL_CHILD_WRITE", &path)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn the writer");
+            let tmp = dir.path().join("kek.key.tmp");
+            while !path.exists() && !tmp.exists() {
+                if child.try_wait().expect("wait").is_some() {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+            if let Ok(m) = std::fs::metadata(&path) {
+                assert_eq!(
+                    m.len() as usize,
+                    LEN,
+                    "round {round}: a killed writer left a short key file"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn write_private_file_refuses_to_replace_and_write_file_atomic_replaces() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.key");
+        write_private_file(&path, b"one").expect("first write");
+        let again = write_private_file(&path, b"two").expect_err("it is there");
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).expect("read"), b"one");
+        assert!(is_private(&path));
+        write_file_atomic(&path, b"three", false).expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"three");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["admin.key"], "no temporary file is left");
+    }
 
     #[test]
     fn seal_open_round_trip_and_binding() {
