@@ -438,6 +438,41 @@ async fn oversized_and_malformed_requests_get_clear_statuses() {
     l.shutdown().await;
 }
 
+/// A body that does not decode as the method's request is the caller's
+/// fault: `INVALID_ARGUMENT`, not tonic's default `INTERNAL`.
+#[tokio::test]
+async fn a_malformed_protobuf_body_is_invalid_argument() {
+    let (l, clock) = lattice().await;
+    let tls = lattice_shared::tls::client_config(
+        bundle(&l),
+        clock.shared(),
+        lattice_shared::tls::ExpectedServer::CacheIn(
+            lattice_shared::id::RegionId::new("eu").expect("region"),
+        ),
+        None,
+    )
+    .expect("tls");
+    let channel = lattice_shared::net::channel(l.caches[0].addr(), tls).expect("channel");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    // Field 1 of `EnrolAgentRequest` is a string; this sends it as a varint.
+    let body = pb::FreshnessPing {
+        ping_id: 7,
+        sent_mono_ms: 0,
+    };
+    let s = grpc
+        .unary::<_, pb::EnrolAgentResponse, _>(
+            tonic::Request::new(body),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/lattice.v1.Cache/Enrol"),
+            lattice_shared::proto::codec::LatticeCodec::default(),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("malformed protobuf"), "{s:?}");
+    l.shutdown().await;
+}
+
 #[tokio::test]
 async fn control_plane_and_cache_restart_with_identity_and_state_intact() {
     let (mut l, clock) = lattice().await;
