@@ -239,15 +239,11 @@ fn check_doc(
     let d = |s: &str| b64::decode(s).context("base64");
     let head_bytes = d(&doc.tree_head_b64)?;
     let cert = d(&doc.signer_cert_b64)?;
-    lattice_shared::policy::sign::check_signature(
-        lattice_control_plane::audit_log::HEAD_CONTEXT,
-        &head_bytes,
-        &d(&doc.signature_b64)?,
-        &cert,
-        root_der,
-        td,
-    )?;
-    let head = pb::TreeHead::decode(head_bytes.as_slice())?;
+    let check = |head: &[u8], sig: &str| {
+        lattice_control_plane::audit_log::check_head(head, &d(sig)?, &cert, root_der, td)
+            .map_err(anyhow::Error::msg)
+    };
+    let head = check(&head_bytes, &doc.signature_b64)?;
     let record = d(&doc.record_b64)?;
     let leaf = merkle::leaf_hash(&record);
     let path: Vec<merkle::Hash> = doc
@@ -273,16 +269,7 @@ fn check_doc(
         doc.index, head.tree_size
     );
     if let (Some(fh), Some(fs)) = (&doc.first_tree_head_b64, &doc.first_signature_b64) {
-        let fb = d(fh)?;
-        lattice_shared::policy::sign::check_signature(
-            lattice_control_plane::audit_log::HEAD_CONTEXT,
-            &fb,
-            &d(fs)?,
-            &cert,
-            root_der,
-            td,
-        )?;
-        let first = pb::TreeHead::decode(fb.as_slice())?;
+        let first = check(&d(fh)?, fs)?;
         let proof: Vec<merkle::Hash> = doc
             .consistency
             .iter()

@@ -11,7 +11,6 @@ use lattice_shared::id::SpiffeId;
 use lattice_shared::merkle;
 use lattice_shared::policy::{AgentAction, AgentRequest, BundleFiles, Engine, Posture};
 use lattice_shared::proto as pb;
-use prost::Message;
 use serde::Serialize;
 
 /// One resource and one agent.
@@ -220,16 +219,15 @@ pub async fn run(days: u64, csv: bool, admin: &crate::AdminArgs) -> anyhow::Resu
         anyhow!("the audit log has no signed tree head yet; retry in a few seconds")
     })?;
     let (root, td) = crate::audit_cmd::root_and_td(&admin.admin_dir.join("root.crt"))?;
-    lattice_shared::policy::sign::check_signature(
-        lattice_control_plane::audit_log::HEAD_CONTEXT,
+    let head = lattice_control_plane::audit_log::check_head(
         &newest.tree_head,
         &newest.signature,
         &newest.signer_cert,
         &root,
         &td,
     )
+    .map_err(anyhow::Error::msg)
     .context("the newest tree head does not verify against the root")?;
-    let head = pb::TreeHead::decode(newest.tree_head.as_slice())?;
     let mut records = crate::audit_cmd::all_records(&mut client).await?;
     if (records.len() as u64) < head.tree_size {
         bail!("the log returned fewer entries than its signed head covers");

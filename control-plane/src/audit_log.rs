@@ -342,6 +342,41 @@ pub struct Verified {
     pub heads: usize,
 }
 
+/// Checks one signed tree head offline: signature by the control plane's
+/// signing key chained to `root_der`, and the head's time within that
+/// certificate's validity (a head dated outside it was not signed by the
+/// key while it was good). Returns the decoded head.
+pub fn check_head(
+    tree_head: &[u8],
+    signature: &[u8],
+    signer_cert: &[u8],
+    root_der: &[u8],
+    td: &lattice_shared::id::TrustDomain,
+) -> Result<pb::TreeHead, String> {
+    let signer = lattice_shared::policy::sign::check_signature(
+        HEAD_CONTEXT,
+        tree_head,
+        signature,
+        signer_cert,
+        root_der,
+        td,
+    )
+    .map_err(|e| e.to_string())?;
+    let head = pb::TreeHead::decode(tree_head).map_err(|e| e.to_string())?;
+    let unix_ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    };
+    let (from, until) = (unix_ms(signer.not_before), unix_ms(signer.not_after));
+    if head.timestamp_unix_ms < from || head.timestamp_unix_ms > until {
+        return Err(format!(
+            "signed at unix ms {}, outside its signer certificate's validity ({from}..{until})",
+            head.timestamp_unix_ms
+        ));
+    }
+    Ok(head)
+}
+
 /// Recomputes the tree from `records` (index order, from 0) and checks every
 /// head: signature by the control plane's key chained to `root_der`, and
 /// root equal to the recomputed root of its size.
@@ -357,16 +392,7 @@ pub fn verify(
     let mut next = records.iter();
     let mut last = 0u64;
     for (i, h) in heads.iter().enumerate() {
-        lattice_shared::policy::sign::check_signature(
-            HEAD_CONTEXT,
-            &h.tree_head,
-            &h.signature,
-            &h.signer_cert,
-            root_der,
-            td,
-        )
-        .map_err(|e| format!("tree head #{i}: {e}"))?;
-        let head = pb::TreeHead::decode(h.tree_head.as_slice())
+        let head = check_head(&h.tree_head, &h.signature, &h.signer_cert, root_der, td)
             .map_err(|e| format!("tree head #{i}: {e}"))?;
         if head.tree_size < last {
             return Err(format!("tree head #{i}: size {} shrinks", head.tree_size));
@@ -399,6 +425,60 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A head dated after its signer certificate expired does not verify
+    /// offline, though its signature and chain are good.
+    #[test]
+    fn a_head_signed_outside_its_signer_certificates_validity_is_refused() {
+        use lattice_shared::id::{SpiffeId, TrustDomain};
+        use lattice_shared::pki::{Authority, PrivateKey, Profile};
+        use std::time::{Duration, UNIX_EPOCH};
+        let td = TrustDomain::new("t").expect("td");
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let root = Authority::new_root(
+            &td,
+            PrivateKey::generate_p256().expect("key"),
+            t0,
+            Duration::from_secs(86400 * 365),
+        )
+        .expect("root");
+        let key = PrivateKey::generate_ed25519().expect("key");
+        let id = SpiffeId::parse("spiffe://t/cp/main").expect("id");
+        let cert = root
+            .issue(
+                &key.csr_der().expect("csr"),
+                &id,
+                Profile::JwtSigning,
+                t0,
+                Duration::from_secs(3600),
+            )
+            .expect("signer");
+        let signer = PolicySigner::new(key, cert);
+        let log = AuditLog::open(lattice_shared::store::MemStore::shared()).expect("open");
+        log.append(b"{}").expect("append");
+        let t0_ms = 1_800_000_000_000;
+        let good = log
+            .sign_head(&signer, t0_ms + 60_000)
+            .expect("sign")
+            .expect("head");
+        verify(&[b"{}".to_vec()], &[good], root.cert_der(), &td).expect("within validity");
+        log.append(b"{}").expect("append");
+        let late = log
+            .sign_head(&signer, t0_ms + 2 * 3_600_000)
+            .expect("sign")
+            .expect("head");
+        let e = verify(
+            &[b"{}".to_vec(), b"{}".to_vec()],
+            &[late],
+            root.cert_der(),
+            &td,
+        )
+        .expect_err("signed after its certificate expired");
+        assert!(
+            e.contains("outside its signer certificate's validity"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn chunked_entries_reopen_and_page_across_chunks() {
