@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lattice_shared::clock::{SharedClock, past_half_life};
-use lattice_shared::id::{Role, SpiffeId, TrustDomain};
+use lattice_shared::id::{HostName, Role, SpiffeId, TrustDomain};
 use lattice_shared::pem;
 use lattice_shared::pki::{Authority, CertInfo, PrivateKey, Profile};
 use lattice_shared::seal::KeyVault;
@@ -96,14 +96,15 @@ pub(crate) fn load_or_create_root(
 pub(crate) fn issue_own_tls(
     root: &Authority,
     id: &SpiffeId,
+    names: &[HostName],
     clock: &SharedClock,
     cert: &ReloadableCert,
 ) -> Result<CertInfo, Error> {
     let key = PrivateKey::generate_p256()?;
-    let der = root.issue(
+    let der = root.issue_server(
         &key.csr_der()?,
         id,
-        Profile::TlsServerClient,
+        names,
         clock.now(),
         Duration::from_secs(86400),
     )?;
@@ -119,7 +120,13 @@ impl State {
             past_half_life(self.clock.now(), info.not_before, info.not_after)
         };
         if due {
-            let info = issue_own_tls(&self.root, &self.id, &self.clock, &self.tls_cert)?;
+            let info = issue_own_tls(
+                &self.root,
+                &self.id,
+                &self.cfg.advertise,
+                &self.clock,
+                &self.tls_cert,
+            )?;
             *self.tls_info.lock().unwrap_or_else(|p| p.into_inner()) = info;
         }
         Ok(())

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lattice_shared::id::{Role, SpiffeId, TrustDomain};
+use lattice_shared::id::{HostName, Role, SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, detect, rotation};
@@ -19,6 +19,11 @@ pub struct Config {
     /// Name in `spiffe://TD/cp/NAME`.
     pub name: String,
     pub listen: SocketAddr,
+    /// DNS names and IP addresses the control plane is reached by, carried
+    /// as DNS and IP SANs in its TLS certificate beside its SPIFFE id so that
+    /// standard TLS clients verify it (default: the listen IP and
+    /// `localhost`). No cache may claim these names, loopback ones excepted.
+    pub advertise: Vec<HostName>,
     pub data_dir: PathBuf,
     pub root_ttl_days: u64,
     /// Lifetime of a cache's intermediate CA, TLS and signing certificates.
@@ -96,6 +101,7 @@ impl Default for Config {
             trust_domain: TrustDomain::new("lattice.local").expect("a valid trust domain"),
             name: "main".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            advertise: Vec::new(),
             data_dir: PathBuf::from("./data/cp"),
             root_ttl_days: 3650,
             cache_cert_ttl_hours: 24,
@@ -149,6 +155,12 @@ impl Config {
                 .map_err(|e| format!("rotation for {:?}: {e}", r.secret))?;
         }
         self.detect.validate()?;
+        if self.advertise.len() > lattice_shared::pki::MAX_HOST_NAMES {
+            return Err(format!(
+                "advertise: at most {} names",
+                lattice_shared::pki::MAX_HOST_NAMES
+            ));
+        }
         Ok(())
     }
 }

@@ -71,6 +71,7 @@ impl From<Error> for Status {
                 e @ (PkiError::BadCsr
                 | PkiError::UnsupportedKey
                 | PkiError::TooLarge
+                | PkiError::BadName(_)
                 | PkiError::Scope(_)),
             ) => Status::invalid_argument(e.to_string()),
             other => {

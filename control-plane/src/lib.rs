@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lattice_shared::clock::SharedClock;
-use lattice_shared::id::{SpiffeId, TrustDomain};
+use lattice_shared::id::{HostName, SpiffeId, TrustDomain};
 use lattice_shared::net::AuthGuardLayer;
 use lattice_shared::pki::{Authority, CertInfo, TrustBundle};
 use lattice_shared::proto::admin_server::AdminServer;
@@ -114,8 +114,11 @@ pub struct App {
 }
 
 impl App {
-    pub async fn build(cfg: Config, deps: Deps) -> Result<App, Error> {
+    pub async fn build(mut cfg: Config, deps: Deps) -> Result<App, Error> {
         cfg.validate().map_err(Error::Config)?;
+        if cfg.advertise.is_empty() {
+            cfg.advertise = HostName::defaults_for(deps.listener.local_addr()?);
+        }
         if let Some(ms) = cfg.max_staleness_ms {
             tracing::warn!(
                 max_staleness_ms = ms,
@@ -131,7 +134,7 @@ impl App {
         // The control plane's own TLS certificate: issued afresh at each start
         // and renewed at half-life; its key never touches the disk.
         let tls_cert = ReloadableCert::empty();
-        let tls_info = ca::issue_own_tls(&root, &id, &deps.clock, &tls_cert)?;
+        let tls_info = ca::issue_own_tls(&root, &id, &cfg.advertise, &deps.clock, &tls_cert)?;
 
         let (log, released) = event_log::EventLog::open(deps.store.clone())?;
         let log = Arc::new(log);

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use lattice_shared::clock::unix_secs;
-use lattice_shared::id::SpiffeId;
-use lattice_shared::pki::Profile;
+use lattice_shared::id::{HostName, SpiffeId};
+use lattice_shared::pki::{Profile, host_names, inspect};
 use lattice_shared::store::JsonStore as _;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,8 @@ pub struct CacheRecord {
 pub struct CacheCsrs {
     pub ca_csr: Vec<u8>,
     pub tls_csr: Vec<u8>,
+    /// The DNS and IP names `tls_csr` asks for, checked as names.
+    pub tls_names: Vec<HostName>,
     pub signing_csr: Vec<u8>,
 }
 
@@ -75,9 +77,10 @@ impl State {
         let ca_cert = self
             .root
             .issue(&csrs.ca_csr, cache_id, Profile::IntermediateCa, now, ttl)?;
+        self.check_cache_names(cache_id, &csrs.tls_names)?;
         let tls_cert =
             self.root
-                .issue(&csrs.tls_csr, cache_id, Profile::TlsServerClient, now, ttl)?;
+                .issue_server(&csrs.tls_csr, cache_id, &csrs.tls_names, now, ttl)?;
         let signing =
             self.root
                 .issue(&csrs.signing_csr, cache_id, Profile::JwtSigning, now, ttl)?;
@@ -87,11 +90,7 @@ impl State {
             .map(|r| r.signing_certs.clone())
             .unwrap_or_default()
             .into_iter()
-            .filter(|c| {
-                lattice_shared::pki::inspect(c)
-                    .map(|i| i.not_after > now)
-                    .unwrap_or(false)
-            })
+            .filter(|c| inspect(c).map(|i| i.not_after > now).unwrap_or(false))
             .collect();
         signing_certs.push(signing);
         // Bounded whatever a cache does: the newest few stay verifiable.
@@ -119,5 +118,40 @@ impl State {
             .put_json(T_CACHES, cache_id.as_str().as_bytes(), &record)?;
         metrics::counter!("lattice_cp_cache_certifications_total").increment(1);
         Ok(record)
+    }
+
+    /// A cache may be named only by names no other server of the lattice
+    /// holds, so that it cannot pose as the control plane or another cache
+    /// to a standard client that checks host names (and, say, serve its own
+    /// keys as another cache's JWKS). Loopback names are exempt: they name
+    /// whatever runs on the client's own host. The first live holder keeps
+    /// a name; a revoked or expired cache's names are free again.
+    fn check_cache_names(&self, cache_id: &SpiffeId, names: &[HostName]) -> Result<(), Error> {
+        let names: Vec<&HostName> = names.iter().filter(|n| !n.is_loopback()).collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        if let Some(n) = names.iter().find(|n| self.cfg.advertise.contains(n)) {
+            return Err(Error::Denied(format!(
+                "{cache_id} may not be named {n}: it names the control plane"
+            )));
+        }
+        let now = self.clock.now();
+        for other in self.caches()? {
+            if &other.id == cache_id
+                || self.log.revocations().is_cache_revoked(&other.id)
+                || inspect(&other.tls_cert)?.not_after <= now
+            {
+                continue;
+            }
+            let held = host_names(&other.tls_cert)?;
+            if let Some(n) = names.iter().find(|n| held.contains(n)) {
+                return Err(Error::Denied(format!(
+                    "{cache_id} may not be named {n}: {} holds that name",
+                    other.id
+                )));
+            }
+        }
+        Ok(())
     }
 }

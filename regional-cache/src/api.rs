@@ -22,7 +22,17 @@ use crate::ops::{enrol, lease, report, token};
 use crate::replica::Replica;
 use crate::{Error, State};
 
-pub(crate) const OPEN_PATHS: &[&str] = &["/lattice.v1.Cache/Enrol", "/.well-known/jwks.json"];
+/// Where this cache's own keys are published (its discovery document's
+/// `jwks_uri`), beside the lattice-wide `/.well-known/jwks.json`.
+pub(crate) const ISSUER_JWKS_PATH: &str = "/.well-known/issuer-jwks.json";
+const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+const JWKS_PATH: &str = "/.well-known/jwks.json";
+pub(crate) const OPEN_PATHS: &[&str] = &[
+    "/lattice.v1.Cache/Enrol",
+    JWKS_PATH,
+    ISSUER_JWKS_PATH,
+    DISCOVERY_PATH,
+];
 
 const MAX_ACTOR_LEN: usize = 64;
 /// Events one `ReportAudit` call may carry.
@@ -33,7 +43,9 @@ pub(crate) struct Service {
     state: Arc<State>,
 }
 
-pub(crate) fn routes(state: Arc<State>) -> tonic::service::Routes {
+/// The gRPC service and the public documents: the lattice-wide JWKS, this
+/// cache's own JWKS and its discovery document (`port`: where it listens).
+pub(crate) fn routes(state: Arc<State>, port: u16) -> tonic::service::Routes {
     let svc = Service {
         state: state.clone(),
     };
@@ -41,21 +53,40 @@ pub(crate) fn routes(state: Arc<State>) -> tonic::service::Routes {
         pb::cache_server::CacheServer::new(svc)
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
     );
-    let router = grpc.into_axum_router().route(
-        "/.well-known/jwks.json",
+    let document = |content_type: &'static str, body: Arc<dyn Fn() -> String + Send + Sync>| {
         axum::routing::get(move || {
-            let state = state.clone();
+            let body = body();
             async move {
                 (
                     [
-                        (http::header::CONTENT_TYPE, "application/jwk-set+json"),
+                        (http::header::CONTENT_TYPE, content_type),
                         (http::header::CACHE_CONTROL, "max-age=30"),
                     ],
-                    state.jwks_json().as_str().to_owned(),
+                    body,
                 )
             }
-        }),
-    );
+        })
+    };
+    let jwks = "application/jwk-set+json";
+    let (all, mine) = (state.clone(), state.clone());
+    let discovery = state.discovery_json(port);
+    let router = grpc
+        .into_axum_router()
+        .route(
+            JWKS_PATH,
+            document(jwks, Arc::new(move || all.jwks_json().as_str().to_owned())),
+        )
+        .route(
+            ISSUER_JWKS_PATH,
+            document(
+                jwks,
+                Arc::new(move || mine.issuer_jwks_json().as_str().to_owned()),
+            ),
+        )
+        .route(
+            DISCOVERY_PATH,
+            document("application/json", Arc::new(move || discovery.clone())),
+        );
     tonic::service::Routes::from(router)
 }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lattice_shared::id::{RegionId, Role, SpiffeId};
+use lattice_shared::id::{HostName, RegionId, Role, SpiffeId};
 use serde::{Deserialize, Serialize};
 
 use crate::outbox;
@@ -21,6 +21,13 @@ pub struct Config {
     /// `spiffe://TD/cache/REGION/NAME`.
     pub id: SpiffeId,
     pub listen: SocketAddr,
+    /// DNS names and IP addresses the cache is reached by, asked for in its
+    /// TLS certificate (DNS and IP SANs beside its SPIFFE id) so that
+    /// standard clients (curl, PyJWT, grpcio) verify it trusting only
+    /// `root.crt`; the first one names the `jwks_uri` of its discovery
+    /// document. Default: the listen IP and `localhost`. A change takes
+    /// effect at the next renewal.
+    pub advertise: Vec<HostName>,
     pub data_dir: PathBuf,
     pub control_plane: SocketAddr,
     /// PEM file with the root CA certificate (`root.crt` of the control plane).
@@ -54,6 +61,7 @@ impl Default for Config {
             id: SpiffeId::parse("spiffe://lattice.local/cache/eu/cache-1")
                 .expect("a valid cache id"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            advertise: Vec::new(),
             data_dir: PathBuf::from("./data/cache"),
             control_plane: SocketAddr::from(([127, 0, 0, 1], 7443)),
             root_ca: PathBuf::from("./data/cp/root.crt"),
@@ -110,6 +118,12 @@ impl Config {
         }
         if !(1000..=100_000_000).contains(&self.audit_outbox_max_records) {
             return Err("audit_outbox_max_records must be within 1000..=100000000".into());
+        }
+        if self.advertise.len() > lattice_shared::pki::MAX_HOST_NAMES {
+            return Err(format!(
+                "advertise: at most {} names",
+                lattice_shared::pki::MAX_HOST_NAMES
+            ));
         }
         if self.jwks_refresh_secs == 0 || self.renew_check_secs == 0 {
             return Err("jwks_refresh_secs and renew_check_secs must be positive".into());

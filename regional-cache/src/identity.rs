@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use lattice_shared::clock::{SharedClock, past_half_life};
-use lattice_shared::id::SpiffeId;
+use lattice_shared::id::{HostName, SpiffeId};
 use lattice_shared::pki::{Authority, CertInfo, PrivateKey, TrustBundle, Usage, inspect};
 use lattice_shared::proto::{self as pb, control_plane_client::ControlPlaneClient};
 use lattice_shared::seal::KeyVault;
@@ -82,7 +82,8 @@ pub(crate) fn load_or_create_hpke(
     Ok(pair)
 }
 
-fn new_keys() -> Result<(Keys, pb::CacheCsrs), Error> {
+/// Fresh keys and their requests; the TLS one asks for `names`.
+fn new_keys(names: &[HostName]) -> Result<(Keys, pb::CacheCsrs), Error> {
     let keys = Keys {
         ca: PrivateKey::generate_p256()?,
         tls: PrivateKey::generate_p256()?,
@@ -90,7 +91,7 @@ fn new_keys() -> Result<(Keys, pb::CacheCsrs), Error> {
     };
     let csrs = pb::CacheCsrs {
         ca_csr: keys.ca.csr_der()?,
-        tls_csr: keys.tls.csr_der()?,
+        tls_csr: keys.tls.csr_der_naming(names)?,
         signing_csr: keys.signing.csr_der()?,
     };
     Ok((keys, csrs))
@@ -105,6 +106,7 @@ fn status_to_error(what: &str, s: tonic::Status) -> Error {
 /// it certified.
 pub(crate) struct Enrolment<'a> {
     pub id: &'a SpiffeId,
+    pub names: &'a [HostName],
     pub control_plane: SocketAddr,
     pub join_token: &'a lattice_shared::secret::Secret,
     pub bundle: &'a Arc<TrustBundle>,
@@ -116,7 +118,7 @@ pub(crate) struct Enrolment<'a> {
 
 impl Enrolment<'_> {
     pub(crate) async fn run(self) -> Result<(Identity, Vec<u8>, PrivateKey), Error> {
-        let (keys, csrs) = new_keys()?;
+        let (keys, csrs) = new_keys(self.names)?;
         let tls = lattice_shared::tls::client_config(
             self.bundle.clone(),
             self.clock.clone(),
@@ -284,6 +286,31 @@ impl State {
             .clone()
     }
 
+    /// This cache's own signing keys only (current and previous): the JWKS
+    /// its discovery document names, for libraries configured per issuer.
+    pub fn issuer_jwks_json(&self) -> Arc<String> {
+        self.issuer_jwks_json
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The OpenID-style discovery document: `issuer` exactly as tokens
+    /// carry it (the cache's SPIFFE id) and `jwks_uri` at the first
+    /// advertised name.
+    pub(crate) fn discovery_json(&self, port: u16) -> String {
+        let host = match &self.cfg.advertise[..] {
+            [HostName::Ip(ip), ..] => SocketAddr::new(*ip, port).to_string(),
+            [name, ..] => format!("{name}:{port}"),
+            [] => format!("localhost:{port}"),
+        };
+        serde_json::json!({
+            "issuer": self.id.as_str(),
+            "jwks_uri": format!("https://{host}{}", crate::api::ISSUER_JWKS_PATH),
+        })
+        .to_string()
+    }
+
     pub(crate) fn rebuild_jwks(&self) {
         let now = self.clock.now();
         let own = self
@@ -297,20 +324,24 @@ impl State {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let revoked = self.replica.revocations();
-        let set = jwks_from_certs(
-            own.iter()
-                .chain(cp.iter())
-                .filter(|c| {
-                    inspect(c).ok().is_some_and(|i| {
-                        !revoked.is_serial_revoked(&i.serial_hex)
-                            && i.id.is_some_and(|id| !revoked.is_cache_revoked(&id))
-                    })
-                })
-                .map(Vec::as_slice),
-            now,
-        );
-        let json = serde_json::to_string(&set).unwrap_or_else(|_| "{\"keys\":[]}".into());
-        *self.jwks_json.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(json);
+        let live = |c: &&Vec<u8>| {
+            inspect(c).ok().is_some_and(|i| {
+                !revoked.is_serial_revoked(&i.serial_hex)
+                    && i.id.is_some_and(|id| !revoked.is_cache_revoked(&id))
+            })
+        };
+        let json = |certs: Vec<&Vec<u8>>| {
+            let set = jwks_from_certs(certs.into_iter().map(Vec::as_slice), now);
+            Arc::new(serde_json::to_string(&set).unwrap_or_else(|_| "{\"keys\":[]}".into()))
+        };
+        let all = json(own.iter().chain(cp.iter()).filter(live).collect());
+        let mine = json(own.iter().filter(live).collect());
+        drop(revoked);
+        *self.jwks_json.write().unwrap_or_else(|p| p.into_inner()) = all;
+        *self
+            .issuer_jwks_json
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = mine;
     }
 
     /// Called after a batch of events is applied.
@@ -360,7 +391,7 @@ impl State {
         if !past_half_life(self.clock.now(), info.not_before, info.not_after) {
             return Ok(false);
         }
-        let (keys, csrs) = new_keys()?;
+        let (keys, csrs) = new_keys(&self.cfg.advertise)?;
         let resp = self
             .cp
             .clone()

@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use lattice_shared::clock::SharedClock;
-use lattice_shared::id::{RegionId, SpiffeId};
+use lattice_shared::id::{HostName, RegionId, SpiffeId};
 use lattice_shared::net::AuthGuardLayer;
 use lattice_shared::pki::{CertInfo, TrustBundle};
 use lattice_shared::policy::Engine;
@@ -75,6 +75,8 @@ pub(crate) struct State {
     /// Our own signing certificates still valid (the current one last).
     own_signing: RwLock<Vec<Vec<u8>>>,
     jwks_json: RwLock<Arc<String>>,
+    /// Only our own signing keys (`/.well-known/issuer-jwks.json`).
+    issuer_jwks_json: RwLock<Arc<String>>,
     cp: ControlPlaneClient<Channel>,
     /// The policy release in force, fed by the sync stream.
     pub policy: Arc<PolicyAuthorizer>,
@@ -120,8 +122,11 @@ pub struct App {
 }
 
 impl App {
-    pub async fn build(cfg: Config, deps: Deps) -> Result<App, Error> {
+    pub async fn build(mut cfg: Config, deps: Deps) -> Result<App, Error> {
         let region = cfg.validate().map_err(Error::Config)?;
+        if cfg.advertise.is_empty() {
+            cfg.advertise = HostName::defaults_for(deps.listener.local_addr()?);
+        }
         let id = cfg.id.clone();
         let root_der = pem::read_certs(&cfg.root_ca)
             .map_err(Error::Config)?
@@ -139,6 +144,7 @@ impl App {
                 let join_token = cfg.join_token.as_ref().ok_or(Error::NeedsJoinToken)?;
                 identity::Enrolment {
                     id: &id,
+                    names: &cfg.advertise,
                     control_plane: cfg.control_plane,
                     join_token,
                     bundle: &bundle,
@@ -213,6 +219,7 @@ impl App {
             cp_signing: RwLock::new(Vec::new()),
             own_signing: RwLock::new(own_signing),
             jwks_json: RwLock::new(Arc::new(String::new())),
+            issuer_jwks_json: RwLock::new(Arc::new(String::new())),
             cp,
             policy,
             replica,
@@ -232,7 +239,7 @@ impl App {
         let addr = deps.listener.local_addr()?;
         let (kill, kill_rx) = tokio::sync::watch::channel(false);
         let incoming = lattice_shared::net::tls_incoming(deps.listener, tls, kill_rx);
-        let routes = api::routes(state.clone());
+        let routes = api::routes(state.clone(), addr.port());
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
             .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)

@@ -27,6 +27,10 @@ pub enum IdError {
         "invalid segment {0:?}: use 1-63 of lowercase letters, digits, '-', '_', '.' (not starting with '.')"
     )]
     Segment(String),
+    #[error(
+        "invalid host name {0:?}: use a DNS name (lowercase labels of letters, digits, '-'; no wildcard) or an IP address"
+    )]
+    HostName(String),
 }
 
 fn valid_segment(s: &str) -> bool {
@@ -108,6 +112,81 @@ impl From<RegionId> for String {
 impl fmt::Display for RegionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Longest DNS name (RFC 1035) a server may be named by.
+pub const MAX_HOST_NAME_LEN: usize = 253;
+
+/// A name a server is reached by, as standard TLS clients check it: a DNS
+/// name (lowercase letters, digits, '-', dot-separated labels of 1-63; no
+/// wildcard, no trailing dot) or an IP address. Server certificates carry
+/// these as DNS and IP SANs beside the SPIFFE id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum HostName {
+    Dns(String),
+    Ip(std::net::IpAddr),
+}
+
+impl HostName {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if let Ok(ip) = s.parse() {
+            return Ok(Self::Ip(ip));
+        }
+        let label = |l: &str| {
+            (1..=MAX_SEGMENT_LEN).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        // An all-numeric last label would read as an IPv4 address to some clients.
+        let numeric_tld = s
+            .rsplit('.')
+            .next()
+            .is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()));
+        if s.len() <= MAX_HOST_NAME_LEN && s.split('.').all(label) && !numeric_tld {
+            Ok(Self::Dns(s.to_owned()))
+        } else {
+            Err(IdError::HostName(s.to_owned()))
+        }
+    }
+    /// The names a server is reached by when none are configured: the IP it
+    /// listens on (unless it listens on every address) and `localhost`.
+    pub fn defaults_for(listen: std::net::SocketAddr) -> Vec<Self> {
+        let ip = Some(listen.ip()).filter(|ip| !ip.is_unspecified());
+        ip.map(Self::Ip)
+            .into_iter()
+            .chain([Self::Dns("localhost".into())])
+            .collect()
+    }
+    /// `localhost` and loopback addresses name whichever server runs on the
+    /// client's own host, so every server may carry them.
+    pub fn is_loopback(&self) -> bool {
+        match self {
+            Self::Dns(d) => d == "localhost",
+            Self::Ip(ip) => ip.is_loopback(),
+        }
+    }
+}
+impl TryFrom<String> for HostName {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<Self, IdError> {
+        Self::parse(&s)
+    }
+}
+impl From<HostName> for String {
+    fn from(h: HostName) -> String {
+        h.to_string()
+    }
+}
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dns(d) => f.write_str(d),
+            Self::Ip(ip) => write!(f, "{ip}"),
+        }
     }
 }
 
@@ -362,6 +441,33 @@ mod tests {
         #[test]
         fn parse_never_panics(s in "\\PC{0,300}") {
             let _ = SpiffeId::parse(&s);
+        }
+    }
+
+    #[test]
+    fn host_names() {
+        for ok in ["cache-eu.example.net", "localhost", "a", "x1.b-2.c"] {
+            assert_eq!(HostName::parse(ok).expect(ok).to_string(), ok);
+        }
+        assert!(HostName::parse("::1").expect("ip").is_loopback());
+        assert_eq!(
+            HostName::parse("10.1.2.3").expect("ip").to_string(),
+            "10.1.2.3"
+        );
+        let long = format!("{}.net", "a.".repeat(125));
+        for bad in [
+            "",
+            "*.example.net",
+            "a..b",
+            "a.",
+            "-a.b",
+            "Upper.net",
+            "a_b.net",
+            "1.2.3",
+            &long,
+            "spiffe://t/cp/x",
+        ] {
+            assert!(HostName::parse(bad).is_err(), "{bad}");
         }
     }
 

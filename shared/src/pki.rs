@@ -18,13 +18,15 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::id::{Role, SpiffeId, TrustDomain};
+use crate::id::{HostName, Role, SpiffeId, TrustDomain};
 
 /// Certificates are dated this much before `now` so that peers whose clocks
 /// lag slightly still accept them.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 /// Largest certificate or CSR accepted from a peer.
 pub const MAX_DER_LEN: usize = 8 * 1024;
+/// DNS and IP names one server certificate may carry.
+pub const MAX_HOST_NAMES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -44,6 +46,8 @@ pub enum PkiError {
     Untrusted(String),
     #[error("certificate issuance scope violated: {0}")]
     Scope(String),
+    #[error("certificate request names a host badly: {0}")]
+    BadName(String),
     #[error("certificate generation failed: {0}")]
     Generate(String),
 }
@@ -91,7 +95,13 @@ impl PrivateKey {
     /// A PKCS#10 request proving possession of this key. The subject is a
     /// hint only: issuers take the identity from the attested enrolment.
     pub fn csr_der(&self) -> Result<Vec<u8>, PkiError> {
+        self.csr_der_naming(&[])
+    }
+    /// A request that also asks for DNS and IP names (a server's TLS key);
+    /// the issuer checks them ([`requested_host_names`]).
+    pub fn csr_der_naming(&self, names: &[HostName]) -> Result<Vec<u8>, PkiError> {
         let mut params = CertificateParams::default();
+        params.subject_alt_names = san_names(names)?;
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
@@ -164,6 +174,85 @@ fn parse_csr(csr_der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, PkiError> {
         _ => PkiError::BadCsr,
     })?;
     Ok(key)
+}
+
+fn san_names(names: &[HostName]) -> Result<Vec<SanType>, PkiError> {
+    names
+        .iter()
+        .map(|n| match n {
+            HostName::Dns(d) => Ok(SanType::DnsName(
+                d.as_str()
+                    .try_into()
+                    .map_err(|_| PkiError::BadName(d.clone()))?,
+            )),
+            HostName::Ip(ip) => Ok(SanType::IpAddress(*ip)),
+        })
+        .collect()
+}
+
+/// The DNS and IP names a request asks for, each checked ([`HostName`]: no
+/// wildcard), at most [`MAX_HOST_NAMES`]. URI names are ignored (the id
+/// comes from the enrolment, never from the request); any other kind of
+/// name is refused.
+pub fn requested_host_names(csr_der: &[u8]) -> Result<Vec<HostName>, PkiError> {
+    use x509_parser::extensions::ParsedExtension;
+    use x509_parser::prelude::FromDer as _;
+    parse_csr(csr_der)?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|_| PkiError::BadCsr)?;
+    let mut names = Vec::new();
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext {
+            for n in &san.general_names {
+                if let Some(name) = host_name(n)? {
+                    names.push(name);
+                }
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    if names.len() > MAX_HOST_NAMES {
+        return Err(PkiError::BadName(format!(
+            "{} names, at most {MAX_HOST_NAMES}",
+            names.len()
+        )));
+    }
+    Ok(names)
+}
+
+fn host_name(n: &x509_parser::extensions::GeneralName<'_>) -> Result<Option<HostName>, PkiError> {
+    use x509_parser::extensions::GeneralName;
+    let bad = |what: String| PkiError::BadName(what);
+    Ok(match n {
+        GeneralName::URI(_) => None,
+        GeneralName::DNSName(d) => Some(HostName::parse(d).map_err(|e| bad(e.to_string()))?),
+        GeneralName::IPAddress(b) => Some(HostName::Ip(
+            match b.len() {
+                4 => <[u8; 4]>::try_from(*b).map(std::net::IpAddr::from),
+                _ => <[u8; 16]>::try_from(*b).map(std::net::IpAddr::from),
+            }
+            .map_err(|_| bad("an IP address of neither 4 nor 16 bytes".into()))?,
+        )),
+        other => return Err(bad(format!("{other}: only DNS names and IP addresses"))),
+    })
+}
+
+/// The DNS and IP names a certificate carries (what standard TLS clients
+/// match the host they dialled against).
+pub fn host_names(cert_der: &[u8]) -> Result<Vec<HostName>, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::BadCert(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCert(e.to_string()))?;
+    let mut names = Vec::new();
+    for n in san.iter().flat_map(|s| &s.value.general_names) {
+        if let Ok(Some(name)) = host_name(n) {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
 /// What a certificate is for.
@@ -390,7 +479,20 @@ impl Authority {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<Vec<u8>, PkiError> {
-        self.issue_with_org_unit(csr_der, id, profile, now, ttl, None)
+        self.issue_named(csr_der, id, profile, now, ttl, None, &[])
+    }
+
+    /// A TLS server (and client) certificate that also carries `names` as
+    /// DNS and IP SANs, for standard clients that check the host name.
+    pub fn issue_server(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        names: &[HostName],
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, PkiError> {
+        self.issue_named(csr_der, id, Profile::TlsServerClient, now, ttl, None, names)
     }
 
     /// As [`Authority::issue`], with an organizational unit in the subject
@@ -404,7 +506,28 @@ impl Authority {
         ttl: Duration,
         org_unit: Option<&str>,
     ) -> Result<Vec<u8>, PkiError> {
+        self.issue_named(csr_der, id, profile, now, ttl, org_unit, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn issue_named(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        profile: Profile,
+        now: SystemTime,
+        ttl: Duration,
+        org_unit: Option<&str>,
+        names: &[HostName],
+    ) -> Result<Vec<u8>, PkiError> {
         let key = parse_csr(csr_der)?;
+        if names.len() > MAX_HOST_NAMES
+            || (!names.is_empty() && profile != Profile::TlsServerClient)
+        {
+            return Err(PkiError::BadName(
+                "too many names, or names on a certificate that is no TLS server's".into(),
+            ));
+        }
         // The issuer's own scope rule, applied before signing as well as at
         // every verifier.
         let issuer_scope = if self.info.id.is_some() {
@@ -436,6 +559,7 @@ impl Authority {
                 .try_into()
                 .map_err(|_| PkiError::NoIdentity(id.to_string()))?,
         )];
+        params.subject_alt_names.extend(san_names(names)?);
         match profile {
             Profile::IntermediateCa => {
                 params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -860,6 +984,62 @@ mod tests {
             ),
             Err(PkiError::TooLarge)
         ));
+    }
+
+    #[test]
+    fn server_certificates_carry_the_names_asked_for_within_limits() {
+        let p = pki();
+        let key = PrivateKey::generate_p256().expect("key");
+        let names: Vec<HostName> = ["cache-eu.example.net", "10.1.2.3"]
+            .map(|n| HostName::parse(n).expect("name"))
+            .to_vec();
+        let csr = key.csr_der_naming(&names).expect("csr");
+        assert_eq!(requested_host_names(&csr).expect("names"), names);
+        let cache = id("spiffe://lattice.local/cache/eu/c1");
+        let hour = Duration::from_secs(3600);
+        let cert = p
+            .root
+            .issue_server(&csr, &cache, &names, p.now, hour)
+            .expect("cert");
+        assert_eq!(host_names(&cert).expect("names"), names);
+        let info = p
+            .bundle
+            .verify(&cert, &[], p.now, Usage::TlsServer)
+            .expect("still a lattice server certificate");
+        assert_eq!(info.id, Some(cache.clone()));
+        // A standard client's host-name check passes for each name.
+        let der = CertificateDer::from(cert.as_slice());
+        let ee = webpki::EndEntityCert::try_from(&der).expect("cert");
+        for n in ["cache-eu.example.net", "10.1.2.3"] {
+            let sn = rustls_pki_types::ServerName::try_from(n).expect("name");
+            ee.verify_is_valid_for_subject_name(&sn).expect(n);
+        }
+        // Requests naming a wildcard, a malformed name, an e-mail address or
+        // too many names are refused as requests.
+        let ask = |sans: Vec<SanType>| {
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = sans;
+            let csr = params
+                .serialize_request(&key.0)
+                .expect("csr")
+                .der()
+                .to_vec();
+            requested_host_names(&csr)
+        };
+        let dns = |n: &str| SanType::DnsName(n.try_into().expect("ia5"));
+        for bad in [
+            vec![dns("*.example.net")],
+            vec![dns("Bad_Name.example.net")],
+            vec![SanType::Rfc822Name(
+                "a@example.net".try_into().expect("ia5"),
+            )],
+            (0..=MAX_HOST_NAMES)
+                .map(|i| dns(&format!("h{i}.example.net")))
+                .collect(),
+        ] {
+            let e = ask(bad).expect_err("refused");
+            assert!(matches!(e, PkiError::BadName(_)), "{e}");
+        }
     }
 
     /// A key made by `genpkey_args` and a CSR signed with `req_args`, by the

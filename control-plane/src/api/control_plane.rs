@@ -40,7 +40,10 @@ fn check_csrs(csrs: Option<&pb::CacheCsrs>) -> Result<CacheCsrs, Error> {
         lattice_shared::pki::check_csr(c)
             .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))?;
     }
+    let tls_names = lattice_shared::pki::requested_host_names(&csrs.tls_csr)
+        .map_err(|e| Error::InvalidArgument(format!("tls_csr: {e}")))?;
     Ok(CacheCsrs {
+        tls_names,
         ca_csr: csrs.ca_csr.clone(),
         tls_csr: csrs.tls_csr.clone(),
         signing_csr: csrs.signing_csr.clone(),
