@@ -17,6 +17,10 @@ async fn curl(root: &Path, url: &str) -> Option<String> {
     {
         Ok(o) => o,
         Err(_) => {
+            assert!(
+                std::env::var("LATTICE_REQUIRE_CURL").as_deref() != Ok("1"),
+                "curl is not installed (Debian package curl) and LATTICE_REQUIRE_CURL=1"
+            );
             eprintln!("skipped: curl is not installed (Debian package curl)");
             return None;
         }
@@ -76,5 +80,56 @@ async fn one_caches_discovery_document_refuses_another_caches_tokens() {
         .expect("us mint");
     let e = check(&other.token).expect_err("a us token is refused");
     assert!(e.contains("not in this issuer's JWKS"), "{e}");
+    l.shutdown().await;
+}
+
+/// The same with PyJWT's `PyJWKClient`, a client no one here wrote. Python
+/// is `$LATTICE_PYTHON` (default `python3`); without PyJWT the test skips
+/// with a message, or fails when `LATTICE_REQUIRE_PYTHON=1` (as in CI).
+#[tokio::test]
+async fn pyjwt_with_one_caches_discovery_document_refuses_another_caches_tokens() {
+    let python = std::env::var("LATTICE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_pyjwt = Command::new(&python)
+        .args(["-c", "import jwt, cryptography"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_pyjwt {
+        assert!(
+            std::env::var("LATTICE_REQUIRE_PYTHON").as_deref() != Ok("1"),
+            "{python} lacks PyJWT (pip install pyjwt cryptography) and LATTICE_REQUIRE_PYTHON=1"
+        );
+        eprintln!("skipped: {python} lacks the Python packages pyjwt and cryptography");
+        return;
+    }
+    let (l, _clock) = lattice_with(spec()).await;
+    let own = l.agents[A]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("eu mint");
+    let other = l.agents[B]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("us mint");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/pyjwt_per_issuer.py");
+    let mut cmd = Command::new(&python);
+    cmd.arg(script)
+        .arg(format!(
+            "https://{}/.well-known/openid-configuration",
+            l.caches[0].addr()
+        ))
+        .arg(l.root_pem())
+        .args([AUDIENCE, own.token.as_str(), other.token.as_str()]);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("python task")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("own: verified"), "{stdout}");
+    assert!(stdout.contains("other: refused"), "{stdout}");
     l.shutdown().await;
 }
