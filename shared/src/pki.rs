@@ -479,7 +479,7 @@ impl Authority {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<Vec<u8>, PkiError> {
-        self.issue_named(csr_der, id, profile, now, ttl, None, &[])
+        self.issue_named(csr_der, id, profile, (now, ttl), None, &[])
     }
 
     /// A TLS server (and client) certificate that also carries `names` as
@@ -492,7 +492,14 @@ impl Authority {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<Vec<u8>, PkiError> {
-        self.issue_named(csr_der, id, Profile::TlsServerClient, now, ttl, None, names)
+        self.issue_named(
+            csr_der,
+            id,
+            Profile::TlsServerClient,
+            (now, ttl),
+            None,
+            names,
+        )
     }
 
     /// As [`Authority::issue`], with an organizational unit in the subject
@@ -506,17 +513,16 @@ impl Authority {
         ttl: Duration,
         org_unit: Option<&str>,
     ) -> Result<Vec<u8>, PkiError> {
-        self.issue_named(csr_der, id, profile, now, ttl, org_unit, &[])
+        self.issue_named(csr_der, id, profile, (now, ttl), org_unit, &[])
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `validity`: from when, for how long.
     fn issue_named(
         &self,
         csr_der: &[u8],
         id: &SpiffeId,
         profile: Profile,
-        now: SystemTime,
-        ttl: Duration,
+        (now, ttl): (SystemTime, Duration),
         org_unit: Option<&str>,
         names: &[HostName],
     ) -> Result<Vec<u8>, PkiError> {
