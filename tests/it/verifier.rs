@@ -11,22 +11,10 @@ use common::*;
 use lattice::harness::{Lattice, Spec, WAIT};
 use lattice_shared::revocation::Target;
 use lattice_shared::token::TokenError;
-use lattice_shared::verifier::{RevocationReason, Verifier, VerifierConfig, VerifyError};
+use lattice_shared::verifier::{RevocationReason, Verifier, VerifyError};
 
-/// The verifier of a service that enrolled as agent `svc`, fresh.
 async fn verifier(l: &Lattice, svc: usize) -> Verifier {
-    let client = l.agents[svc]
-        .cache_client(Some(l.agents[svc].current_cache()))
-        .expect("client");
-    let cfg = VerifierConfig {
-        max_staleness: l.caches[0].app().max_staleness(),
-        ..VerifierConfig::default()
-    };
-    let v = Verifier::start(client, bundle(l), l.clock.clone(), cfg)
-        .await
-        .expect("verifier starts");
-    wait_fresh(&v).await;
-    v
+    fresh_verifier(l, svc).await
 }
 
 async fn wait_fresh(v: &Verifier) {

@@ -18,7 +18,7 @@ use lattice_shared::pki::PrivateKey;
 use lattice_shared::proto as pb;
 use lattice_shared::revocation::Target;
 use lattice_shared::token::{Actor, Claims, Confirmation};
-use lattice_shared::verifier::{RevocationReason, Verifier, VerifierConfig, VerifyError};
+use lattice_shared::verifier::{RevocationReason, Verifier, VerifyError};
 
 /// Caches in eu and us; agents `a` in eu, `b` and `c` in us, and the
 /// service `svc` in eu whose verifier follows the eu cache.
@@ -41,20 +41,7 @@ const SVC: usize = 3;
 const US: usize = 1;
 
 async fn verifier(l: &Lattice) -> Verifier {
-    let client = l.agents[SVC]
-        .cache_client(Some(l.agents[SVC].current_cache()))
-        .expect("client");
-    let cfg = VerifierConfig {
-        max_staleness: l.caches[0].app().max_staleness(),
-        ..VerifierConfig::default()
-    };
-    let v = Verifier::start(client, bundle(l), l.clock.clone(), cfg)
-        .await
-        .expect("verifier starts");
-    tokio::time::timeout(WAIT, v.follower().wait_fresh())
-        .await
-        .expect("the verifier becomes fresh");
-    v
+    fresh_verifier(l, SVC).await
 }
 
 /// A token the cache `cache` signs with its own key, naming whatever the

@@ -140,3 +140,22 @@ pub fn eventually_blocking<S: Settled>(
         }
     }
 }
+
+/// The verifier of a service that enrolled as agent `svc`, following its
+/// current cache, once fresh.
+pub async fn fresh_verifier(l: &Lattice, svc: usize) -> lattice_shared::verifier::Verifier {
+    let client = l.agents[svc]
+        .cache_client(Some(l.agents[svc].current_cache()))
+        .expect("client");
+    let cfg = lattice_shared::verifier::VerifierConfig {
+        max_staleness: l.caches[0].app().max_staleness(),
+        ..Default::default()
+    };
+    let v = lattice_shared::verifier::Verifier::start(client, bundle(l), l.clock.clone(), cfg)
+        .await
+        .expect("verifier starts");
+    tokio::time::timeout(lattice::harness::WAIT, v.follower().wait_fresh())
+        .await
+        .expect("the verifier becomes fresh");
+    v
+}
