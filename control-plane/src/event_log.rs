@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use lattice_shared::eventlog;
+use lattice_shared::freshness::{Link, next_link};
 use lattice_shared::proto as pb;
 use lattice_shared::revocation::{Revocation, RevocationSet};
 use lattice_shared::store::{SharedStore, Write};
@@ -29,6 +30,8 @@ pub struct EventLog {
     append_lock: Mutex<()>,
     head: watch::Sender<u64>,
     revocations: RwLock<RevocationSet>,
+    /// The head and the revocation chain at it, changed together.
+    tip: Mutex<(u64, Link)>,
     /// The newest events, so that streams to many caches read memory, not disk.
     recent: Mutex<VecDeque<pb::LatticeEvent>>,
 }
@@ -49,6 +52,7 @@ impl EventLog {
             append_lock: Mutex::new(()),
             head: watch::channel(head).0,
             revocations: RwLock::new(revocations),
+            tip: Mutex::new((head, replayed.revocation_chain)),
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
         };
         Ok((log, replayed.policies))
@@ -60,6 +64,11 @@ impl EventLog {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
+    }
+
+    /// The committed head and the revocation chain at it.
+    pub fn tip(&self) -> (u64, Link) {
+        *self.tip.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn revocations(&self) -> RwLockReadGuard<'_, RevocationSet> {
@@ -119,13 +128,18 @@ impl EventLog {
             },
         ])?;
         // Durable: now enforce here and announce.
-        if let Some(pb::lattice_event::Body::Revocation(r)) = &event.body
-            && let Ok(r) = Revocation::try_from(r)
         {
-            self.revocations
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .apply(&r);
+            let mut tip = self.tip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pb::lattice_event::Body::Revocation(r)) = &event.body {
+                tip.1 = next_link(&tip.1, seq, r);
+                if let Ok(r) = Revocation::try_from(r) {
+                    self.revocations
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .apply(&r);
+                }
+            }
+            tip.0 = seq;
         }
         {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -215,6 +229,7 @@ mod tests {
         );
         let again = EventLog::open(store).expect("reopen").0;
         assert_eq!(again.head(), 5);
+        assert_eq!(again.tip(), log.tip(), "the chain is replayed");
         assert_eq!(again.revocations().len(), 5);
     }
 

@@ -78,6 +78,8 @@ pub(crate) struct State {
     /// Policy releases and the engine in force.
     pub policy: policy::Policies,
     pub links: sync::Links,
+    /// Freshness checkpoints for the caches to relay.
+    pub checkpoints: sync::Checkpoints,
     /// Upstream secrets: the KMS and what orders changes.
     pub secrets: secrets::Secrets,
     /// The tamper-evident audit log.
@@ -173,6 +175,7 @@ impl App {
             log: log.clone(),
             policy,
             links: sync::Links::default(),
+            checkpoints: sync::Checkpoints::default(),
             stopping: rx.clone(),
         });
         std::fs::create_dir_all(&state.cfg.data_dir)?;

@@ -408,6 +408,7 @@ impl State {
             true,
         )?;
         self.policy.replace_signer(signer);
+        self.checkpoints.reset();
         tracing::warn!(revoked_serial = %info.serial_hex, "policy signing certificate revoked; made a new signing key");
         Ok(true)
     }

@@ -44,6 +44,53 @@ pub struct Link {
     stream: u64,
 }
 
+/// A checkpoint younger than this is sent again rather than signed anew:
+/// one signature serves every pong in the window, at a cost to followers'
+/// freshness of at most this much.
+const CHECKPOINT_REUSE_MS: i64 = 100;
+
+/// The latest freshness checkpoint ([`lattice_shared::freshness`]), shared
+/// by every link.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    last: std::sync::Mutex<Option<(i64, Arc<pb::FreshnessCheckpoint>)>>,
+}
+
+impl Checkpoints {
+    /// A checkpoint of the log as of now (or of at most
+    /// [`CHECKPOINT_REUSE_MS`] ago); `None` when signing failed (logged: the
+    /// caches' followers go stale, the caches themselves do not).
+    pub fn current(&self, state: &State) -> Option<Arc<pb::FreshnessCheckpoint>> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // The time first, then the head: everything committed before the
+        // time is at or below the head.
+        let now = state.clock.now_unix_ms();
+        if let Some((at, cp)) = last.as_ref()
+            && (0..CHECKPOINT_REUSE_MS).contains(&(now - at))
+        {
+            return Some(cp.clone());
+        }
+        let (head, chain) = state.log.tip();
+        match lattice_shared::freshness::sign(&state.policy.signer(), head, now, &chain) {
+            Ok(cp) => {
+                let cp = Arc::new(cp);
+                *last = Some((now, cp.clone()));
+                metrics::counter!("lattice_cp_checkpoints_signed_total").increment(1);
+                Some(cp)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a freshness checkpoint");
+                None
+            }
+        }
+    }
+
+    /// Forgets the checkpoint held (its signer was replaced).
+    pub fn reset(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Links {
     inner: std::sync::Mutex<HashMap<SpiffeId, Link>>,
@@ -334,7 +381,7 @@ async fn serve(
                                 l.pongs.push_back((now, head));
                             }
                         });
-                        let pong = pb::FreshnessPong { ping_id: p.ping_id, sent_mono_ms: p.sent_mono_ms, head_seq: head };
+                        let pong = pb::FreshnessPong { ping_id: p.ping_id, sent_mono_ms: p.sent_mono_ms, head_seq: head, checkpoint: state.checkpoints.current(state).map(|c| (*c).clone()) };
                         if tx.send(Ok(pb::SyncDown { msg: Some(Down::Pong(pong)) })).await.is_err() {
                             return "cache went away".into();
                         }

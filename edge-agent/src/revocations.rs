@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lattice_shared::backoff::Backoff;
+use lattice_shared::freshness::Proof;
 use lattice_shared::limits::WATCH_SILENCE;
 use lattice_shared::pki::CertInfo;
 use lattice_shared::proto as pb;
@@ -77,9 +78,9 @@ impl Agent {
         }
     }
 
-    /// Serves the tokens read from the cache file: called once the
-    /// revocation stream has replayed its backlog (its first heartbeat), so
-    /// that those revoked meanwhile are already gone.
+    /// Serves the tokens read from the cache file: called once a verified
+    /// checkpoint proves the revocations received complete (after the
+    /// backlog), so that those revoked meanwhile are already gone.
     fn promote_loaded(&self) {
         let n = self.tokens().promote_loaded();
         if n > 0 {
@@ -102,12 +103,41 @@ impl Agent {
         self.revoked.send_replace(true);
     }
 
+    /// Checks a relayed checkpoint against the revocations received; on
+    /// proof, serves the tokens loaded from disk.
+    fn on_checkpoint(&self, proof: &mut Proof, cp: &pb::FreshnessCheckpoint) {
+        let proved = {
+            let known = self.known.0.read().unwrap_or_else(|p| p.into_inner());
+            proof.on_checkpoint(
+                cp,
+                &self.bundle,
+                &known,
+                self.clock.monotonic(),
+                self.clock.now_unix_ms(),
+            )
+        };
+        match proved {
+            Ok(_) => {
+                metrics::counter!("lattice_agent_checkpoints_total", "outcome" => "fresh")
+                    .increment(1);
+                self.promote_loaded();
+            }
+            Err(e) => {
+                metrics::counter!("lattice_agent_checkpoints_total", "outcome" => e.outcome())
+                    .increment(1);
+                tracing::debug!(agent_id = %self.id, error = %e, "checkpoint proves nothing");
+            }
+        }
+    }
+
     /// Follows the cache's revocation stream until revoked or `stop`
     /// resolves, reconnecting with capped backoff (and moving to another
-    /// cache when this one is down).
+    /// cache when this one is down). The revocation chain carries over
+    /// reconnects and failovers: it is the control plane's, not a cache's.
     pub async fn watch_revocations(&self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut after = 0u64;
+        let mut proof = Proof::default();
         let mut backoff = Backoff::with(Duration::from_millis(50), Duration::from_secs(2), 0.0);
         while !self.is_revoked() {
             let at = self.current.load(Ordering::Acquire);
@@ -135,18 +165,21 @@ impl Agent {
                             // Failed over: follow the cache in use.
                             break;
                         }
+                        match &n.revocation {
+                            Some(wire) if n.seq > after => {
+                                proof.on_revocation(n.seq, wire);
+                                if let Ok(r) = Revocation::try_from(wire) {
+                                    self.apply_revocation(&r);
+                                }
+                            }
+                            Some(_) => {} // repeated on a resume
+                            None => {
+                                if let Some(cp) = &n.checkpoint {
+                                    self.on_checkpoint(&mut proof, cp);
+                                }
+                            }
+                        }
                         after = after.max(n.seq);
-                        if n.revocation.is_none() {
-                            // A heartbeat follows the backlog.
-                            self.promote_loaded();
-                        }
-                        if let Some(r) = n
-                            .revocation
-                            .as_ref()
-                            .and_then(|r| Revocation::try_from(r).ok())
-                        {
-                            self.apply_revocation(&r);
-                        }
                         if self.is_revoked() {
                             return;
                         }

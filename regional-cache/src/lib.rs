@@ -324,6 +324,11 @@ impl App {
     pub fn identity(&self) -> Arc<Identity> {
         self.state.identity()
     }
+    /// The server certificate and key this cache presents (the adversary
+    /// tests play a compromised cache with it).
+    pub fn server_cert(&self) -> Arc<ReloadableCert> {
+        self.state.tls_cert.clone()
+    }
     /// The JWKS this cache publishes.
     pub fn jwks_json(&self) -> Arc<String> {
         self.state.jwks_json()

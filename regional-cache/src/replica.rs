@@ -35,6 +35,11 @@ struct Inner {
     fresh_as_of: Option<Duration>,
     /// (ping send time, head the pong named), oldest first.
     pending: VecDeque<(Duration, u64)>,
+    /// Checkpoints from the control plane by the head they state, oldest
+    /// first, until applied.
+    checkpoints: VecDeque<(u64, Arc<pb::FreshnessCheckpoint>)>,
+    /// The newest checkpoint whose head is applied: what followers get.
+    checkpoint: Option<Arc<pb::FreshnessCheckpoint>>,
     /// Pings in flight: id → our own send time (the echo is not trusted).
     pings: HashMap<u64, Duration>,
     revocations: RevocationSet,
@@ -148,6 +153,11 @@ impl Replica {
     }
     pub fn revocations(&self) -> RevocationSet {
         self.read().revocations.clone()
+    }
+    /// The newest control-plane checkpoint whose head this cache has
+    /// applied, for its followers.
+    pub fn checkpoint(&self) -> Option<Arc<pb::FreshnessCheckpoint>> {
+        self.read().checkpoint.clone()
     }
     /// Milliseconds since the cache was last known fresh (`None`: never).
     pub fn staleness_ms(&self) -> Option<u64> {
@@ -285,10 +295,23 @@ impl Replica {
             g.pending.pop_front();
         }
         g.pending.push_back((sent, pong.head_seq));
+        // Relayed, not verified: followers verify it. Only its head is read.
+        if let Some(cp) = &pong.checkpoint
+            && let Ok(body) = pb::CheckpointBody::decode(cp.body.as_slice())
+        {
+            if g.checkpoints.len() == MAX_PENDING {
+                g.checkpoints.pop_front();
+            }
+            g.checkpoints
+                .push_back((body.head_seq, Arc::new(cp.clone())));
+        }
         self.advance_freshness(&mut g);
     }
 
     fn advance_freshness(&self, g: &mut Inner) {
+        while g.checkpoints.front().is_some_and(|(h, _)| *h <= g.applied) {
+            g.checkpoint = g.checkpoints.pop_front().map(|(_, c)| c);
+        }
         let mut changed = false;
         while let Some(&(sent, head)) = g.pending.front() {
             if head > g.applied {
@@ -326,8 +349,8 @@ impl Replica {
     /// applied sequence.
     #[cfg(test)]
     fn apply_batch(&self, store: &SharedStore, events: &[pb::LatticeEvent]) -> Result<u64, Error> {
-        let decoded = self.enforce(events, self.applied() + 1)?;
-        self.persist(store, events, &decoded)
+        self.enforce(events, self.applied() + 1)?;
+        self.persist(store, events)
     }
 
     /// Checks that `events` start exactly at `first` (a gap or a duplicate
@@ -386,7 +409,6 @@ impl Replica {
         &self,
         store: &SharedStore,
         events: &[pb::LatticeEvent],
-        decoded: &[Option<Revocation>],
     ) -> Result<u64, Error> {
         let Some(last) = events.last().map(|e| e.seq) else {
             return Ok(self.applied());
@@ -405,17 +427,20 @@ impl Replica {
             value: Some(last.to_be_bytes().to_vec()),
         });
         store.apply(writes)?;
+        // Followers hear of the revocations before anything vouches for
+        // them (a heartbeat that relays a checkpoint at `last`), and as the
+        // control plane sent them: their revocation chain hashes these bytes.
+        for ev in events {
+            if let Some(pb::lattice_event::Body::Revocation(r)) = &ev.body {
+                let _ = self.notices.send((ev.seq, r.clone()));
+            }
+        }
         {
             let mut g = self.write();
             g.applied = last;
             self.advance_freshness(&mut g);
         }
         self.applied_tx.send_replace(last);
-        for (ev, r) in events.iter().zip(decoded) {
-            if let Some(r) = r {
-                let _ = self.notices.send((ev.seq, r.into()));
-            }
-        }
         Ok(last)
     }
 }
@@ -546,6 +571,7 @@ mod tests {
             ping_id: ping.ping_id,
             sent_mono_ms: 0,
             head_seq: 0,
+            checkpoint: None,
         });
         assert!(crate::api::ping_serving(&s, "01"), "fresh");
         agree(&s, "fresh");
@@ -565,6 +591,7 @@ mod tests {
             ping_id: ping.ping_id,
             sent_mono_ms: 0,
             head_seq: 0,
+            checkpoint: None,
         });
         agree(&s, "fresh again");
         let revoked = Revocation {
@@ -579,6 +606,18 @@ mod tests {
         s.apply_batch(&store, &[ev]).expect("apply");
         assert!(!crate::api::ping_serving(&s, "01"), "revoked");
         agree(&s, "revoked");
+    }
+
+    /// A checkpoint as relayed: only its head is read.
+    fn checkpoint(head: u64) -> pb::FreshnessCheckpoint {
+        pb::FreshnessCheckpoint {
+            body: pb::CheckpointBody {
+                head_seq: head,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -601,10 +640,18 @@ mod tests {
             ping_id: ping.ping_id,
             sent_mono_ms: 0,
             head_seq: 1,
+            checkpoint: Some(checkpoint(2)),
         });
         assert!(!s.is_fresh(), "head 1 not yet applied");
         s.apply_batch(&store, &[rev(1)]).expect("apply");
         assert!(s.is_fresh());
+        assert_eq!(s.checkpoint(), None, "its checkpoint states head 2");
+        s.apply_batch(&store, &[rev(2)]).expect("apply");
+        assert_eq!(
+            s.checkpoint().as_deref(),
+            Some(&checkpoint(2)),
+            "relayed once its head is applied"
+        );
         // Fresh as of the ping's send time, not the pong's arrival.
         clock.advance(Duration::from_secs(4));
         assert!(s.is_fresh(), "5 s after the ping: exactly L");
@@ -615,6 +662,7 @@ mod tests {
             ping_id: 12345,
             sent_mono_ms: u64::MAX,
             head_seq: 0,
+            checkpoint: None,
         });
         assert!(!s.is_fresh());
     }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use lattice_shared::backoff::Backoff;
 use lattice_shared::proto::{self as pb, sync_down::Msg as Down, sync_up::Msg as Up};
-use lattice_shared::revocation::Revocation;
 use ring::rand::SystemRandom;
 use tokio::sync::mpsc;
 
@@ -97,27 +96,24 @@ async fn session(
     // Enforcement never waits for the disk: batches are enforced as they
     // arrive and handed to this persister, which writes them in order (many
     // at once under load: group commit) and acks what is durable.
-    let (persist_tx, mut persist_rx) =
-        mpsc::channel::<(Vec<pb::LatticeEvent>, Vec<Option<Revocation>>)>(64);
+    let (persist_tx, mut persist_rx) = mpsc::channel::<Vec<pb::LatticeEvent>>(64);
     let persister = {
         let state = state.clone();
         let up = up.clone();
         tokio::spawn(async move {
-            while let Some((mut events, mut decoded)) = persist_rx.recv().await {
+            while let Some(mut events) = persist_rx.recv().await {
                 // A short commit delay: what arrives meanwhile shares the
                 // fsync, and the disk work stays out of the way of fanning the
                 // event out. Enforcement has already happened.
                 tokio::time::sleep(PERSIST_DELAY).await;
-                while let Ok((e, d)) = persist_rx.try_recv() {
+                while let Ok(e) = persist_rx.try_recv() {
                     events.extend(e);
-                    decoded.extend(d);
                 }
                 let st = state.clone();
-                let last = tokio::task::spawn_blocking(move || {
-                    st.replica.persist(&st.store, &events, &decoded)
-                })
-                .await
-                .map_err(|_| Error::Corrupt("worker failed".into()))??;
+                let last =
+                    tokio::task::spawn_blocking(move || st.replica.persist(&st.store, &events))
+                        .await
+                        .map_err(|_| Error::Corrupt("worker failed".into()))??;
                 metrics::gauge!("lattice_cache_applied_seq", "cache" => state.id.to_string())
                     .set(last as f64);
                 if up
@@ -164,7 +160,7 @@ async fn session(
 struct Link {
     up: mpsc::Sender<pb::SyncUp>,
     down: tonic::Streaming<pb::SyncDown>,
-    persist_tx: mpsc::Sender<(Vec<pb::LatticeEvent>, Vec<Option<Revocation>>)>,
+    persist_tx: mpsc::Sender<Vec<pb::LatticeEvent>>,
     persister: tokio::task::JoinHandle<Result<(), Error>>,
     /// The sequence the next event must carry.
     next: u64,
@@ -239,7 +235,7 @@ async fn stream_loop(state: &Arc<State>, rng: &SystemRandom, link: &mut Link) ->
                             state.after_events();
                         }
                         let revoked_jti = decoded.iter().flatten().any(|r| matches!(r.target, lattice_shared::revocation::Target::Jti(_)));
-                        persist_tx.send((batch.events, decoded)).await.map_err(|_| Error::ControlPlane("persister stopped".into()))?;
+                        persist_tx.send(batch.events).await.map_err(|_| Error::ControlPlane("persister stopped".into()))?;
                         if revoked_jti {
                             // Settles requests that came back; resends the rest.
                             send_revoke_requests(state, up, &mut revoke_sent).await?;

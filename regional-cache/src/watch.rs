@@ -25,6 +25,7 @@ pub(crate) fn watch(state: Arc<State>, after: u64) -> Notices {
             seq,
             revocation: Some(r),
             cache_staleness_ms: state.replica.staleness_ms().unwrap_or(u64::MAX),
+            checkpoint: None,
         };
         let mut last = after;
         loop {
@@ -73,6 +74,7 @@ pub(crate) fn watch(state: Arc<State>, after: u64) -> Notices {
                         seq: last,
                         revocation: None,
                         cache_staleness_ms: state.replica.staleness_ms().unwrap_or(u64::MAX),
+                        checkpoint: state.replica.checkpoint().map(|c| (*c).clone()),
                     };
                     if tx.send(Ok(beat)).await.is_err() {
                         return;

@@ -37,6 +37,8 @@ pub struct Replayed {
     pub policies: Vec<(u64, pb::SignedPolicy)>,
     /// Every secret event, in order (sealed: replaying opens nothing).
     pub secrets: Vec<(u64, pb::SecretEvent)>,
+    /// The revocation chain at the head ([`crate::freshness`]).
+    pub revocation_chain: crate::freshness::Link,
 }
 
 /// Replays the events of `tree`: they must run from 1 to exactly `head`
@@ -45,6 +47,7 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, Stor
     let mut revocations = RevocationSet::default();
     let mut policies = Vec::new();
     let mut secrets = Vec::new();
+    let mut chain = crate::freshness::GENESIS;
     let mut next = 1u64;
     loop {
         let batch = store.scan_from(tree, &seq_key(next), 1024)?;
@@ -60,6 +63,7 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, Stor
             }
             match ev.body {
                 Some(pb::lattice_event::Body::Revocation(r)) => {
+                    chain = crate::freshness::next_link(&chain, ev.seq, &r);
                     if let Ok(r) = Revocation::try_from(&r) {
                         revocations.apply(&r);
                     }
@@ -81,5 +85,6 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, Stor
         revocations,
         policies,
         secrets,
+        revocation_chain: chain,
     })
 }

@@ -56,6 +56,7 @@ pub mod clock;
 pub mod config;
 pub mod envelope;
 pub mod eventlog;
+pub mod freshness;
 pub mod id;
 pub mod kms;
 pub mod limits;

@@ -12,16 +12,19 @@
 //! revocation. The revocation rule itself is the shared one,
 //! [`RevocationSet::check_token`].
 //!
-//! Freshness is on the local monotonic clock only. A heartbeat received at
-//! local time `m` from a cache `s` ms past its last proof of freshness makes
-//! the follower fresh as of `m − s`; it is stale when
-//! `monotonic() − fresh_as_of > L`, or before the first heartbeat. Only
-//! heartbeats move freshness: one is sent after the backlog and names the
-//! highest sequence sent, so everything it vouches for has arrived, whereas a
-//! backlog notice carries the cache's current staleness while later
-//! revocations are still on their way. Transit time is not subtracted (it
-//! cannot be measured one way), so freshness is optimistic by one network
-//! latency.
+//! Freshness is proven end to end, never taken from the cache
+//! ([`crate::freshness`]): the follower chains the revocations it receives,
+//! and a heartbeat relays the control plane's newest signed checkpoint the
+//! cache has applied. When the checkpoint verifies to the root (signer not
+//! revoked) and its chain matches the follower's own at the checkpoint's
+//! head, the follower holds every revocation committed before the
+//! checkpoint was made, and is fresh as of that time (its age read on wall
+//! clocks, placed on the local monotonic clock). It is stale when
+//! `monotonic() − fresh_as_of > L`, or before the first such checkpoint. A
+//! cache that withholds a revocation or the checkpoints leaves its
+//! followers stale; the staleness it reports is not used. Transit time is
+//! not subtracted, so freshness is optimistic by one network latency and by
+//! how far the follower's wall clock runs behind the control plane's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -33,6 +36,7 @@ use tonic::transport::Channel;
 
 use crate::backoff::Backoff;
 use crate::clock::SharedClock;
+use crate::freshness::{Proof, Unproven};
 use crate::id::SpiffeId;
 use crate::limits::WATCH_SILENCE;
 use crate::pki::{CertInfo, TrustBundle, Usage};
@@ -142,54 +146,78 @@ pub struct FollowerStatus {
 #[derive(Debug, Clone)]
 struct Notice {
     seq: u64,
-    revocation: Option<Revocation>,
-    /// `None`: the cache has never been fresh.
-    cache_staleness: Option<Duration>,
+    /// The revocation, and its wire form (the chain hashes it).
+    revocation: Option<(Revocation, pb::Revocation)>,
+    checkpoint: Option<pb::FreshnessCheckpoint>,
 }
 
 impl Notice {
     fn from_wire(n: &pb::RevocationNotice) -> Result<Notice, String> {
         let revocation = match &n.revocation {
-            Some(r) => Some(Revocation::try_from(r).map_err(|e| e.to_string())?),
+            Some(r) => Some((
+                Revocation::try_from(r).map_err(|e| e.to_string())?,
+                r.clone(),
+            )),
             None => None,
         };
         Ok(Notice {
             seq: n.seq,
             revocation,
-            cache_staleness: (n.cache_staleness_ms != u64::MAX)
-                .then(|| Duration::from_millis(n.cache_staleness_ms)),
+            checkpoint: n.checkpoint.clone(),
         })
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FollowerState {
+    bundle: Arc<TrustBundle>,
     set: RevocationSet,
+    proof: Proof,
     status: FollowerStatus,
 }
 
 impl FollowerState {
-    /// Applies a notice received at local monotonic time `now`.
-    fn on_notice(&mut self, now: Duration, n: &Notice) {
+    fn new(bundle: Arc<TrustBundle>) -> Self {
+        Self {
+            bundle,
+            set: RevocationSet::default(),
+            proof: Proof::default(),
+            status: FollowerStatus::default(),
+        }
+    }
+
+    /// Applies a notice received at local monotonic time `now` (wall clock
+    /// `now_unix_ms`); for a heartbeat, what its checkpoint proved.
+    fn on_notice(
+        &mut self,
+        now: Duration,
+        now_unix_ms: i64,
+        n: &Notice,
+    ) -> Option<Result<Duration, Unproven>> {
+        let mut proved = None;
         match &n.revocation {
-            Some(r) => {
+            Some((r, wire)) => {
                 // On a resume the cache may repeat what we hold.
                 if n.seq > self.status.applied_seq {
                     self.set.apply(r);
+                    self.proof.on_revocation(n.seq, wire);
                 }
             }
             None => {
-                // A cache staleness larger than our own clock's reading
-                // dates from before our origin: not representable, and no
-                // newer than what we already hold.
-                if let Some(at) = n.cache_staleness.and_then(|s| now.checked_sub(s))
-                    && self.status.fresh_as_of.is_none_or(|f| at > f)
-                {
-                    self.status.fresh_as_of = Some(at);
+                if let Some(cp) = &n.checkpoint {
+                    proved = Some(self.proof.on_checkpoint(
+                        cp,
+                        &self.bundle,
+                        &self.set,
+                        now,
+                        now_unix_ms,
+                    ));
+                    self.status.fresh_as_of = self.proof.fresh_as_of();
                 }
             }
         }
         self.status.applied_seq = self.status.applied_seq.max(n.seq);
+        proved
     }
 
     /// How long ago the follower was last fresh; `None`: never.
@@ -253,11 +281,26 @@ impl FollowerShared {
 
     fn on_notice(&self, n: &Notice) {
         let now = self.clock.monotonic();
-        let status = {
+        let (status, proved) = {
             let mut g = self.state.write().unwrap_or_else(|p| p.into_inner());
-            g.on_notice(now, n);
-            g.status
+            let proved = g.on_notice(now, self.clock.now_unix_ms(), n);
+            (g.status, proved)
         };
+        match proved {
+            None => {}
+            Some(Ok(_)) => {
+                metrics::counter!("lattice_verifier_checkpoints_total", "outcome" => "fresh")
+                    .increment(1);
+            }
+            Some(Err(e)) => {
+                metrics::counter!("lattice_verifier_checkpoints_total", "outcome" => e.outcome())
+                    .increment(1);
+                // A mismatch is normal for a moment (a revocation still on
+                // its way); lasting, it is a cache withholding one, and the
+                // follower goes stale.
+                tracing::debug!(error = %e, "checkpoint proves nothing");
+            }
+        }
         self.status.send_replace(status);
         self.publish_metrics(now);
     }
@@ -303,13 +346,14 @@ impl RevocationFollower {
     /// lattice identity). Must be called within a tokio runtime.
     pub fn start(
         client: CacheClient<Channel>,
+        bundle: Arc<TrustBundle>,
         clock: SharedClock,
         max_staleness: Duration,
     ) -> RevocationFollower {
         let shared = Arc::new(FollowerShared {
             clock,
             max_staleness,
-            state: RwLock::new(FollowerState::default()),
+            state: RwLock::new(FollowerState::new(bundle)),
             status: watch::channel(FollowerStatus::default()).0,
         });
         let client = client.max_decoding_message_size(crate::limits::MAX_MESSAGE_BYTES);
@@ -602,7 +646,7 @@ impl Verifier {
             bundle: bundle.clone(),
             clock: clock.clone(),
             keys: Arc::new(RwLock::new(Arc::new(Keys {
-                tokens: TokenVerifier::new(JwkSet { keys: vec![] }, bundle, clock.clone()),
+                tokens: TokenVerifier::new(JwkSet { keys: vec![] }, bundle.clone(), clock.clone()),
                 signers: HashMap::new(),
                 generation: 0,
             }))),
@@ -623,7 +667,7 @@ impl Verifier {
                 }
             })
         };
-        let follower = RevocationFollower::start(client, clock, cfg.max_staleness);
+        let follower = RevocationFollower::start(client, bundle, clock, cfg.max_staleness);
         Ok(Verifier {
             inner: Arc::new(VerifierInner {
                 keys,
@@ -793,6 +837,8 @@ impl Verifier {
 mod tests {
     use super::*;
     use crate::clock::{Clock as _, FakeClock};
+    use crate::freshness::GENESIS;
+    use crate::policy::sign::PolicySigner;
     use crate::revocation::Target;
 
     const L: Duration = Duration::from_secs(5);
@@ -826,13 +872,40 @@ mod tests {
         set
     }
 
-    fn heartbeat(seq: u64, staleness_ms: u64) -> Notice {
+    /// A heartbeat relaying `checkpoint` (and a cache staleness of 0,
+    /// which proves nothing).
+    fn heartbeat(seq: u64, checkpoint: Option<pb::FreshnessCheckpoint>) -> Notice {
         Notice::from_wire(&pb::RevocationNotice {
             seq,
             revocation: None,
-            cache_staleness_ms: staleness_ms,
+            cache_staleness_ms: 0,
+            checkpoint,
         })
         .expect("a heartbeat is valid")
+    }
+
+    /// A follower on the fake clock's wall time, and a control-plane
+    /// signer its root certified.
+    fn follower(clock: &FakeClock) -> (FollowerState, PolicySigner) {
+        let (bundle, signer) = crate::freshness::test_signer(clock.now());
+        (FollowerState::new(Arc::new(bundle)), signer)
+    }
+
+    fn checkpoint(
+        signer: &PolicySigner,
+        head: u64,
+        at_unix_ms: i64,
+        chain: &crate::freshness::Link,
+    ) -> Option<pb::FreshnessCheckpoint> {
+        Some(crate::freshness::sign(signer, head, at_unix_ms, chain).expect("sign"))
+    }
+
+    /// A state fresh now, holding `set`.
+    fn fresh_with(set: RevocationSet, now: Duration) -> FollowerState {
+        let (mut st, _) = follower(&FakeClock::new());
+        st.set = set;
+        st.status.fresh_as_of = Some(now);
+        st
     }
 
     /// The shared rule, as the verifier reports it.
@@ -852,22 +925,27 @@ mod tests {
     }
 
     #[test]
-    fn stale_until_the_first_heartbeat_then_by_the_cache_staleness() {
+    fn stale_until_a_verified_checkpoint_then_by_its_age() {
         let clock = FakeClock::new();
         clock.advance(Duration::from_secs(100));
-        let mut st = FollowerState::default();
+        let (mut st, signer) = follower(&clock);
+        let ms = || clock.now_unix_ms();
         let e = st
             .check_fresh(clock.monotonic(), L)
             .expect_err("never heard");
         assert!(e.to_string().contains("never fresh"), "{e}");
 
-        // A cache that has never been fresh makes nobody fresh.
-        st.on_notice(clock.monotonic(), &heartbeat(3, u64::MAX));
+        // A cache that says it is fresh, without a checkpoint, proves nothing.
+        st.on_notice(clock.monotonic(), ms(), &heartbeat(3, None));
         assert!(st.check_fresh(clock.monotonic(), L).is_err());
         assert_eq!(st.status.applied_seq, 3);
 
-        // Heard at m=100 s from a cache 2 s past its proof: fresh as of 98 s.
-        st.on_notice(clock.monotonic(), &heartbeat(3, 2000));
+        // Heard at m=100 s, a checkpoint made 2 s ago: fresh as of 98 s.
+        let cp = checkpoint(&signer, 3, ms() - 2000, &GENESIS);
+        assert_eq!(
+            st.on_notice(clock.monotonic(), ms(), &heartbeat(3, cp)),
+            Some(Ok(Duration::from_secs(98)))
+        );
         assert_eq!(st.status.fresh_as_of, Some(Duration::from_secs(98)));
         clock.advance(Duration::from_secs(3));
         assert!(st.check_fresh(clock.monotonic(), L).is_ok(), "exactly L");
@@ -880,36 +958,58 @@ mod tests {
             other => panic!("expected stale, got {other:?}"),
         }
 
-        // A staler heartbeat does not move freshness back; a fresher one
+        // An older checkpoint does not move freshness back; a newer one
         // restores it.
-        st.on_notice(clock.monotonic(), &heartbeat(3, 60_000));
+        let old = checkpoint(&signer, 3, ms() - 60_000, &GENESIS);
+        st.on_notice(clock.monotonic(), ms(), &heartbeat(3, old));
         assert_eq!(st.status.fresh_as_of, Some(Duration::from_secs(98)));
-        st.on_notice(clock.monotonic(), &heartbeat(4, 10));
+        let new = checkpoint(&signer, 4, ms() - 10, &GENESIS);
+        st.on_notice(clock.monotonic(), ms(), &heartbeat(4, new));
         assert!(st.check_fresh(clock.monotonic(), L).is_ok());
         assert_eq!(st.status.applied_seq, 4);
     }
 
     #[test]
-    fn a_staleness_older_than_our_clock_proves_nothing() {
-        let mut st = FollowerState::default();
-        st.on_notice(Duration::from_secs(1), &heartbeat(1, 2000));
-        assert_eq!(st.status.fresh_as_of, None);
+    fn a_withheld_revocation_leaves_the_follower_stale() {
+        let clock = FakeClock::new();
+        clock.advance(Duration::from_secs(100));
+        let (mut st, signer) = follower(&clock);
+        let ms = clock.now_unix_ms();
+        let withheld: pb::Revocation = (&Revocation {
+            target: Target::Jti("j1".into()),
+            reason: String::new(),
+        })
+            .into();
+        let chain = crate::freshness::next_link(&GENESIS, 2, &withheld);
+        let cp = checkpoint(&signer, 2, ms, &chain);
+        assert_eq!(
+            st.on_notice(clock.monotonic(), ms, &heartbeat(2, cp)),
+            Some(Err(Unproven::Mismatch(2)))
+        );
+        assert!(st.check_fresh(clock.monotonic(), L).is_err());
+        // A checkpoint from before the revocation still proves the past.
+        let before = checkpoint(&signer, 1, ms, &GENESIS);
+        st.on_notice(clock.monotonic(), ms, &heartbeat(2, before));
+        assert!(st.check_fresh(clock.monotonic(), L).is_ok());
+        clock.advance(L + Duration::from_millis(1));
+        assert!(st.check_fresh(clock.monotonic(), L).is_err());
     }
 
     #[test]
     fn revocation_notices_apply_once_and_do_not_move_freshness() {
         let agent = id("spiffe://t/agent/eu/a");
+        let r = Revocation {
+            target: Target::Agent(agent.clone()),
+            reason: String::new(),
+        };
         let notice = |seq| Notice {
             seq,
-            revocation: Some(Revocation {
-                target: Target::Agent(agent.clone()),
-                reason: String::new(),
-            }),
-            cache_staleness: Some(Duration::ZERO),
+            revocation: Some((r.clone(), (&r).into())),
+            checkpoint: None,
         };
-        let mut st = FollowerState::default();
-        st.on_notice(Duration::from_secs(10), &notice(7));
-        st.on_notice(Duration::from_secs(10), &notice(7));
+        let (mut st, _) = follower(&FakeClock::new());
+        st.on_notice(Duration::from_secs(10), 0, &notice(7));
+        st.on_notice(Duration::from_secs(10), 0, &notice(7));
         assert_eq!(st.set.len(), 1, "a repeated notice is not applied twice");
         assert!(st.set.is_agent_revoked(&agent));
         assert_eq!(st.status.applied_seq, 7);
@@ -1031,16 +1131,14 @@ mod tests {
     fn stale_is_decided_before_revocations_and_is_unavailable() {
         let clock = FakeClock::new();
         clock.advance(Duration::from_secs(60));
-        let mut st = FollowerState {
-            set: revoked(Target::Jti("j1".into())),
-            status: FollowerStatus::default(),
-        };
+        let mut st = fresh_with(revoked(Target::Jti("j1".into())), clock.monotonic());
+        st.status.fresh_as_of = None;
         let e = st
             .check(clock.monotonic(), L, &claims(), None, None)
             .expect_err("never fresh");
         assert!(e.is_unavailable());
         assert_eq!(e.outcome(), "stale");
-        st.on_notice(clock.monotonic(), &heartbeat(1, 0));
+        st.status.fresh_as_of = Some(clock.monotonic());
         let e = st
             .check(clock.monotonic(), L, &claims(), None, None)
             .expect_err("revoked");
@@ -1070,12 +1168,8 @@ mod tests {
             target: Target::CertSerial("ca".into()),
             reason: String::new(),
         });
-        let mut st = FollowerState {
-            set,
-            status: FollowerStatus::default(),
-        };
-        st.on_notice(Duration::from_secs(60), &heartbeat(1, 0));
         let now = Duration::from_secs(60);
+        let st = fresh_with(set, now);
         assert!(st.check(now, L, &claims(), None, None).is_ok());
         let cert = |leaf: &CertInfo, issuer: &CertInfo| ClientCert {
             leaf: leaf.clone(),
