@@ -25,7 +25,11 @@ pub const HONEYTOKEN: &str = "honeytoken";
 /// A cache's audit outbox passed 80 % of its capacity (its records could
 /// not reach the control plane for a while; when full it drops records).
 pub const AUDIT_BACKLOG: &str = "audit_backlog";
-pub const RULES: [&str; 7] = [
+/// A cache sent records about agents or secrets beyond its authority
+/// (another region's agent, a secret it does not hold): refused, not
+/// appended; the alert names the cache.
+pub const OUTSIDE_AUTHORITY: &str = "outside_authority";
+pub const RULES: [&str; 8] = [
     RATE_SPIKE,
     NEW_SOURCE,
     NEW_REGION,
@@ -33,6 +37,7 @@ pub const RULES: [&str; 7] = [
     DENIAL_BURST,
     HONEYTOKEN,
     AUDIT_BACKLOG,
+    OUTSIDE_AUTHORITY,
 ];
 
 /// What an alert may set off.
@@ -154,6 +159,8 @@ struct Identity {
     denials: VecDeque<i64>,
     burst_until: i64,
     revoked_use_until: i64,
+    /// Of a cache: until when further refused records raise no alert.
+    outside_until: i64,
 }
 
 /// Window of the denial-burst and use-after-revocation rules.
@@ -197,6 +204,9 @@ pub struct Record<'a> {
     /// plane, never read from the record.
     #[serde(skip)]
     pub cache: Cow<'a, str>,
+    /// Its number at the sending cache, set by the control plane.
+    #[serde(skip)]
+    pub seq: u64,
     /// Fields only the control plane writes: a record that carries them is
     /// refused.
     #[serde(default, rename = "cache")]
@@ -214,6 +224,38 @@ impl Detector {
             honeytokens: cfg.honeytokens.iter().cloned().collect(),
             cfg,
         }
+    }
+
+    /// The alert for `n` records `cache` sent beyond its authority (the
+    /// first at `seq`, refused because `why`); at most one a minute per
+    /// cache (`None` meanwhile: the metric and the log still count them).
+    pub fn outside_authority(
+        &self,
+        cache: &lattice_shared::id::SpiffeId,
+        n: usize,
+        seq: u64,
+        why: &str,
+        now_ms: i64,
+    ) -> Option<Alert> {
+        let slot = self
+            .identities
+            .get_with(cache.to_string(), Default::default);
+        let mut id = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if now_ms < id.outside_until {
+            return None;
+        }
+        id.outside_until = now_ms + WINDOW_MS;
+        Some(Alert {
+            rule: OUTSIDE_AUTHORITY.to_owned(),
+            subject: cache.to_string(),
+            detail: format!(
+                "{n} records refused as beyond the cache's authority; record {seq}: {why}"
+            ),
+            at_unix_ms: now_ms,
+            cache: cache.to_string(),
+            secret: String::new(),
+            action: self.cfg.action(OUTSIDE_AUTHORITY),
+        })
     }
 
     /// Looks at one record from a cache; returns the alerts it raises.
@@ -371,6 +413,22 @@ pub(crate) async fn raise(
     for a in alerts {
         metrics::counter!("lattice_alerts_total", "rule" => a.rule.clone()).increment(1);
         tracing::warn!(rule = %a.rule, subject = %a.subject, detail = %a.detail, cache = %a.cache, action = ?a.action, "alert");
+        // Actions stay within the reporting cache's authority: its own
+        // region's agents, the secrets it holds.
+        let reporter = lattice_shared::id::SpiffeId::parse(&a.cache).ok();
+        if a.action == Action::RotateSecret && !a.secret.is_empty() {
+            let (st, cache, secret) = (state.clone(), a.cache.clone(), a.secret.clone());
+            let holds = tokio::task::spawn_blocking(move || st.cache_holds_secret(&cache, &secret))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(false);
+            if !holds {
+                tracing::error!(rule = %a.rule, secret = %a.secret, cache = %a.cache, "alert action rotate-secret refused: the reporting cache does not hold the secret");
+                let _ = state.alerts.send(a);
+                continue;
+            }
+        }
         if a.action == Action::RotateSecret {
             if a.secret.is_empty() {
                 tracing::warn!(rule = %a.rule, subject = %a.subject, "alert action rotate-secret: the record names no secret; nothing rotated");
@@ -394,7 +452,12 @@ pub(crate) async fn raise(
         }
         if a.action == Action::RevokeAgent {
             match lattice_shared::id::SpiffeId::parse(&a.subject) {
-                Ok(id) if id.role() == lattice_shared::id::Role::Agent => {
+                Ok(id)
+                    if id.role() == lattice_shared::id::Role::Agent
+                        && reporter.as_ref().is_some_and(|c| {
+                            c.trust_domain() == id.trust_domain() && c.region() == id.region()
+                        }) =>
+                {
                     let st = state.clone();
                     let reason = format!("alert {}: {}", a.rule, a.detail);
                     let r = tokio::task::spawn_blocking(move || {
@@ -414,7 +477,9 @@ pub(crate) async fn raise(
                         Err(_) => tracing::error!("alert action worker failed"),
                     }
                 }
-                _ => tracing::error!(subject = %a.subject, "alert action: not an agent id"),
+                _ => {
+                    tracing::error!(subject = %a.subject, cache = %a.cache, "alert action revoke-agent refused: not an agent of the reporting cache's region")
+                }
             }
         }
         let _ = state.alerts.send(a);

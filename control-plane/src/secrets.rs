@@ -274,6 +274,22 @@ impl State {
         self.live_secret(name)
     }
 
+    /// Whether `cache` was sealed a live version of the secret `name` (it
+    /// can have leased it). Reads the store.
+    pub fn cache_holds_secret(&self, cache: &str, name: &str) -> Result<bool, Error> {
+        let rec = match self.live_secret(name) {
+            Ok(r) => r,
+            Err(Error::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let prefix = format!("{cache}#");
+        Ok(rec.live().any(|v| {
+            rec.versions
+                .get(&v)
+                .is_some_and(|vr| vr.sealed_for.iter().any(|h| h.starts_with(&prefix)))
+        }))
+    }
+
     /// Makes a staged value the new active version; the old active one
     /// becomes previous for the grace window.
     pub fn commit_secret(

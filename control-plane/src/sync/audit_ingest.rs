@@ -37,13 +37,65 @@ pub fn hwm(state: &State, cache: &SpiffeId, epoch: u64) -> Result<u64, Error> {
 /// far fewer in flight (its window), so more is a misbehaving peer.
 pub const MAX_QUEUED: u64 = 64 * 1024;
 
+/// Kinds of record that say the sender used a secret: it must hold it.
+const USES_SECRET: [&str; 2] = ["leased", "proxy_use"];
+
 /// The leaves of one batch after `hwm`, validated and stamped with the
 /// sender, what detection reads of them (borrowed from the batch), and
 /// the new mark.
 pub struct Prepared<'a> {
     pub leaves: Vec<Vec<u8>>,
     pub observed: Vec<crate::detect::Record<'a>>,
+    /// Records beyond the sender's authority, not appended: (number, why).
+    pub refused: Vec<(u64, String)>,
     pub upto: u64,
+}
+
+impl Prepared<'_> {
+    /// Secrets the records say the sender used.
+    fn secrets_used(&self) -> impl Iterator<Item = &str> {
+        self.observed
+            .iter()
+            .filter(|r| USES_SECRET.contains(&&*r.kind))
+            .map(|r| &*r.secret)
+    }
+
+    /// Refuses the records that used a secret not in `held`.
+    fn refuse_unheld(&mut self, held: &std::collections::HashSet<String>, first_seq: &[u64]) {
+        let mut keep = Vec::with_capacity(self.observed.len());
+        for (i, r) in self.observed.iter().enumerate() {
+            let ok = !USES_SECRET.contains(&&*r.kind) || held.contains(&*r.secret);
+            if !ok {
+                self.refused.push((
+                    first_seq[i],
+                    format!("it does not hold the secret {:?}", r.secret),
+                ));
+            }
+            keep.push(ok);
+        }
+        let mut k = keep.iter();
+        self.leaves.retain(|_| *k.next().unwrap_or(&true));
+        let mut k = keep.iter();
+        self.observed.retain(|_| *k.next().unwrap_or(&true));
+    }
+}
+
+/// Why a record about `agent` is beyond `cache`'s authority (`None`: it
+/// is within): an agent id of the cache's own trust domain and region.
+fn outside_authority(cache: &SpiffeId, agent: &str) -> Option<String> {
+    if agent.is_empty() {
+        return None;
+    }
+    match SpiffeId::parse(agent) {
+        Ok(id)
+            if id.role() == lattice_shared::id::Role::Agent
+                && id.trust_domain() == cache.trust_domain()
+                && id.region() == cache.region() =>
+        {
+            None
+        }
+        _ => Some(format!("{agent:?} is not an agent of its region")),
+    }
 }
 
 /// The leaf of a record: `{"cache":…,"cache_seq":…,` then the record's
@@ -89,6 +141,8 @@ pub fn prepare<'a>(
     let skip = usize::try_from(hwm + 1 - batch.first).unwrap_or(usize::MAX);
     let mut leaves = Vec::new();
     let mut observed = Vec::new();
+    let mut refused = Vec::new();
+    let mut upto = hwm;
     for (i, r) in batch.records.iter().enumerate().skip(skip) {
         let seq = batch.first + i as u64;
         if r.len() > MAX_AUDIT_RECORD_BYTES {
@@ -110,14 +164,20 @@ pub fn prepare<'a>(
                 "record {seq} names a cache itself; the control plane sets that"
             )));
         }
+        upto = seq;
+        if let Some(why) = outside_authority(cache, &rec.agent) {
+            refused.push((seq, why));
+            continue;
+        }
         leaves.push(stamp(cache, seq, r)?);
         rec.cache = std::borrow::Cow::Borrowed(cache.as_str());
+        rec.seq = seq;
         observed.push(rec);
     }
-    let upto = hwm + leaves.len() as u64;
     Ok(Prepared {
         leaves,
         observed,
+        refused,
         upto,
     })
 }
@@ -134,16 +194,61 @@ pub async fn commit(
     let Some(upto) = prepared.last().map(|p| p.upto) else {
         return Ok(());
     };
+    let mut prepared = prepared;
+    // Records of a secret's use must come from a holder: the secrets they
+    // name are looked up once per commit, off the async threads.
+    let named: std::collections::HashSet<String> = prepared
+        .iter()
+        .flat_map(|p| p.secrets_used())
+        .map(str::to_owned)
+        .collect();
+    if !named.is_empty() {
+        let (st, me) = (state.clone(), cache.to_string());
+        let held = tokio::task::spawn_blocking(move || {
+            named
+                .into_iter()
+                .filter_map(|n| match st.cache_holds_secret(&me, &n) {
+                    Ok(true) => Some(Ok(n)),
+                    Ok(false) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<std::collections::HashSet<String>, Error>>()
+        })
+        .await
+        .map_err(|_| Error::Internal("audit worker failed".into()))??;
+        for p in &mut prepared {
+            let seqs: Vec<u64> = p.observed.iter().map(|r| r.seq).collect();
+            p.refuse_unheld(&held, &seqs);
+        }
+    }
     let mut leaves = Vec::new();
     let mut observed = Vec::new();
+    let mut refused = Vec::new();
     for p in prepared {
         leaves.extend(p.leaves);
         observed.extend(p.observed);
-    }
-    if leaves.is_empty() {
-        return Ok(());
+        refused.extend(p.refused);
     }
     let n = leaves.len() as u64;
+    // Refused records leave no leaf; one alert a commit names the sender.
+    // The mark moves past them: the cache is not asked for them again.
+    let mut alerts = Vec::new();
+    if let Some((seq, why)) = refused.first() {
+        metrics::counter!("lattice_cp_audit_records_refused_total", "cache" => cache.to_string())
+            .increment(refused.len() as u64);
+        if let Some(a) = state.detector.outside_authority(
+            cache,
+            refused.len(),
+            *seq,
+            why,
+            state.clock.now_unix_ms(),
+        ) {
+            tracing::warn!(cache_id = %cache, refused = refused.len(), first = seq, reason = %why, "audit records beyond the sending cache's authority refused");
+            alerts.push(a);
+        }
+    } else if leaves.is_empty() {
+        return Ok(()); // all held already
+    }
     state
         .commit_audit(
             leaves,
@@ -157,10 +262,7 @@ pub async fn commit(
     metrics::counter!("lattice_cp_audit_records_total", "cache" => cache.to_string()).increment(n);
     // Durable first, then looked at: an alert never names a record the
     // log could lose.
-    let alerts: Vec<crate::detect::Alert> = observed
-        .iter()
-        .flat_map(|r| state.detector.observe(r))
-        .collect();
+    alerts.extend(observed.iter().flat_map(|r| state.detector.observe(r)));
     if !alerts.is_empty() {
         crate::detect::raise(state, alerts).await?;
     }
@@ -277,6 +379,28 @@ mod tests {
         // Records the control plane holds already are skipped.
         let p = prepare(&c, 5, &b).expect("prepared");
         assert_eq!((p.leaves.len(), p.upto), (1, 6));
+    }
+
+    #[test]
+    fn records_about_agents_beyond_the_senders_region_leave_no_leaf() {
+        let c = SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id");
+        let b = batch(
+            1,
+            &[
+                r#"{"kind":"refused","agent":"spiffe://t/agent/us/x"}"#,
+                r#"{"kind":"issued","agent":"spiffe://t/agent/eu/a"}"#,
+                r#"{"kind":"issued","agent":"spiffe://other/agent/eu/a"}"#,
+                r#"{"kind":"issued","agent":"spiffe://t/admin/bootstrap"}"#,
+            ],
+        );
+        let p = prepare(&c, 0, &b).expect("prepared");
+        assert_eq!(p.leaves.len(), 1);
+        assert_eq!(p.observed[0].agent, "spiffe://t/agent/eu/a");
+        assert_eq!(
+            p.refused.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![1, 3, 4]
+        );
+        assert_eq!(p.upto, 4, "the mark moves past refused records");
     }
 
     #[test]
