@@ -30,20 +30,7 @@ async fn a_cache_cannot_report_records_about_another_regions_agents_or_secrets()
         ..spec()
     })
     .await;
-    let mut custodian = l
-        .admin("carol", &[AdminRole::SecretCustodian], &[])
-        .expect("custodian");
-    custodian
-        .put_secret(pb::PutSecretRequest {
-            name: "canary".into(),
-            value: b"sk-canary".to_vec(),
-            regions: vec!["eu".into()],
-            message: String::new(),
-        })
-        .await
-        .expect("put");
-    let head = l.cp().event_log().head();
-    l.wait_all_applied(head).await.expect("applied");
+    put_secret_applied(&l, "canary", b"sk-canary", &["eu"]).await;
     let mut auditor = l
         .admin("audrey", &[AdminRole::Auditor], &[])
         .expect("auditor");

@@ -159,3 +159,26 @@ pub async fn fresh_verifier(l: &Lattice, svc: usize) -> lattice_shared::verifier
         .expect("the verifier becomes fresh");
     v
 }
+
+/// Puts a secret as a custodian `carol` (for `regions`) and waits until
+/// every cache has applied it.
+pub async fn put_secret_applied(l: &Lattice, name: &str, value: &[u8], regions: &[&str]) {
+    let mut custodian = l
+        .admin(
+            "carol",
+            &[lattice_shared::policy::AdminRole::SecretCustodian],
+            &[],
+        )
+        .expect("custodian");
+    custodian
+        .put_secret(pb::PutSecretRequest {
+            name: name.into(),
+            value: value.to_vec(),
+            regions: regions.iter().map(|r| (*r).to_owned()).collect(),
+            message: String::new(),
+        })
+        .await
+        .expect("put");
+    let head = l.cp().event_log().head();
+    l.wait_all_applied(head).await.expect("applied");
+}
