@@ -90,3 +90,38 @@ pub(crate) fn parse_admin_request(
     attrs.roles.dedup();
     Ok((id, attrs))
 }
+
+impl crate::api::Service {
+    /// The lifetime an admin certificate asked for with `ttl_secs` gets:
+    /// the configured default for 0, never more than that.
+    pub(crate) fn admin_cert_ttl(&self, ttl_secs: u64) -> std::time::Duration {
+        let cap = self.state.cfg.admin_cert_ttl_days.saturating_mul(86400);
+        std::time::Duration::from_secs(if ttl_secs == 0 {
+            cap
+        } else {
+            ttl_secs.min(cap)
+        })
+    }
+
+    /// What the call whose request is `payload` would grant: for
+    /// `IssueAdminCertificate` its roles, regions and lifetime as issued
+    /// (Cedar decides on them); nothing for every other action.
+    pub(crate) fn grant_of(
+        &self,
+        action: lattice_shared::policy::AdminAction,
+        payload: &[u8],
+    ) -> Result<lattice_shared::policy::AdminGrant, Error> {
+        use prost::Message;
+        if action != lattice_shared::policy::AdminAction::IssueAdminCertificate {
+            return Ok(Default::default());
+        }
+        let r = pb::IssueAdminCertificateRequest::decode(payload)
+            .map_err(|e| Error::Internal(format!("admin certificate request: {e}")))?;
+        let (_, attrs) = parse_admin_request(&r)?;
+        Ok(lattice_shared::policy::AdminGrant {
+            roles: attrs.roles,
+            regions: attrs.regions,
+            ttl_secs: self.admin_cert_ttl(r.ttl_secs).as_secs(),
+        })
+    }
+}

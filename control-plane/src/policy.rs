@@ -354,6 +354,7 @@ pub fn may_act(engine: &Engine, req: &AdminRequest) -> bool {
         regions: req.regions.clone(),
         action: AdminAction::Approve,
         approvals: vec![],
+        grant: Default::default(),
         ..req.clone()
     };
     engine.decide_admin(&approved).allowed && engine.decide_admin(&approve).allowed
@@ -381,6 +382,7 @@ pub fn push_again(req: &AdminRequest) -> AdminRequest {
     AdminRequest {
         action: AdminAction::PushPolicy,
         approvals: vec![],
+        grant: Default::default(),
         ..req.clone()
     }
 }

@@ -5,7 +5,7 @@
 
 use lattice_shared::clock::unix_secs;
 use lattice_shared::id::SpiffeId;
-use lattice_shared::policy::{AdminAction, Approval};
+use lattice_shared::policy::{AdminAction, AdminRequest, Approval};
 use lattice_shared::proto as pb;
 use prost::Message;
 
@@ -53,16 +53,22 @@ impl Service {
             .check_cert(&requester.cert, None)
             .map_err(|e| Error::Denied(format!("request {id} cannot run: {e}")))?;
         let engine = self.state.policy.current();
-        let outcome = engine.decide_admin(&self.admin_request(
-            &requester,
-            pending.action,
-            &pending.target_region,
-            &pending.resource,
-            vec![Approval {
-                admin: approver.id.clone(),
-                roles: approver.attrs.roles.clone(),
-            }],
-        ));
+        let payload = pending
+            .payload()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let outcome = engine.decide_admin(&AdminRequest {
+            grant: self.grant_of(pending.action, &payload)?,
+            ..self.admin_request(
+                &requester,
+                pending.action,
+                &pending.target_region,
+                &pending.resource,
+                vec![Approval {
+                    admin: approver.id.clone(),
+                    roles: approver.attrs.roles.clone(),
+                }],
+            )
+        });
         if !outcome.allowed {
             let summary = format!(
                 "approve {} by {}",
@@ -121,9 +127,6 @@ impl Service {
             approved_by: Some(approver.id.clone()),
             base_version: Some(pending.policy_version),
         };
-        let payload = pending
-            .payload()
-            .map_err(|e| Error::Internal(e.to_string()))?;
         let bad = |e: prost::DecodeError| Error::Internal(format!("stored request: {e}"));
         use pb::approve_response::Result as R;
         let result = match pending.action {

@@ -109,11 +109,7 @@ impl Service {
         r: pb::IssueAdminCertificateRequest,
     ) -> Result<pb::IssueAdminCertificateResponse, Error> {
         let (id, attrs) = parse_admin_request(&r)?;
-        let ttl = Duration::from_secs(if r.ttl_secs == 0 {
-            self.state.cfg.admin_cert_ttl_days * 86400
-        } else {
-            r.ttl_secs
-        });
+        let ttl = self.admin_cert_ttl(r.ttl_secs);
         let state = self.state.clone();
         let (cert_id, csr) = (id.clone(), r.csr);
         let cert = blocking(move || state.issue_admin_cert(&csr, &cert_id, &attrs, ttl)).await?;

@@ -118,6 +118,7 @@ impl Service {
             approvals,
             hour_utc,
             weekday,
+            grant: Default::default(),
         }
     }
 
@@ -178,7 +179,11 @@ impl Service {
         summary: String,
     ) -> Result<Allowed, Error> {
         let engine = self.state.policy.current();
-        let req = self.admin_request(c, action, target_region, resource, vec![]);
+        let new_payload = payload.encode_to_vec();
+        let req = AdminRequest {
+            grant: self.grant_of(action, &new_payload)?,
+            ..self.admin_request(c, action, target_region, resource, vec![])
+        };
         let outcome = engine.decide_admin(&req);
         if outcome.allowed {
             tracing::info!(admin = %c.id, action = action.name(), policy_version = outcome.version, policies = ?outcome.policies, "admin action allowed");
@@ -208,7 +213,6 @@ impl Service {
             return Err(denial(c, action, &outcome));
         }
         let state = self.state.clone();
-        let new_payload = payload.encode_to_vec();
         let (caller, target_region, resource, what) = (
             c.clone(),
             target_region.to_string(),

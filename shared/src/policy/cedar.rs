@@ -90,6 +90,24 @@ pub(super) fn action_uid(name: &str) -> EntityUid {
     }
 }
 
+/// The context of what an admin certificate would grant.
+pub(super) fn grant_pairs(g: &super::AdminGrant) -> [(String, RestrictedExpression); 3] {
+    [
+        (
+            "granted_roles".to_string(),
+            string_set(g.roles.iter().map(|r| r.as_str().to_string())),
+        ),
+        (
+            "granted_regions".to_string(),
+            string_set(g.regions.iter().cloned()),
+        ),
+        (
+            "ttl_secs".to_string(),
+            RestrictedExpression::new_long(i64::try_from(g.ttl_secs).unwrap_or(i64::MAX)),
+        ),
+    ]
+}
+
 /// The time fields every context carries.
 pub(super) fn time_pairs(hour_utc: u8, weekday: u8) -> [(String, RestrictedExpression); 2] {
     [

@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 
-use super::{AdminAction, AdminRequest, AdminRole, AgentAction, AgentRequest, Engine, Posture};
+use super::{
+    AdminAction, AdminGrant, AdminRequest, AdminRole, AgentAction, AgentRequest, Engine, Posture,
+};
 use crate::id::SpiffeId;
 
 impl Engine {
@@ -68,8 +70,17 @@ impl Engine {
                 approvals: vec![],
                 hour_utc: 0,
                 weekday: 1,
+                grant: AdminGrant {
+                    roles: vec![AdminRole::Auditor],
+                    regions: vec!["r".into()],
+                    ttl_secs: 1,
+                },
             };
-            if let Err(e) = self.admin_parts(&req, true) {
+            // A bundle whose schema predates the grant fields is still
+            // accepted: its policies cannot name them.
+            if let Err(e) = self.admin_parts(&req, true, true)
+                && self.admin_parts(&req, true, false).is_err()
+            {
                 out.push(format!(
                     "the schema does not accept the lattice's {} requests: {e}",
                     action.name()
@@ -87,6 +98,20 @@ mod tests {
     use super::*;
     use crate::policy::fixtures::with;
     use crate::policy::{PolicyError, SCHEMA_FILE, lattice_schema_text};
+
+    #[test]
+    fn a_schema_from_before_the_grant_fields_still_compiles() {
+        let old = lattice_schema_text()
+            .replace("    granted_roles: Set<String>,\n", "")
+            .replace("    granted_regions: Set<String>,\n", "")
+            .replace(
+                "    ttl_secs: Long,\n  };\n\n  action Enrol",
+                "  };\n\n  action Enrol",
+            );
+        assert!(!old.contains("granted_roles"), "{old}");
+        let files = with(&[(SCHEMA_FILE, &old)]);
+        Engine::compile(&files, 2).expect("a bundle released before the grant fields loads");
+    }
 
     #[test]
     fn a_schema_that_cannot_type_the_lattice_requests_is_refused() {

@@ -11,7 +11,7 @@ use cedar_policy::{
 };
 
 use super::cedar::{
-    NS, action_uid, ip_expr, read_string, read_string_set, string_set, time_pairs, uid,
+    NS, action_uid, grant_pairs, ip_expr, read_string, read_string_set, string_set, time_pairs, uid,
 };
 use super::slice::{Reach, Slice, Slices};
 use super::{
@@ -423,10 +423,15 @@ impl Engine {
         Context::from_pairs(pairs).map_err(|e| e.to_string())
     }
 
+    /// The Cedar request of an admin call. `with_grant` adds what an
+    /// `IssueAdminCertificate` grants (`granted_roles`, `granted_regions`,
+    /// `ttl_secs`); only bundles whose schema predates those fields are
+    /// checked without them (their policies cannot name them).
     pub(super) fn admin_parts(
         &self,
         req: &AdminRequest,
         with_schema: bool,
+        with_grant: bool,
     ) -> Result<(Request, Entities), String> {
         let principal = self.admin_entity(&req.principal, &req.roles, &req.regions)?;
         let resource = match req.action.resource_type() {
@@ -459,7 +464,13 @@ impl Engine {
                 ("approver_roles".to_string(), string_set(approver_roles)),
             ]
             .into_iter()
-            .chain(time_pairs(req.hour_utc, req.weekday)),
+            .chain(time_pairs(req.hour_utc, req.weekday))
+            .chain(
+                with_grant
+                    .then(|| grant_pairs(&req.grant))
+                    .into_iter()
+                    .flatten(),
+            ),
         )
         .map_err(|e| e.to_string())?;
         self.request_parts(principal, resource, req.action.name(), context, with_schema)
@@ -571,7 +582,7 @@ impl Engine {
     }
 
     pub fn decide_admin(&self, req: &AdminRequest) -> Outcome {
-        match self.admin_parts(req, false) {
+        match self.admin_parts(req, false, true) {
             Ok((request, entities)) => {
                 let slice = request
                     .resource()
@@ -669,6 +680,7 @@ mod tests {
             approvals: vec![],
             hour_utc: 12,
             weekday: 1,
+            grant: Default::default(),
         };
         assert!(
             engine
@@ -715,6 +727,7 @@ mod tests {
             approvals: vec![],
             hour_utc: 12,
             weekday: 1,
+            grant: Default::default(),
         });
         assert!(!o.allowed);
         assert_eq!(o.policies, vec!["frozen".to_string()]);

@@ -24,8 +24,8 @@ pub use bundle::{
 };
 pub use engine::Engine;
 pub use request::{
-    Action, AdminAction, AdminAttributes, AdminRequest, AdminRole, AgentAction, AgentRequest,
-    Approval, Outcome, hour_and_weekday,
+    Action, AdminAction, AdminAttributes, AdminGrant, AdminRequest, AdminRole, AgentAction,
+    AgentRequest, Approval, Outcome, hour_and_weekday,
 };
 pub use testing::{Expect, TestApproval, TestCase, TestContext, TestReport, check};
 

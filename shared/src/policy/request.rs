@@ -282,6 +282,19 @@ pub struct AdminRequest {
     pub approvals: Vec<Approval>,
     pub hour_utc: u8,
     pub weekday: u8,
+    /// What an `IssueAdminCertificate` would grant (empty for every other
+    /// action): `context.granted_roles`, `granted_regions`, `ttl_secs`.
+    pub grant: AdminGrant,
+}
+
+/// The roles, regions and lifetime a new admin certificate would carry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminGrant {
+    pub roles: Vec<AdminRole>,
+    pub regions: Vec<String>,
+    /// The certificate's lifetime as it would be issued (after defaults and
+    /// the configured cap).
+    pub ttl_secs: u64,
 }
 
 /// The outcome of one decision.

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Action, AdminRequest, AdminRole, AgentRequest, Approval, BundleFiles, Engine, Outcome,
-    PolicyError, Posture, Report,
+    Action, AdminGrant, AdminRequest, AdminRole, AgentRequest, Approval, BundleFiles, Engine,
+    Outcome, PolicyError, Posture, Report,
 };
 use crate::id::{Role, SpiffeId};
 
@@ -59,7 +59,7 @@ pub struct TestContext {
     pub region: Option<String>,
     /// Default 127.0.0.1.
     pub source_ip: Option<IpAddr>,
-    /// Default 300.
+    /// Default 300 for agent requests, 0 for admin requests.
     pub ttl_secs: Option<u64>,
     #[serde(default)]
     pub scopes: Vec<String>,
@@ -74,6 +74,12 @@ pub struct TestContext {
     /// Token exchange: the `act` chain length of the token asked for.
     #[serde(default)]
     pub delegation_depth: u32,
+    /// IssueAdminCertificate: what the new certificate would carry (its
+    /// lifetime is `ttl_secs`, default 0 for admin requests).
+    #[serde(default)]
+    pub granted_roles: Vec<AdminRole>,
+    #[serde(default)]
+    pub granted_regions: Vec<String>,
 }
 
 /// The result of a bundle's test cases.
@@ -207,6 +213,11 @@ impl Engine {
                     approvals,
                     hour_utc,
                     weekday,
+                    grant: AdminGrant {
+                        roles: case.context.granted_roles.clone(),
+                        regions: case.context.granted_regions.clone(),
+                        ttl_secs: case.context.ttl_secs.unwrap_or(0),
+                    },
                 }))
             }
         }

@@ -393,5 +393,6 @@ async fn a_revoked_bootstrap_admin_is_not_minted_again_by_restarts() {
 // Each further attack family has a file of its own; its cases may use the
 // helpers above through `use super::*`.
 mod audit;
+mod custody;
 mod discovery;
 mod freshness;
