@@ -347,6 +347,18 @@ impl State {
     /// Called after a batch of events is applied.
     pub(crate) fn after_events(&self) {
         self.rebuild_jwks();
+        if self.own_revoked() {
+            self.renew_now.notify_one();
+        }
+    }
+
+    /// Whether our CA or current signing certificate is revoked (only the
+    /// serial: a revocation of this cache's id is not cured by renewing).
+    fn own_revoked(&self) -> bool {
+        let ident = self.identity();
+        let revoked = self.replica.revocations();
+        revoked.is_serial_revoked(&ident.ca.info().serial_hex)
+            || revoked.is_serial_revoked(&ident.signing_serial)
     }
 
     /// Fetches every cache's signing keys from the control plane.
@@ -384,12 +396,17 @@ impl State {
     }
 
     /// Renews the CA, TLS and signing certificates (with fresh keys) once the
-    /// CA has passed half its life. Returns whether it renewed.
+    /// CA has passed half its life, or at once when the CA or signing
+    /// certificate is revoked. Returns whether it renewed.
     pub async fn renew_if_due(&self) -> Result<bool, Error> {
         let ident = self.identity();
         let info = ident.ca.info();
-        if !past_half_life(self.clock.now(), info.not_before, info.not_after) {
+        let revoked = self.own_revoked();
+        if !revoked && !past_half_life(self.clock.now(), info.not_before, info.not_after) {
             return Ok(false);
+        }
+        if revoked {
+            tracing::warn!(cache_id = %self.id, ca_serial = %info.serial_hex, signing_serial = %ident.signing_serial, "our CA or signing certificate is revoked; renewing now");
         }
         let (keys, csrs) = new_keys(&self.cfg.advertise)?;
         let resp = self

@@ -94,6 +94,9 @@ pub(crate) struct State {
     pub report_quota: moka::sync::Cache<SpiffeId, Arc<std::sync::Mutex<(u64, usize)>>>,
     /// Turns true when the cache stops; long-lived streams end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Woken when our own CA or signing certificate is revoked: renew now,
+    /// not at the next check.
+    pub renew_now: tokio::sync::Notify,
 }
 
 /// Refuses revoked agents, certificates and issuing caches at the handshake.
@@ -207,6 +210,7 @@ impl App {
                 cfg.token_max_ttl_secs.max(1),
             )),
             stopping: rx.clone(),
+            renew_now: tokio::sync::Notify::new(),
             cfg,
             id,
             region,
@@ -266,7 +270,10 @@ impl App {
                 loop {
                     tokio::select! {
                         _ = publish.tick() => sync::publish_metrics(&state),
-                        _ = renew.tick() => {
+                        _ = async { tokio::select! {
+                            _ = renew.tick() => {},
+                            _ = state.renew_now.notified() => {},
+                        } } => {
                             if let Err(e) = state.renew_if_due().await {
                                 tracing::warn!(error = %e, "certificate renewal failed; will retry");
                             }

@@ -7,7 +7,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::*;
-use lattice::harness::{Lattice, Spec};
+use lattice::harness::{Lattice, Spec, WAIT};
 use lattice_shared::clock::Clock;
 use lattice_shared::id::SpiffeId;
 use lattice_shared::proto as pb;
@@ -581,4 +581,59 @@ async fn a_client_that_knows_a_cache_is_revoked_does_not_trust_it_again() {
         "{at_c1:?}"
     );
     l.shutdown().await;
+}
+
+/// Revoking only a cache's signing or CA certificate (not the cache) makes
+/// it renew at once, not at half-life: until it does, nothing it signs or
+/// issues verifies.
+#[tokio::test]
+async fn a_cache_whose_signing_or_ca_certificate_is_revoked_renews_at_once() {
+    let (l, _clock) = lattice_with(Spec {
+        agents: vec![("eu".into(), "a".into()), ("eu".into(), "svc".into())],
+        ..Spec::default()
+    })
+    .await;
+    let cache = l.caches[0].app();
+    let verifier = fresh_verifier(&l, 1).await;
+
+    let old_signing = cache.identity().signing_serial.clone();
+    let ev = l
+        .revoke(Target::CertSerial(old_signing.clone()))
+        .expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+    eventually(
+        "the cache renews its signing certificate",
+        WAIT,
+        async || {
+            let now = cache.identity().signing_serial.clone();
+            if now != old_signing {
+                Ok(())
+            } else {
+                Err(format!("still {now}"))
+            }
+        },
+    )
+    .await;
+    let t = l.agents[0].mint(AUDIENCE, &[], None).await.expect("mint");
+    eventually(
+        "a token signed with the new key verifies",
+        WAIT,
+        async || verifier.verify(&t.token, AUDIENCE).await,
+    )
+    .await;
+
+    let old_ca = cache.identity().ca.info().serial_hex.clone();
+    let ev = l
+        .revoke(Target::CertSerial(old_ca.clone()))
+        .expect("revoke");
+    l.wait_all_applied(ev.seq).await.expect("applied");
+    eventually("the cache renews its CA certificate", WAIT, async || {
+        let now = cache.identity().ca.info().serial_hex.clone();
+        if now != old_ca {
+            Ok(())
+        } else {
+            Err(format!("still {now}"))
+        }
+    })
+    .await;
 }

@@ -122,16 +122,27 @@ impl ControlPlane for Service {
             let Some(record) = state.cache_record(&peer.id)? else {
                 return Err(Error::NotFound(format!("{} is not enrolled", peer.id)));
             };
-            // Renewal is for the second half of a CA's life; earlier calls
-            // would let a cache grow its record and every JWKS.
+            // Renewal is for the second half of a CA's life, or at once when
+            // the CA or newest signing certificate was revoked (the cache can
+            // issue nothing verifiable until it renews); other calls would
+            // let a cache grow its record and every JWKS.
             let ca = inspect(&record.ca_cert)?;
-            if !lattice_shared::clock::past_half_life(
-                state.clock.now(),
-                ca.not_before,
-                ca.not_after,
-            ) {
+            let revoked = {
+                let revocations = state.log.revocations();
+                let signing = record.signing_certs.last().map(|c| inspect(c)).transpose()?;
+                revocations.is_serial_revoked(&ca.serial_hex)
+                    || signing.is_some_and(|s| revocations.is_serial_revoked(&s.serial_hex))
+            };
+            if !revoked
+                && !lattice_shared::clock::past_half_life(
+                    state.clock.now(),
+                    ca.not_before,
+                    ca.not_after,
+                )
+            {
                 return Err(Error::FailedPrecondition(format!(
-                    "{} may renew only past half-life of its CA certificate",
+                    "{} may renew only past half-life of its CA certificate, or once its CA or \
+                     signing certificate is revoked",
                     peer.id
                 )));
             }
