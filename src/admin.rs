@@ -61,8 +61,8 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
     );
     let _ = writeln!(
         out,
-        "{:<44} {:>8} {:>6} {:>12} {:>10} {:>14} {:>7}  state",
-        "cache", "applied", "lag", "staleness", "bound L", "last contact", "policy"
+        "{:<44} {:>8} {:>6} {:>12} {:>10} {:>14} {:>7} {:>8}  state",
+        "cache", "applied", "lag", "staleness", "bound L", "last contact", "policy", "custody"
     );
     for c in &r.caches {
         // Past the release's event yet enforcing an older one: it refused it.
@@ -87,14 +87,19 @@ pub fn render_status(r: &lattice_shared::proto::StatusResponse, now_ms: i64) -> 
         };
         let _ = writeln!(
             out,
-            "{:<44} {:>8} {:>6} {:>9} ms {:>7} ms {:>14} {:>7}  {state}",
+            "{:<44} {:>8} {:>6} {:>9} ms {:>7} ms {:>14} {:>7} {:>8}  {state}",
             c.cache_id,
             c.acked_seq,
             r.head_seq.saturating_sub(c.acked_seq),
             c.staleness_ms,
             bound_ms(c, r),
             contact,
-            format!("v{}", c.policy_version)
+            format!("v{}", c.policy_version),
+            if c.custody.is_empty() {
+                "-"
+            } else {
+                &c.custody
+            }
         );
     }
     out

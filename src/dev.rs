@@ -437,6 +437,9 @@ async fn secret_step(lattice: &Lattice) -> anyhow::Result<()> {
             }
         }
     }
+    println!(
+        "    sealed only to caches a custodian granted custody (HoldSecret, `lattice grant-custody`); enrolment alone makes a cache serve tokens, never hold secrets"
+    );
     lattice
         .wait_all_applied(lattice.cp().event_log().head())
         .await?;

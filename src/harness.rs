@@ -388,10 +388,36 @@ impl Lattice {
     }
 
     /// Enrols and starts a new cache (behind its own fault proxy to the
-    /// control plane) and waits until it is fresh.
+    /// control plane), waits until it is fresh and grants it custody of its
+    /// region's secrets (as a platform team's custodian would; a fixture).
     pub async fn add_cache(&mut self, region: &str, name: &str) -> anyhow::Result<usize> {
+        let i = self.add_cache_without_custody(region, name).await?;
+        let id: SpiffeId = Self::cache_id(region, name).parse()?;
+        let custodian = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/admin/harness"))?;
+        self.cp().grant_custody(&id, &custodian)?;
+        Ok(i)
+    }
+
+    /// [`Lattice::add_cache`] without the custody grant: the cache serves
+    /// tokens and holds no secret.
+    pub async fn add_cache_without_custody(
+        &mut self,
+        region: &str,
+        name: &str,
+    ) -> anyhow::Result<usize> {
+        let token = self.join_token(&Self::cache_id(region, name), None)?;
+        self.add_cache_with_token(region, name, token).await
+    }
+
+    /// Starts a stock cache that enrols with `token` (made by whoever), and
+    /// waits until it is fresh; no custody is granted.
+    pub async fn add_cache_with_token(
+        &mut self,
+        region: &str,
+        name: &str,
+        token: String,
+    ) -> anyhow::Result<usize> {
         let id = Self::cache_id(region, name);
-        let token = self.join_token(&id, None)?;
         let link = FaultProxy::start(self.cp_cfg.listen).await?;
         let cfg = cache::Config {
             id: id.parse()?,

@@ -102,6 +102,15 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Grant an enrolled cache custody of its region's secrets (Cedar action
+    /// HoldSecret, a custodian's decision): until then it serves tokens and
+    /// leases nothing.
+    GrantCustody {
+        /// spiffe://TD/cache/REGION/NAME
+        cache_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Requests waiting for a second admin.
     Pending {
         #[command(flatten)]
@@ -462,12 +471,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     print!("{}", lattice_shared::pem::encode("CERTIFICATE", &c.cert));
                 }
                 Some(R::Secret(v)) => println!("{}", secret_cmd::render_version(&v)),
+                Some(R::Custody(c)) => println!("{}", render_custody(&c)),
                 Some(R::Kms(k)) => println!(
                     "{}: KEK version {}; {} DEK(s) rewrapped",
                     k.kms, k.kek_version, k.rewrapped
                 ),
                 None => {}
             }
+            Ok(())
+        }
+        Command::GrantCustody { cache_id, admin } => {
+            let mut client = lattice::admin::connect(admin.control_plane, &admin.admin_dir)?;
+            let r = client
+                .grant_custody(pb::GrantCustodyRequest { cache_id })
+                .await
+                .map_err(lattice::admin::refused)?
+                .into_inner();
+            println!("{}", render_custody(&r));
             Ok(())
         }
         Command::Pending { admin } => {
@@ -765,4 +785,11 @@ fn connect(
 
 fn admin_refused(s: tonic::Status) -> anyhow::Error {
     lattice::admin::refused(s)
+}
+
+fn render_custody(r: &pb::GrantCustodyResponse) -> String {
+    format!(
+        "{} holds the secrets of its region: {} secret(s) sealed to it",
+        r.cache_id, r.secrets
+    )
 }

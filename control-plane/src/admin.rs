@@ -51,6 +51,27 @@ pub(crate) fn revocation_region(r: &lattice_shared::revocation::Revocation) -> S
     }
 }
 
+/// The id of a cache (`spiffe://TD/cache/REGION/NAME`).
+pub(crate) fn parse_cache_id(s: &str) -> Result<SpiffeId, Error> {
+    let id = SpiffeId::parse(s).map_err(|e| Error::InvalidArgument(format!("cache_id: {e}")))?;
+    if id.role() != Role::Cache {
+        return Err(Error::InvalidArgument(format!(
+            "{id} is not a cache id (spiffe://TD/cache/REGION/NAME)"
+        )));
+    }
+    Ok(id)
+}
+
+/// The admin action a join token for `id` is: a cache is a new authority
+/// (`EnrolCache`), an agent is not (`CreateJoinToken`).
+pub(crate) fn join_token_action(id: &SpiffeId) -> lattice_shared::policy::AdminAction {
+    if id.role() == Role::Cache {
+        lattice_shared::policy::AdminAction::EnrolCache
+    } else {
+        lattice_shared::policy::AdminAction::CreateJoinToken
+    }
+}
+
 pub(crate) fn parse_admin_request(
     r: &pb::IssueAdminCertificateRequest,
 ) -> Result<(SpiffeId, AdminAttributes), Error> {

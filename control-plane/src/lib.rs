@@ -289,6 +289,13 @@ impl App {
         join::create(&self.state, id, ttl)
     }
 
+    /// Grants a cache custody of its region's secrets as the control plane
+    /// itself, recorded as granted by `by`: the in-process form of
+    /// `Admin.GrantCustody` for harnesses, without an admin decision.
+    pub fn grant_custody(&self, cache_id: &SpiffeId, by: &SpiffeId) -> Result<u32, Error> {
+        Ok(self.state.grant_custody(cache_id, by, None)?.1)
+    }
+
     /// Commits a revocation durably (the in-process form of `Admin.Revoke`).
     pub fn revoke(
         &self,

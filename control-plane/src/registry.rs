@@ -1,6 +1,8 @@
 //! The registry of enrolled caches: each cache's certificates (intermediate
-//! CA, TLS, token signing, newest last) and its HPKE key, issued from CSRs
-//! and kept durably so the JWKS and secret distribution can read them.
+//! CA, TLS, token signing, newest last), its HPKE key and its custody,
+//! issued from CSRs and kept durably so the JWKS and secret distribution can
+//! read them. Enrolment makes a cache an authority for tokens; only a
+//! custodian's grant (`HoldSecret`) makes it a holder of secrets.
 
 use std::time::Duration;
 
@@ -32,6 +34,52 @@ pub struct CacheRecord {
     /// X25519 key the cache receives sealed secrets with (empty: none yet).
     #[serde(default, with = "lattice_shared::serde_b64")]
     pub hpke_public_key: Vec<u8>,
+    /// Whether the cache may be sealed secrets. Records from before custody
+    /// was a decision read as `Legacy` (held as they were).
+    #[serde(default = "Custody::legacy")]
+    pub custody: Custody,
+}
+
+/// A cache's custody of secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Custody {
+    /// Enrolled before custody was a decision: a holder as before.
+    Legacy,
+    /// Enrolled, and no custodian has granted custody: sealed nothing.
+    Pending,
+    /// A custodian granted it (the admin, and whoever approved).
+    Granted {
+        by: String,
+        #[serde(default)]
+        approved_by: Option<String>,
+        at_unix_ms: i64,
+    },
+}
+
+impl Custody {
+    fn legacy() -> Self {
+        Custody::Legacy
+    }
+    /// Whether the cache is sealed the secrets of its region.
+    pub fn holds(&self) -> bool {
+        !matches!(self, Custody::Pending)
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Custody::Legacy => "legacy",
+            Custody::Pending => "pending",
+            Custody::Granted { .. } => "granted",
+        }
+    }
+}
+
+/// How a certification treats custody: a new enrolment (a new join token,
+/// perhaps a new machine) waits for a custodian again; a renewal keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Certify {
+    Enrolment,
+    Renewal,
 }
 
 /// A cache's certificate requests, each checked as a CSR.
@@ -63,6 +111,7 @@ impl State {
         cache_id: &SpiffeId,
         csrs: &CacheCsrs,
         hpke_public_key: &[u8],
+        how: Certify,
     ) -> Result<CacheRecord, Error> {
         if !hpke_public_key.is_empty() {
             lattice_shared::envelope::check_public_key(hpke_public_key).map_err(|_| {
@@ -104,8 +153,13 @@ impl State {
         } else {
             hpke_public_key.to_vec()
         };
+        let custody = match (how, previous.as_ref()) {
+            (Certify::Renewal, Some(p)) => p.custody.clone(),
+            _ => Custody::Pending,
+        };
         let record = CacheRecord {
             id: cache_id.clone(),
+            custody,
             hpke_public_key,
             enrolled_at_unix: previous
                 .map(|p| p.enrolled_at_unix)
@@ -118,6 +172,45 @@ impl State {
             .put_json(T_CACHES, cache_id.as_str().as_bytes(), &record)?;
         metrics::counter!("lattice_cp_cache_certifications_total").increment(1);
         Ok(record)
+    }
+
+    /// Grants `cache_id` custody of the secrets of its region and seals
+    /// them to it. Returns the record and how many secrets it now holds.
+    pub fn grant_custody(
+        &self,
+        cache_id: &SpiffeId,
+        by: &SpiffeId,
+        approved_by: Option<&SpiffeId>,
+    ) -> Result<(CacheRecord, u32), Error> {
+        let Some(mut record) = self.cache_record(cache_id)? else {
+            return Err(Error::NotFound(format!("{cache_id} is not enrolled")));
+        };
+        if self.log.revocations().is_cache_revoked(cache_id) {
+            return Err(Error::FailedPrecondition(format!(
+                "{cache_id} has been revoked"
+            )));
+        }
+        if !matches!(record.custody, Custody::Granted { .. }) {
+            record.custody = Custody::Granted {
+                by: by.to_string(),
+                approved_by: approved_by.map(|a| a.to_string()),
+                at_unix_ms: self.clock.now_unix_ms(),
+            };
+            self.store
+                .put_json(T_CACHES, cache_id.as_str().as_bytes(), &record)?;
+        }
+        self.reconcile_secrets()?;
+        let held = self
+            .secret_records()?
+            .iter()
+            .filter(|r| {
+                !r.deleted
+                    && r.published
+                        .as_ref()
+                        .is_some_and(|p| p.holders.iter().any(|h| h == cache_id.as_str()))
+            })
+            .count();
+        Ok((record, u32::try_from(held).unwrap_or(u32::MAX)))
     }
 
     /// A cache may be named only by names no other server of the lattice
@@ -153,5 +246,22 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_from_before_custody_read_as_legacy_holders() {
+        let json = r#"{"id":"spiffe://t/cache/eu/c","enrolled_at_unix":1,"ca_cert":"","tls_cert":"","signing_certs":[]}"#;
+        let r: CacheRecord = serde_json::from_str(json).expect("an old record");
+        assert_eq!(r.custody, Custody::Legacy);
+        assert!(r.custody.holds());
+        assert!(!Custody::Pending.holds());
+        let again: CacheRecord =
+            serde_json::from_str(&serde_json::to_string(&r).expect("json")).expect("round trip");
+        assert_eq!(again.custody, Custody::Legacy);
     }
 }

@@ -630,13 +630,18 @@ impl State {
         )?)
     }
 
-    /// Caches that may hold a secret of `regions`: (id, HPKE public key).
+    /// Caches that may hold a secret of `regions`: (id, HPKE public key);
+    /// only caches a custodian granted custody (or enrolled before custody).
     fn holders(&self, regions: &[String]) -> Result<Vec<(String, Vec<u8>)>, Error> {
         let revoked = self.log.revocations();
         let mut out: Vec<(String, Vec<u8>)> = self
             .caches()?
             .into_iter()
-            .filter(|c| !c.hpke_public_key.is_empty() && !revoked.is_cache_revoked(&c.id))
+            .filter(|c| {
+                c.custody.holds()
+                    && !c.hpke_public_key.is_empty()
+                    && !revoked.is_cache_revoked(&c.id)
+            })
             .filter(|c| {
                 regions
                     .iter()

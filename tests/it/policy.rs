@@ -15,7 +15,7 @@ use lattice_shared::proto as pb;
 use prost::Message;
 use tonic::Code;
 
-use common::AUDIENCE;
+use common::{AUDIENCE, refusal};
 
 #[test]
 fn the_built_in_example_bundle_is_the_one_in_deploy() {
@@ -26,13 +26,6 @@ fn the_built_in_example_bundle_is_the_one_in_deploy() {
     );
     let (_, report) = lattice_shared::policy::check(&lattice::example_bundle(), 1).expect("passes");
     assert!(report.passed.len() >= 20, "{report}");
-}
-
-fn refusal(e: &lattice_edge_agent::Error) -> (Code, String) {
-    match e {
-        lattice_edge_agent::Error::Refused { code, message } => (*code, message.clone()),
-        other => panic!("expected a refusal, got {other}"),
-    }
 }
 
 /// `files` with `name` replaced (or added).

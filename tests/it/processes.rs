@@ -51,6 +51,11 @@ fn binaries_run_alone_from_their_configuration() {
     );
     let ann = certify("ann", "auditor");
 
+    // The cache's join token, while the default bundle lets the bootstrap
+    // admin make it alone (the example bundle's EnrolCache wants two).
+    let cache_id = "spiffe://lattice.local/cache/eu/proc-cache";
+    let cmd = cache_command(d, cp_addr, cache_id, &admin);
+
     // Policy as code from the CLI: validate and test offline, push (the
     // default bundle lets the bootstrap admin do it alone), list history.
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policies/example");
@@ -81,8 +86,6 @@ fn binaries_run_alone_from_their_configuration() {
         "nothing changes against the version in force: {out}"
     );
 
-    let cache_id = "spiffe://lattice.local/cache/eu/proc-cache";
-    let cmd = cache_command(d, cp_addr, cache_id, &admin);
     let (_cache, cache_addr) = spawn_listening(cmd);
 
     let agent_id = "spiffe://lattice.local/agent/eu/proc-agent";
@@ -192,6 +195,16 @@ fn binaries_run_alone_from_their_configuration() {
     assert!(
         out.contains("active v1") && out.contains("approved by spiffe://lattice.local/admin/dave"),
         "{out}"
+    );
+    // The new cache holds it only once a custodian grants it custody.
+    let out = run_ok(&mut as_admin(&carol, &["grant-custody", cache_id]));
+    assert!(out.contains("1 secret(s) sealed to it"), "{out}");
+    let status = run_ok(Command::new(bin("lattice")).arg("status").args(admin));
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("proc-cache") && l.contains(" granted ")),
+        "{status}"
     );
     let mut lease = Command::new(bin("lattice-agent"));
     lease

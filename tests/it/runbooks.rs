@@ -123,6 +123,35 @@ async fn compromised_cache() {
     .await;
     report("compromised-cache", t0.elapsed());
     l.stop_cache(0).await.expect("taken down");
+
+    // Step 4: a replacement holds no secret until a custodian grants it.
+    l.add_cache_without_custody("eu", "cache-3")
+        .await
+        .expect("the replacement enrols");
+    let id = lattice::harness::Lattice::cache_id("eu", "cache-3");
+    let custody = |s: &pb::StatusResponse| {
+        s.caches
+            .iter()
+            .find(|c| c.cache_id == id)
+            .map(|c| c.custody.clone())
+    };
+    let status = admin.status(pb::StatusRequest {}).await.expect("status");
+    assert_eq!(custody(status.get_ref()).as_deref(), Some("pending"));
+    let mut carol = l
+        .admin(
+            "carol",
+            &[lattice_shared::policy::AdminRole::SecretCustodian],
+            &[],
+        )
+        .expect("custodian");
+    carol
+        .grant_custody(pb::GrantCustodyRequest {
+            cache_id: id.clone(),
+        })
+        .await
+        .expect("lattice grant-custody");
+    let status = admin.status(pb::StatusRequest {}).await.expect("status");
+    assert_eq!(custody(status.get_ref()).as_deref(), Some("granted"));
 }
 
 #[tokio::test]

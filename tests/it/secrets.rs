@@ -6,6 +6,7 @@
 //! through a webhook rotator (including a failed check rolling back).
 
 use crate::common;
+use crate::common::refusal;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -60,13 +61,6 @@ async fn put(
 async fn settle(l: &Lattice) {
     let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
-}
-
-fn refusal(e: &lattice_edge_agent::Error) -> (Code, String) {
-    match e {
-        lattice_edge_agent::Error::Refused { code, message } => (*code, message.clone()),
-        other => panic!("expected a refusal, got {other}"),
-    }
 }
 
 /// Every file under `dir`, recursively.

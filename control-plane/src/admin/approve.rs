@@ -153,7 +153,12 @@ impl Service {
                 let rev = parse_revocation(r.revocation.as_ref())?;
                 R::Revoke(self.exec_revoke(&requester, allowed, rev).await?)
             }
-            AdminAction::CreateJoinToken => {
+            AdminAction::HoldSecret => {
+                let r = pb::GrantCustodyRequest::decode(payload.as_slice()).map_err(bad)?;
+                let cache = super::parse_cache_id(&r.cache_id)?;
+                R::Custody(self.exec_grant_custody(&requester, allowed, cache).await?)
+            }
+            AdminAction::CreateJoinToken | AdminAction::EnrolCache => {
                 let r = pb::CreateJoinTokenRequest::decode(payload.as_slice()).map_err(bad)?;
                 let jid = SpiffeId::parse(&r.id)
                     .map_err(|e| Error::InvalidArgument(format!("id: {e}")))?;

@@ -102,6 +102,29 @@ impl Service {
         })
     }
 
+    pub(crate) async fn exec_grant_custody(
+        &self,
+        by: &Caller,
+        allowed: Allowed,
+        cache_id: SpiffeId,
+    ) -> Result<pb::GrantCustodyResponse, Error> {
+        let state = self.state.clone();
+        let (by_id, approved_by, id) =
+            (by.id.clone(), allowed.approved_by.clone(), cache_id.clone());
+        let (record, secrets) =
+            blocking(move || state.grant_custody(&id, &by_id, approved_by.as_ref())).await?;
+        tracing::info!(admin = %by.id, approved_by = ?allowed.approved_by.map(|a| a.to_string()), cache_id = %cache_id, secrets, "cache granted custody of its region's secrets");
+        let at = match record.custody {
+            crate::registry::Custody::Granted { at_unix_ms, .. } => at_unix_ms,
+            _ => 0,
+        };
+        Ok(pb::GrantCustodyResponse {
+            cache_id: cache_id.to_string(),
+            granted_at_unix_ms: at,
+            secrets,
+        })
+    }
+
     pub(crate) async fn exec_issue_admin(
         &self,
         by: &Caller,

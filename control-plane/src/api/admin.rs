@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status};
 
 use super::{Service, blocking, encode};
 use crate::admin::{
-    SecretOutcome, bundle_of, check_message, check_name, parse_admin_request, parse_revocation,
-    region_of, revocation_region,
+    SecretOutcome, bundle_of, check_message, check_name, join_token_action, parse_admin_request,
+    parse_cache_id, parse_revocation, region_of, revocation_region,
 };
 use crate::{Error, approval, join};
 
@@ -27,9 +27,28 @@ impl Admin for Service {
         let id = SpiffeId::parse(&r.id).map_err(|e| Error::InvalidArgument(format!("id: {e}")))?;
         let summary = format!("create a join token for {id}");
         let allowed = self
+            .gate(&c, join_token_action(&id), &region_of(&id), "", &r, summary)
+            .await?;
+        Ok(Response::new(
+            self.exec_join_token(&c, allowed, id, r.ttl_secs).await?,
+        ))
+    }
+
+    async fn grant_custody(
+        &self,
+        req: Request<pb::GrantCustodyRequest>,
+    ) -> Result<Response<pb::GrantCustodyResponse>, Status> {
+        let c = self.caller(&req)?;
+        let r = req.into_inner();
+        let id = parse_cache_id(&r.cache_id)?;
+        let summary = format!(
+            "grant {id} custody of the secrets of region {}",
+            region_of(&id)
+        );
+        let allowed = self
             .gate(
                 &c,
-                AdminAction::CreateJoinToken,
+                AdminAction::HoldSecret,
                 &region_of(&id),
                 "",
                 &r,
@@ -37,7 +56,7 @@ impl Admin for Service {
             )
             .await?;
         Ok(Response::new(
-            self.exec_join_token(&c, allowed, id, r.ttl_secs).await?,
+            self.exec_grant_custody(&c, allowed, id).await?,
         ))
     }
 
@@ -69,6 +88,7 @@ impl Admin for Service {
                     revoked: revoked.is_cache_revoked(&c.id),
                     policy_version: link.policy_version,
                     max_staleness_ms: link.max_staleness_ms,
+                    custody: c.custody.name().to_string(),
                     // 0 means never fresh; a fresh cache reads at least 1.
                     staleness_ms: if link.fresh_at_ms == 0 {
                         0

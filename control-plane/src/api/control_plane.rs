@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Service, blocking, require_role};
 use crate::join::{self, Redemption};
-use crate::registry::CacheCsrs;
+use crate::registry::{CacheCsrs, Certify};
 use crate::{CacheRecord, Error, State};
 
 /// An X25519 public key, or none (a cache that does not take secrets).
@@ -94,11 +94,12 @@ impl ControlPlane for Service {
                     requested_id: requested.as_ref(),
                 },
             )?;
-            let record = state.certify_cache(&id, &csrs, &hpke)?;
-            tracing::info!(cache_id = %id, "cache enrolled");
-            // A new holder: seal it the secrets of its region. Best effort:
-            // the token is spent and the cache enrolled; the next change (or
-            // restart) reconciles again.
+            let record = state.certify_cache(&id, &csrs, &hpke, Certify::Enrolment)?;
+            tracing::info!(cache_id = %id, "cache enrolled; it holds no secret until a custodian grants custody (lattice grant-custody)");
+            // Not a holder yet (custody is a custodian's decision); a cache
+            // enrolled again under an id that held secrets stops holding
+            // them. Best effort: the token is spent and the cache enrolled;
+            // the next change (or restart) reconciles again.
             if let Err(e) = state.reconcile_secrets() {
                 tracing::error!(cache_id = %id, error = %e, "sealing secrets to the new cache failed");
             }
@@ -147,7 +148,7 @@ impl ControlPlane for Service {
                 )));
             }
             let old_key = record.hpke_public_key.clone();
-            let record = state.certify_cache(&peer.id, &csrs, &hpke)?;
+            let record = state.certify_cache(&peer.id, &csrs, &hpke, Certify::Renewal)?;
             if record.hpke_public_key != old_key
                 && let Err(e) = state.reconcile_secrets()
             {

@@ -56,6 +56,10 @@ impl Engine {
             }
         }
         for action in AdminAction::ALL {
+            // Bundles from before an action decide it as its predecessor.
+            if action.predecessor().is_some() && !self.declares_action(action.name()) {
+                continue;
+            }
             let Ok(principal) = SpiffeId::parse(&format!("{td}/admin/a")) else {
                 continue;
             };
@@ -111,6 +115,56 @@ mod tests {
         assert!(!old.contains("granted_roles"), "{old}");
         let files = with(&[(SCHEMA_FILE, &old)]);
         Engine::compile(&files, 2).expect("a bundle released before the grant fields loads");
+    }
+
+    #[test]
+    fn a_schema_from_before_enrol_cache_decides_it_as_create_join_token() {
+        let old = lattice_schema_text().replace(",\n         EnrolCache, HoldSecret", "");
+        assert!(!old.contains("EnrolCache, HoldSecret"), "{old}");
+        let policies = include_str!("../../policies/default/lattice.cedar")
+            .replace("    Lattice::Action::\"EnrolCache\",\n", "")
+            .replace(",\n    Lattice::Action::\"EnrolCache\"", "")
+            .replace("    Lattice::Action::\"HoldSecret\",\n", "");
+        assert!(!policies.contains("EnrolCache") && !policies.contains("HoldSecret"));
+        let files = with(&[(SCHEMA_FILE, &old), ("lattice.cedar", &policies)]);
+        let engine = Engine::compile(&files, 2).expect("an older bundle loads");
+        assert!(!engine.declares_action("EnrolCache"));
+        let req = |roles: Vec<AdminRole>, action| AdminRequest {
+            principal: SpiffeId::parse("spiffe://lattice.invalid/admin/a").expect("id"),
+            roles,
+            regions: vec![],
+            action,
+            resource: String::new(),
+            target_region: "eu".into(),
+            source_ip: IpAddr::from([127, 0, 0, 1]),
+            approvals: vec![],
+            hour_utc: 12,
+            weekday: 1,
+            grant: AdminGrant::default(),
+        };
+        // The default bundle lets platform admins make join tokens and
+        // custodians rotate KMS keys: its predecessors decide.
+        for (roles, action, allowed) in [
+            (
+                vec![AdminRole::PlatformAdmin],
+                AdminAction::EnrolCache,
+                true,
+            ),
+            (vec![AdminRole::Auditor], AdminAction::EnrolCache, false),
+            (
+                vec![AdminRole::SecretCustodian],
+                AdminAction::HoldSecret,
+                true,
+            ),
+            (
+                vec![AdminRole::PlatformAdmin],
+                AdminAction::HoldSecret,
+                false,
+            ),
+        ] {
+            let o = engine.decide_admin(&req(roles.clone(), action));
+            assert_eq!(o.allowed, allowed, "{roles:?} {action:?}: {o:?}");
+        }
     }
 
     #[test]

@@ -257,6 +257,12 @@ impl Engine {
     pub fn version(&self) -> u64 {
         self.version
     }
+
+    /// Whether the bundle's schema declares the action `name`.
+    pub fn declares_action(&self, name: &str) -> bool {
+        let uid = action_uid(name);
+        self.schema.actions().any(|a| a == &uid)
+    }
     pub fn sha256(&self) -> [u8; 32] {
         self.sha256
     }
@@ -582,6 +588,14 @@ impl Engine {
     }
 
     pub fn decide_admin(&self, req: &AdminRequest) -> Outcome {
+        if let Some(earlier) = req.action.predecessor()
+            && !self.declares_action(req.action.name())
+        {
+            return self.decide_admin(&AdminRequest {
+                action: earlier,
+                ..req.clone()
+            });
+        }
         match self.admin_parts(req, false, true) {
             Ok((request, entities)) => {
                 let slice = request

@@ -62,10 +62,14 @@ pub enum AdminAction {
     Approve,
     ReadStatus,
     ReadAudit,
+    /// A join token for a cache: a new authority in a region.
+    EnrolCache,
+    /// Custody: a cache is sealed the secrets of its region.
+    HoldSecret,
 }
 
 impl AdminAction {
-    pub const ALL: [AdminAction; 12] = [
+    pub const ALL: [AdminAction; 14] = [
         AdminAction::PushPolicy,
         AdminAction::RollbackPolicy,
         AdminAction::ReadPolicy,
@@ -78,6 +82,8 @@ impl AdminAction {
         AdminAction::Approve,
         AdminAction::ReadStatus,
         AdminAction::ReadAudit,
+        AdminAction::EnrolCache,
+        AdminAction::HoldSecret,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -93,6 +99,20 @@ impl AdminAction {
             AdminAction::Approve => "Approve",
             AdminAction::ReadStatus => "ReadStatus",
             AdminAction::ReadAudit => "ReadAudit",
+            AdminAction::EnrolCache => "EnrolCache",
+            AdminAction::HoldSecret => "HoldSecret",
+        }
+    }
+
+    /// For an action added after bundles already released: what a bundle
+    /// whose schema does not declare it decides instead (what those bundles
+    /// decided that call as): a cache join token was a `CreateJoinToken`;
+    /// custody, new, is a custodian's act like a KMS key rotation.
+    pub fn predecessor(self) -> Option<AdminAction> {
+        match self {
+            AdminAction::EnrolCache => Some(AdminAction::CreateJoinToken),
+            AdminAction::HoldSecret => Some(AdminAction::RotateKmsKey),
+            _ => None,
         }
     }
     pub(super) fn resource_type(self) -> &'static str {

@@ -135,3 +135,82 @@ async fn platform_admins_cannot_certify_a_secret_custodian_even_two_together() {
         .await
         .expect("dave approves");
 }
+
+/// A platform admin (the default bundle lets one make a cache join token
+/// alone) enrols a stock cache to read the `*` secrets: the cache enrols
+/// and serves tokens, but is sealed nothing until a custodian grants it
+/// custody, which the platform admin cannot do.
+#[tokio::test]
+async fn a_platform_admin_enrolling_a_cache_reads_no_secret() {
+    let (mut l, _clock) = lattice_with(Spec {
+        secrets: vec!["openai".into()],
+        ..Spec::default()
+    })
+    .await;
+    put_secret_applied(&l, "openai", b"sk-everywhere", &["*"]).await;
+    let mut alice = l.bootstrap_admin().expect("bootstrap admin");
+    let rogue_id = lattice::harness::Lattice::cache_id("ap", "rogue");
+    let token = alice
+        .create_join_token(pb::CreateJoinTokenRequest {
+            id: rogue_id.clone(),
+            ttl_secs: 0,
+        })
+        .await
+        .expect("one platform admin makes a cache join token")
+        .into_inner()
+        .token;
+    l.add_cache_with_token("ap", "rogue", token)
+        .await
+        .expect("the rogue cache enrols and becomes fresh");
+    let x = l
+        .add_agent("ap", "x")
+        .await
+        .expect("an agent at the rogue cache");
+    l.agents[x]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("the cache serves tokens");
+    let e = l.agents[x]
+        .lease_secret("openai", 0, None)
+        .await
+        .expect_err("the cache holds no secret");
+    let (code, msg) = refusal(&e);
+    assert_eq!(code, Code::NotFound, "{msg}");
+    let status = alice
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let rogue = status
+        .caches
+        .iter()
+        .find(|c| c.cache_id == rogue_id)
+        .expect("listed");
+    assert_eq!(rogue.custody, "pending");
+
+    // The platform admin cannot grant custody, the custodian can.
+    let grant = || pb::GrantCustodyRequest {
+        cache_id: rogue_id.clone(),
+    };
+    let s = alice
+        .grant_custody(grant())
+        .await
+        .expect_err("platform admins never grant custody");
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+    let mut carol = l
+        .admin("carol", &[AdminRole::SecretCustodian], &[])
+        .expect("carol");
+    let r = carol
+        .grant_custody(grant())
+        .await
+        .expect("a custodian grants custody")
+        .into_inner();
+    assert_eq!(r.secrets, 1);
+    let head = l.cp().event_log().head();
+    l.wait_all_applied(head).await.expect("applied");
+    let lease = l.agents[x]
+        .lease_secret("openai", 0, None)
+        .await
+        .expect("now the cache holds it");
+    assert_eq!(&lease.value[..], b"sk-everywhere");
+}

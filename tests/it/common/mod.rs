@@ -182,3 +182,11 @@ pub async fn put_secret_applied(l: &Lattice, name: &str, value: &[u8], regions: 
     let head = l.cp().event_log().head();
     l.wait_all_applied(head).await.expect("applied");
 }
+
+/// The code and message of an agent call the cache refused.
+pub fn refusal(e: &lattice_edge_agent::Error) -> (tonic::Code, String) {
+    match e {
+        lattice_edge_agent::Error::Refused { code, message } => (*code, message.clone()),
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
