@@ -20,6 +20,9 @@ mod revoke;
 pub mod rotation;
 mod secrets;
 mod sync;
+/// Parsers of peer input, for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub use crate::sync::fuzzing;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

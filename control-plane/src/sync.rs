@@ -5,6 +5,8 @@
 //! the same stream are ingested by `audit_ingest`.
 
 mod audit_ingest;
+#[doc(hidden)]
+pub use audit_ingest::fuzzing;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

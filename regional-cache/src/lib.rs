@@ -47,6 +47,10 @@ pub use crate::error::{Error, Refused};
 pub use crate::identity::Identity;
 use crate::replica::Replica;
 
+/// Parsers of peer and disk input, for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub use crate::replica::fuzzing;
+
 pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug)]

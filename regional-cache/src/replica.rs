@@ -494,6 +494,107 @@ fn accept_release(
     lattice_shared::policy::Engine::compile(&verified.files, version).map_err(|e| e.to_string())
 }
 
+/// The cache's handling of events from the control plane and from its own
+/// disk, for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+    use lattice_shared::clock::SystemClock;
+    use lattice_shared::store::MemStore;
+
+    /// Decodes `bytes` as an `EventBatch` received on `Sync` and applies it
+    /// as the sync loop does (enforce, then persist), then reloads the
+    /// replica from what was stored. Never panics; errors are fine.
+    pub fn apply_event_batch(bytes: &[u8]) {
+        let Ok(batch) = pb::EventBatch::decode(bytes) else {
+            return;
+        };
+        let store: SharedStore = MemStore::shared();
+        let Some(replica) = new(&store) else { return };
+        if replica.enforce(&batch.events, 1).is_ok() {
+            let _ = replica.persist(&store, &batch.events);
+        }
+        let _ = new(&store);
+    }
+
+    /// Decodes `bytes` as a sequence of length-delimited `SyncDown`
+    /// messages and handles each as the sync loop does: events are enforced
+    /// and persisted, pongs answer a ping just sent, audit acks trim an
+    /// outbox holding a few records. Never panics; errors are fine.
+    pub fn sync_down(mut bytes: &[u8]) {
+        use lattice_shared::proto::sync_down::Msg;
+        let store: SharedStore = MemStore::shared();
+        let Some(replica) = new(&store) else { return };
+        let Ok(outbox) = crate::outbox::Outbox::open(store.clone(), 64, SystemClock::shared())
+        else {
+            return;
+        };
+        for i in 0..4u8 {
+            outbox.record(vec![b'{', b'"', b'a' + i, b'"', b':', b'1', b'}']);
+        }
+        let _ = outbox.flush_now();
+        let rng = SystemRandom::new();
+        while let Ok(down) = pb::SyncDown::decode_length_delimited(&mut bytes) {
+            match down.msg {
+                Some(Msg::Events(batch)) => {
+                    if replica
+                        .enforce(&batch.events, replica.applied() + 1)
+                        .is_ok()
+                    {
+                        let _ = replica.persist(&store, &batch.events);
+                    }
+                }
+                Some(Msg::Pong(mut pong)) => {
+                    pong.ping_id = replica.new_ping(&rng).ping_id;
+                    replica.on_pong(&pong);
+                    let _ = replica.checkpoint();
+                    let _ = replica.staleness_ms();
+                }
+                Some(Msg::AuditAck(a)) => {
+                    let _ = outbox.ack(a.upto);
+                }
+                Some(Msg::Heartbeat(_)) | None => {}
+            }
+            if bytes.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// Loads a replica from a store whose event 1 holds `bytes` (a damaged
+    /// or hostile data directory). Never panics; errors are fine.
+    pub fn load_stored_event(bytes: &[u8]) {
+        let store: SharedStore = MemStore::shared();
+        let writes = vec![
+            Write {
+                tree: T_EVENTS,
+                key: seq_key(1).to_vec(),
+                value: Some(bytes.to_vec()),
+            },
+            Write {
+                tree: T_META,
+                key: APPLIED_KEY.to_vec(),
+                value: Some(1u64.to_be_bytes().to_vec()),
+            },
+        ];
+        if store.apply(writes).is_ok() {
+            let _ = new(&store);
+        }
+    }
+
+    fn new(store: &SharedStore) -> Option<Replica> {
+        let id = lattice_shared::id::SpiffeId::parse("spiffe://fuzz.test/cache/eu/c1").ok()?;
+        Replica::load(
+            id,
+            store,
+            SystemClock::shared(),
+            Duration::from_secs(5),
+            None,
+        )
+        .ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

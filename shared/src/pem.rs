@@ -24,12 +24,16 @@ pub fn encode_certs<'a>(ders: impl IntoIterator<Item = &'a [u8]>) -> String {
 
 /// All certificates in a PEM file, in order.
 pub fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect();
-    let certs = certs.map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_certs(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// All certificates in PEM text, in order (at least one).
+pub fn parse_certs(text: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(text).collect();
+    let certs = certs.map_err(|e| e.to_string())?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate found", path.display()));
+        return Err("no certificate found".into());
     }
     Ok(certs.into_iter().map(|c| c.to_vec()).collect())
 }

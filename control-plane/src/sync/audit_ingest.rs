@@ -150,7 +150,11 @@ pub fn prepare<'a>(
                 "record {seq} is larger than {MAX_AUDIT_RECORD_BYTES} bytes"
             )));
         }
-        let mut rec: crate::detect::Record<'a> = serde_json::from_slice(r).map_err(|e| {
+        // UTF-8 first: serde skips the values of fields it does not read
+        // without checking them, and the leaf must be JSON all through.
+        let text = std::str::from_utf8(r)
+            .map_err(|e| Error::InvalidArgument(format!("record {seq} is not UTF-8 JSON: {e}")))?;
+        let mut rec: crate::detect::Record<'a> = serde_json::from_str(text).map_err(|e| {
             Error::InvalidArgument(format!("record {seq} is not an audit record: {e}"))
         })?;
         if !KINDS.contains(&&*rec.kind) {
@@ -341,6 +345,41 @@ pub async fn worker(
     "stream closed".into()
 }
 
+/// The control plane's reading of audit batches from caches, for the fuzz
+/// targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use prost::Message;
+
+    use super::*;
+
+    /// Decodes `bytes` as an `AuditBatch` from the `eu` cache `c1`, prepares
+    /// it after `hwm`, and checks what must hold of every accepted record:
+    /// its leaf is a JSON object that names the sender and the record's
+    /// number, and nothing else can claim otherwise. Panics only when that
+    /// fails.
+    pub fn audit_batch(hwm: u64, bytes: &[u8]) {
+        let Ok(batch) = pb::AuditBatch::decode(bytes) else {
+            return;
+        };
+        let Ok(cache) = SpiffeId::parse("spiffe://fuzz.test/cache/eu/c1") else {
+            return;
+        };
+        let Ok(p) = prepare(&cache, hwm, &batch) else {
+            return;
+        };
+        assert_eq!(p.leaves.len(), p.observed.len());
+        for (leaf, rec) in p.leaves.iter().zip(&p.observed) {
+            let v: serde_json::Value =
+                serde_json::from_slice(leaf).expect("an accepted record's leaf is JSON");
+            assert_eq!(v["cache"], cache.as_str(), "the leaf names its sender");
+            assert_eq!(v["cache_seq"], rec.seq, "the leaf names its number");
+            assert_eq!(v["kind"], &*rec.kind, "detection reads what the leaf says");
+            assert_eq!(v["agent"].as_str().unwrap_or(""), &*rec.agent);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,5 +467,21 @@ mod tests {
             prepare(&c, 0, &batch(0, &[ok])).is_err(),
             "numbers start at 1"
         );
+    }
+
+    /// Found by the `sync_up` fuzz target: serde skips an unknown field's
+    /// value without checking its UTF-8, so such a record became a leaf of
+    /// the audit log that no JSON reader can read.
+    #[test]
+    fn a_record_that_is_not_utf8_is_refused_even_in_a_field_nobody_reads() {
+        let c = SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id");
+        let mut r = br#"{"kind":"issued","note":"x"}"#.to_vec();
+        let at = r.iter().position(|b| *b == b'x').expect("x");
+        r[at] = 0x87;
+        let b = pb::AuditBatch {
+            first: 1,
+            records: vec![r],
+        };
+        assert!(prepare(&c, 0, &b).is_err());
     }
 }

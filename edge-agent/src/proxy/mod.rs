@@ -828,3 +828,22 @@ fn new_request_id() -> String {
     }
     hex::encode(b)
 }
+
+/// The proxy's parsers of untrusted input, for the fuzz targets in `fuzz/`
+/// (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::net::SocketAddr;
+
+    /// Where a request would be routed (`host[:port]` and path), or why not.
+    pub fn request_target<B>(req: &http::Request<B>) -> Result<(String, String), String> {
+        super::route::Target::of(req).map(|t| (t.key, t.path_and_query.to_string()))
+    }
+
+    /// The uid owning the socket `sock` -> `remote` in a `/proc/net/tcp`
+    /// table.
+    #[cfg(target_os = "linux")]
+    pub fn socket_owner(table: &str, sock: SocketAddr, remote: SocketAddr) -> Option<u32> {
+        super::peer_uid::socket_owner(table, sock, remote)
+    }
+}

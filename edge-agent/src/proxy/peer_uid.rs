@@ -47,7 +47,7 @@ pub(super) async fn caller_uid(peer: SocketAddr, local: SocketAddr) -> Result<u3
 /// Finds the socket whose local address is `sock` and remote address `remote`
 /// in a `/proc/net/tcp` or `/proc/net/tcp6` table, and returns its uid.
 #[cfg(target_os = "linux")]
-fn socket_owner(table: &str, sock: SocketAddr, remote: SocketAddr) -> Option<u32> {
+pub(super) fn socket_owner(table: &str, sock: SocketAddr, remote: SocketAddr) -> Option<u32> {
     let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let (sock, remote) = (canon(sock), canon(remote));
     table.lines().skip(1).find_map(|line| {
