@@ -335,6 +335,7 @@ fn main() -> ExitCode {
         _ => "info",
     };
     lattice_shared::telemetry::init_tracing(cli.log_json, level);
+    lattice_shared::admission::raise_fd_limit();
     lattice_shared::tls::install_crypto_provider();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -74,6 +74,10 @@ impl From<Error> for Status {
                 | PkiError::BadName(_)
                 | PkiError::Scope(_)),
             ) => Status::invalid_argument(e.to_string()),
+            Error::Store(StoreError::Stopped) => Status::unavailable(
+                "the control-plane's store stopped after a failed fsync: the outcome of this request \
+                 is unknown; retry against a restarted control-plane",
+            ),
             other => {
                 // Internals stay in our logs, not in the peer's hands.
                 tracing::error!(error = %other, "control-plane request failed");

@@ -41,6 +41,7 @@ async fn main() -> ExitCode {
     };
     cfg.reissue_bootstrap = cli.reissue_bootstrap;
     lattice_shared::telemetry::init_tracing(cfg.log_json, "info");
+    lattice_shared::admission::start_process("lattice-cp");
     lattice_shared::tls::install_crypto_provider();
     match run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -87,6 +87,7 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     lattice_shared::telemetry::init_tracing(cfg.log_json, "info");
+    lattice_shared::admission::start_process("lattice-agent");
     lattice_shared::tls::install_crypto_provider();
     match run(cfg, cli.command).await {
         Ok(()) => ExitCode::SUCCESS,

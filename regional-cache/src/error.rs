@@ -200,6 +200,10 @@ impl From<Error> for Status {
                 tracing::error!(error = %other, "certificate issuance failed");
                 Status::internal("certificate issuance failed; see cache logs")
             }
+            Error::Store(StoreError::Stopped) => Status::unavailable(
+                "the cache's store stopped after a failed fsync: the outcome of this request \
+                 is unknown; retry against a restarted cache",
+            ),
             other => {
                 tracing::error!(error = %other, "request failed");
                 Status::internal("internal error; see cache logs")

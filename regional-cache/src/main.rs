@@ -36,6 +36,7 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     lattice_shared::telemetry::init_tracing(cfg.log_json, "info");
+    lattice_shared::admission::start_process("lattice-cache");
     lattice_shared::tls::install_crypto_provider();
     match run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,6 +50,7 @@ pub mod proto {
     }
 }
 
+pub mod admission;
 pub mod backoff;
 pub mod chunk;
 pub mod clock;

@@ -13,11 +13,12 @@ use std::time::{Duration, SystemTime};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 
+pub use crate::admission::Admission;
 use crate::clock::SharedClock;
 use crate::id::SpiffeId;
 use crate::limits;
@@ -152,45 +153,47 @@ fn identity_of(conn: &rustls::ServerConnection) -> Option<Arc<PeerIdentity>> {
     Some(Arc::new(PeerIdentity { id, cert, issuer }))
 }
 
-/// Limits on connections without a client certificate (enrolment and the
-/// public JWKS only): they get a small budget of their own and a short life,
-/// so that nobody can hold every slot without credentials.
-#[derive(Debug, Clone, Copy)]
-pub struct AnonymousLimits {
-    pub max_connections: usize,
-    pub max_age: Duration,
-}
-
-impl Default for AnonymousLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: limits::MAX_ANONYMOUS_CONNECTIONS,
-            max_age: limits::ANONYMOUS_MAX_AGE,
-        }
-    }
-}
+/// How long a connection without a client certificate (enrolment and the
+/// public JWKS only) may live: nobody can hold a slot for long without
+/// credentials. Their number is capped by [`Admission`].
+pub const ANONYMOUS_MAX_AGE: Duration = limits::ANONYMOUS_MAX_AGE;
 
 /// Accepts TCP connections, runs TLS handshakes off the accept loop (bounded
-/// in time and number) and yields ready connections.
+/// in time and, through the process's [`Admission`], in number overall and
+/// per source) and yields ready connections.
 /// `kill` turning true ends every connection at its next I/O.
 pub fn tls_incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     kill: tokio::sync::watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
-    tls_incoming_with(listener, tls, kill, AnonymousLimits::default())
+    tls_incoming_with(listener, tls, kill, Admission::process(), ANONYMOUS_MAX_AGE)
+}
+
+/// Counts a refused connection and logs why, at most once a second per
+/// process (a flood must not become a log flood).
+fn refused(remote: SocketAddr, why: &'static str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOG_SECS: AtomicU64 = AtomicU64::new(0);
+    metrics::counter!("lattice_connections_refused_total", "reason" => why).increment(1);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if LAST_LOG_SECS.swap(now, Ordering::Relaxed) != now {
+        tracing::warn!(peer = %remote, reason = why, "connection refused (logged at most once a second)");
+    }
 }
 
 pub fn tls_incoming_with(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     kill: tokio::sync::watch::Receiver<bool>,
-    anonymous: AnonymousLimits,
+    admission: Arc<Admission>,
+    anonymous_max_age: Duration,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(limits::ACCEPT_QUEUE);
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
-    let anon_permits = Arc::new(Semaphore::new(anonymous.max_connections));
     let mut stop = kill.clone();
     tokio::spawn(async move {
         loop {
@@ -209,16 +212,26 @@ pub fn tls_incoming_with(
                     continue;
                 }
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                metrics::counter!("lattice_connections_refused_total", "reason" => "limit")
-                    .increment(1);
-                continue; // drop: over the connection cap
+            // Over a cap: the connection is closed at once (dropped here).
+            let permit = match admission.connection() {
+                Ok(p) => p,
+                Err(r) => {
+                    refused(remote, r.label());
+                    continue;
+                }
+            };
+            let handshake = match admission.handshake(remote.ip()) {
+                Ok(h) => h,
+                Err(r) => {
+                    refused(remote, r.label());
+                    continue;
+                }
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let mut kill = kill.clone();
-            let anon_permits = anon_permits.clone();
+            let admission = admission.clone();
             tokio::spawn(async move {
                 // A handshake in flight must not keep a stopped server's
                 // state (its TLS configuration) alive either.
@@ -226,16 +239,15 @@ pub fn tls_incoming_with(
                     hs = tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => hs,
                     _ = until_true(&mut kill) => return,
                 };
+                drop(handshake);
                 let tls = match hs {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        tracing::debug!(peer = %remote, error = %e, "TLS handshake failed");
-                        metrics::counter!("lattice_tls_handshake_failures_total").increment(1);
+                        handshake_failed(remote, &e.to_string());
                         return;
                     }
                     Err(_) => {
-                        tracing::debug!(peer = %remote, "TLS handshake timed out");
-                        metrics::counter!("lattice_tls_handshake_failures_total").increment(1);
+                        handshake_failed(remote, "timed out");
                         return;
                     }
                 };
@@ -243,16 +255,18 @@ pub fn tls_incoming_with(
                 let killed: Pin<Box<dyn Future<Output = ()> + Send>> = if identity.is_some() {
                     Box::pin(async move { until_true(&mut kill).await })
                 } else {
-                    let Ok(anon) = anon_permits.try_acquire_owned() else {
-                        metrics::counter!("lattice_connections_refused_total", "reason" => "anonymous_limit")
-                            .increment(1);
-                        return;
+                    let anon = match admission.anonymous(remote.ip()) {
+                        Ok(a) => a,
+                        Err(r) => {
+                            refused(remote, r.label());
+                            return;
+                        }
                     };
                     Box::pin(async move {
                         let _anon = anon;
                         tokio::select! {
                             _ = until_true(&mut kill) => {}
-                            _ = tokio::time::sleep(anonymous.max_age) => {}
+                            _ = tokio::time::sleep(anonymous_max_age) => {}
                         }
                     })
                 };
@@ -272,6 +286,24 @@ pub fn tls_incoming_with(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Counts a failed handshake and logs its reason (a revoked or expired
+/// client certificate, a wrong trust domain, a timeout), at most once a
+/// second per process.
+fn handshake_failed(remote: SocketAddr, why: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOG_SECS: AtomicU64 = AtomicU64::new(0);
+    metrics::counter!("lattice_tls_handshake_failures_total").increment(1);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if LAST_LOG_SECS.swap(now, Ordering::Relaxed) != now {
+        tracing::info!(peer = %remote, reason = why, "TLS handshake failed (logged at most once a second)");
+    } else {
+        tracing::debug!(peer = %remote, reason = why, "TLS handshake failed");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -446,11 +478,15 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (_kill, kill_rx) = tokio::sync::watch::channel(false);
-        let limits = AnonymousLimits {
-            max_connections: 1,
-            max_age: Duration::from_millis(300),
-        };
-        let mut incoming = tls_incoming_with(listener, server, kill_rx, limits);
+        let mut limits = crate::admission::AdmissionLimits::for_fd_limit(1024);
+        limits.max_anonymous = 1;
+        let mut incoming = tls_incoming_with(
+            listener,
+            server,
+            kill_rx,
+            Admission::new(limits),
+            Duration::from_millis(300),
+        );
         let connector = TlsConnector::from(
             crate::tls::client_config(bundle, clock, ExpectedServer::ControlPlane, None)
                 .expect("client tls"),

@@ -9,8 +9,7 @@
 //! Keys are namespaced by tree; components version their key encoding
 //! ([`SCHEMA_KEY`]) so that data can outlive a change of backend.
 
-use std::collections::BTreeMap;
-use std::fs::File;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +24,10 @@ pub enum StoreError {
     Injected,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A flush or fsync failed earlier: the store accepts no more writes,
+    /// and the outcome of the writes in flight then is unknown.
+    #[error("the store stopped after a failed fsync; the outcome of the write is unknown")]
+    Stopped,
 }
 
 impl From<sled::Error> for StoreError {
@@ -149,9 +152,30 @@ pub struct SledStore {
     dir: PathBuf,
     /// Incremented after each write is applied to sled.
     applied: AtomicU64,
-    /// Held while syncing; holds the highest `applied` value known durable.
-    synced: Mutex<u64>,
+    /// Held while syncing: the highest `applied` value known durable, and
+    /// the handles of sled's files (opened once, fsynced in place).
+    synced: Mutex<Synced>,
     fsyncs: AtomicU64,
+    /// Set when a flush or fsync failed: nothing more is written or synced.
+    failed: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Synced {
+    upto: u64,
+    files: DirSync,
+}
+
+/// What a binary does when its store cannot make a write durable: the
+/// store itself stops accepting writes; the binaries also exit, as
+/// PostgreSQL does, because the kernel may already have dropped the dirty
+/// pages (retrying the fsync would report success for data that is gone).
+static FATAL_HOOK: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Installs what runs when a store fails to make a write durable (the
+/// binaries: log and exit). Without one, the store only stops writing.
+pub fn set_fatal_hook(hook: fn(&str)) {
+    let _ = FATAL_HOOK.set(hook);
 }
 
 impl std::fmt::Debug for SledStore {
@@ -170,12 +194,14 @@ impl SledStore {
             // own periodic flusher would only add background work.
             .flush_every_ms(None)
             .open()?;
+        let files = DirSync::open(dir)?;
         Ok(Arc::new(Self {
             db,
             dir: dir.to_owned(),
             applied: AtomicU64::new(0),
-            synced: Mutex::new(0),
+            synced: Mutex::new(Synced { upto: 0, files }),
             fsyncs: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
         }))
     }
 
@@ -188,55 +214,163 @@ impl SledStore {
         Ok(self.db.open_tree(name)?)
     }
 
+    /// Refuses to write once a flush or fsync has failed.
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Stopped);
+        }
+        Ok(())
+    }
+
     /// Makes every write applied so far durable, sharing one fsync among the
-    /// writers that wait here at the same time.
+    /// writers that wait here at the same time. A failure is never retried:
+    /// the store stops (see [`set_fatal_hook`]).
     fn make_durable(&self) -> Result<(), StoreError> {
         let mine = self.applied.load(Ordering::SeqCst);
         let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-        if *synced >= mine {
+        self.writable()?;
+        if synced.upto >= mine {
             return Ok(());
         }
         let target = self.applied.load(Ordering::SeqCst);
-        self.db.flush()?;
-        sync_dir_files(&self.dir)?;
+        let result = self
+            .db
+            .flush()
+            .map_err(StoreError::from)
+            .and_then(|_| synced.files.sync().map_err(StoreError::from));
+        if let Err(e) = result {
+            self.failed.store(true, Ordering::SeqCst);
+            let why = format!(
+                "{}: making writes durable failed ({e}); the store accepts no more writes \
+                 and what the failed writes changed may or may not be on disk",
+                self.dir.display()
+            );
+            tracing::error!(error = %e, dir = %self.dir.display(), "fsync failed: store stopped");
+            if let Some(hook) = FATAL_HOOK.get() {
+                hook(&why);
+            }
+            return Err(StoreError::Stopped);
+        }
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
-        *synced = target;
+        synced.upto = target;
         Ok(())
     }
 }
 
-/// fsyncs every regular file below `dir` (sled keeps a handful, plus blob
-/// files for large pages), then the directories themselves so that new
-/// files' entries are durable too. A file sled removes meanwhile (an
-/// obsolete blob) needs no sync: its removal is made durable by the
-/// directory's.
-fn sync_dir_files(dir: &Path) -> Result<(), StoreError> {
-    fn gone(e: &std::io::Error) -> bool {
-        e.kind() == std::io::ErrorKind::NotFound
+/// The regular files below a directory (sled keeps a handful, plus blob
+/// files for large pages), kept open and fsynced in place, then the
+/// directories themselves so that new files' entries are durable too: a
+/// commit opens no file, except once for a file it has not seen before. A
+/// file sled removes meanwhile (an obsolete blob) needs no sync: its
+/// removal is made durable by the directory's; its handle is dropped.
+#[derive(Debug)]
+struct DirSync {
+    dir: rustix::fs::Dir,
+    /// name → (inode, handle): a name that now names another file is
+    /// reopened.
+    files: HashMap<Vec<u8>, (u64, std::os::fd::OwnedFd)>,
+    subdirs: HashMap<Vec<u8>, (u64, DirSync)>,
+}
+
+impl DirSync {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        use rustix::fs::{Mode, OFlags};
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Self::from_fd(fd)
     }
-    for entry in std::fs::read_dir(dir)? {
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) if gone(&e) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let ty = match entry.file_type() {
-            Ok(t) => t,
-            Err(e) if gone(&e) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if ty.is_file() {
-            match File::open(entry.path()) {
-                Ok(f) => f.sync_all()?,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(e.into()),
+
+    fn from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        Ok(Self {
+            dir: rustix::fs::Dir::new(fd)?,
+            files: HashMap::new(),
+            subdirs: HashMap::new(),
+        })
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+        use rustix::io::Errno;
+        self.dir.rewind();
+        let mut files = HashMap::with_capacity(self.files.len());
+        let mut subdirs = HashMap::with_capacity(self.subdirs.len());
+        while let Some(entry) = self.dir.read() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
             }
-        } else if ty.is_dir() {
-            sync_dir_files(&entry.path())?;
+            let dirfd = self.dir.fd()?;
+            let mut ty = entry.file_type();
+            if ty == FileType::Unknown {
+                match rustix::fs::statat(dirfd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => ty = FileType::from_raw_mode(st.st_mode),
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let ino = entry.ino();
+            match ty {
+                FileType::RegularFile => {
+                    let fd = match self.files.remove(name) {
+                        Some((i, fd)) if i == ino => fd,
+                        _ => match rustix::fs::openat(
+                            dirfd,
+                            entry.file_name(),
+                            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                            Mode::empty(),
+                        ) {
+                            Ok(fd) => fd,
+                            Err(Errno::NOENT) => continue,
+                            Err(e) => return Err(e.into()),
+                        },
+                    };
+                    files.insert(name.to_vec(), (ino, fd));
+                }
+                FileType::Directory => {
+                    let sub = match self.subdirs.remove(name) {
+                        Some((i, d)) if i == ino => d,
+                        _ => match rustix::fs::openat(
+                            dirfd,
+                            entry.file_name(),
+                            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                            Mode::empty(),
+                        ) {
+                            Ok(fd) => DirSync::from_fd(fd)?,
+                            Err(Errno::NOENT) => continue,
+                            Err(e) => return Err(e.into()),
+                        },
+                    };
+                    subdirs.insert(name.to_vec(), (ino, sub));
+                }
+                _ => {}
+            }
         }
+        self.files = files;
+        self.subdirs = subdirs;
+        for (_, fd) in self.files.values() {
+            rustix::fs::fsync(fd)?;
+        }
+        for (_, sub) in self.subdirs.values_mut() {
+            sub.sync()?;
+        }
+        rustix::fs::fsync(self.dir.fd()?)?;
+        Ok(())
     }
-    File::open(dir)?.sync_all()?;
-    Ok(())
+
+    /// Handles held (for tests: a commit opens nothing new).
+    #[cfg(test)]
+    fn handles(&self) -> usize {
+        self.files.len()
+            + self
+                .subdirs
+                .values()
+                .map(|(_, d)| 1 + d.handles())
+                .sum::<usize>()
+    }
 }
 
 impl Store for SledStore {
@@ -251,6 +385,7 @@ impl Store for SledStore {
 
     fn apply_unsynced(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         use sled::Transactional;
+        self.writable()?;
         // One tree: a batch is atomic in sled and far cheaper than a
         // transaction (which takes every tree's lock and buffers the writes).
         if let Some(first) = writes.first()
@@ -303,6 +438,7 @@ impl Store for SledStore {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
+        self.writable()?;
         let swapped = self
             .tree(tree)?
             .compare_and_swap(key, expected, new)?
@@ -605,6 +741,49 @@ mod tests {
         }
         assert_eq!(s.scan_prefix("t", b"", 1000).expect("scan").len(), 200);
         assert!(s.fsync_count() <= 200);
+    }
+
+    #[test]
+    fn commits_fsync_the_files_opened_once() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store.put("t", b"a", b"1").expect("put");
+        let fds = |s: &SledStore| {
+            let g = s.synced.lock().expect("lock");
+            let mut v: Vec<i32> = g.files.files.values().map(|(_, f)| f.as_raw_fd()).collect();
+            v.sort_unstable();
+            (v, g.files.handles())
+        };
+        let (before, n) = fds(&store);
+        assert!(n > 0, "sled's files are held");
+        for i in 0..50u32 {
+            store.put("t", &i.to_be_bytes(), b"x").expect("put");
+        }
+        assert_eq!(fds(&store).0, before, "no file was reopened");
+        assert_eq!(store.fsync_count(), 51);
+    }
+
+    #[test]
+    fn a_failed_fsync_stops_the_store_for_good() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store.put("t", b"a", b"1").expect("put");
+        // What a failed fsync leaves behind.
+        store.failed.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            store.put("t", b"b", b"2"),
+            Err(StoreError::Stopped)
+        ));
+        assert!(matches!(
+            store.compare_and_swap("t", b"a", Some(b"1"), Some(b"3")),
+            Err(StoreError::Stopped)
+        ));
+        assert_eq!(store.get("t", b"b").expect("get"), None, "nothing applied");
+        assert_eq!(
+            store.get("t", b"a").expect("get").as_deref(),
+            Some(&b"1"[..])
+        );
     }
 
     #[test]
