@@ -646,3 +646,279 @@ fn cache_command(
         .env("LATTICE_CACHE_JOIN_TOKEN", token.trim());
     cmd
 }
+
+/// `cmd` run under a file-descriptor limit of `n` (soft and hard), as on a
+/// host whose limit is the usual 1,024 and cannot be raised.
+fn under_fd_limit(cmd: &Command, n: u32) -> Command {
+    let mut c = Command::new("prlimit");
+    c.arg(format!("--nofile={n}:{n}"))
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// Keeps `n` idle TCP connections to each of `addrs` open from 127.0.0.2
+/// (never a TLS byte), as an attacker would: a connection the server
+/// closes is opened again (at most 200 a round, every 100 ms), until the
+/// flood is dropped.
+struct Flood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(addrs: &[std::net::SocketAddr], n: usize) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let total = addrs.len() * n;
+        let addrs = addrs.to_vec();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut conns: Vec<(std::net::SocketAddr, Option<std::net::TcpStream>)> = addrs
+                .iter()
+                .flat_map(|a| std::iter::repeat_n(*a, n))
+                .map(|a| (a, connect_from_127_0_0_2(a)))
+                .collect();
+            let opened = conns.iter().filter(|c| c.1.is_some()).count();
+            let _ = ready_tx.send(opened);
+            while !flag.load(Ordering::SeqCst) {
+                let mut budget = 200;
+                for (addr, c) in conns.iter_mut() {
+                    let closed = match c {
+                        Some(s) => {
+                            let mut b = [0u8; 1];
+                            !matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                        }
+                        None => true,
+                    };
+                    if closed && budget > 0 {
+                        budget -= 1;
+                        *c = connect_from_127_0_0_2(*addr);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let opened = ready_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the flood starts");
+        assert!(
+            opened >= total * 95 / 100,
+            "the flood connected: {opened} of {total}"
+        );
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A blocking connect from 127.0.0.2 (tokio's socket API, driven on a
+/// throwaway current-thread runtime).
+fn connect_from_127_0_0_2(addr: std::net::SocketAddr) -> Option<std::net::TcpStream> {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    });
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().ok()?;
+        s.bind("127.0.0.2:0".parse().ok()?).ok()?;
+        let tcp = tokio::time::timeout(std::time::Duration::from_secs(2), s.connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        let s = tcp.into_std().ok()?;
+        s.set_nonblocking(true).ok()?;
+        Some(s)
+    })
+}
+
+/// Issue #18: about 1,000 idle TCP connections exhausted a 1,024 fd limit
+/// (the cap was 4,096 and handshakes held their descriptor for 10 s), so
+/// the control plane could not commit a revocation and a cache could not
+/// keep its audit records. Under a 1,024 limit and 2,000 idle connections
+/// from another address, to each of them, an admin's revocation commits
+/// over a new and over an existing connection, and mints succeed with
+/// their audit records kept.
+#[test]
+fn an_fd_flood_from_one_address_stalls_neither_revocations_nor_mints() {
+    // This process holds the 4,000 flooding sockets.
+    lattice_shared::admission::raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cp_cfg = write(
+        &d.join("cp.toml"),
+        &format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            d.join("cp").display()
+        ),
+    );
+    let mut cmd = Command::new(bin("lattice-cp"));
+    cmd.args(["--config", cp_cfg.to_str().expect("utf8")]);
+    let (_cp, cp_addr, cp_log) = spawn_logging(under_fd_limit(&cmd, 1024));
+    let admin_dir = d.join("cp/admin");
+    let admin = [
+        "--control-plane",
+        &cp_addr.to_string(),
+        "--admin-dir",
+        admin_dir.to_str().expect("utf8"),
+    ];
+    let cmd = cache_command(
+        d,
+        cp_addr,
+        "spiffe://lattice.local/cache/eu/flood-cache",
+        &admin,
+    );
+    let ann = d.join("ann");
+    run_ok(
+        Command::new(bin("lattice"))
+            .args(["admin-cert", "issue", "--role", "auditor"])
+            .args(["--id", "spiffe://lattice.local/admin/ann"])
+            .args(["--out", ann.to_str().expect("utf8")])
+            .args(admin),
+    );
+    // The default bundle and the audience minted for below.
+    let bundle = d.join("bundle");
+    std::fs::create_dir(&bundle).expect("mkdir");
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("shared/policies/default");
+    for f in std::fs::read_dir(&default).expect("default bundle") {
+        let f = f.expect("entry").path();
+        std::fs::copy(&f, bundle.join(f.file_name().expect("name"))).expect("copy");
+    }
+    write(
+        &bundle.join("entities.json"),
+        r#"[{"uid":{"type":"Lattice::Audience","id":"https://api.example.com"},
+             "attrs":{"scopes":["read"],"labels":[]},"parents":[]}]"#,
+    );
+    write(&bundle.join("tests.json"), "[]");
+    run_ok(
+        Command::new(bin("lattice"))
+            .args(["policy", "push", bundle.to_str().expect("utf8")])
+            .args(["-m", "flood test"])
+            .args(admin),
+    );
+    let (_cache, cache_addr, _cache_log) = spawn_logging(under_fd_limit(&cmd, 1024));
+    common::eventually_blocking(
+        "the cache becomes fresh",
+        std::time::Duration::from_secs(30),
+        || {
+            run_ok(Command::new(bin("lattice")).arg("status").args(admin))
+                .lines()
+                .any(|l| l.contains("flood-cache") && l.ends_with("fresh"))
+        },
+    );
+    let agent_id = "spiffe://lattice.local/agent/eu/flood-agent";
+    let token = run_ok(
+        Command::new(bin("lattice"))
+            .args(["join-token", "create", "--id", agent_id])
+            .args(admin),
+    );
+    let agent_cfg = write(
+        &d.join("agent.toml"),
+        &format!(
+            "id = \"{agent_id}\"\ncache = \"{cache_addr}\"\ndata_dir = \"{}\"\nroot_ca = \"{}\"\n",
+            d.join("agent").display(),
+            d.join("cp/root.crt").display()
+        ),
+    );
+    let mint = |token: Option<&str>| {
+        let mut c = Command::new(bin("lattice-agent"));
+        c.args(["--config", agent_cfg.to_str().expect("utf8")])
+            .args(["token", "--audience", "https://api.example.com"])
+            .args(["--scope", "read"])
+            .env("RUST_LOG", "warn");
+        if let Some(t) = token {
+            c.env("LATTICE_AGENT_JOIN_TOKEN", t);
+        }
+        let jwt = run_ok(&mut c);
+        use base64::Engine;
+        let body = jwt.trim().split('.').nth(1).expect("a JWS").to_owned();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(body)
+                .expect("b64"),
+        )
+        .expect("json");
+        claims["jti"].as_str().expect("jti").to_owned()
+    };
+    let mut jtis = vec![mint(Some(token.trim()))];
+
+    // An admin connection opened before the flood.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut existing = rt.block_on(async {
+        let mut c = lattice::admin::connect(cp_addr, &admin_dir).expect("admin client");
+        c.status(lattice_shared::proto::StatusRequest::default())
+            .await
+            .expect("status before the flood");
+        c
+    });
+
+    let flood = Flood::start(&[cp_addr, cache_addr], 2000);
+
+    // The control plane closes what is over its caps (and says so).
+    let why = wait_for_line(&cp_log, "connection refused", &['\n']);
+    assert!(why.contains("source_handshake_limit"), "{why}");
+
+    // Over an existing and over a new connection, the revocation commits.
+    let revoke = |jti: &str| lattice_shared::proto::RevokeRequest {
+        revocation: Some(lattice_shared::proto::Revocation {
+            target: Some(lattice_shared::proto::revocation::Target::Jti(jti.into())),
+            reason: "flood test".into(),
+        }),
+    };
+    let committed = rt
+        .block_on(existing.revoke(revoke("flood-existing")))
+        .expect("a revocation over the existing connection commits")
+        .into_inner();
+    assert!(committed.seq > 0);
+    let out = run_ok(
+        Command::new(bin("lattice"))
+            .args(["revoke", "token", "flood-new"])
+            .args(admin),
+    );
+    assert!(!out.trim().is_empty());
+    // Mints over new connections to the flooded cache succeed.
+    for _ in 0..10 {
+        jtis.push(mint(None));
+    }
+    // Every mint's audit record reaches the control plane's log.
+    common::eventually_blocking(
+        "every mint's audit record is in the log",
+        std::time::Duration::from_secs(30),
+        || {
+            let log = run_ok(
+                Command::new(bin("lattice"))
+                    .args(["audit", "query", "--kind", "issued", "--subject", agent_id])
+                    .args(["--control-plane", &cp_addr.to_string()])
+                    .args(["--admin-dir", ann.to_str().expect("utf8")]),
+            );
+            let missing: Vec<&String> = jtis.iter().filter(|j| !log.contains(j.as_str())).collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing {missing:?}"))
+            }
+        },
+    );
+    drop(flood);
+}
