@@ -22,7 +22,7 @@ use lattice_shared::policy::{AdminAttributes, AdminRole, BundleFiles};
 use lattice_shared::proto as pb;
 
 use crate::Error;
-pub(crate) use gate::{check_message, region_of};
+pub(crate) use gate::{DenialLimiter, check_message, region_of};
 pub(crate) use secrets::{SecretOutcome, check_name};
 
 pub(crate) fn bundle_of(r: &pb::PushPolicyRequest) -> Result<BundleFiles, Error> {

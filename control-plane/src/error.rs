@@ -42,6 +42,8 @@ pub enum Error {
     /// A failure whose message is safe to show the peer as is.
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl From<Error> for Status {
@@ -63,6 +65,7 @@ impl From<Error> for Status {
                 status
             }
             Error::Internal(m) => Status::internal(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Kms(m) => {
                 tracing::error!(error = %m, "KMS call failed");
                 Status::unavailable("the KMS is unavailable; see control-plane logs")

@@ -95,6 +95,8 @@ pub(crate) struct State {
     pub alerts: tokio::sync::broadcast::Sender<detect::Alert>,
     /// Turns true when the control plane stops; long-lived streams end then.
     pub stopping: watch::Receiver<bool>,
+    /// Denied admin calls recorded per principal (a trail write each).
+    pub denials: admin::DenialLimiter,
 }
 
 /// Refuses revoked caches (and anything they issued) at the TLS handshake.
@@ -180,6 +182,7 @@ impl App {
             links: sync::Links::default(),
             checkpoints: sync::Checkpoints::default(),
             stopping: rx.clone(),
+            denials: admin::DenialLimiter::default(),
         });
         std::fs::create_dir_all(&state.cfg.data_dir)?;
         let root_pem = state.cfg.data_dir.join("root.crt");

@@ -123,27 +123,48 @@ impl Service {
     }
 
     /// A read: allowed outright or denied.
-    pub(crate) fn gate_read(&self, c: &Caller, action: AdminAction) -> Result<(), Error> {
+    pub(crate) async fn gate_read(&self, c: &Caller, action: AdminAction) -> Result<(), Error> {
         let engine = self.state.policy.current();
         let outcome = engine.decide_admin(&self.admin_request(c, action, "", "", vec![]));
         if outcome.allowed {
             return Ok(());
         }
         tracing::warn!(admin = %c.id, action = action.name(), policy_version = outcome.version, "admin action denied");
-        Err(self.record_denial(c, action, &outcome, ""))
+        Err(self.record_denial(c, action, &outcome, "").await)
     }
 
-    /// Writes a denial to the admin trail (in place: reads do not wait on a
-    /// worker) and returns the refusal the caller sees.
-    fn record_denial(
+    /// Writes a denial to the admin trail (on the blocking pool: the fsync
+    /// must not stall the runtime) and returns the refusal the caller sees.
+    /// A principal past its budget of denials is refused without a trail
+    /// write (`RESOURCE_EXHAUSTED`), so that a certificate with no rights
+    /// cannot turn denials into an fsync flood; the skipped ones are
+    /// counted and the next recorded denial says how many.
+    async fn record_denial(
         &self,
         c: &Caller,
         action: AdminAction,
         outcome: &lattice_shared::policy::Outcome,
         summary: &str,
     ) -> Error {
-        let r = self.trail_record(c, action, admin_trail::Outcome::Denied, outcome, summary);
-        if let Err(e) = admin_trail::record(&self.state, &r) {
+        let now = self.state.clock.monotonic();
+        let skipped = match self.state.denials.admit(&c.id, now) {
+            Ok(skipped) => skipped,
+            Err(()) => {
+                metrics::counter!("lattice_admin_denials_unrecorded_total").increment(1);
+                return Error::ResourceExhausted(format!(
+                    "{} is denied too often; slow down (denials past {} a second are refused \
+                     unrecorded)",
+                    c.id, DENIALS_PER_SEC
+                ));
+            }
+        };
+        let summary = if skipped > 0 {
+            format!("{summary} ({skipped} earlier denials over the rate limit were not recorded)")
+        } else {
+            summary.to_string()
+        };
+        let r = self.trail_record(c, action, admin_trail::Outcome::Denied, outcome, &summary);
+        if let Err(e) = self.trail(r).await {
             tracing::error!(error = %e, "writing the admin trail failed");
             return Error::Internal("internal error; see control-plane logs".into());
         }
@@ -152,7 +173,7 @@ impl Service {
 
     /// Whether `c` could do `action` at all, with an approval if need be
     /// (a cheap refusal before expensive preparation; `gate` decides).
-    pub(crate) fn may_ever(
+    pub(crate) async fn may_ever(
         &self,
         c: &Caller,
         action: AdminAction,
@@ -165,7 +186,7 @@ impl Service {
         }
         // Denied outright: recorded like any other denial.
         let outcome = engine.decide_admin(&req);
-        Err(self.record_denial(c, action, &outcome, resource))
+        Err(self.record_denial(c, action, &outcome, resource).await)
     }
 
     /// A change: allowed, or parked for a second admin, or denied.
@@ -202,15 +223,7 @@ impl Service {
         }
         if !engine.decide_admin(&with_any_approval(&req)).allowed {
             tracing::warn!(admin = %c.id, action = action.name(), policy_version = outcome.version, "admin action denied");
-            self.trail(self.trail_record(
-                c,
-                action,
-                admin_trail::Outcome::Denied,
-                &outcome,
-                &summary,
-            ))
-            .await?;
-            return Err(denial(c, action, &outcome));
+            return Err(self.record_denial(c, action, &outcome, &summary).await);
         }
         let state = self.state.clone();
         let (caller, target_region, resource, what) = (
@@ -269,4 +282,79 @@ fn denial(c: &Caller, action: AdminAction, outcome: &lattice_shared::policy::Out
         action.name(),
         outcome.denial()
     ))
+}
+
+/// Denials recorded per principal: a burst, then this many a second.
+pub(crate) const DENIALS_PER_SEC: u32 = 5;
+const DENIAL_BURST: f64 = 20.0;
+/// Principals tracked at most (the oldest idle ones are forgotten).
+const DENIAL_PRINCIPALS: usize = 10_000;
+
+/// A token bucket per principal over the monotonic clock.
+#[derive(Debug, Default)]
+pub(crate) struct DenialLimiter {
+    buckets: std::sync::Mutex<std::collections::HashMap<SpiffeId, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Duration,
+    skipped: u64,
+}
+
+impl DenialLimiter {
+    /// `Ok(denials skipped since the last recorded one)` when this denial
+    /// may be recorded, `Err` when the principal is over its budget.
+    pub(crate) fn admit(&self, who: &SpiffeId, now: std::time::Duration) -> Result<u64, ()> {
+        let mut g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= DENIAL_PRINCIPALS && !g.contains_key(who) {
+            // Forget the buckets that are full again (idle principals).
+            g.retain(|_, b| {
+                b.tokens + (now.saturating_sub(b.at)).as_secs_f64() * f64::from(DENIALS_PER_SEC)
+                    < DENIAL_BURST
+            });
+        }
+        let b = g.entry(who.clone()).or_insert(Bucket {
+            tokens: DENIAL_BURST,
+            at: now,
+            skipped: 0,
+        });
+        let refill = now.saturating_sub(b.at).as_secs_f64() * f64::from(DENIALS_PER_SEC);
+        b.tokens = (b.tokens + refill).min(DENIAL_BURST);
+        b.at = now;
+        if b.tokens < 1.0 {
+            b.skipped += 1;
+            return Err(());
+        }
+        b.tokens -= 1.0;
+        Ok(std::mem::take(&mut b.skipped))
+    }
+}
+
+#[cfg(test)]
+mod denial_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn denials_are_recorded_in_a_burst_then_at_a_rate_per_principal() {
+        let l = DenialLimiter::default();
+        let a = SpiffeId::parse("spiffe://t/admin/a").expect("id");
+        let b = SpiffeId::parse("spiffe://t/admin/b").expect("id");
+        let t0 = Duration::from_secs(100);
+        for _ in 0..20 {
+            assert_eq!(l.admit(&a, t0), Ok(0));
+        }
+        assert_eq!(l.admit(&a, t0), Err(()));
+        assert_eq!(l.admit(&a, t0), Err(()));
+        assert_eq!(
+            l.admit(&b, t0),
+            Ok(0),
+            "another principal has its own budget"
+        );
+        // A fifth of a second later, one more, which says two were skipped.
+        assert_eq!(l.admit(&a, t0 + Duration::from_millis(200)), Ok(2));
+        assert_eq!(l.admit(&a, t0 + Duration::from_millis(200)), Err(()));
+    }
 }

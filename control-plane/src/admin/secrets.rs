@@ -205,7 +205,7 @@ impl Service {
         check_regions(&regions)?;
         // Refuse early a caller who could never put (not even approved):
         // staging costs a KMS call.
-        self.may_ever(c, AdminAction::PutSecret, &r.name)?;
+        self.may_ever(c, AdminAction::PutSecret, &r.name).await?;
         let state = self.state.clone();
         let (name, value) = (r.name.clone(), zeroize::Zeroizing::new(r.value));
         let staged = blocking(move || state.secrets.stage(&name, &value)).await?;

@@ -65,7 +65,7 @@ impl Admin for Service {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadStatus)?;
+        self.gate_read(&c, AdminAction::ReadStatus).await?;
         let state = self.state.clone();
         let (caches, outstanding) =
             blocking(move || Ok((state.caches()?, join::outstanding(&state)?))).await?;
@@ -216,7 +216,7 @@ impl Admin for Service {
         req: Request<pb::PolicyHistoryRequest>,
     ) -> Result<Response<pb::PolicyHistoryResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadPolicy)?;
+        self.gate_read(&c, AdminAction::ReadPolicy).await?;
         Ok(Response::new(pb::PolicyHistoryResponse {
             versions: self
                 .state
@@ -234,7 +234,7 @@ impl Admin for Service {
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadPolicy)?;
+        self.gate_read(&c, AdminAction::ReadPolicy).await?;
         let v = req.get_ref().version;
         let state = self.state.clone();
         let (info, files) = blocking(move || state.policy.get(&state.log, v)).await?;
@@ -249,7 +249,7 @@ impl Admin for Service {
         req: Request<pb::ApproveRequest>,
     ) -> Result<Response<pb::ApproveResponse>, Status> {
         let approver = self.caller(&req)?;
-        self.gate_read(&approver, AdminAction::Approve)?;
+        self.gate_read(&approver, AdminAction::Approve).await?;
         let id = req.into_inner().request_id;
         Ok(Response::new(Service::approve(self, &approver, id).await?))
     }
@@ -259,7 +259,7 @@ impl Admin for Service {
         req: Request<pb::ListPendingRequest>,
     ) -> Result<Response<pb::ListPendingResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadStatus)?;
+        self.gate_read(&c, AdminAction::ReadStatus).await?;
         let state = self.state.clone();
         let now_unix = unix_secs(self.state.clock.now());
         let list = blocking(move || approval::list(&state.store, now_unix)).await?;
@@ -310,7 +310,7 @@ impl Admin for Service {
         req: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadStatus)?;
+        self.gate_read(&c, AdminAction::ReadStatus).await?;
         let state = self.state.clone();
         let secrets = blocking(move || {
             Ok(state
@@ -329,7 +329,7 @@ impl Admin for Service {
         req: Request<pb::SecretVersionsRequest>,
     ) -> Result<Response<pb::SecretVersionsResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadStatus)?;
+        self.gate_read(&c, AdminAction::ReadStatus).await?;
         let name = req.into_inner().name;
         check_name(&name)?;
         let state = self.state.clone();
@@ -436,7 +436,7 @@ impl Admin for Service {
         req: Request<pb::WatchAlertsRequest>,
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadAudit)?;
+        self.gate_read(&c, AdminAction::ReadAudit).await?;
         let mut alerts = self.state.alerts.subscribe();
         let mut stopping = self.state.stopping.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -480,7 +480,7 @@ impl Admin for Service {
         req: Request<pb::AuditEntriesRequest>,
     ) -> Result<Response<pb::AuditEntriesResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadAudit)?;
+        self.gate_read(&c, AdminAction::ReadAudit).await?;
         let r = req.into_inner();
         let state = self.state.clone();
         let (entries, tree_size) = blocking(move || {
@@ -501,7 +501,7 @@ impl Admin for Service {
         req: Request<pb::AuditTreeHeadsRequest>,
     ) -> Result<Response<pb::AuditTreeHeadsResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadAudit)?;
+        self.gate_read(&c, AdminAction::ReadAudit).await?;
         let state = self.state.clone();
         let heads = blocking(move || state.audit_log.heads()).await?;
         Ok(Response::new(pb::AuditTreeHeadsResponse { heads }))
@@ -512,7 +512,7 @@ impl Admin for Service {
         req: Request<pb::AuditProofRequest>,
     ) -> Result<Response<pb::AuditProofResponse>, Status> {
         let c = self.caller(&req)?;
-        self.gate_read(&c, AdminAction::ReadAudit)?;
+        self.gate_read(&c, AdminAction::ReadAudit).await?;
         let r = req.into_inner();
         let state = self.state.clone();
         let resp = blocking(move || {

@@ -369,7 +369,9 @@ async fn a_revoked_bootstrap_admin_is_not_minted_again_by_restarts() {
     );
     let refused = lattice::admin::connect(l.cp().local_addr(), &files.dir)
         .expect("client")
-        .status(pb::StatusRequest {})
+        .approve(pb::ApproveRequest {
+            request_id: "00".into(),
+        })
         .await;
     assert!(refused.is_err(), "the revoked admin is still refused");
 
@@ -387,6 +389,74 @@ async fn a_revoked_bootstrap_admin_is_not_minted_again_by_restarts() {
         .filter(|r| r.summary.contains("bootstrap admin"))
         .count();
     assert_eq!(mints, 1, "one minting, in the admin trail");
+    l.shutdown().await;
+}
+
+/// Issue #18: a denied admin call wrote and fsynced its trail record
+/// inline on the async runtime, for every call, so any admin certificate,
+/// even one with no roles, could turn a flood of denied calls into an
+/// fsync flood that stalls the runtime driving every Sync stream. Denials
+/// are now recorded (on the blocking pool) in a burst, then at a rate, per
+/// principal; the rest are refused `RESOURCE_EXHAUSTED` without a write,
+/// and the next recorded denial says how many were skipped.
+#[tokio::test]
+async fn a_flood_of_denied_admin_calls_is_rate_limited_per_principal() {
+    let (l, clock) = lattice().await;
+    // Auditors may not approve.
+    let auditor = [lattice_shared::policy::AdminRole::Auditor];
+    let nobody = l.admin("nobody", &auditor, &[]).expect("admin");
+    let trail = |who: &str| {
+        l.cp()
+            .admin_trail(100_000)
+            .expect("trail")
+            .into_iter()
+            .filter(|r| r.admin.ends_with(who))
+            .collect::<Vec<_>>()
+    };
+    let (mut denied, mut exhausted) = (0, 0);
+    for _ in 0..60 {
+        match nobody
+            .clone()
+            .approve(pb::ApproveRequest {
+                request_id: "00".into(),
+            })
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::PermissionDenied => denied += 1,
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => exhausted += 1,
+            other => panic!("an auditor approves: {other:?}"),
+        }
+    }
+    // The fake clock stands still: exactly the burst is recorded.
+    assert_eq!((denied, exhausted), (20, 40));
+    assert_eq!(trail("/nobody").len(), 20);
+    // Another principal has a budget of its own.
+    let other = l.admin("other", &auditor, &[]).expect("admin");
+    let e = other
+        .clone()
+        .approve(pb::ApproveRequest {
+            request_id: "00".into(),
+        })
+        .await
+        .expect_err("denied");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    // A second later the budget refills; the record counts what it skipped.
+    clock.advance(std::time::Duration::from_secs(1));
+    let e = nobody
+        .clone()
+        .approve(pb::ApproveRequest {
+            request_id: "00".into(),
+        })
+        .await
+        .expect_err("denied");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let recs = trail("/nobody");
+    assert_eq!(recs.len(), 21);
+    assert!(
+        recs.iter()
+            .any(|r| r.summary.contains("40 earlier denials")),
+        "{recs:#?}"
+    );
     l.shutdown().await;
 }
 
