@@ -19,11 +19,16 @@ pub enum Mode {
     /// Accept and hold connections but move no bytes (a silent partition);
     /// bytes held resume flowing when healed, as after a TCP partition.
     BlackHole,
+    /// Black-hole the connections opened before the `n`th (a lost NAT or
+    /// conntrack entry, a load-balancer failover); newer ones pass.
+    BlackHoleBefore(u64),
 }
 
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
+    /// Connections accepted so far (each is numbered from 0).
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
     mode: watch::Sender<Mode>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -34,6 +39,8 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (mode, rx) = watch::channel(Mode::Pass);
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -44,6 +51,7 @@ impl FaultProxy {
                     continue;
                 }
                 let rx = rx.clone();
+                let id = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
@@ -53,13 +61,18 @@ impl FaultProxy {
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
                     tokio::select! {
-                        _ = pump(ri, wo, rx.clone()) => {}
-                        _ = pump(ro, wi, rx) => {}
+                        _ = pump(ri, wo, rx.clone(), id) => {}
+                        _ = pump(ro, wi, rx, id) => {}
                     }
                 });
             }
         });
-        Ok(Self { addr, mode, task })
+        Ok(Self {
+            addr,
+            accepted,
+            mode,
+            task,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -70,6 +83,11 @@ impl FaultProxy {
     }
     pub fn mode(&self) -> Mode {
         *self.mode.borrow()
+    }
+    /// Black-holes every connection open now; new ones pass.
+    pub fn black_hole_existing(&self) {
+        let n = self.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        self.set(Mode::BlackHoleBefore(n));
     }
 }
 
@@ -84,7 +102,13 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    id: u64,
 ) {
+    let held = |m: Mode| match m {
+        Mode::BlackHole => true,
+        Mode::BlackHoleBefore(n) => id < n,
+        _ => false,
+    };
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // Hold while black-holed; end on drop.
@@ -92,7 +116,7 @@ async fn pump(
             let m = *mode.borrow_and_update();
             match m {
                 Mode::Drop => return,
-                Mode::BlackHole => {
+                m if held(m) => {
                     if mode.changed().await.is_err() {
                         return;
                     }
@@ -118,7 +142,7 @@ async fn pump(
             let m = *mode.borrow_and_update();
             match m {
                 Mode::Drop => return,
-                Mode::BlackHole => {
+                m if held(m) => {
                     if mode.changed().await.is_err() {
                         return;
                     }
@@ -127,7 +151,7 @@ async fn pump(
                     tokio::time::sleep(d).await;
                     break;
                 }
-                Mode::Pass => break,
+                _ => break,
             }
         }
         if to.write_all(&buf[..n]).await.is_err() {

@@ -264,6 +264,11 @@ impl CacheNode {
     pub fn heal(&self) {
         self.link.set(Mode::Pass);
     }
+    /// Silently cuts the connections to the control plane open now; new
+    /// ones work (a lost NAT entry, a load-balancer failover).
+    pub fn black_hole_existing_connections(&self) {
+        self.link.black_hole_existing();
+    }
 }
 
 pub struct Lattice {

@@ -335,7 +335,9 @@ fn main() -> ExitCode {
         _ => "info",
     };
     lattice_shared::telemetry::init_tracing(cli.log_json, level);
+    // `lattice dev` and the benchmarks run whole lattices in this process.
     lattice_shared::admission::raise_fd_limit();
+    lattice_shared::admission::exit_on_failed_fsync();
     lattice_shared::tls::install_crypto_provider();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

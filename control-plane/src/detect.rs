@@ -209,10 +209,19 @@ pub struct Record<'a> {
     pub seq: u64,
     /// Fields only the control plane writes: a record that carries them is
     /// refused.
-    #[serde(default, rename = "cache")]
+    /// Present whatever the value, `null` included.
+    #[serde(default, rename = "cache", deserialize_with = "present")]
     pub claimed_cache: Option<serde::de::IgnoredAny>,
-    #[serde(default, rename = "cache_seq")]
+    #[serde(default, rename = "cache_seq", deserialize_with = "present")]
     pub claimed_cache_seq: Option<serde::de::IgnoredAny>,
+}
+
+/// `Some` for a field that is there at all (`Option`'s own reading turns
+/// `null` into `None`, which would let a record carry `"cache":null`).
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde::de::IgnoredAny>, D::Error> {
+    <serde::de::IgnoredAny as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 impl Detector {

@@ -217,6 +217,8 @@ impl App {
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
             .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
+            .http2_keepalive_interval(Some(limits::HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(limits::HTTP2_KEEPALIVE_TIMEOUT))
             .timeout(limits::RPC_TIMEOUT)
             .layer(AuthGuardLayer::new(api::OPEN_PATHS))
             .add_service(

@@ -364,8 +364,7 @@ impl State {
     /// Fetches every cache's signing keys from the control plane.
     pub async fn refresh_jwks(&self) -> Result<(), Error> {
         let resp = self
-            .cp
-            .clone()
+            .cp()
             .jwks(pb::JwksRequest {})
             .await
             .map_err(|s| status_to_error("fetching the JWKS", s))?
@@ -410,8 +409,7 @@ impl State {
         }
         let (keys, csrs) = new_keys(&self.cfg.advertise)?;
         let resp = self
-            .cp
-            .clone()
+            .cp()
             .renew_ca(pb::RenewCaRequest {
                 csrs: Some(csrs),
                 hpke_public_key: self.hpke.public_bytes(),
@@ -455,8 +453,7 @@ impl State {
         requested_id: &str,
     ) -> Result<SpiffeId, Error> {
         let resp = self
-            .cp
-            .clone()
+            .cp()
             .redeem_join_token(pb::RedeemJoinTokenRequest {
                 token_sha256: token_sha256.to_vec(),
                 requested_id: requested_id.to_owned(),

@@ -53,6 +53,37 @@ pub use crate::replica::fuzzing;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// A client of the control plane at `addr` on a new (lazily dialled)
+/// channel.
+fn cp_client(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<ControlPlaneClient<Channel>, Error> {
+    Ok(ControlPlaneClient::new(
+        lattice_shared::net::channel(addr, tls).map_err(|e| Error::ControlPlane(e.to_string()))?,
+    )
+    .max_decoding_message_size(limits::MAX_SYNC_MESSAGE_BYTES))
+}
+
+impl State {
+    /// The control plane client (cheap: channels are shared handles).
+    pub(crate) fn cp(&self) -> ControlPlaneClient<Channel> {
+        self.cp.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the control plane channel by a new one, so that the next
+    /// call dials a new TCP connection: a link found dead may sit on a flow
+    /// that was black-holed (a lost NAT or conntrack entry, a load-balancer
+    /// failover) while new connections would work, and the old channel
+    /// would keep reusing it.
+    pub(crate) fn redial_cp(&self) {
+        match cp_client(self.cfg.control_plane, self.cp_tls.clone()) {
+            Ok(c) => *self.cp.write().unwrap_or_else(|p| p.into_inner()) = c,
+            Err(e) => tracing::warn!(error = %e, "re-dialling the control plane failed"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Deps {
     pub clock: SharedClock,
@@ -81,7 +112,10 @@ pub(crate) struct State {
     jwks_json: RwLock<Arc<String>>,
     /// Only our own signing keys (`/.well-known/issuer-jwks.json`).
     issuer_jwks_json: RwLock<Arc<String>>,
-    cp: ControlPlaneClient<Channel>,
+    /// The control plane, over a channel that [`State::redial_cp`] replaces
+    /// when the link is found dead.
+    cp: RwLock<ControlPlaneClient<Channel>>,
+    cp_tls: Arc<rustls::ClientConfig>,
     /// The policy release in force, fed by the sync stream.
     pub policy: Arc<PolicyAuthorizer>,
     /// Freshness, revocations and secrets: the replica of the control
@@ -180,11 +214,7 @@ impl App {
             ExpectedServer::ControlPlane,
             Some(tls_cert.clone()),
         )?;
-        let cp = ControlPlaneClient::new(
-            lattice_shared::net::channel(cfg.control_plane, cp_tls)
-                .map_err(|e| Error::ControlPlane(e.to_string()))?,
-        )
-        .max_decoding_message_size(limits::MAX_SYNC_MESSAGE_BYTES);
+        let cp = RwLock::new(cp_client(cfg.control_plane, cp_tls.clone())?);
         let policy = Arc::new(PolicyAuthorizer::default());
         let own_signing = vec![identity.signing_cert.clone()];
         let replica = Replica::load(
@@ -229,6 +259,7 @@ impl App {
             jwks_json: RwLock::new(Arc::new(String::new())),
             issuer_jwks_json: RwLock::new(Arc::new(String::new())),
             cp,
+            cp_tls,
             policy,
             replica,
             hpke,
@@ -252,6 +283,8 @@ impl App {
             .accept_http1(true)
             .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
             .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
+            .http2_keepalive_interval(Some(limits::HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(limits::HTTP2_KEEPALIVE_TIMEOUT))
             .timeout(limits::RPC_TIMEOUT)
             .layer(AuthGuardLayer::new(api::OPEN_PATHS))
             .add_routes(routes);

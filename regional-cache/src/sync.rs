@@ -49,7 +49,10 @@ pub(crate) async fn run(state: Arc<State>) {
         match session(&state, &rng, &mut backoff).await {
             Ok(()) => {}
             Err(e) => {
-                tracing::info!(cache_id = %state.id, error = %e, "sync link down; reconnecting")
+                tracing::info!(cache_id = %state.id, error = %e, "sync link down; reconnecting on a new connection");
+                // The old connection may be a black-holed flow that new
+                // ones avoid: never retry over it.
+                state.redial_cp();
             }
         }
         state.replica.set_connected(false);
@@ -81,8 +84,7 @@ async fn session(
     let down = tokio::time::timeout(
         liveness,
         state
-            .cp
-            .clone()
+            .cp()
             .sync(tokio_stream::wrappers::ReceiverStream::new(up_rx)),
     )
     .await

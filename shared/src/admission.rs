@@ -223,13 +223,25 @@ impl Admission {
         max: usize,
     ) -> Result<(), ()> {
         let mut g = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
-        let c = g.entry(source.to_canonical()).or_default();
+        let c = g.entry(source_key(source)).or_default();
         let n = field(c);
         if *n >= max {
             return Err(());
         }
         *n += 1;
         Ok(())
+    }
+}
+
+/// What counts as one source: an IPv4 address (IPv4-mapped IPv6 folded
+/// in), or an IPv6 /64 (one host can use any address of its /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
     }
 }
 
@@ -251,7 +263,7 @@ pub struct SourceSlot {
 impl Drop for SourceSlot {
     fn drop(&mut self) {
         let mut g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let key = self.source.to_canonical();
+        let key = source_key(self.source);
         if let Some(c) = g.get_mut(&key) {
             match self.kind {
                 Kind::Handshake => c.handshakes = c.handshakes.saturating_sub(1),
@@ -283,12 +295,18 @@ pub fn start_process(component: &'static str) -> AdmissionLimits {
         max_anonymous_per_source = caps.max_anonymous_per_source,
         "file descriptors and connection caps"
     );
+    exit_on_failed_fsync();
+    caps
+}
+
+/// Makes a failed fsync end the process (status 74) once the store has
+/// stopped writing.
+pub fn exit_on_failed_fsync() {
     crate::store::set_fatal_hook(|why| {
         tracing::error!(reason = why, "stopping: a write could not be made durable");
         eprintln!("fatal: {why}");
         std::process::exit(74);
     });
-    caps
 }
 
 #[cfg(test)]
@@ -324,6 +342,21 @@ mod tests {
         let mapped: IpAddr = "::ffff:127.0.0.2".parse().expect("ip");
         assert!(a.handshake(mapped).is_err());
         let _ok = a.handshake(other).expect("another source still gets in");
+        // Addresses of one IPv6 /64 are one source.
+        let v6: Vec<_> = (0..l.max_handshakes_per_source)
+            .map(|i| {
+                let ip: IpAddr = format!("2001:db8::{:x}", i + 1).parse().expect("ip");
+                a.handshake(ip).expect("under the cap")
+            })
+            .collect();
+        let same_64: IpAddr = "2001:db8::ffff:1".parse().expect("ip");
+        assert_eq!(
+            a.handshake(same_64).map(|_| ()),
+            Err(Refusal::SourceHandshakes)
+        );
+        let other_64: IpAddr = "2001:db8:0:1::1".parse().expect("ip");
+        let _v6_other = a.handshake(other_64).expect("another /64");
+        drop(v6);
         drop(held);
         let _again = a.handshake(flood).expect("slots come back");
         let anon: Vec<_> = (0..l.max_anonymous_per_source)

@@ -33,6 +33,12 @@ pub const ANONYMOUS_MAX_AGE: Duration = Duration::from_secs(30);
 pub const ACCEPT_QUEUE: usize = 128;
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// HTTP/2 PING on every connection, both ends, idle or not: a silently
+/// dead TCP flow is found within interval + timeout and closed (a channel
+/// then dials a new connection) instead of waiting for the kernel's TCP
+/// timeout (minutes).
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // Protocol constants: both ends of a link must agree on these, so each is

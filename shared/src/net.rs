@@ -262,11 +262,14 @@ pub fn tls_incoming_with(
                             return;
                         }
                     };
+                    // Its life counts from now, not from when tonic first
+                    // polls it (it may wait in the accept queue).
+                    let deadline = tokio::time::Instant::now() + anonymous_max_age;
                     Box::pin(async move {
                         let _anon = anon;
                         tokio::select! {
                             _ = until_true(&mut kill) => {}
-                            _ = tokio::time::sleep(anonymous_max_age) => {}
+                            _ = tokio::time::sleep_until(deadline) => {}
                         }
                     })
                 };
@@ -386,7 +389,10 @@ pub fn channel(
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(limits::CONNECT_TIMEOUT)
         .timeout(limits::RPC_TIMEOUT)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(limits::HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(limits::HTTP2_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri: http::Uri| {
             let connector = connector.clone();

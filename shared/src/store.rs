@@ -233,11 +233,19 @@ impl SledStore {
             return Ok(());
         }
         let target = self.applied.load(Ordering::SeqCst);
-        let result = self
-            .db
-            .flush()
-            .map_err(StoreError::from)
-            .and_then(|_| synced.files.sync().map_err(StoreError::from));
+        let result = match self.db.flush() {
+            Err(e) => Err(StoreError::from(e)),
+            Ok(_) => match synced.files.sync() {
+                Ok(()) => Ok(()),
+                // Opening or listing failed before any fsync (EMFILE, say):
+                // nothing was lost, the next durable write syncs again.
+                Err(SyncError::Open(e)) => {
+                    tracing::warn!(error = %e, dir = %self.dir.display(), "store files could not be listed or opened");
+                    return Err(StoreError::Io(e));
+                }
+                Err(SyncError::Fsync(e)) => Err(StoreError::Io(e)),
+            },
+        };
         if let Err(e) = result {
             self.failed.store(true, Ordering::SeqCst);
             let why = format!(
@@ -263,6 +271,14 @@ impl SledStore {
 /// commit opens no file, except once for a file it has not seen before. A
 /// file sled removes meanwhile (an obsolete blob) needs no sync: its
 /// removal is made durable by the directory's; its handle is dropped.
+/// Why a [`DirSync`] round failed: before any fsync (harmless, retried by
+/// the next write) or in one (fatal).
+#[derive(Debug)]
+enum SyncError {
+    Open(std::io::Error),
+    Fsync(std::io::Error),
+}
+
 #[derive(Debug)]
 struct DirSync {
     dir: rustix::fs::Dir,
@@ -291,7 +307,21 @@ impl DirSync {
         })
     }
 
-    fn sync(&mut self) -> std::io::Result<()> {
+    fn sync(&mut self) -> Result<(), SyncError> {
+        self.scan().map_err(SyncError::Open)?;
+        for (_, fd) in self.files.values() {
+            rustix::fs::fsync(fd).map_err(|e| SyncError::Fsync(e.into()))?;
+        }
+        for (_, sub) in self.subdirs.values_mut() {
+            sub.sync()?;
+        }
+        let dir = self.dir.fd().map_err(|e| SyncError::Open(e.into()))?;
+        rustix::fs::fsync(dir).map_err(|e| SyncError::Fsync(e.into()))?;
+        Ok(())
+    }
+
+    /// Lists the directory, opening what is new and dropping what is gone.
+    fn scan(&mut self) -> std::io::Result<()> {
         use rustix::fs::{AtFlags, FileType, Mode, OFlags};
         use rustix::io::Errno;
         self.dir.rewind();
@@ -351,13 +381,6 @@ impl DirSync {
         }
         self.files = files;
         self.subdirs = subdirs;
-        for (_, fd) in self.files.values() {
-            rustix::fs::fsync(fd)?;
-        }
-        for (_, sub) in self.subdirs.values_mut() {
-            sub.sync()?;
-        }
-        rustix::fs::fsync(self.dir.fd()?)?;
         Ok(())
     }
 

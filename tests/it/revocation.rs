@@ -392,6 +392,55 @@ async fn a_partitioned_cache_refuses_after_l_in_real_time() {
     l.shutdown().await;
 }
 
+/// Issue #18: when the cache's existing connection was black-holed (a lost
+/// NAT or conntrack entry, a load-balancer failover) while new connections
+/// would have worked, the cache retried `Sync` over the same dead HTTP/2
+/// connection and stayed stale until the socket was reset from outside. A
+/// link found dead is re-dialled on a new connection: fresh again within
+/// twice the silence timeout of the black hole starting, with no help.
+#[tokio::test]
+async fn a_black_holed_connection_is_replaced_by_a_new_one_without_help() {
+    let spec = Spec {
+        agents: vec![("eu".into(), "a".into())],
+        max_staleness: Duration::from_millis(300),
+        ..Spec::default()
+    };
+    let l = Lattice::start(spec, lattice_shared::clock::SystemClock::shared())
+        .await
+        .expect("lattice");
+    let eu = &l.caches[0];
+    eu.wait_fresh().await.expect("fresh");
+    // The silence timeout: 3 ping periods (L/5 each), at least 1 s.
+    let silence = (eu.app().max_staleness() / 5 * 3).max(Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    eu.black_hole_existing_connections();
+    eventually(
+        "the cache notices its link is silent",
+        Duration::from_secs(10),
+        async || !eu.app().is_fresh(),
+    )
+    .await;
+    let ev = l
+        .revoke(Target::Jti("after-the-black-hole".into()))
+        .expect("revoke");
+    eventually(
+        "fresh again over a new connection",
+        Duration::from_secs(30),
+        async || eu.app().is_fresh() && eu.app().applied() >= ev.seq,
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took <= 2 * silence,
+        "fresh again {took:?} after the black hole (silence timeout {silence:?})"
+    );
+    l.agents[0]
+        .mint(AUDIENCE, &[], None)
+        .await
+        .expect("serves again");
+    l.shutdown().await;
+}
+
 #[tokio::test]
 async fn delayed_and_dropped_links_still_deliver_everything_in_order() {
     let (l, _clock) = lattice().await;

@@ -311,9 +311,16 @@ impl DenialLimiter {
         if g.len() >= DENIAL_PRINCIPALS && !g.contains_key(who) {
             // Forget the buckets that are full again (idle principals).
             g.retain(|_, b| {
-                b.tokens + (now.saturating_sub(b.at)).as_secs_f64() * f64::from(DENIALS_PER_SEC)
-                    < DENIAL_BURST
+                b.skipped > 0
+                    || b.tokens
+                        + (now.saturating_sub(b.at)).as_secs_f64() * f64::from(DENIALS_PER_SEC)
+                        < DENIAL_BURST
             });
+            if g.len() >= DENIAL_PRINCIPALS {
+                // Every tracked principal is busy: record without tracking
+                // (each needs an admin certificate of its own).
+                return Ok(0);
+            }
         }
         let b = g.entry(who.clone()).or_insert(Bucket {
             tokens: DENIAL_BURST,

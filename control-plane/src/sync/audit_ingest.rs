@@ -118,6 +118,29 @@ fn stamp(cache: &SpiffeId, seq: u64, record: &[u8]) -> Result<Vec<u8>, Error> {
     Ok(leaf)
 }
 
+/// Whether `text` holds a `\\uD800`–`\\uDFFF` escape. serde does not check
+/// the escapes of values it skips, and a lone surrogate makes the leaf
+/// unreadable as JSON; caches write every character as UTF-8, so any
+/// surrogate escape (paired or not) is refused.
+fn has_surrogate_escape(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if b.get(i + 1) == Some(&b'u')
+                && matches!(b.get(i + 2), Some(b'd' | b'D'))
+                && matches!(b.get(i + 3), Some(b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F'))
+            {
+                return true;
+            }
+            i += 2; // the escaped character, whatever it is
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
 /// Checks a batch against the mark and turns its new records into
 /// leaves (the sender is the certificate's id: a record that names a
 /// cache itself is refused).
@@ -154,6 +177,11 @@ pub fn prepare<'a>(
         // without checking them, and the leaf must be JSON all through.
         let text = std::str::from_utf8(r)
             .map_err(|e| Error::InvalidArgument(format!("record {seq} is not UTF-8 JSON: {e}")))?;
+        if has_surrogate_escape(text) {
+            return Err(Error::InvalidArgument(format!(
+                "record {seq} holds a \\u surrogate escape (write such characters as UTF-8)"
+            )));
+        }
         let mut rec: crate::detect::Record<'a> = serde_json::from_str(text).map_err(|e| {
             Error::InvalidArgument(format!("record {seq} is not an audit record: {e}"))
         })?;
@@ -483,5 +511,31 @@ mod tests {
             records: vec![r],
         };
         assert!(prepare(&c, 0, &b).is_err());
+    }
+
+    /// Found in review: `"cache":null` read as no claim, and a reader that
+    /// keeps the last of duplicate keys then saw no sender; a lone surrogate
+    /// escape in a field nobody reads made a leaf no JSON reader accepts.
+    #[test]
+    fn a_record_cannot_null_its_sender_or_smuggle_a_lone_surrogate() {
+        let c = SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id");
+        for bad in [
+            r#"{"kind":"issued","cache":null}"#,
+            r#"{"kind":"issued","cache_seq":null}"#,
+            r#"{"kind":"issued","note":"\ud800"}"#,
+            r#"{"kind":"issued","note":"\uDFFF x"}"#,
+            r#"{"kind":"issued","note":"\ud83d\ude00"}"#,
+        ] {
+            assert!(prepare(&c, 0, &batch(1, &[bad])).is_err(), "{bad}");
+        }
+        // A backslash that is itself escaped is text; other escapes are fine.
+        for ok in [
+            r#"{"kind":"issued","note":"\\ud800"}"#,
+            r#"{"kind":"issued","note":"\u00e9\n"}"#,
+        ] {
+            let b = batch(1, &[ok]);
+            let p = prepare(&c, 0, &b).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            let _: serde_json::Value = serde_json::from_slice(&p.leaves[0]).expect("JSON");
+        }
     }
 }
