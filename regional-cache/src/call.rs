@@ -212,8 +212,8 @@ impl<'a> AgentCall<'a> {
         self.source.map(|a| a.ip().to_string()).unwrap_or_default()
     }
 
-    /// May this cache serve the caller now: fresh, and neither it nor the
-    /// caller revoked? No side effects.
+    /// May this cache serve the caller now: fresh, neither it nor the
+    /// caller revoked, and its audit outbox taking records? No side effects.
     pub(crate) fn can_serve(&self) -> Result<(), Refused> {
         let peer = self
             .peer
@@ -222,7 +222,11 @@ impl<'a> AgentCall<'a> {
         let ident = self.state.identity();
         self.state
             .replica
-            .can_serve_to(&peer.cert, peer.issuer.as_ref(), &ident.signing_serial)
+            .can_serve_to(&peer.cert, peer.issuer.as_ref(), &ident.signing_serial)?;
+        self.state
+            .outbox
+            .accepting()
+            .map_err(Refused::AuditUnavailable)
     }
 
     /// [`Self::can_serve`], a refusal recorded.

@@ -65,6 +65,10 @@ pub enum Error {
 /// each of these once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
+    /// The audit record of what was asked could not be kept (writes fail,
+    /// or the outbox is full): nothing is issued without one.
+    #[error("{0}")]
+    AuditUnavailable(String),
     /// Freshness older than L (`None`: never fresh).
     #[error(
         "stale: this cache cannot prove it holds every revocation older than {max_staleness_ms} ms (last fresh: {}); retry or use another cache",
@@ -147,7 +151,9 @@ impl Refused {
     /// so (`Outcomes::unserved`).
     pub(crate) fn outcome(&self) -> Option<&'static str> {
         Some(match self {
-            Refused::Stale { .. } | Refused::Revoked(_) => "unavailable",
+            Refused::Stale { .. } | Refused::Revoked(_) | Refused::AuditUnavailable(_) => {
+                "unavailable"
+            }
             Refused::Policy { .. } => "denied",
             Refused::SecretRevoked(_) | Refused::ParentRevoked(_) => "revoked",
             Refused::GraceOver(_) | Refused::Retired(_) => "retired",
@@ -167,7 +173,7 @@ impl From<Error> for Status {
         let msg = e.to_string();
         match e {
             Error::Refused(r) => match r {
-                Refused::Stale { .. } => Status::unavailable(msg),
+                Refused::Stale { .. } | Refused::AuditUnavailable(_) => Status::unavailable(msg),
                 Refused::Policy { version: 0, .. } => Status::unavailable(
                     "this cache has received no policy release yet; retry or use another cache",
                 ),

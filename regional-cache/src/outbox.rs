@@ -52,7 +52,12 @@ struct Inner {
     pressured: bool,
     /// Stored chunks: first number → record count.
     chunks: BTreeMap<u64, u64>,
+    /// Why the last write failed, until one succeeds.
+    failing: Option<String>,
 }
+
+/// How long the writer waits before writing again after a failed write.
+const RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug)]
 pub struct Outbox {
@@ -203,13 +208,14 @@ impl Outbox {
             runs.push((at, run.len() as u64));
             at += run.len() as u64;
         }
-        drop(batch);
         // One tree, so one sled batch. Numbers are taken only once the
-        // batch is durable: a failed write loses these records (counted)
-        // but leaves no gap.
+        // batch is durable: a failed write leaves no gap and loses nothing.
+        let batch_back = batch;
         match self.store.apply(writes) {
             Ok(()) => {
+                drop(batch_back);
                 let mut g = self.lock();
+                g.failing = None;
                 g.next = first + n;
                 g.chunks.extend(runs);
                 let held = g.next - 1 - g.acked;
@@ -240,7 +246,12 @@ impl Outbox {
                 Ok(first + n - 1)
             }
             Err(e) => {
-                metrics::counter!("lattice_cache_audit_dropped_total").increment(n);
+                // Kept, in order, ahead of what came meanwhile: the next
+                // flush writes them. Until then the cache issues nothing.
+                let mut g = self.lock();
+                let newer = std::mem::replace(&mut g.pending, batch_back);
+                g.pending.extend(newer);
+                g.failing = Some(e.to_string());
                 Err(e.into())
             }
         }
@@ -254,7 +265,12 @@ impl Outbox {
             let me = self.clone();
             match tokio::task::spawn_blocking(move || me.flush()).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "writing audit records failed"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "writing audit records failed; retrying");
+                    // The records are kept: try again shortly.
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    self.wake.notify_one();
+                }
                 Err(_) => tracing::error!("audit writer failed"),
             }
         }
@@ -380,6 +396,24 @@ impl Outbox {
     pub fn flush_now(&self) -> Result<u64, Error> {
         self.flush()
     }
+
+    /// Whether a credential may be issued now: its audit record must be
+    /// kept, so not while writes fail nor when the outbox is full.
+    pub fn accepting(&self) -> Result<(), String> {
+        let g = self.lock();
+        if let Some(e) = &g.failing {
+            return Err(format!(
+                "audit unavailable: writing audit records failed ({e})"
+            ));
+        }
+        let held = g.next - 1 - g.acked + g.pending.len() as u64;
+        if held >= self.max {
+            return Err(format!(
+                "audit unavailable: the audit outbox is full ({held} records the control plane has not taken)"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -428,6 +462,36 @@ mod tests {
         o.flush_now().expect("flush");
         o.flush_now().expect("the pressure record itself");
         assert_eq!(pressure(&o), 2, "told again after draining");
+    }
+
+    /// Issue #18: under an fd flood, writes failed and 4,374 issuance
+    /// records were dropped while the cache kept minting. A failed write
+    /// keeps its records (written by the next flush) and the outbox says it
+    /// cannot take more, so the cache refuses to issue; a full one too.
+    #[test]
+    fn a_failed_write_loses_no_record_and_stops_issuing_until_it_works() {
+        let mem = lattice_shared::store::MemStore::shared();
+        let faults = lattice_shared::store::FaultStore::new(mem);
+        let store: SharedStore = faults.clone();
+        let o = Outbox::open(store, 10, clock()).expect("open");
+        assert!(o.accepting().is_ok());
+        o.record(b"{\"n\":1}".to_vec());
+        faults.fail_next();
+        assert!(o.flush_now().is_err());
+        let e = o.accepting().expect_err("not while writes fail");
+        assert!(e.contains("audit unavailable"), "{e}");
+        o.record(b"{\"n\":2}".to_vec());
+        o.flush_now().expect("the store works again");
+        assert!(o.accepting().is_ok());
+        let (first, recs) = o.read_after(0).expect("read");
+        assert_eq!(first, 1);
+        assert_eq!(recs, vec![b"{\"n\":1}".to_vec(), b"{\"n\":2}".to_vec()]);
+        for _ in 0..8 {
+            o.record(b"{}".to_vec());
+        }
+        o.flush_now().expect("flush");
+        let e = o.accepting().expect_err("full");
+        assert!(e.contains("full"), "{e}");
     }
 
     #[test]
