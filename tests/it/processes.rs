@@ -94,31 +94,7 @@ fn binaries_run_alone_from_their_configuration() {
             .args(["join-token", "create", "--id", agent_id])
             .args(admin),
     );
-    let agent_cfg = write(
-        &d.join("agent.toml"),
-        &format!(
-            "id = \"{agent_id}\"\ncache = \"{cache_addr}\"\ndata_dir = \"{}\"\nroot_ca = \"{}\"\n",
-            d.join("agent").display(),
-            d.join("cp/root.crt").display()
-        ),
-    );
-    let agent = |token: Option<&str>| {
-        let mut c = Command::new(bin("lattice-agent"));
-        c.args([
-            "--config",
-            agent_cfg.to_str().expect("utf8"),
-            "token",
-            "--audience",
-            "https://api.example.com",
-            "--scope",
-            "read",
-        ]);
-        if let Some(t) = token {
-            c.env("LATTICE_AGENT_JOIN_TOKEN", t);
-        }
-        c.env("RUST_LOG", "warn");
-        run_ok(&mut c)
-    };
+    let (agent_cfg, agent) = agent_minter(d, agent_id, cache_addr);
     // The cache serves once it is fresh: it has applied the log head it
     // asked for (both policy releases included). Poll the operator's view.
     common::eventually_blocking(
@@ -137,15 +113,7 @@ fn binaries_run_alone_from_their_configuration() {
         },
     );
     let jwt = agent(Some(token.trim()));
-    let parts: Vec<&str> = jwt.trim().split('.').collect();
-    assert_eq!(parts.len(), 3, "a compact JWS: {jwt}");
-    use base64::Engine;
-    let claims: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(parts[1])
-            .expect("b64"),
-    )
-    .expect("json");
+    let claims = jwt_claims(&jwt);
     assert_eq!(claims["sub"], agent_id);
     assert_eq!(claims["iss"], cache_id);
     // The identity persisted (sealed): a second run needs no join token.
@@ -365,12 +333,7 @@ fn binaries_run_alone_from_their_configuration() {
         String::from_utf8_lossy(&out.stderr)
     );
     let delegated = String::from_utf8(out.stdout).expect("utf8");
-    let claims: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(delegated.trim().split('.').nth(1).expect("payload"))
-            .expect("b64"),
-    )
-    .expect("json");
+    let claims = jwt_claims(&delegated);
     assert_eq!(claims["act"]["sub"], format!("{agent_id}/planner"));
     assert_eq!(claims["sub"], agent_id);
     let pid = child.0.id().to_string();
@@ -833,33 +796,12 @@ fn an_fd_flood_from_one_address_stalls_neither_revocations_nor_mints() {
             .args(["join-token", "create", "--id", agent_id])
             .args(admin),
     );
-    let agent_cfg = write(
-        &d.join("agent.toml"),
-        &format!(
-            "id = \"{agent_id}\"\ncache = \"{cache_addr}\"\ndata_dir = \"{}\"\nroot_ca = \"{}\"\n",
-            d.join("agent").display(),
-            d.join("cp/root.crt").display()
-        ),
-    );
+    let (_, agent) = agent_minter(d, agent_id, cache_addr);
     let mint = |token: Option<&str>| {
-        let mut c = Command::new(bin("lattice-agent"));
-        c.args(["--config", agent_cfg.to_str().expect("utf8")])
-            .args(["token", "--audience", "https://api.example.com"])
-            .args(["--scope", "read"])
-            .env("RUST_LOG", "warn");
-        if let Some(t) = token {
-            c.env("LATTICE_AGENT_JOIN_TOKEN", t);
-        }
-        let jwt = run_ok(&mut c);
-        use base64::Engine;
-        let body = jwt.trim().split('.').nth(1).expect("a JWS").to_owned();
-        let claims: serde_json::Value = serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(body)
-                .expect("b64"),
-        )
-        .expect("json");
-        claims["jti"].as_str().expect("jti").to_owned()
+        jwt_claims(&agent(token))["jti"]
+            .as_str()
+            .expect("jti")
+            .to_owned()
     };
     let mut jtis = vec![mint(Some(token.trim()))];
 
@@ -921,4 +863,48 @@ fn an_fd_flood_from_one_address_stalls_neither_revocations_nor_mints() {
         },
     );
     drop(flood);
+}
+
+/// The configuration of `lattice-agent` for `agent_id` at the cache
+/// `cache_addr` (data under `d`), and a function that runs `lattice-agent
+/// token` with it (with the join token on a first run) and returns the JWT.
+fn agent_minter(
+    d: &Path,
+    agent_id: &str,
+    cache_addr: std::net::SocketAddr,
+) -> (std::path::PathBuf, impl Fn(Option<&str>) -> String) {
+    let cfg = write(
+        &d.join("agent.toml"),
+        &format!(
+            "id = \"{agent_id}\"\ncache = \"{cache_addr}\"\ndata_dir = \"{}\"\nroot_ca = \"{}\"\n",
+            d.join("agent").display(),
+            d.join("cp/root.crt").display()
+        ),
+    );
+    let path = cfg.clone();
+    let run = move |token: Option<&str>| {
+        let mut c = Command::new(bin("lattice-agent"));
+        c.args(["--config", path.to_str().expect("utf8")])
+            .args(["token", "--audience", "https://api.example.com"])
+            .args(["--scope", "read"])
+            .env("RUST_LOG", "warn");
+        if let Some(t) = token {
+            c.env("LATTICE_AGENT_JOIN_TOKEN", t);
+        }
+        run_ok(&mut c)
+    };
+    (cfg, run)
+}
+
+/// The claims of a compact JWS, unverified.
+fn jwt_claims(jwt: &str) -> serde_json::Value {
+    use base64::Engine;
+    let parts: Vec<&str> = jwt.trim().split('.').collect();
+    assert_eq!(parts.len(), 3, "a compact JWS: {jwt}");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .expect("b64"),
+    )
+    .expect("json")
 }
