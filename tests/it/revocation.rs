@@ -344,6 +344,42 @@ async fn a_partitioned_cache_refuses_after_l_on_the_fake_clock_and_recovers_when
     l.shutdown().await;
 }
 
+/// Issue #18: `Enrol` was the one issuing path without the freshness
+/// check, so a cache cut off for longer than L still enrolled agents (it
+/// cannot know their token or id was revoked meanwhile). It refuses now,
+/// `UNAVAILABLE`, and the join token is not burned: the same token enrols
+/// once the cache is fresh again.
+#[tokio::test]
+async fn a_stale_cache_enrols_no_one_and_keeps_the_join_token_usable() {
+    let (l, clock) = lattice().await;
+    let eu = &l.caches[0];
+    let id = Lattice::agent_id("eu", "late");
+    let token = l.join_token(&id, None).expect("token");
+    let enrol = || async {
+        let key = lattice_shared::pki::PrivateKey::generate_p256().expect("key");
+        raw_cache_client(&l, &clock.shared(), eu.addr(), "eu", None)
+            .enrol(pb::EnrolAgentRequest {
+                join_token: token.clone(),
+                csr: key.csr_der().expect("csr"),
+                ..Default::default()
+            })
+            .await
+    };
+    eu.partition();
+    clock.advance(eu.app().max_staleness() + Duration::from_millis(1));
+    let e = enrol().await.expect_err("a stale cache enrols no one");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("stale"), "{e:?}");
+    eu.heal();
+    eu.wait_fresh().await.expect("fresh again");
+    let enrolled = enrol()
+        .await
+        .expect("the token was not burned")
+        .into_inner();
+    assert!(enrolled.chain.is_some());
+    l.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_partitioned_cache_refuses_after_l_in_real_time() {
     let spec = Spec {

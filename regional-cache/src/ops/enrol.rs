@@ -72,6 +72,15 @@ pub(crate) async fn enrol(
             e => e,
         })?;
     }
+    // A stale cache enrols no one (and burns no token): it cannot know that
+    // neither the token nor the agent has been revoked. Nor does it issue
+    // a certificate whose audit record it could not keep.
+    let serial = state.identity().signing_serial.clone();
+    state.replica.can_serve(&serial)?;
+    state
+        .outbox
+        .accepting()
+        .map_err(Refused::AuditUnavailable)?;
     // A malformed request must not burn the one-time token.
     lattice_shared::pki::check_csr(&r.csr)?;
     let token_hash = sha256(r.join_token.as_bytes());
