@@ -366,6 +366,10 @@ async fn join_tokens_are_one_time_expire_and_are_bound_to_id_and_region() {
         )
         .expect("token");
     clock.advance(Duration::from_secs(61));
+    // Past L too: a stale cache enrols no one, so prove freshness first.
+    for c in &l.caches {
+        c.wait_fresh().await.expect("fresh");
+    }
     let s = eu_c.enrol(enrol(&t, "")).await.expect_err("expired");
     assert_eq!(s.code(), Code::Unauthenticated);
     assert!(s.message().contains("expired"), "{s:?}");
