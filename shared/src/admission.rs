@@ -119,6 +119,15 @@ struct SourceCount {
     anonymous: usize,
 }
 
+impl SourceCount {
+    fn of(&mut self, kind: Kind) -> &mut usize {
+        match kind {
+            Kind::Handshake => &mut self.handshakes,
+            Kind::Anonymous => &mut self.anonymous,
+        }
+    }
+}
+
 /// Why a connection was not admitted (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -175,56 +184,44 @@ impl Admission {
 
     /// A slot for one handshake from `source`, held until it ends.
     pub fn handshake(&self, source: IpAddr) -> Result<SourceSlot, Refusal> {
-        let permit = self
-            .handshakes
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Handshakes)?;
-        self.take(
-            source,
-            |c| &mut c.handshakes,
-            self.limits.max_handshakes_per_source,
-        )
-        .map_err(|_| Refusal::SourceHandshakes)?;
-        Ok(SourceSlot {
-            _permit: permit,
-            source,
-            kind: Kind::Handshake,
-            counts: self.per_source.clone(),
-        })
+        self.slot(source, Kind::Handshake)
     }
 
     /// A slot for a connection without a client certificate from `source`,
     /// held until it closes.
     pub fn anonymous(&self, source: IpAddr) -> Result<SourceSlot, Refusal> {
-        let permit = self
-            .anonymous
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Anonymous)?;
-        self.take(
-            source,
-            |c| &mut c.anonymous,
-            self.limits.max_anonymous_per_source,
-        )
-        .map_err(|_| Refusal::SourceAnonymous)?;
+        self.slot(source, Kind::Anonymous)
+    }
+
+    fn slot(&self, source: IpAddr, kind: Kind) -> Result<SourceSlot, Refusal> {
+        let (all, per_source, refused_all, refused_source) = match kind {
+            Kind::Handshake => (
+                &self.handshakes,
+                self.limits.max_handshakes_per_source,
+                Refusal::Handshakes,
+                Refusal::SourceHandshakes,
+            ),
+            Kind::Anonymous => (
+                &self.anonymous,
+                self.limits.max_anonymous_per_source,
+                Refusal::Anonymous,
+                Refusal::SourceAnonymous,
+            ),
+        };
+        let permit = all.clone().try_acquire_owned().map_err(|_| refused_all)?;
+        self.take(source, kind, per_source)
+            .map_err(|_| refused_source)?;
         Ok(SourceSlot {
             _permit: permit,
             source,
-            kind: Kind::Anonymous,
+            kind,
             counts: self.per_source.clone(),
         })
     }
 
-    fn take(
-        &self,
-        source: IpAddr,
-        field: impl Fn(&mut SourceCount) -> &mut usize,
-        max: usize,
-    ) -> Result<(), ()> {
+    fn take(&self, source: IpAddr, kind: Kind, max: usize) -> Result<(), ()> {
         let mut g = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
-        let c = g.entry(source_key(source)).or_default();
-        let n = field(c);
+        let n = g.entry(source_key(source)).or_default().of(kind);
         if *n >= max {
             return Err(());
         }
@@ -265,10 +262,8 @@ impl Drop for SourceSlot {
         let mut g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let key = source_key(self.source);
         if let Some(c) = g.get_mut(&key) {
-            match self.kind {
-                Kind::Handshake => c.handshakes = c.handshakes.saturating_sub(1),
-                Kind::Anonymous => c.anonymous = c.anonymous.saturating_sub(1),
-            }
+            let n = c.of(self.kind);
+            *n = n.saturating_sub(1);
             if c.handshakes == 0 && c.anonymous == 0 {
                 g.remove(&key);
             }

@@ -14,15 +14,7 @@ use common::procs::*;
 fn binaries_run_alone_from_their_configuration() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let cp_cfg = write(
-        &d.join("cp.toml"),
-        &format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            d.join("cp").display()
-        ),
-    );
-    let mut cmd = Command::new(bin("lattice-cp"));
-    cmd.args(["--config", cp_cfg.to_str().expect("utf8")]);
+    let cmd = cp_command(d);
     let (_cp, cp_addr) = spawn_listening(cmd);
     let admin_dir = d.join("cp/admin");
     let admin = [
@@ -415,15 +407,7 @@ fn terminate(
 fn sigterm_stops_the_control_plane_and_a_cache_gracefully() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let cp_cfg = write(
-        &d.join("cp.toml"),
-        &format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            d.join("cp").display()
-        ),
-    );
-    let mut cmd = Command::new(bin("lattice-cp"));
-    cmd.args(["--config", cp_cfg.to_str().expect("utf8")]);
+    let cmd = cp_command(d);
     let (mut cp, cp_addr, cp_log) = spawn_logging(cmd);
     let admin_dir = d.join("cp/admin");
     let admin = [
@@ -729,15 +713,7 @@ fn an_fd_flood_from_one_address_stalls_neither_revocations_nor_mints() {
     lattice_shared::admission::raise_fd_limit();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let cp_cfg = write(
-        &d.join("cp.toml"),
-        &format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            d.join("cp").display()
-        ),
-    );
-    let mut cmd = Command::new(bin("lattice-cp"));
-    cmd.args(["--config", cp_cfg.to_str().expect("utf8")]);
+    let cmd = cp_command(d);
     let (_cp, cp_addr, cp_log) = spawn_logging(under_fd_limit(&cmd, 1024));
     let admin_dir = d.join("cp/admin");
     let admin = [
@@ -907,4 +883,19 @@ fn jwt_claims(jwt: &str) -> serde_json::Value {
             .expect("b64"),
     )
     .expect("json")
+}
+
+/// `lattice-cp` on 127.0.0.1:0 with its data under `d/cp` (configuration
+/// written to `d/cp.toml`).
+fn cp_command(d: &Path) -> Command {
+    let cfg = write(
+        &d.join("cp.toml"),
+        &format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            d.join("cp").display()
+        ),
+    );
+    let mut cmd = Command::new(bin("lattice-cp"));
+    cmd.args(["--config", cfg.to_str().expect("utf8")]);
+    cmd
 }
