@@ -202,19 +202,25 @@ async fn load(
     }
 }
 
-/// Runs echo then mint against one cache of an in-process lattice.
-pub async fn mint(opts: Options) -> anyhow::Result<(Stats, Stats)> {
-    pair(opts, Call::Mint).await
+/// Runs echo, then mint in the default audit mode (answered once the
+/// audit record is durable), then mint at a second cache of the region in
+/// the `commit_delay` mode, all in one in-process lattice.
+pub async fn mint(opts: Options) -> anyhow::Result<Vec<Stats>> {
+    phases(opts, Call::Mint).await
 }
 
 /// Runs echo then LeaseSecret (a 64-byte secret held sealed at the cache).
-pub async fn lease(opts: Options) -> anyhow::Result<(Stats, Stats)> {
-    pair(opts, Call::Lease).await
+pub async fn lease(opts: Options) -> anyhow::Result<Vec<Stats>> {
+    phases(opts, Call::Lease).await
 }
 
-async fn pair(opts: Options, what: Call) -> anyhow::Result<(Stats, Stats)> {
+async fn phases(opts: Options, what: Call) -> anyhow::Result<Vec<Stats>> {
+    let mut caches = vec![("eu".into(), "bench".into())];
+    if what == Call::Mint {
+        caches.push(("eu".into(), "bench-delay".into()));
+    }
     let spec = Spec {
-        caches: vec![("eu".into(), "bench".into())],
+        caches,
         agents: vec![("eu".into(), "bench".into())],
         // An in-memory trail of millions of issuances would measure the Vec.
         record_audit: false,
@@ -222,7 +228,14 @@ async fn pair(opts: Options, what: Call) -> anyhow::Result<(Stats, Stats)> {
         secrets: vec![BENCH_SECRET.into()],
         ..Spec::default()
     };
-    let lattice = Lattice::start(spec, SystemClock::shared()).await?;
+    let mut lattice = Lattice::start(spec, SystemClock::shared()).await?;
+    if what == Call::Mint {
+        lattice.caches[1].cfg.audit_mode = lattice_regional_cache::AuditMode::CommitDelay;
+        lattice.restart_cache(1).await?;
+        lattice
+            .wait_all_applied(lattice.cp().event_log().head())
+            .await?;
+    }
     if what == Call::Lease {
         let mut custodian = lattice.admin(
             "bench-custodian",
@@ -242,20 +255,33 @@ async fn pair(opts: Options, what: Call) -> anyhow::Result<(Stats, Stats)> {
             .await?;
     }
     let agent = &lattice.agents[0];
-    let clients: Vec<_> = (0..opts.connections.max(1))
-        .map(|_| agent.cache_client(Some(agent.current_cache())))
-        .collect::<Result<_, _>>()?;
+    let clients_of = |at| -> anyhow::Result<Vec<_>> {
+        Ok((0..opts.connections.max(1))
+            .map(|_| agent.cache_client(Some(at)))
+            .collect::<Result<_, _>>()?)
+    };
+    let clients = clients_of(lattice.caches[0].addr())?;
+    let mut plan = vec![(Call::Echo, "echo", &clients)];
+    let delay_clients;
+    if what == Call::Lease {
+        plan.push((Call::Lease, "lease", &clients));
+    } else {
+        delay_clients = clients_of(lattice.caches[1].addr())?;
+        plan.push((Call::Mint, "mint", &clients));
+        plan.push((Call::Mint, "mint-commit-delay", &delay_clients));
+    }
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));
     bar.set_message("warming up");
-    load(&clients, Call::Echo, &opts, false).await;
-    load(&clients, what, &opts, false).await;
-    // LATTICE_BENCH_ONLY=echo|mint|lease runs one phase (for profiling).
+    for (call, _, clients) in &plan {
+        load(clients, *call, &opts, false).await;
+    }
+    // LATTICE_BENCH_ONLY=echo|mint|mint-commit-delay|lease runs one phase
+    // (for profiling).
     let only = std::env::var("LATTICE_BENCH_ONLY").unwrap_or_default();
     let skip = |name: &str| !only.is_empty() && only != name;
-    let mut phases = Vec::with_capacity(2);
-    let name = if what == Call::Lease { "lease" } else { "mint" };
-    for (call, name) in [(Call::Echo, "echo"), (what, name)] {
+    let mut phases = Vec::with_capacity(plan.len());
+    for (call, name, clients) in plan {
         bar.set_message(format!("{name} for {:?}", opts.duration));
         phases.push(if skip(name) {
             Stats {
@@ -268,14 +294,14 @@ async fn pair(opts: Options, what: Call) -> anyhow::Result<(Stats, Stats)> {
                 cpu_us: None,
             }
         } else {
-            load(&clients, call, &opts, true).await
+            let mut stats = load(clients, call, &opts, true).await;
+            stats.name = name;
+            stats
         });
     }
-    let measured = phases.pop().expect("two phases ran"); // pushed just above
-    let echo = phases.pop().expect("two phases ran"); // pushed just above
     bar.finish_and_clear();
     lattice.shutdown().await;
-    Ok((echo, measured))
+    Ok(phases)
 }
 
 /// Result of `bench propagation`.

@@ -602,11 +602,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "bench mint: {concurrency} in flight over {connections} mTLS connections, {duration} per phase, policy bundle of {policies} generated policies"
             );
-            let (echo, mint) = lattice::bench::mint(opts).await?;
-            println!("{echo}\n{mint}");
+            let phases = lattice::bench::mint(opts).await?;
+            let [echo, mint, delay] = &phases[..] else {
+                anyhow::bail!("bench mint ran {} phases, not 3", phases.len());
+            };
+            println!("{echo}\n{mint}\n{delay}");
             println!(
                 "mint/echo throughput ratio: {:.2}",
                 mint.rps / echo.rps.max(1.0)
+            );
+            println!(
+                "audit modes: durable (default) / commit_delay throughput ratio: {:.2}",
+                mint.rps / delay.rps.max(1.0)
             );
             if let (Some(e), Some(m)) = (echo.cpu_us, mint.cpu_us) {
                 let sign = lattice::bench::sign_cost_us()?;
@@ -642,7 +649,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "bench lease: {concurrency} in flight over {connections} mTLS connections, {duration} per phase, a 64-byte secret sealed at the cache"
             );
-            let (echo, lease) = lattice::bench::lease(opts).await?;
+            let phases = lattice::bench::lease(opts).await?;
+            let [echo, lease] = &phases[..] else {
+                anyhow::bail!("bench lease ran {} phases, not 2", phases.len());
+            };
             println!("{echo}\n{lease}");
             println!(
                 "lease/echo throughput ratio: {:.2}",

@@ -349,6 +349,7 @@ impl Cache for Service {
         let request_id = call.request_id.clone();
         let input = decode_mint(req.into_inner(), &self.state.cfg)?;
         let t = token::mint(call, input)?;
+        self.state.audited(t.audit).await?;
         Ok(with_request_id(
             pb::MintTokenResponse {
                 token: t.token,
@@ -374,6 +375,7 @@ impl Cache for Service {
         let request_id = call.request_id.clone();
         let input = decode_lease(req.into_inner(), &self.state.cfg)?;
         let l = lease::lease(call, input)?;
+        self.state.audited(l.audit).await?;
         // The response buffer is tonic's from here; our copy is zeroized.
         Ok(with_request_id(
             pb::LeaseSecretResponse {
@@ -425,6 +427,7 @@ impl Cache for Service {
         let request_id = call.request_id.clone();
         let input = decode_exchange(req.into_inner(), &self.state.cfg)?;
         let t = token::exchange(call, input)?;
+        self.state.audited(t.audit).await?;
         Ok(with_request_id(
             pb::ExchangeTokenResponse {
                 token: t.token,
@@ -449,7 +452,10 @@ impl Cache for Service {
             .check_cert(&peer.cert, peer.issuer.as_ref())
             .map_err(Error::Denied)?;
         let events = decode_reported(req.into_inner())?;
-        let n = report::report_audit(&self.state, &peer.id, events)?;
+        let (n, last) = report::report_audit(&self.state, &peer.id, events)?;
+        if n > 0 {
+            self.state.audited(last).await?;
+        }
         Ok(Response::new(pb::ReportAuditResponse {
             accepted: u32::try_from(n).unwrap_or(u32::MAX),
         }))

@@ -4,6 +4,9 @@
 
 use lattice_shared::id::SpiffeId;
 
+use crate::outbox::Ticket;
+use crate::{AuditMode, Error, Refused};
+
 /// What the cache did, for the audit trail. Never carries a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditEvent {
@@ -214,17 +217,41 @@ impl AuditEvent {
     }
 }
 
+/// Longest an answer waits for its audit record to be durable before the
+/// cache refuses it (`UNAVAILABLE`; the record may still become durable:
+/// the log then shows an issuance the caller never received).
+const DURABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
     fn record(&self, event: AuditEvent);
 }
 
 impl crate::State {
     /// Into the outbox (on its way to the control plane) and the sink.
-    pub(crate) fn audit(&self, e: AuditEvent) {
-        self.outbox.record(e.to_record(self.region.as_str()));
+    /// `None`: the outbox dropped it (counted and logged there).
+    pub(crate) fn audit(&self, e: AuditEvent) -> Option<Ticket> {
+        let ticket = self.outbox.record(e.to_record(self.region.as_str()));
         if let Some(sink) = &self.audit {
             sink.record(e);
         }
+        ticket
+    }
+
+    /// Returns once the record of an issuance is durable, as the audit mode
+    /// asks: the answer that hands a credential out waits for it.
+    pub(crate) async fn audited(&self, ticket: Option<Ticket>) -> Result<(), Error> {
+        if self.cfg.audit_mode == AuditMode::CommitDelay {
+            return Ok(());
+        }
+        let Some(ticket) = ticket else {
+            return Err(Error::Refused(Refused::AuditUnavailable(
+                "audit unavailable: the audit record could not be queued".into(),
+            )));
+        };
+        self.outbox
+            .wait_durable(ticket, DURABLE_WAIT)
+            .await
+            .map_err(|e| Error::Refused(Refused::AuditUnavailable(e)))
     }
 }
 

@@ -16,6 +16,7 @@ use lattice_shared::policy::{AgentAction, AgentRequest, Outcome, hour_and_weekda
 use lattice_shared::posture::{MAX_JOB_TYPE, Posture};
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::outbox::Ticket;
 use crate::{AuditEvent, Error, Refused, State};
 
 /// The caller must be an agent of this cache's region.
@@ -298,7 +299,8 @@ impl<'a> AgentCall<'a> {
             _ => self.state.policy.version(),
         };
         if let Some(reason) = r.audit_reason() {
-            self.state.audit(self.refusal_record(reason, version));
+            // A refusal hands nothing out: its answer does not wait.
+            let _ = self.state.audit(self.refusal_record(reason, version));
         }
         Error::Refused(r)
     }
@@ -319,12 +321,14 @@ impl<'a> AgentCall<'a> {
     }
 
     /// The one place a success is recorded: the audit record, then the
-    /// operation's latency.
-    pub(crate) fn finish(&self, event: AuditEvent) {
-        self.state.audit(event);
+    /// operation's latency. The answer waits on the ticket
+    /// ([`crate::State::audited`]).
+    pub(crate) fn finish(&self, event: AuditEvent) -> Option<Ticket> {
+        let ticket = self.state.audit(event);
         if let Some(o) = self.outcomes {
             metrics::histogram!(o.histogram).record(self.started.elapsed().as_secs_f64());
         }
+        ticket
     }
 
     /// Counts a success in the operation's counter (before its bookkeeping).

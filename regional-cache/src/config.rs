@@ -50,6 +50,11 @@ pub struct Config {
     /// past 80 % an `audit_backlog` alert follows, when full new records
     /// are dropped (counted).
     pub audit_outbox_max_records: u64,
+    /// When a mint, exchange or lease is answered: once its audit record is
+    /// durable (`durable`, the default), or at once with the record durable
+    /// within the next group commit (`commit_delay`, 5 ms: a crash in that
+    /// window loses the record of a credential handed out).
+    pub audit_mode: AuditMode,
     pub metrics_listen: Option<SocketAddr>,
     pub log_json: bool,
 }
@@ -75,8 +80,29 @@ impl Default for Config {
             renew_check_secs: 60,
             max_staleness_ms: 5000,
             audit_outbox_max_records: outbox::MAX_EVENTS,
+            audit_mode: AuditMode::Durable,
             metrics_listen: None,
             log_json: false,
+        }
+    }
+}
+
+/// When an issuing answer goes out relative to its audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditMode {
+    /// After the record is durable in the outbox (group commit).
+    Durable,
+    /// At once; the record is durable within `outbox::FLUSH_DELAY`.
+    CommitDelay,
+}
+
+impl AuditMode {
+    /// How long the outbox writer gathers records before a commit.
+    pub fn gather(self) -> Duration {
+        match self {
+            AuditMode::Durable => Duration::ZERO,
+            AuditMode::CommitDelay => outbox::FLUSH_DELAY,
         }
     }
 }

@@ -42,7 +42,7 @@ use tonic::transport::Channel;
 
 pub use crate::audit::{AuditEvent, AuditSink};
 use crate::authz::PolicyAuthorizer;
-pub use crate::config::{Config, MAX_LEASE_TTL_SECS};
+pub use crate::config::{AuditMode, Config, MAX_LEASE_TTL_SECS};
 pub use crate::error::{Error, Refused};
 pub use crate::identity::Identity;
 use crate::replica::Replica;
@@ -159,7 +159,7 @@ pub struct App {
     server: JoinHandle<()>,
     background: JoinHandle<()>,
     sync_task: JoinHandle<()>,
-    outbox_task: JoinHandle<()>,
+    outbox_writer: outbox::Writer,
 }
 
 impl App {
@@ -231,6 +231,7 @@ impl App {
         let outbox = Arc::new(outbox::Outbox::open(
             deps.store.clone(),
             cfg.audit_outbox_max_records,
+            cfg.audit_mode.gather(),
             deps.clock.clone(),
         )?);
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
@@ -325,7 +326,9 @@ impl App {
             })
         };
         let sync_task = tokio::spawn(sync::run(state.clone()));
-        let outbox_task = tokio::spawn(outbox.run_writer());
+        let outbox_writer = outbox
+            .start_writer()
+            .map_err(|e| Error::Unavailable(format!("starting the audit writer: {e}")))?;
         tracing::info!(%addr, cache_id = %state.id, "cache listening");
         Ok(App {
             state,
@@ -335,7 +338,7 @@ impl App {
             server,
             background,
             sync_task,
-            outbox_task,
+            outbox_writer,
         })
     }
 
@@ -349,11 +352,15 @@ impl App {
         self.sync_task.abort();
         let _ = self.sync_task.await;
         let _ = self.background.await;
-        self.outbox_task.abort();
-        let _ = self.outbox_task.await;
         // What was recorded but not yet written goes to disk now.
         let outbox = self.state.outbox.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || outbox.flush_now()).await {
+        let writer = self.outbox_writer;
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || {
+            writer.stop();
+            outbox.flush_now()
+        })
+        .await
+        {
             tracing::error!(error = %e, "writing the last audit records failed");
         }
         lattice_shared::net::stop_server(self.server, &self.kill).await;

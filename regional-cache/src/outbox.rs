@@ -1,7 +1,6 @@
 //! The cache's audit outbox: every issuance, lease and refusal becomes a
 //! JSON record, numbered from 1 without gaps, written to the local store in
-//! group commits (one fsync per `FLUSH_DELAY` batch, so minting never waits
-//! on the disk), forwarded to the control plane on the `Sync` stream and
+//! group commits (many records share one fsync), forwarded to the control plane on the `Sync` stream and
 //! deleted once the control plane acks it. While partitioned it grows on
 //! disk up to its capacity (`audit_outbox_max_records`, default
 //! `MAX_EVENTS`); the control plane appends each number once, so a resend
@@ -16,14 +15,22 @@
 //! per run of a group commit keyed by its first number; the highest acked
 //! number is stored beside them, so a chunk the control plane holds only
 //! part of stays until all of it is acked.
+//!
+//! Each record queued gets a [`Ticket`]; [`Outbox::wait_durable`] returns
+//! once that record is on disk. In the default `audit_mode = "durable"` the
+//! cache answers a mint, exchange or lease only then, and the writer starts
+//! a commit as soon as a record is queued (what arrives during an fsync
+//! goes into the next one). In `"commit_delay"` the answer goes out at once
+//! and the writer gathers records for `FLUSH_DELAY` first: a crash within
+//! that window loses the record of a credential already handed out.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use lattice_shared::limits::MAX_AUDIT_RECORD_BYTES;
 use lattice_shared::store::{SharedStore, Write};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::Error;
 
@@ -34,7 +41,8 @@ const EPOCH_KEY: &[u8] = b"audit_epoch";
 const ACKED_KEY: &[u8] = b"audit_acked";
 /// Records held while the control plane is unreachable (default capacity).
 pub const MAX_EVENTS: u64 = 1_000_000;
-/// How long the writer gathers records into one durable batch.
+/// How long the writer gathers records into one durable batch in the
+/// `commit_delay` audit mode.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
 /// Records per `AuditBatch` sent up (also bounded by bytes).
 pub const BATCH: usize = 512;
@@ -54,7 +62,19 @@ struct Inner {
     chunks: BTreeMap<u64, u64>,
     /// Why the last write failed, until one succeeds.
     failing: Option<String>,
+    /// Records ever queued since the outbox was opened (what a [`Ticket`]
+    /// counts).
+    queued: u64,
+    /// The writer thread is to end.
+    stop: bool,
 }
+
+/// A queued record's place: it is durable once the writer has made this
+/// many of the records queued since opening durable (they are written in
+/// the order they were queued, a failed write keeping its place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "an issuing path waits for its record to be durable"]
+pub struct Ticket(u64);
 
 /// How long the writer waits before writing again after a failed write.
 const RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -66,9 +86,16 @@ pub struct Outbox {
     clock: lattice_shared::clock::SharedClock,
     epoch: u64,
     inner: Mutex<Inner>,
-    wake: Notify,
+    /// Held for a whole flush: two at once would number the same records.
+    flushing: Mutex<()>,
+    /// Signalled when a record is queued (and at stop).
+    wake: Condvar,
+    /// How long the writer gathers records before a commit.
+    gather: Duration,
     /// Highest durable number.
     durable: watch::Sender<u64>,
+    /// How many of the records queued since opening are durable.
+    written: watch::Sender<u64>,
 }
 
 fn key(n: u64) -> [u8; 8] {
@@ -83,9 +110,12 @@ fn chunk_key(k: &[u8]) -> Result<u64, Error> {
 
 impl Outbox {
     /// Opens the outbox of `store`, holding at most `max` records.
+    /// `gather`: how long the writer waits for more records before a
+    /// commit (zero: it commits at once).
     pub fn open(
         store: SharedStore,
         max: u64,
+        gather: Duration,
         clock: lattice_shared::clock::SharedClock,
     ) -> Result<Self, Error> {
         let mut epoch = lattice_shared::eventlog::read_seq(&*store, T_META, EPOCH_KEY)?;
@@ -147,8 +177,11 @@ impl Outbox {
                 chunks,
                 ..Inner::default()
             }),
-            wake: Notify::new(),
+            flushing: Mutex::new(()),
+            wake: Condvar::new(),
+            gather,
             durable: watch::channel(next - 1).0,
+            written: watch::channel(0).0,
         })
     }
 
@@ -156,17 +189,17 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a record; it is durable within `FLUSH_DELAY` (or dropped, and
-    /// counted, when the outbox is full).
-    pub fn record(&self, json: Vec<u8>) {
+    /// Queues a record for the next commit. `None`: it was dropped, and
+    /// counted (too large, or the outbox is full).
+    pub fn record(&self, json: Vec<u8>) -> Option<Ticket> {
         if json.len() > MAX_AUDIT_RECORD_BYTES {
             // Our records are a few hundred bytes; the control plane refuses
             // larger ones, which would stall the queue behind them.
             metrics::counter!("lattice_cache_audit_dropped_total").increment(1);
             tracing::error!(bytes = json.len(), "audit record too large; dropped");
-            return;
+            return None;
         }
-        {
+        let ticket = {
             let mut g = self.lock();
             let held = g.next - 1 - g.acked + g.pending.len() as u64;
             if held >= self.max {
@@ -178,16 +211,35 @@ impl Outbox {
                         "audit outbox full: records are being dropped"
                     );
                 }
-                return;
+                return None;
             }
             g.pending.push(json);
-        }
+            g.queued += 1;
+            Ticket(g.queued)
+        };
         self.wake.notify_one();
+        Some(ticket)
+    }
+
+    /// Waits until the record of `ticket` is durable, at most `within`.
+    pub async fn wait_durable(&self, ticket: Ticket, within: Duration) -> Result<(), String> {
+        let mut rx = self.written.subscribe();
+        match tokio::time::timeout(within, rx.wait_for(|&w| w >= ticket.0)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err("audit unavailable: the audit writer stopped".into()),
+            Err(_) => Err(match &self.lock().failing {
+                Some(e) => format!("audit unavailable: writing audit records failed ({e})"),
+                None => {
+                    format!("audit unavailable: the audit record was not durable within {within:?}")
+                }
+            }),
+        }
     }
 
     /// Writes what is pending in one durable batch. Returns the highest
     /// durable number.
     fn flush(&self) -> Result<u64, Error> {
+        let _one = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let (batch, first) = {
             let mut g = self.lock();
             (std::mem::take(&mut g.pending), g.next)
@@ -230,6 +282,7 @@ impl Outbox {
                     );
                     // Forwarded with the rest: the control plane alerts on it.
                     let at = lattice_shared::clock::unix_millis(self.clock.now());
+                    g.queued += 1;
                     g.pending.push(
                         format!(
                             "{{\"kind\":\"outbox_pressure\",\"held\":{held},\"max\":{},\"at_unix_ms\":{at},\"decision\":\"none\"}}",
@@ -239,9 +292,7 @@ impl Outbox {
                     );
                 }
                 drop(g);
-                if pressure {
-                    self.wake.notify_one();
-                }
+                self.written.send_modify(|w| *w += n);
                 self.durable.send_replace(first + n - 1);
                 Ok(first + n - 1)
             }
@@ -257,21 +308,49 @@ impl Outbox {
         }
     }
 
-    /// The writer: group-commits records as they come.
-    pub async fn run_writer(self: std::sync::Arc<Self>) {
+    /// Starts the writer, a thread of its own (persistence never waits for
+    /// a pool that request work also uses): it commits what is queued as
+    /// soon as something is, after gathering for `gather` first if that is
+    /// not zero; what arrives during a commit goes into the next one. A
+    /// failed write keeps its records and is tried again after
+    /// `RETRY_DELAY` (the store itself stops for good if an fsync failed).
+    pub fn start_writer(self: &Arc<Self>) -> std::io::Result<Writer> {
+        let me = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("audit-outbox".into())
+            .spawn(move || me.write_until_stopped())?;
+        Ok(Writer {
+            outbox: self.clone(),
+            thread: Some(thread),
+        })
+    }
+
+    fn write_until_stopped(&self) {
         loop {
-            self.wake.notified().await;
-            tokio::time::sleep(FLUSH_DELAY).await;
-            let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.flush()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "writing audit records failed; retrying");
-                    // The records are kept: try again shortly.
-                    tokio::time::sleep(RETRY_DELAY).await;
-                    self.wake.notify_one();
+            {
+                let g = self.lock();
+                let g = self
+                    .wake
+                    .wait_while(g, |g| g.pending.is_empty() && !g.stop)
+                    .unwrap_or_else(|p| p.into_inner());
+                if g.stop {
+                    return;
                 }
-                Err(_) => tracing::error!("audit writer failed"),
+            }
+            if !self.gather.is_zero() {
+                std::thread::sleep(self.gather);
+            }
+            if let Err(e) = self.flush() {
+                tracing::error!(error = %e, "writing audit records failed; retrying");
+                // The records are kept: try again shortly.
+                let g = self.lock();
+                let (g, _) = self
+                    .wake
+                    .wait_timeout_while(g, RETRY_DELAY, |g| !g.stop)
+                    .unwrap_or_else(|p| p.into_inner());
+                if g.stop {
+                    return;
+                }
             }
         }
     }
@@ -416,6 +495,37 @@ impl Outbox {
     }
 }
 
+/// The running writer thread: stopped (what is queued is then written by
+/// [`Outbox::flush_now`]) by [`Writer::stop`], or told to stop when dropped.
+#[derive(Debug)]
+pub struct Writer {
+    outbox: Arc<Outbox>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn signal(&self) {
+        self.outbox.lock().stop = true;
+        self.outbox.wake.notify_all();
+    }
+
+    /// Stops the thread and waits for the commit it is in, if any.
+    pub fn stop(mut self) {
+        self.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.signal();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,7 +537,7 @@ mod tests {
     #[test]
     fn a_nearly_full_outbox_records_its_pressure_once() {
         let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());
-        let o = Outbox::open(store, 100, clock()).expect("open");
+        let o = Outbox::open(store, 100, FLUSH_DELAY, clock()).expect("open");
         let pressure = |o: &Outbox| -> usize {
             let (_, recs) = o.read_after(o.acked()).expect("read");
             recs.iter()
@@ -473,7 +583,7 @@ mod tests {
         let mem = lattice_shared::store::MemStore::shared();
         let faults = lattice_shared::store::FaultStore::new(mem);
         let store: SharedStore = faults.clone();
-        let o = Outbox::open(store, 10, clock()).expect("open");
+        let o = Outbox::open(store, 10, FLUSH_DELAY, clock()).expect("open");
         assert!(o.accepting().is_ok());
         o.record(b"{\"n\":1}".to_vec());
         faults.fail_next();
@@ -494,10 +604,44 @@ mod tests {
         assert!(e.contains("full"), "{e}");
     }
 
+    /// Issue #18 item 5: an answer that hands out a credential waits until
+    /// its record is durable, so it waits through a failed write and past
+    /// the records queued before it, and only those.
+    #[tokio::test]
+    async fn a_ticket_is_durable_only_once_its_record_is_written() {
+        let mem = lattice_shared::store::MemStore::shared();
+        let faults = lattice_shared::store::FaultStore::new(mem);
+        let o = Outbox::open(faults.clone(), 10, Duration::ZERO, clock()).expect("open");
+        let short = Duration::from_millis(20);
+        let first = o.record(b"{\"n\":1}".to_vec()).expect("queued");
+        let e = o
+            .wait_durable(first, short)
+            .await
+            .expect_err("not yet written");
+        assert!(e.contains("not durable"), "{e}");
+        faults.fail_next();
+        assert!(o.flush_now().is_err());
+        let e = o
+            .wait_durable(first, short)
+            .await
+            .expect_err("the write failed");
+        assert!(e.contains("writing audit records failed"), "{e}");
+        o.flush_now().expect("written");
+        o.wait_durable(first, short).await.expect("durable now");
+        // A record queued after a flush waits for the next one.
+        let second = o.record(b"{\"n\":2}".to_vec()).expect("queued");
+        assert!(o.wait_durable(second, short).await.is_err());
+        o.wait_durable(first, short).await.expect("still durable");
+        o.flush_now().expect("written");
+        o.wait_durable(second, short).await.expect("durable now");
+        // Dropped records have no ticket.
+        assert!(o.record(vec![b' '; MAX_AUDIT_RECORD_BYTES + 1]).is_none());
+    }
+
     #[test]
     fn numbers_survive_restart_and_acks_delete() {
         let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());
-        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("open");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, FLUSH_DELAY, clock()).expect("open");
         for i in 0..5 {
             o.record(format!("{{\"n\":{i}}}").into_bytes());
         }
@@ -507,12 +651,12 @@ mod tests {
         o.ack(3).expect("ack");
         assert_eq!(o.backlog(), 2);
         // Reopened: numbering continues, acked records are gone.
-        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("reopen");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, FLUSH_DELAY, clock()).expect("reopen");
         assert_eq!(o.acked(), 3);
         let (first, recs) = o.read_after(o.acked()).expect("read");
         assert_eq!((first, recs.len()), (4, 2));
         o.ack(5).expect("ack all");
-        let o = Outbox::open(store, MAX_EVENTS, clock()).expect("reopen");
+        let o = Outbox::open(store, MAX_EVENTS, FLUSH_DELAY, clock()).expect("reopen");
         o.record(b"{}".to_vec());
         assert_eq!(o.flush_now().expect("flush"), 6, "numbers never restart");
         assert!(o.ack(9).is_err(), "an ack beyond what was recorded");
@@ -521,7 +665,7 @@ mod tests {
     #[test]
     fn chunks_are_acked_in_part_and_read_from_the_middle() {
         let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());
-        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("open");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, FLUSH_DELAY, clock()).expect("open");
         // Three group commits: 1..=700, 701..=1400, 1401..=1500.
         for n in [700, 700, 100] {
             for i in 0..n {
@@ -542,7 +686,7 @@ mod tests {
         assert_eq!((first, recs.len()), (651, BATCH));
         // Acked in the middle of a chunk: the chunk stays until all of it is.
         o.ack(651).expect("ack");
-        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("reopen");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, FLUSH_DELAY, clock()).expect("reopen");
         assert_eq!(o.acked(), 651);
         assert_eq!(o.backlog(), 1500 - 651);
         let (first, recs) = o.read_after(o.acked()).expect("read");
@@ -577,7 +721,7 @@ mod tests {
             value: Some(7u64.to_be_bytes().to_vec()),
         });
         store.apply(writes).expect("seed");
-        let o = Outbox::open(store.clone(), MAX_EVENTS, clock()).expect("open");
+        let o = Outbox::open(store.clone(), MAX_EVENTS, FLUSH_DELAY, clock()).expect("open");
         assert_eq!((o.acked(), o.backlog()), (3, 3));
         let (first, recs) = o.read_after(3).expect("read");
         assert_eq!(first, 4);
@@ -592,7 +736,7 @@ mod tests {
         o.record(b"{\"new\":7}".to_vec());
         assert_eq!(o.flush_now().expect("flush"), 7);
         o.ack(5).expect("ack");
-        let o = Outbox::open(store, MAX_EVENTS, clock()).expect("reopen");
+        let o = Outbox::open(store, MAX_EVENTS, FLUSH_DELAY, clock()).expect("reopen");
         let (first, recs) = o.read_after(o.acked()).expect("read");
         assert_eq!((first, recs.len()), (6, 2));
     }

@@ -525,8 +525,12 @@ pub mod fuzzing {
         use lattice_shared::proto::sync_down::Msg;
         let store: SharedStore = MemStore::shared();
         let Some(replica) = new(&store) else { return };
-        let Ok(outbox) = crate::outbox::Outbox::open(store.clone(), 64, SystemClock::shared())
-        else {
+        let Ok(outbox) = crate::outbox::Outbox::open(
+            store.clone(),
+            64,
+            crate::outbox::FLUSH_DELAY,
+            SystemClock::shared(),
+        ) else {
             return;
         };
         for i in 0..4u8 {

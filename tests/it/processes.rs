@@ -424,15 +424,7 @@ fn sigterm_stops_the_control_plane_and_a_cache_gracefully() {
     );
     let (mut cache, _, cache_log) = spawn_logging(cmd);
     // The cache's Sync stream is open: the control plane's stop closes it.
-    common::eventually_blocking(
-        "the cache becomes fresh",
-        std::time::Duration::from_secs(30),
-        || {
-            run_ok(Command::new(bin("lattice")).arg("status").args(admin))
-                .lines()
-                .any(|l| l.contains("term-cache") && l.ends_with("fresh"))
-        },
-    );
+    wait_fresh(&admin, "term-cache");
 
     for (name, p, log) in [
         ("lattice-cp", &mut cp, &cp_log),
@@ -728,44 +720,10 @@ fn an_fd_flood_from_one_address_stalls_neither_revocations_nor_mints() {
         "spiffe://lattice.local/cache/eu/flood-cache",
         &admin,
     );
-    let ann = d.join("ann");
-    run_ok(
-        Command::new(bin("lattice"))
-            .args(["admin-cert", "issue", "--role", "auditor"])
-            .args(["--id", "spiffe://lattice.local/admin/ann"])
-            .args(["--out", ann.to_str().expect("utf8")])
-            .args(admin),
-    );
-    // The default bundle and the audience minted for below.
-    let bundle = d.join("bundle");
-    std::fs::create_dir(&bundle).expect("mkdir");
-    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("shared/policies/default");
-    for f in std::fs::read_dir(&default).expect("default bundle") {
-        let f = f.expect("entry").path();
-        std::fs::copy(&f, bundle.join(f.file_name().expect("name"))).expect("copy");
-    }
-    write(
-        &bundle.join("entities.json"),
-        r#"[{"uid":{"type":"Lattice::Audience","id":"https://api.example.com"},
-             "attrs":{"scopes":["read"],"labels":[]},"parents":[]}]"#,
-    );
-    write(&bundle.join("tests.json"), "[]");
-    run_ok(
-        Command::new(bin("lattice"))
-            .args(["policy", "push", bundle.to_str().expect("utf8")])
-            .args(["-m", "flood test"])
-            .args(admin),
-    );
+    let ann = auditor(d, &admin);
+    push_minting_bundle(d, &admin);
     let (_cache, cache_addr, _cache_log) = spawn_logging(under_fd_limit(&cmd, 1024));
-    common::eventually_blocking(
-        "the cache becomes fresh",
-        std::time::Duration::from_secs(30),
-        || {
-            run_ok(Command::new(bin("lattice")).arg("status").args(admin))
-                .lines()
-                .any(|l| l.contains("flood-cache") && l.ends_with("fresh"))
-        },
-    );
+    wait_fresh(&admin, "flood-cache");
     let agent_id = "spiffe://lattice.local/agent/eu/flood-agent";
     let token = run_ok(
         Command::new(bin("lattice"))
@@ -820,24 +778,7 @@ fn an_fd_flood_from_one_address_stalls_neither_revocations_nor_mints() {
         jtis.push(mint(None));
     }
     // Every mint's audit record reaches the control plane's log.
-    common::eventually_blocking(
-        "every mint's audit record is in the log",
-        std::time::Duration::from_secs(30),
-        || {
-            let log = run_ok(
-                Command::new(bin("lattice"))
-                    .args(["audit", "query", "--kind", "issued", "--subject", agent_id])
-                    .args(["--control-plane", &cp_addr.to_string()])
-                    .args(["--admin-dir", ann.to_str().expect("utf8")]),
-            );
-            let missing: Vec<&String> = jtis.iter().filter(|j| !log.contains(j.as_str())).collect();
-            if missing.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("missing {missing:?}"))
-            }
-        },
-    );
+    wait_for_issuances(cp_addr, &ann, agent_id, &jtis);
     drop(flood);
 }
 

@@ -7,6 +7,7 @@ use lattice_shared::policy::AgentAction;
 use zeroize::Zeroizing;
 
 use crate::call::{AgentCall, AgentClaims, Decision, Outcomes, random_id};
+use crate::outbox::Ticket;
 use crate::secrets::Lookup;
 use crate::{AuditEvent, Error, Refused};
 
@@ -38,6 +39,8 @@ pub(crate) struct Lease {
     pub expires_at_unix: i64,
     pub policy_version: u64,
     pub fingerprint: String,
+    /// Its audit record's place: answered once it is durable.
+    pub audit: Option<Ticket>,
 }
 
 pub(crate) fn lease(call: AgentCall<'_>, r: LeaseRequest) -> Result<Lease, Error> {
@@ -98,7 +101,7 @@ pub(crate) fn lease(call: AgentCall<'_>, r: LeaseRequest) -> Result<Lease, Error
     let lease_id = random_id()?;
     call.count_success();
     tracing::info!(agent_id = %call.agent, secret = %r.name, version, lease_id = %lease_id, fingerprint = %sealed.fingerprint, policy_version, "secret leased");
-    call.finish(AuditEvent::Leased {
+    let audit = call.finish(AuditEvent::Leased {
         cache: state.id.clone(),
         agent: call.agent.clone(),
         source: call.source_ip(),
@@ -118,5 +121,6 @@ pub(crate) fn lease(call: AgentCall<'_>, r: LeaseRequest) -> Result<Lease, Error
         expires_at_unix: exp,
         policy_version,
         fingerprint: sealed.fingerprint.clone(),
+        audit,
     })
 }

@@ -9,6 +9,7 @@ use lattice_shared::clock::unix_secs;
 use lattice_shared::id::SpiffeId;
 
 use crate::call::{AgentCall, AgentClaims, Decision};
+use crate::outbox::Ticket;
 use crate::{AuditEvent, Error, State};
 
 /// Reported events an agent may send per window.
@@ -28,12 +29,13 @@ pub(crate) struct Reported {
     pub at_unix_ms: i64,
 }
 
-/// Records the events `agent` reported. Returns how many were accepted.
+/// Records the events `agent` reported. Returns how many were accepted and
+/// the last one's ticket (the agent forgets what is acknowledged).
 pub(crate) fn report_audit(
     state: &State,
     agent: &SpiffeId,
     events: Vec<Reported>,
-) -> Result<usize, Error> {
+) -> Result<(usize, Option<Ticket>), Error> {
     let n = events.len();
     // At most REPORT_QUOTA events per agent per REPORT_WINDOW: an agent
     // cannot flood the outbox its cache's own records go through.
@@ -55,8 +57,9 @@ pub(crate) fn report_audit(
         g.1 += n;
     }
     let received = state.clock.now_unix_ms();
+    let mut last = None;
     for e in events {
-        state.audit(AuditEvent::Reported {
+        last = state.audit(AuditEvent::Reported {
             cache: state.id.clone(),
             agent: agent.clone(),
             kind: e.kind,
@@ -70,7 +73,7 @@ pub(crate) fn report_audit(
         });
     }
     metrics::counter!("lattice_cache_reported_events_total").increment(n as u64);
-    Ok(n)
+    Ok((n, last))
 }
 
 /// The agent's claims changed (or not): re-decides its live tokens.
@@ -111,7 +114,7 @@ pub(crate) fn report_claims(
         metrics::counter!("lattice_cache_posture_revocations_total")
             .increment(revoked.len() as u64);
         tracing::warn!(agent_id = %agent, tokens = revoked.len(), policy_version = version, "claims changed: revoking tokens the policy no longer allows");
-        call.finish(call.refusal_record(
+        let _ = call.finish(call.refusal_record(
             format!(
                 "claims changed: {} live token(s) no longer allowed, revocation requested",
                 revoked.len()

@@ -9,6 +9,7 @@ use lattice_shared::token::{Actor, Claims, Confirmation, TokenVerifier};
 
 use crate::call::{AgentCall, AgentClaims, Decision, Outcomes, random_id};
 use crate::issued::IssuedToken;
+use crate::outbox::Ticket;
 use crate::{AuditEvent, Error, Refused};
 
 /// Longest `act` chain, whatever the policy says.
@@ -59,6 +60,8 @@ pub(crate) struct Token {
     pub kid: String,
     pub policy_version: u64,
     pub depth: u32,
+    /// Its audit record's place: answered once it is durable.
+    pub audit: Option<Ticket>,
 }
 
 pub(crate) fn mint(call: AgentCall<'_>, r: Mint) -> Result<Token, Error> {
@@ -259,7 +262,7 @@ fn issue_token(call: &AgentCall<'_>, i: Issue<'_>) -> Result<Token, Error> {
             depth: i.depth,
         },
     );
-    call.finish(i.event);
+    let audit = call.finish(i.event);
     Ok(Token {
         token,
         jti: i.claims.jti,
@@ -267,5 +270,6 @@ fn issue_token(call: &AgentCall<'_>, i: Issue<'_>) -> Result<Token, Error> {
         kid: ident.signer.kid().to_owned(),
         policy_version: i.policy_version,
         depth: i.depth,
+        audit,
     })
 }

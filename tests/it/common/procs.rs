@@ -68,3 +68,73 @@ pub fn write(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).expect("write config");
     path.to_owned()
 }
+
+/// An auditor certificate (`spiffe://lattice.local/admin/ann`) under
+/// `d/ann`, issued with the bootstrap admin's `admin` arguments.
+pub fn auditor(d: &Path, admin: &[&str]) -> PathBuf {
+    let ann = d.join("ann");
+    run_ok(
+        Command::new(bin("lattice"))
+            .args(["admin-cert", "issue", "--role", "auditor"])
+            .args(["--id", "spiffe://lattice.local/admin/ann"])
+            .args(["--out", ann.to_str().expect("utf8")])
+            .args(admin),
+    );
+    ann
+}
+
+/// Releases the default bundle with one audience agents may mint for,
+/// `https://api.example.com` (scope `read`).
+pub fn push_minting_bundle(d: &Path, admin: &[&str]) {
+    let bundle = d.join("bundle");
+    std::fs::create_dir(&bundle).expect("mkdir");
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("shared/policies/default");
+    for f in std::fs::read_dir(&default).expect("default bundle") {
+        let f = f.expect("entry").path();
+        std::fs::copy(&f, bundle.join(f.file_name().expect("name"))).expect("copy");
+    }
+    write(
+        &bundle.join("entities.json"),
+        r#"[{"uid":{"type":"Lattice::Audience","id":"https://api.example.com"},
+             "attrs":{"scopes":["read"],"labels":[]},"parents":[]}]"#,
+    );
+    write(&bundle.join("tests.json"), "[]");
+    run_ok(
+        Command::new(bin("lattice"))
+            .args(["policy", "push", bundle.to_str().expect("utf8")])
+            .args(["-m", "minting test"])
+            .args(admin),
+    );
+}
+
+/// Waits until the control plane's audit log holds an `issued` record of
+/// `agent_id` for every one of `jtis` (read as the auditor `ann`).
+pub fn wait_for_issuances(cp: SocketAddr, ann: &Path, agent_id: &str, jtis: &[String]) {
+    super::eventually_blocking(
+        "every mint's audit record is in the log",
+        Duration::from_secs(30),
+        || {
+            let log = run_ok(
+                Command::new(bin("lattice"))
+                    .args(["audit", "query", "--kind", "issued", "--subject", agent_id])
+                    .args(["--control-plane", &cp.to_string()])
+                    .args(["--admin-dir", ann.to_str().expect("utf8")]),
+            );
+            let missing: Vec<&String> = jtis.iter().filter(|j| !log.contains(j.as_str())).collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing {missing:?}"))
+            }
+        },
+    );
+}
+
+/// Waits until `lattice status` shows the cache `name` fresh.
+pub fn wait_fresh(admin: &[&str], name: &str) {
+    super::eventually_blocking("the cache becomes fresh", Duration::from_secs(30), || {
+        run_ok(Command::new(bin("lattice")).arg("status").args(admin))
+            .lines()
+            .any(|l| l.contains(name) && l.ends_with("fresh"))
+    });
+}
