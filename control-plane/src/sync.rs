@@ -100,6 +100,9 @@ pub struct Links {
     /// reads its audit mark only once the previous worker's last commit is
     /// done, so nothing it resends is appended twice.
     audit: std::sync::Mutex<HashMap<SpiffeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each cache's newest stream (its generation): an older stream ends as
+    /// soon as a newer one opens, whatever it is waiting for.
+    newest: std::sync::Mutex<HashMap<SpiffeId, tokio::sync::watch::Sender<u64>>>,
 }
 
 impl Links {
@@ -111,6 +114,16 @@ impl Links {
         let mut g = self.audit.lock().unwrap_or_else(|p| p.into_inner());
         g.entry(id.clone()).or_default().clone()
     }
+    /// Says that `generation` is `id`'s newest stream; returns what tells
+    /// that stream when a newer one opens.
+    fn opened(&self, id: &SpiffeId, generation: u64) -> tokio::sync::watch::Receiver<u64> {
+        let mut g = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = g
+            .entry(id.clone())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0);
+        tx.send_replace(generation);
+        tx.subscribe()
+    }
     pub fn get(&self, id: &SpiffeId) -> Option<Link> {
         self.inner
             .lock()
@@ -121,6 +134,43 @@ impl Links {
 }
 
 pub type SyncStream = ReceiverStream<Result<pb::SyncDown, Status>>;
+
+/// The sending end of one cache's stream. No send waits past the moment a
+/// newer stream from the same cache opens, nor longer than `silence` for a
+/// cache that reads nothing: a stream whose connection is a black hole
+/// never holds up its own timers, its audit worker (and with it the audit
+/// lock its successor needs) or shutdown.
+#[derive(Debug, Clone)]
+pub(crate) struct Downlink {
+    tx: mpsc::Sender<Result<pb::SyncDown, Status>>,
+    generation: u64,
+    newest: tokio::sync::watch::Receiver<u64>,
+    silence: Duration,
+}
+
+impl Downlink {
+    /// Queues `m` for the cache; `Err` says why the stream is over.
+    pub(crate) async fn send(&self, m: Result<pb::SyncDown, Status>) -> Result<(), String> {
+        tokio::select! {
+            r = self.tx.send(m) => r.map_err(|_| "cache went away".to_string()),
+            () = self.replaced() => Err(REPLACED.into()),
+            () = tokio::time::sleep(self.silence) => Err(format!(
+                "the cache read nothing for {:?}", self.silence
+            )),
+        }
+    }
+
+    /// Completes once a newer stream from the same cache has opened.
+    pub(crate) async fn replaced(&self) {
+        let mut newest = self.newest.clone();
+        let generation = self.generation;
+        if newest.wait_for(|&g| g != generation).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+const REPLACED: &str = "replaced by a newer stream from the same cache";
 
 /// A cache receives its own sealed DEK and nothing sealed to another; a
 /// version it may not hold reaches it without ciphertext (the sequence stays
@@ -222,10 +272,19 @@ pub(crate) async fn open(
             l.max_staleness_ms = hello.max_staleness_ms;
             l.last_contact_ms = state.clock.now_unix_ms();
         });
+        let down = Downlink {
+            tx,
+            generation,
+            newest: state.links.opened(&id, generation),
+            // As long as the cache waits before it gives a silent link up.
+            silence: (Duration::from_millis(state.cfg.heartbeat_ms) * 3)
+                .max(Duration::from_secs(1)),
+        };
         let mut stopping = state.stopping.clone();
         let reason = tokio::select! {
-            r = serve(&state, &cache, generation, hello.resume_after, hello.audit_epoch, inbound, &tx) => r,
-            // Also when `serve` is blocked on a cache that reads nothing.
+            r = serve(&state, &cache, hello.resume_after, hello.audit_epoch, inbound, &down) => r,
+            // Also when `serve` waits on a cache that sends nothing.
+            () = down.replaced() => REPLACED.into(),
             _ = lattice_shared::net::until_true(&mut stopping) => "control plane stopping".into(),
         };
         state.links.update(&id, |l| {
@@ -241,11 +300,10 @@ pub(crate) async fn open(
 async fn serve(
     state: &Arc<State>,
     cache: &SpiffeId,
-    generation: u64,
     resume_after: u64,
     audit_epoch: u64,
     mut inbound: Streaming<pb::SyncUp>,
-    tx: &mpsc::Sender<Result<pb::SyncDown, Status>>,
+    tx: &Downlink,
 ) -> String {
     let mut heads = state.log.subscribe();
     // Audit batches are committed by a worker of their own: events going
@@ -307,8 +365,8 @@ async fn serve(
             let msg = pb::SyncDown {
                 msg: Some(Down::Events(pb::EventBatch { events: batch })),
             };
-            if tx.send(Ok(msg)).await.is_err() {
-                return "cache went away".into();
+            if let Err(why) = tx.send(Ok(msg)).await {
+                return why;
             }
         }
         tokio::select! {
@@ -326,12 +384,8 @@ async fn serve(
             }
             _ = heartbeat.tick() => {
                 let msg = pb::SyncDown { msg: Some(Down::Heartbeat(pb::Heartbeat { head_seq: state.log.head() })) };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return "cache went away".into();
-                }
-                if state.links.get(cache).is_some_and(|l| l.stream != generation) {
-                    // A half-open connection the cache has given up on.
-                    return "replaced by a newer stream from the same cache".into();
+                if let Err(why) = tx.send(Ok(msg)).await {
+                    return why;
                 }
                 if state.log.revocations().is_cache_revoked(cache) {
                     let _ = tx.send(Err(Status::permission_denied(format!("{cache} has been revoked")))).await;
@@ -384,8 +438,8 @@ async fn serve(
                             }
                         });
                         let pong = pb::FreshnessPong { ping_id: p.ping_id, sent_mono_ms: p.sent_mono_ms, head_seq: head, checkpoint: state.checkpoints.current(state).map(|c| (*c).clone()) };
-                        if tx.send(Ok(pb::SyncDown { msg: Some(Down::Pong(pong)) })).await.is_err() {
-                            return "cache went away".into();
+                        if let Err(why) = tx.send(Ok(pb::SyncDown { msg: Some(Down::Pong(pong)) })).await {
+                            return why;
                         }
                     }
                     Some(Up::Audit(batch)) => {

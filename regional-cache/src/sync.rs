@@ -5,6 +5,7 @@
 //! up; on any error reconnect with capped, jittered backoff.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lattice_shared::backoff::Backoff;
@@ -95,13 +96,24 @@ async fn session(
     backoff.succeeded();
     tracing::info!(cache_id = %state.id, applied = sync.applied(), "sync link up");
 
+    // Nothing in the stream loop waits for the stream to take a message: it
+    // queues, and this writer forwards, giving the link up when one message
+    // waits longer than the silence timeout (the control plane reads
+    // nothing: a black hole, or a peer that stopped).
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let out = Outgoing {
+        tx: out_tx,
+        ping_queued: Arc::new(AtomicBool::new(false)),
+    };
+    let writer = tokio::spawn(forward(out_rx, up, out.ping_queued.clone(), liveness));
+
     // Enforcement never waits for the disk: batches are enforced as they
     // arrive and handed to this persister, which writes them in order (many
     // at once under load: group commit) and acks what is durable.
     let (persist_tx, mut persist_rx) = mpsc::channel::<Vec<pb::LatticeEvent>>(64);
     let persister = {
         let state = state.clone();
-        let up = up.clone();
+        let up = out.clone();
         tokio::spawn(async move {
             while let Some(mut events) = persist_rx.recv().await {
                 // A short commit delay: what arrives meanwhile shares the
@@ -125,7 +137,6 @@ async fn session(
                             policy_version: state.policy.version(),
                         })),
                     })
-                    .await
                     .is_err()
                 {
                     break;
@@ -136,7 +147,8 @@ async fn session(
     };
     let mut link = Link {
         next: sync.applied() + 1,
-        up,
+        up: out,
+        writer,
         down,
         persist_tx,
         persister,
@@ -149,8 +161,10 @@ async fn session(
     let Link {
         persist_tx,
         mut persister,
+        writer,
         ..
     } = link;
+    writer.abort();
     drop(persist_tx);
     if !persister.is_finished() {
         let _ = (&mut persister).await;
@@ -160,7 +174,9 @@ async fn session(
 
 /// One session's ends of the link, and where the event stream stands.
 struct Link {
-    up: mpsc::Sender<pb::SyncUp>,
+    up: Outgoing,
+    /// Forwards `up` to the stream; ends with why the link is dead.
+    writer: tokio::task::JoinHandle<Error>,
     down: tonic::Streaming<pb::SyncDown>,
     persist_tx: mpsc::Sender<Vec<pb::LatticeEvent>>,
     persister: tokio::task::JoinHandle<Result<(), Error>>,
@@ -174,6 +190,7 @@ struct Link {
 async fn stream_loop(state: &Arc<State>, rng: &SystemRandom, link: &mut Link) -> Result<(), Error> {
     let Link {
         up,
+        writer,
         down,
         persist_tx,
         persister,
@@ -193,21 +210,20 @@ async fn stream_loop(state: &Arc<State>, rng: &SystemRandom, link: &mut Link) ->
     // prove the link works.
     let mut silent_after = tokio::time::Instant::now() + liveness;
     let mut revoke_sent = std::collections::HashSet::new();
-    send_revoke_requests(state, up, &mut revoke_sent).await?;
+    send_revoke_requests(state, up, &mut revoke_sent)?;
     loop {
         tokio::select! {
             _ = state.issued.changed.notified() => {
-                send_revoke_requests(state, up, &mut revoke_sent).await?;
+                send_revoke_requests(state, up, &mut revoke_sent)?;
             }
             _ = tokio::time::sleep_until(silent_after) => {
                 return Err(Error::ControlPlane("silent link".into()));
             }
-            _ = tick.tick() => {
-                up.send(pb::SyncUp { msg: Some(Up::Ping(sync.new_ping(rng))) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
+            dead = &mut *writer => {
+                return Err(dead.unwrap_or_else(|_| Error::ControlPlane("sync writer failed".into())));
             }
-            _ = sync.ping_now.notified() => {
-                up.send(pb::SyncUp { msg: Some(Up::Ping(sync.new_ping(rng))) }).await.map_err(|_| Error::ControlPlane("closed".into()))?;
-            }
+            _ = tick.tick() => up.ping(sync.new_ping(rng))?,
+            _ = sync.ping_now.notified() => up.ping(sync.new_ping(rng))?,
             changed = durable.changed(), if audit_known => {
                 if changed.is_err() {
                     return Err(Error::ControlPlane("audit outbox closed".into()));
@@ -220,7 +236,9 @@ async fn stream_loop(state: &Arc<State>, rng: &SystemRandom, link: &mut Link) ->
                     _ => Err(Error::ControlPlane("persister stopped".into())),
                 };
             }
-            msg = down.message() => {
+            // Read while the persister has room: a disk that falls behind
+            // slows the stream down, and the timers keep running.
+            msg = down.message(), if persist_tx.capacity() > 0 => {
                 let msg = msg
                     .map_err(|s| Error::ControlPlane(format!("{} ({:?})", s.message(), s.code())))?
                     .ok_or_else(|| Error::ControlPlane("stream ended".into()))?;
@@ -237,10 +255,12 @@ async fn stream_loop(state: &Arc<State>, rng: &SystemRandom, link: &mut Link) ->
                             state.after_events();
                         }
                         let revoked_jti = decoded.iter().flatten().any(|r| matches!(r.target, lattice_shared::revocation::Target::Jti(_)));
-                        persist_tx.send(batch.events).await.map_err(|_| Error::ControlPlane("persister stopped".into()))?;
+                        // Room was checked before reading, and this loop is
+                        // the one sender.
+                        persist_tx.try_send(batch.events).map_err(|_| Error::ControlPlane("persister stopped".into()))?;
                         if revoked_jti {
                             // Settles requests that came back; resends the rest.
-                            send_revoke_requests(state, up, &mut revoke_sent).await?;
+                            send_revoke_requests(state, up, &mut revoke_sent)?;
                         }
                     }
                     Some(Down::Pong(p)) => sync.on_pong(&p),
@@ -261,21 +281,71 @@ async fn stream_loop(state: &Arc<State>, rng: &SystemRandom, link: &mut Link) ->
 }
 
 /// Sends the revocations this cache asked for and has not yet seen come
-/// back on the event stream.
-async fn send_revoke_requests(
+/// back on the event stream (each once a session: `sent` bounds them).
+fn send_revoke_requests(
     state: &Arc<State>,
-    up: &mpsc::Sender<pb::SyncUp>,
+    up: &Outgoing,
     sent: &mut std::collections::HashSet<String>,
 ) -> Result<(), Error> {
     let sync = &state.replica;
     while let Some(r) = state.issued.pending(|j| sync.is_jti_revoked(j), sent) {
         up.send(pb::SyncUp {
             msg: Some(Up::RevokeIssued(r)),
-        })
-        .await
-        .map_err(|_| Error::ControlPlane("closed".into()))?;
+        })?;
     }
     Ok(())
+}
+
+/// The queue of what goes up. Bounded by what is put in it: audit records
+/// by the window, revocation requests by the set of those sent, acks by the
+/// persister's batches, pings to one waiting.
+#[derive(Debug, Clone)]
+struct Outgoing {
+    tx: mpsc::UnboundedSender<pb::SyncUp>,
+    /// A ping waits in the queue: another would prove nothing more.
+    ping_queued: Arc<AtomicBool>,
+}
+
+impl Outgoing {
+    fn send(&self, m: pb::SyncUp) -> Result<(), Error> {
+        self.tx
+            .send(m)
+            .map_err(|_| Error::ControlPlane("closed".into()))
+    }
+
+    fn ping(&self, p: pb::FreshnessPing) -> Result<(), Error> {
+        if self.ping_queued.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.send(pb::SyncUp {
+            msg: Some(Up::Ping(p)),
+        })
+    }
+}
+
+/// Forwards the queue to the stream. Returns why the link is dead: closed,
+/// or one message waited longer than `liveness` for the stream to take it.
+async fn forward(
+    mut rx: mpsc::UnboundedReceiver<pb::SyncUp>,
+    up: mpsc::Sender<pb::SyncUp>,
+    ping_queued: Arc<AtomicBool>,
+    liveness: Duration,
+) -> Error {
+    while let Some(m) = rx.recv().await {
+        if matches!(m.msg, Some(Up::Ping(_))) {
+            ping_queued.store(false, Ordering::SeqCst);
+        }
+        match tokio::time::timeout(liveness, up.send(m)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                return Error::ControlPlane(format!(
+                    "the control plane took no message for {liveness:?}"
+                ));
+            }
+        }
+    }
+    Error::ControlPlane("closed".into())
 }
 
 /// Audit records in flight (sent, not acked) at most: the control plane
@@ -288,11 +358,7 @@ const AUDIT_BATCH_BYTES: usize = lattice_shared::limits::MAX_MESSAGE_BYTES * 3 /
 
 /// Sends the durable audit records after `sent`, within the window; acks
 /// and new records bring the rest.
-async fn send_audit(
-    state: &Arc<State>,
-    up: &mpsc::Sender<pb::SyncUp>,
-    sent: &mut u64,
-) -> Result<(), Error> {
+async fn send_audit(state: &Arc<State>, up: &Outgoing, sent: &mut u64) -> Result<(), Error> {
     while *sent < state.outbox.acked() + AUDIT_WINDOW {
         let outbox = state.outbox.clone();
         let after = *sent;
@@ -317,9 +383,7 @@ async fn send_audit(
         let n = records.len() as u64;
         up.send(pb::SyncUp {
             msg: Some(Up::Audit(pb::AuditBatch { first, records })),
-        })
-        .await
-        .map_err(|_| Error::ControlPlane("closed".into()))?;
+        })?;
         *sent = first + n - 1;
     }
     Ok(())

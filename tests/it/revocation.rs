@@ -477,6 +477,73 @@ async fn a_black_holed_connection_is_replaced_by_a_new_one_without_help() {
     l.shutdown().await;
 }
 
+/// Issue #18: the cache awaited its sends to the stream inside the loop
+/// that also runs the silence timer, so a link black-holed while the cache
+/// sent a large audit backlog filled the queue, a ping's send never
+/// returned, and the dead link was never given up (HTTP/2 keepalive ended
+/// it some 20 s later). Now sends only queue: the link is given up within
+/// the silence timeout (3 ping periods) and the backlog reaches the control
+/// plane over a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_black_holed_during_an_audit_backlog_is_given_up_within_the_silence_timeout() {
+    let spec = Spec {
+        agents: vec![("eu".into(), "a".into())],
+        max_staleness: Duration::from_millis(300),
+        ..Spec::default()
+    };
+    let l = Lattice::start(spec, lattice_shared::clock::SystemClock::shared())
+        .await
+        .expect("lattice");
+    let eu = &l.caches[0];
+    eu.wait_fresh().await.expect("fresh");
+    let silence = (eu.app().max_staleness() / 5 * 3).max(Duration::from_secs(1));
+    // A backlog builds while the link is down.
+    eu.link.set(lattice::faults::Mode::Drop);
+    eventually("the link is down", WAIT, async || !eu.app().connected()).await;
+    let outbox = eu.app().outbox();
+    let record = |i: u64| lattice_regional_cache::AuditEvent::Refused {
+        cache: eu.id(),
+        agent: l.agents[0].id.clone(),
+        source: "127.0.0.1".into(),
+        request_id: format!("backlog-{i}"),
+        action: "MintToken".into(),
+        resource: "https://api.example.com".into(),
+        // Records of 4 KiB: what is in flight outgrows HTTP/2's windows.
+        reason: "x".repeat(4096),
+        at_unix_ms: l.cp().now_ms(),
+        policy_version: 1,
+    };
+    for i in 0..6_000 {
+        let _ = outbox.record(record(i).to_record("eu"));
+    }
+    let last = outbox.flush_now().expect("written");
+    let before = outbox.acked();
+    eu.heal();
+    eventually("the backlog flows", WAIT, async || outbox.acked() > before).await;
+    // The connection carrying it turns into a black hole; new ones work.
+    eu.black_hole_existing_connections();
+    let started = std::time::Instant::now();
+    assert!(outbox.acked() < last, "the backlog was still flowing");
+    eventually(
+        "the cache gives the dead link up",
+        Duration::from_secs(30),
+        async || !eu.app().connected(),
+    )
+    .await;
+    let noticed = started.elapsed();
+    eventually(
+        "the whole backlog reaches the control plane",
+        Duration::from_secs(60),
+        async || outbox.acked() >= last,
+    )
+    .await;
+    assert!(
+        noticed <= silence + Duration::from_secs(1),
+        "the dead link was given up {noticed:?} after the black hole (silence timeout {silence:?})"
+    );
+    l.shutdown().await;
+}
+
 #[tokio::test]
 async fn delayed_and_dropped_links_still_deliver_everything_in_order() {
     let (l, _clock) = lattice().await;

@@ -311,7 +311,7 @@ pub async fn worker(
     epoch: u64,
     queued: std::sync::Arc<std::sync::atomic::AtomicU64>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<pb::AuditBatch>,
-    tx: tokio::sync::mpsc::Sender<Result<pb::SyncDown, tonic::Status>>,
+    tx: super::Downlink,
 ) -> String {
     use std::sync::atomic::Ordering;
     let _held = state.links.audit_lock(&cache).lock_owned().await;
@@ -326,8 +326,8 @@ pub async fn worker(
     let ack = pb::SyncDown {
         msg: Some(super::Down::AuditAck(pb::AuditAck { upto: hwm })),
     };
-    if tx.send(Ok(ack)).await.is_err() {
-        return "cache went away".into();
+    if let Err(why) = tx.send(Ok(ack)).await {
+        return why;
     }
     while let Some(first) = rx.recv().await {
         let mut batches = vec![first];
@@ -366,8 +366,8 @@ pub async fn worker(
         let ack = pb::SyncDown {
             msg: Some(super::Down::AuditAck(pb::AuditAck { upto: hwm })),
         };
-        if tx.send(Ok(ack)).await.is_err() {
-            return "cache went away".into();
+        if let Err(why) = tx.send(Ok(ack)).await {
+            return why;
         }
     }
     "stream closed".into()
