@@ -312,7 +312,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 400_000)]
         records: usize,
     },
-    /// MintToken vs the bare echo RPC at one cache over mTLS.
+    /// MintToken vs the bare echo RPC at one cache over mTLS, in both audit
+    /// modes (durable, the default, and commit_delay at a second cache).
     Mint {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,

@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     /// Wall-clock time, used for certificate and token validity.
     fn now(&self) -> SystemTime;
-    /// Monotonic time since an arbitrary origin, used for staleness.
+    /// Monotonic time since an arbitrary origin, used for staleness. It
+    /// keeps counting while the machine is suspended (see [`SystemClock`]).
     fn monotonic(&self) -> Duration;
 
     fn now_unix(&self) -> i64 {
@@ -45,16 +46,35 @@ pub fn from_unix_secs(secs: i64) -> SystemTime {
     }
 }
 
-/// The real clock.
+/// The real clock: the machine's clocks. Its monotonic time is `CLOCK_BOOTTIME` on Linux,
+/// which counts time suspended: after a VM or laptop resumes, a cache's last
+/// proof of freshness is as old as it really is (`CLOCK_MONOTONIC`, what
+/// `Instant` reads, stops during suspend and would make it look recent).
+/// Elsewhere it is `Instant`.
 #[derive(Debug)]
 pub struct SystemClock {
-    origin: Instant,
+    origin: Duration,
+}
+
+#[cfg(target_os = "linux")]
+fn since_boot() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+#[cfg(not(target_os = "linux"))]
+fn since_boot() -> Duration {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
 }
 
 impl SystemClock {
     pub fn shared() -> SharedClock {
         Arc::new(SystemClock {
-            origin: Instant::now(),
+            origin: since_boot(),
         })
     }
 }
@@ -64,7 +84,7 @@ impl Clock for SystemClock {
         SystemTime::now()
     }
     fn monotonic(&self) -> Duration {
-        self.origin.elapsed()
+        since_boot().saturating_sub(self.origin)
     }
 }
 
@@ -121,6 +141,25 @@ pub fn past_half_life(now: SystemTime, not_before: SystemTime, not_after: System
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Staleness is measured on the clock that counts suspend: the
+    /// kernel's uptime (`/proc/uptime`) is `CLOCK_BOOTTIME` too.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_system_clocks_monotonic_time_is_time_since_boot() {
+        let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+            .expect("uptime")
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("seconds");
+        let ours = since_boot().as_secs_f64();
+        assert!((ours - uptime).abs() < 1.0, "{ours} vs uptime {uptime}");
+        let c = SystemClock::shared();
+        let a = c.monotonic();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(c.monotonic() >= a + Duration::from_millis(20));
+    }
 
     #[test]
     fn fake_clock_moves_only_when_advanced() {
