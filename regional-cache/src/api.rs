@@ -406,11 +406,13 @@ impl Cache for Service {
         &self,
         req: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        require_unrevoked(&self.state, &req)?;
+        let peer = require_unrevoked(&self.state, &req)?;
+        let slot = crate::watch::admit(&self.state, &peer.id)?;
         let after = req.get_ref().after_seq;
         Ok(Response::new(crate::watch::watch(
             self.state.clone(),
             after,
+            slot,
         )))
     }
 

@@ -46,6 +46,9 @@ pub use crate::config::{AuditMode, Config, MAX_LEASE_TTL_SECS};
 pub use crate::error::{Error, Refused};
 pub use crate::identity::Identity;
 use crate::replica::Replica;
+pub use crate::watch::{
+    MAX_PER_FOLLOWER as MAX_WATCHES_PER_FOLLOWER, MAX_STREAMS as MAX_WATCH_STREAMS,
+};
 
 /// Parsers of peer and disk input, for the fuzz targets in `fuzz/` (not an API).
 #[doc(hidden)]
@@ -135,6 +138,8 @@ pub(crate) struct State {
     /// Woken when our own CA or signing certificate is revoked: renew now,
     /// not at the next check.
     pub renew_now: tokio::sync::Notify,
+    /// Open `WatchRevocations` streams per follower.
+    pub watchers: watch::Watchers,
 }
 
 /// Refuses revoked agents, certificates and issuing caches at the handshake.
@@ -237,6 +242,7 @@ impl App {
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
         let state = Arc::new(State {
             outbox: outbox.clone(),
+            watchers: watch::Watchers::default(),
             report_quota: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(60))

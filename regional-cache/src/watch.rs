@@ -1,9 +1,14 @@
 //! The `WatchRevocations` stream: the stored backlog after the follower's
 //! sequence, then live revocations as they are enforced, with a heartbeat
 //! (carrying this cache's staleness) when nothing happens. It ends with the
-//! cache.
+//! cache. Only agents of this cache's region follow it (services that
+//! verify tokens enrol as agents), at most [`MAX_PER_FOLLOWER`] streams
+//! each and [`MAX_STREAMS`] in all.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use lattice_shared::id::{Role, SpiffeId};
 
 use lattice_shared::limits::WATCH_HEARTBEAT;
 use lattice_shared::proto as pb;
@@ -14,13 +19,77 @@ use crate::State;
 pub(crate) type Notices =
     tokio_stream::wrappers::ReceiverStream<Result<pb::RevocationNotice, Status>>;
 
-/// Starts the stream of revocations after `after`.
-pub(crate) fn watch(state: Arc<State>, after: u64) -> Notices {
+/// Streams one follower may hold open at once (a restart overlaps its
+/// old stream for a moment).
+pub const MAX_PER_FOLLOWER: usize = 4;
+/// Streams open at once at this cache.
+pub const MAX_STREAMS: usize = 20_000;
+
+/// Open streams per follower.
+#[derive(Debug, Default)]
+pub(crate) struct Watchers(Arc<Mutex<HashMap<SpiffeId, usize>>>);
+
+/// One open stream; its place is given back when the stream ends.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    of: Arc<Mutex<HashMap<SpiffeId, usize>>>,
+    id: SpiffeId,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = self.of.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                g.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// Who may follow this cache's revocations, and within which limits.
+pub(crate) fn admit(state: &State, follower: &SpiffeId) -> Result<Slot, Status> {
+    if follower.role() != Role::Agent
+        || follower.trust_domain() != state.id.trust_domain()
+        || follower.region() != Some(&state.region)
+    {
+        return Err(Status::permission_denied(format!(
+            "WatchRevocations is for agents of region {}",
+            state.region
+        )));
+    }
+    let of = state.watchers.0.clone();
+    let mut g = of.lock().unwrap_or_else(|p| p.into_inner());
+    let total: usize = g.values().sum();
+    let mine = g.get(follower).copied().unwrap_or(0);
+    if mine >= MAX_PER_FOLLOWER {
+        return Err(Status::resource_exhausted(format!(
+            "at most {MAX_PER_FOLLOWER} revocation streams per follower"
+        )));
+    }
+    if total >= MAX_STREAMS {
+        return Err(Status::resource_exhausted(
+            "this cache holds as many revocation streams as it serves; retry later or use another cache",
+        ));
+    }
+    *g.entry(follower.clone()).or_default() += 1;
+    drop(g);
+    Ok(Slot {
+        of,
+        id: follower.clone(),
+    })
+}
+
+/// Starts the stream of revocations after `after`; `slot` is held until it
+/// ends.
+pub(crate) fn watch(state: Arc<State>, after: u64, slot: Slot) -> Notices {
     // Subscribe before reading the backlog so that nothing falls between.
     let mut live = state.replica.subscribe_notices();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut stop_all = state.stopping.clone();
     let task = async move {
+        let _slot = slot;
         let notice = |seq: u64, r: pb::Revocation| pb::RevocationNotice {
             seq,
             revocation: Some(r),

@@ -544,6 +544,72 @@ async fn a_link_black_holed_during_an_audit_backlog_is_given_up_within_the_silen
     l.shutdown().await;
 }
 
+/// Issue #18: `WatchRevocations` was open to any identity and unlimited
+/// per peer (each stream reads the backlog on the blocking pool). Only
+/// agents of the cache's region follow it, at most 4 streams each.
+#[tokio::test]
+async fn only_the_regions_agents_watch_revocations_and_each_within_a_limit() {
+    let clock = lattice_shared::clock::SystemClock::shared();
+    let spec = Spec {
+        agents: vec![("eu".into(), "a".into())],
+        ..Spec::default()
+    };
+    let l = Lattice::start(spec, clock.clone()).await.expect("lattice");
+    let (eu, us) = (l.caches[0].addr(), l.caches[1].addr());
+    // An agent of the us region, enrolled at its cache, asks the eu cache.
+    let key = lattice_shared::pki::PrivateKey::generate_p256().expect("key");
+    let token = l
+        .join_token(&Lattice::agent_id("us", "b"), None)
+        .expect("token");
+    let chain = raw_cache_client(&l, &clock, us, "us", None)
+        .enrol(pb::EnrolAgentRequest {
+            join_token: token,
+            csr: key.csr_der().expect("csr"),
+            ..Default::default()
+        })
+        .await
+        .expect("enrols at us")
+        .into_inner()
+        .chain
+        .expect("chain");
+    let e = raw_cache_client(
+        &l,
+        &clock,
+        eu,
+        "eu",
+        Some((vec![chain.leaf, chain.intermediate], &key)),
+    )
+    .watch_revocations(pb::WatchRevocationsRequest { after_seq: 0 })
+    .await
+    .expect_err("a us agent at the eu cache");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("agents of region eu"), "{e:?}");
+    // The eu agent follows its cache already; more streams up to the limit.
+    let watch = async |agent: usize| {
+        l.agents[agent]
+            .cache_client(Some(eu))
+            .expect("client")
+            .watch_revocations(pb::WatchRevocationsRequest { after_seq: 0 })
+            .await
+    };
+    let mut open = Vec::new();
+    let refused = loop {
+        match watch(0).await {
+            Ok(s) => open.push(s),
+            Err(e) => break e,
+        }
+        assert!(open.len() <= lattice_regional_cache::MAX_WATCHES_PER_FOLLOWER);
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // A stream that ends gives its place back.
+    open.pop();
+    eventually("a place is free again", WAIT, async || {
+        watch(0).await.is_ok()
+    })
+    .await;
+    l.shutdown().await;
+}
+
 #[tokio::test]
 async fn delayed_and_dropped_links_still_deliver_everything_in_order() {
     let (l, _clock) = lattice().await;
