@@ -121,7 +121,14 @@ impl Links {
         let tx = g
             .entry(id.clone())
             .or_insert_with(|| tokio::sync::watch::channel(0).0);
-        tx.send_replace(generation);
+        // Never back: two opens may get here in either order.
+        tx.send_if_modified(|g| {
+            let newer = generation > *g;
+            if newer {
+                *g = generation;
+            }
+            newer
+        });
         tx.subscribe()
     }
     pub fn get(&self, id: &SpiffeId) -> Option<Link> {
@@ -164,7 +171,7 @@ impl Downlink {
     pub(crate) async fn replaced(&self) {
         let mut newest = self.newest.clone();
         let generation = self.generation;
-        if newest.wait_for(|&g| g != generation).await.is_err() {
+        if newest.wait_for(|&g| g > generation).await.is_err() {
             std::future::pending::<()>().await;
         }
     }

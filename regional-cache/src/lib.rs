@@ -239,6 +239,10 @@ impl App {
             cfg.audit_mode.gather(),
             deps.clock.clone(),
         )?);
+        // Before anything that could issue: every answer waits on it.
+        let outbox_writer = outbox
+            .start_writer()
+            .map_err(|e| Error::Unavailable(format!("starting the audit writer: {e}")))?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
         let state = Arc::new(State {
             outbox: outbox.clone(),
@@ -332,9 +336,6 @@ impl App {
             })
         };
         let sync_task = tokio::spawn(sync::run(state.clone()));
-        let outbox_writer = outbox
-            .start_writer()
-            .map_err(|e| Error::Unavailable(format!("starting the audit writer: {e}")))?;
         tracing::info!(%addr, cache_id = %state.id, "cache listening");
         Ok(App {
             state,
@@ -358,7 +359,9 @@ impl App {
         self.sync_task.abort();
         let _ = self.sync_task.await;
         let _ = self.background.await;
-        // What was recorded but not yet written goes to disk now.
+        // Requests still in their grace period get their records written;
+        // then what was recorded and not yet written goes to disk.
+        lattice_shared::net::stop_server(self.server, &self.kill).await;
         let outbox = self.state.outbox.clone();
         let writer = self.outbox_writer;
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || {
@@ -369,7 +372,6 @@ impl App {
         {
             tracing::error!(error = %e, "writing the last audit records failed");
         }
-        lattice_shared::net::stop_server(self.server, &self.kill).await;
     }
 
     // What tests, the harness and the CLI may ask of a running cache.

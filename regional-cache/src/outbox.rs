@@ -638,6 +638,26 @@ mod tests {
         assert!(o.record(vec![b' '; MAX_AUDIT_RECORD_BYTES + 1]).is_none());
     }
 
+    /// The outbox's own pressure record takes a place in the queue too: a
+    /// record queued after it is not durable when only the pressure record
+    /// has been written.
+    #[tokio::test]
+    async fn the_pressure_record_counts_in_the_ticket_order() {
+        let store: SharedStore = lattice_shared::store::MemStore::shared();
+        let o = Outbox::open(store, 10, Duration::ZERO, clock()).expect("open");
+        for _ in 0..8 {
+            let _ = o.record(b"{}".to_vec());
+        }
+        o.flush_now()
+            .expect("to 80 %: the pressure record is queued");
+        o.flush_now().expect("the pressure record alone");
+        let r = o.record(b"{\"after\":1}".to_vec()).expect("queued");
+        let short = Duration::from_millis(20);
+        assert!(o.wait_durable(r, short).await.is_err(), "not written yet");
+        o.flush_now().expect("written");
+        o.wait_durable(r, short).await.expect("durable now");
+    }
+
     #[test]
     fn numbers_survive_restart_and_acks_delete() {
         let store: SharedStore = std::sync::Arc::new(lattice_shared::store::MemStore::default());

@@ -97,15 +97,16 @@ async fn session(
     tracing::info!(cache_id = %state.id, applied = sync.applied(), "sync link up");
 
     // Nothing in the stream loop waits for the stream to take a message: it
-    // queues, and this writer forwards, giving the link up when one message
-    // waits longer than the silence timeout (the control plane reads
-    // nothing: a black hole, or a peer that stopped).
+    // queues, and this writer forwards. A black hole shows as silence from
+    // the control plane; a control plane that keeps talking but takes
+    // nothing from us for `STUCK_SENDS` silence periods is given up too.
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let out = Outgoing {
         tx: out_tx,
         ping_queued: Arc::new(AtomicBool::new(false)),
+        sending_since: Arc::new(std::sync::Mutex::new(None)),
     };
-    let writer = tokio::spawn(forward(out_rx, up, out.ping_queued.clone(), liveness));
+    let writer = tokio::spawn(forward(out_rx, up, out.clone()));
 
     // Enforcement never waits for the disk: batches are enforced as they
     // arrive and handed to this persister, which writes them in order (many
@@ -130,17 +131,14 @@ async fn session(
                         .map_err(|_| Error::Corrupt("worker failed".into()))??;
                 metrics::gauge!("lattice_cache_applied_seq", "cache" => state.id.to_string())
                     .set(last as f64);
-                if up
-                    .send(pb::SyncUp {
-                        msg: Some(Up::Ack(pb::SyncAck {
-                            seq: last,
-                            policy_version: state.policy.version(),
-                        })),
-                    })
-                    .is_err()
-                {
-                    break;
-                }
+                // Persisted whether or not the ack still goes out: a session
+                // that ends drains what it enforced.
+                let _ = up.send(pb::SyncUp {
+                    msg: Some(Up::Ack(pb::SyncAck {
+                        seq: last,
+                        policy_version: state.policy.version(),
+                    })),
+                });
             }
             Ok::<(), Error>(())
         })
@@ -164,11 +162,11 @@ async fn session(
         writer,
         ..
     } = link;
-    writer.abort();
     drop(persist_tx);
     if !persister.is_finished() {
         let _ = (&mut persister).await;
     }
+    writer.abort();
     result
 }
 
@@ -222,7 +220,17 @@ async fn stream_loop(state: &Arc<State>, rng: &SystemRandom, link: &mut Link) ->
             dead = &mut *writer => {
                 return Err(dead.unwrap_or_else(|_| Error::ControlPlane("sync writer failed".into())));
             }
-            _ = tick.tick() => up.ping(sync.new_ping(rng))?,
+            _ = tick.tick() => {
+                if up.stuck_for().is_some_and(|d| d > liveness * STUCK_SENDS) {
+                    return Err(Error::ControlPlane(format!(
+                        "the control plane took no message from this cache for {:?}",
+                        liveness * STUCK_SENDS
+                    )));
+                }
+                up.ping(sync.new_ping(rng))?;
+            }
+            // Wakes the read branch as soon as the persister has room again.
+            _ = persist_tx.reserve(), if persist_tx.capacity() == 0 => {}
             _ = sync.ping_now.notified() => up.ping(sync.new_ping(rng))?,
             changed = durable.changed(), if audit_known => {
                 if changed.is_err() {
@@ -304,13 +312,31 @@ struct Outgoing {
     tx: mpsc::UnboundedSender<pb::SyncUp>,
     /// A ping waits in the queue: another would prove nothing more.
     ping_queued: Arc<AtomicBool>,
+    /// Since when the writer waits for the stream to take a message.
+    sending_since: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
+
+/// Silence periods a send may wait while the control plane still talks
+/// (it reads nothing from this cache while it sends a long backlog down).
+const STUCK_SENDS: u32 = 10;
 
 impl Outgoing {
     fn send(&self, m: pb::SyncUp) -> Result<(), Error> {
         self.tx
             .send(m)
             .map_err(|_| Error::ControlPlane("closed".into()))
+    }
+
+    fn set_sending(&self, since: Option<tokio::time::Instant>) {
+        *self.sending_since.lock().unwrap_or_else(|p| p.into_inner()) = since;
+    }
+
+    /// How long the message being sent has waited, if one is.
+    fn stuck_for(&self) -> Option<Duration> {
+        self.sending_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
     }
 
     fn ping(&self, p: pb::FreshnessPing) -> Result<(), Error> {
@@ -323,26 +349,22 @@ impl Outgoing {
     }
 }
 
-/// Forwards the queue to the stream. Returns why the link is dead: closed,
-/// or one message waited longer than `liveness` for the stream to take it.
+/// Forwards the queue to the stream, noting since when a message waits for
+/// the stream to take it. Returns when the stream is closed.
 async fn forward(
     mut rx: mpsc::UnboundedReceiver<pb::SyncUp>,
     up: mpsc::Sender<pb::SyncUp>,
-    ping_queued: Arc<AtomicBool>,
-    liveness: Duration,
+    out: Outgoing,
 ) -> Error {
     while let Some(m) = rx.recv().await {
         if matches!(m.msg, Some(Up::Ping(_))) {
-            ping_queued.store(false, Ordering::SeqCst);
+            out.ping_queued.store(false, Ordering::SeqCst);
         }
-        match tokio::time::timeout(liveness, up.send(m)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => break,
-            Err(_) => {
-                return Error::ControlPlane(format!(
-                    "the control plane took no message for {liveness:?}"
-                ));
-            }
+        out.set_sending(Some(tokio::time::Instant::now()));
+        let sent = up.send(m).await;
+        out.set_sending(None);
+        if sent.is_err() {
+            break;
         }
     }
     Error::ControlPlane("closed".into())

@@ -58,8 +58,9 @@ pub(crate) fn report_audit(
     }
     let received = state.clock.now_unix_ms();
     let mut last = None;
+    let mut dropped = 0usize;
     for e in events {
-        last = state.audit(AuditEvent::Reported {
+        let ticket = state.audit(AuditEvent::Reported {
             cache: state.id.clone(),
             agent: agent.clone(),
             kind: e.kind,
@@ -71,6 +72,17 @@ pub(crate) fn report_audit(
             at_unix_ms: e.at_unix_ms,
             received_at_unix_ms: received,
         });
+        match ticket {
+            Some(t) => last = Some(t),
+            None => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        // The agent keeps what is not acknowledged and sends it again: an
+        // event recorded twice rather than one lost.
+        return Err(Error::Refused(crate::Refused::AuditUnavailable(format!(
+            "audit unavailable: {dropped} of {n} reported events could not be recorded"
+        ))));
     }
     metrics::counter!("lattice_cache_reported_events_total").increment(n as u64);
     Ok((n, last))
