@@ -151,7 +151,7 @@ impl cache::AuditSink for AuditLog {
     }
 }
 
-fn open_store(dir: &Path) -> anyhow::Result<(SharedStore, Arc<LocalKeyFile>)> {
+fn open_store(dir: &Path) -> anyhow::Result<(Arc<SledStore>, Arc<LocalKeyFile>)> {
     // sled releases its file lock from a background thread shortly after the
     // last handle drops: a restart may have to wait for it.
     let mut tries = 0;
@@ -277,7 +277,7 @@ pub struct Lattice {
     pub clock: SharedClock,
     pub cp_cfg: cp::Config,
     pub cp: Option<cp::App>,
-    cp_store: Option<SharedStore>,
+    cp_store: Option<Arc<SledStore>>,
     pub caches: Vec<CacheNode>,
     pub agents: Vec<Arc<agent::Agent>>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
@@ -342,6 +342,11 @@ impl Lattice {
 
     pub fn root_pem(&self) -> PathBuf {
         self.cp_cfg.data_dir.join("root.crt")
+    }
+
+    /// The control plane's store, for fault injection.
+    pub fn cp_sled(&self) -> &SledStore {
+        self.cp_store.as_deref().expect("control plane is running") // callers use it while it runs
     }
 
     async fn start_cp(&mut self) -> anyhow::Result<()> {

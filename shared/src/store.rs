@@ -11,8 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -158,7 +159,17 @@ pub struct SledStore {
     fsyncs: AtomicU64,
     /// Set when a flush or fsync failed: nothing more is written or synced.
     failed: AtomicBool,
+    /// Fault injection for tests: listing/opening fails this many more
+    /// times; the next fsync fails.
+    open_faults: AtomicU32,
+    fsync_fault: AtomicBool,
 }
+
+/// How long a sync round keeps retrying when sled's files cannot be listed
+/// or opened (EMFILE, say) before the store stops: the writes waiting are
+/// already visible, so they are made durable or the store stops, never
+/// reported failed.
+const OPEN_RETRY_FOR: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Synced {
@@ -202,7 +213,53 @@ impl SledStore {
             synced: Mutex::new(Synced { upto: 0, files }),
             fsyncs: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            open_faults: AtomicU32::new(0),
+            fsync_fault: AtomicBool::new(false),
         }))
+    }
+
+    /// For fault tests: the next `n` attempts to list or open the store's
+    /// files fail (as under EMFILE), as if before any fsync.
+    pub fn inject_open_failures(&self, n: u32) {
+        self.open_faults.store(n, Ordering::SeqCst);
+    }
+
+    /// For fault tests: the next fsync fails (as on EIO or ENOSPC), after
+    /// the write it was to make durable has been applied.
+    pub fn inject_fsync_failure(&self) {
+        self.fsync_fault.store(true, Ordering::SeqCst);
+    }
+
+    /// One round: flush sled, then fsync its files, retrying what failed
+    /// before any fsync for up to [`OPEN_RETRY_FOR`].
+    fn sync_round(&self, files: &mut DirSync) -> Result<(), StoreError> {
+        self.db.flush()?;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let injected_open = self
+                .open_faults
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let result = if injected_open {
+                Err(SyncError::Open(std::io::Error::from_raw_os_error(24)))
+            } else if self.fsync_fault.swap(false, Ordering::SeqCst) {
+                Err(SyncError::Fsync(std::io::Error::from_raw_os_error(5)))
+            } else {
+                files.sync()
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(SyncError::Fsync(e)) => return Err(StoreError::Io(e)),
+                // Nothing was lost yet: try again, but not for ever.
+                Err(SyncError::Open(e)) if started.elapsed() < OPEN_RETRY_FOR => {
+                    tracing::warn!(error = %e, dir = %self.dir.display(), "store files could not be listed or opened; retrying");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(SyncError::Open(e)) => return Err(StoreError::Io(e)),
+            }
+        }
     }
 
     /// How many fsync rounds ran (group commit makes this lower than writes).
@@ -233,19 +290,7 @@ impl SledStore {
             return Ok(());
         }
         let target = self.applied.load(Ordering::SeqCst);
-        let result = match self.db.flush() {
-            Err(e) => Err(StoreError::from(e)),
-            Ok(_) => match synced.files.sync() {
-                Ok(()) => Ok(()),
-                // Opening or listing failed before any fsync (EMFILE, say):
-                // nothing was lost, the next durable write syncs again.
-                Err(SyncError::Open(e)) => {
-                    tracing::warn!(error = %e, dir = %self.dir.display(), "store files could not be listed or opened");
-                    return Err(StoreError::Io(e));
-                }
-                Err(SyncError::Fsync(e)) => Err(StoreError::Io(e)),
-            },
-        };
+        let result = self.sync_round(&mut synced.files);
         if let Err(e) = result {
             self.failed.store(true, Ordering::SeqCst);
             let why = format!(
@@ -271,8 +316,8 @@ impl SledStore {
 /// commit opens no file, except once for a file it has not seen before. A
 /// file sled removes meanwhile (an obsolete blob) needs no sync: its
 /// removal is made durable by the directory's; its handle is dropped.
-/// Why a [`DirSync`] round failed: before any fsync (harmless, retried by
-/// the next write) or in one (fatal).
+/// Why a [`DirSync`] round failed: before any fsync (nothing lost: the
+/// round is retried) or in one (fatal).
 #[derive(Debug)]
 enum SyncError {
     Open(std::io::Error),
@@ -806,6 +851,54 @@ mod tests {
         assert_eq!(
             store.get("t", b"a").expect("get").as_deref(),
             Some(&b"1"[..])
+        );
+    }
+
+    #[test]
+    fn a_write_whose_files_could_not_be_opened_is_retried_not_reported_failed() {
+        // The write is visible once applied: reporting it failed while the
+        // next durable write makes it durable would be a phantom commit.
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store.put("t", b"a", b"1").expect("put");
+        let before = store.fsync_count();
+        store.inject_open_failures(3);
+        store
+            .put("t", b"b", b"2")
+            .expect("made durable after the files could be opened again");
+        assert_eq!(store.fsync_count(), before + 1);
+        store.put("t", b"c", b"3").expect("the store goes on");
+    }
+
+    #[test]
+    fn an_injected_fsync_failure_leaves_no_acknowledged_write_after_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            store.put("t", b"a", b"1").expect("put");
+            store.inject_fsync_failure();
+            assert!(
+                matches!(store.put("t", b"b", b"2"), Err(StoreError::Stopped)),
+                "the write in flight has an unknown outcome"
+            );
+            assert!(matches!(
+                store.put("t", b"c", b"3"),
+                Err(StoreError::Stopped)
+            ));
+            assert!(matches!(
+                store.compare_and_swap("t", b"a", Some(b"1"), None),
+                Err(StoreError::Stopped)
+            ));
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.get("t", b"a").expect("get").as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(
+            store.get("t", b"c").expect("get"),
+            None,
+            "refused, so never written"
         );
     }
 

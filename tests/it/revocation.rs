@@ -870,3 +870,74 @@ async fn a_cache_whose_signing_or_ca_certificate_is_revoked_renews_at_once() {
     })
     .await;
 }
+
+/// An fsync that fails at the control plane (EIO, ENOSPC) leaves no phantom
+/// commit: the revocation in flight is answered "outcome unknown", never
+/// "failed"; nothing is acknowledged after it; no cache is told of it; and a
+/// restart serves exactly what is on disk, as one gapless log.
+#[tokio::test]
+async fn an_fsync_failure_at_the_control_plane_leaves_no_phantom_commit_after_restart() {
+    let spec = Spec {
+        caches: vec![("eu".into(), "c1".into())],
+        agents: vec![],
+        ..Spec::default()
+    };
+    let (mut l, _clock) = lattice_with(spec).await;
+    let revoke = |name: &str| pb::RevokeRequest {
+        revocation: Some(pb::Revocation {
+            target: Some(pb::revocation::Target::AgentId(Lattice::agent_id(
+                "eu", name,
+            ))),
+            reason: "fault test".into(),
+        }),
+    };
+    let revoked = |l: &Lattice, name: &str| {
+        l.cp()
+            .event_log()
+            .revocations()
+            .is_agent_revoked(&SpiffeId::parse(&Lattice::agent_id("eu", name)).expect("id"))
+    };
+    let mut admin = l.bootstrap_admin().expect("admin");
+    let first = admin
+        .revoke(revoke("a1"))
+        .await
+        .expect("revoke")
+        .into_inner()
+        .seq;
+    eventually("the cache applies a1", WAIT, async || {
+        l.caches[0].app().applied() == first
+    })
+    .await;
+
+    l.cp_sled().inject_fsync_failure();
+    let in_flight = admin.revoke(revoke("a2")).await.expect_err("fsync failed");
+    assert_eq!(in_flight.code(), Code::Unavailable, "{in_flight:?}");
+    assert!(in_flight.message().contains("unknown"), "{in_flight:?}");
+    let after = admin.revoke(revoke("a3")).await.expect_err("store stopped");
+    assert_eq!(after.code(), Code::Unavailable, "{after:?}");
+    assert_eq!(l.cp().event_log().head(), first, "nothing announced");
+    assert!(!revoked(&l, "a2") && !revoked(&l, "a3"));
+    assert_eq!(l.caches[0].app().applied(), first, "no cache was told");
+
+    l.restart_cp().await.expect("restart");
+    let head = l.cp().event_log().head();
+    assert!(
+        head == first || head == first + 1,
+        "only the write in flight may have reached the disk: head {head}"
+    );
+    assert_eq!(revoked(&l, "a2"), head == first + 1, "head and state agree");
+    assert!(!revoked(&l, "a3"), "refused, so never written");
+    let mut admin = l.bootstrap_admin().expect("admin");
+    let next = admin
+        .revoke(revoke("a4"))
+        .await
+        .expect("revoke")
+        .into_inner()
+        .seq;
+    assert_eq!(next, head + 1, "one gapless log");
+    eventually("the cache applies what is on disk", WAIT, async || {
+        l.caches[0].app().applied() == next
+    })
+    .await;
+    l.shutdown().await;
+}
