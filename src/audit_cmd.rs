@@ -108,12 +108,23 @@ fn hex32(b: &[u8]) -> anyhow::Result<merkle::Hash> {
 pub(crate) async fn tree_heads(
     client: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
 ) -> anyhow::Result<Vec<pb::SignedTreeHead>> {
-    Ok(client
-        .audit_tree_heads(pb::AuditTreeHeadsRequest {})
-        .await
-        .map_err(crate::admin_refused)?
-        .into_inner()
-        .heads)
+    let mut out = Vec::new();
+    let mut start_size = 0;
+    loop {
+        let page = client
+            .audit_tree_heads(pb::AuditTreeHeadsRequest {
+                start_size,
+                limit: 0,
+            })
+            .await
+            .map_err(crate::admin_refused)?
+            .into_inner();
+        out.extend(page.heads);
+        if page.next_start_size == 0 {
+            return Ok(out);
+        }
+        start_size = page.next_start_size;
+    }
 }
 
 /// Every entry's record, in index order.

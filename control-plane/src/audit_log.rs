@@ -11,57 +11,79 @@
 //! commit of thousands of records is a few store writes. A lone entry is
 //! stored as it is.
 //!
-//! Leaf hashes are kept in memory (32 bytes per entry; proofs recompute
-//! subtrees from them, O(n)) and the root is kept incrementally: fine for
-//! millions of entries, not for billions (stored subtree hashes are the
-//! scale path).
+//! Every perfect subtree's hash is kept in memory (`merkle::Tree`: 64
+//! bytes per entry), so a proof or the root of any prefix costs O(log² n)
+//! lookups: fine for tens of millions of entries, not for billions (stored
+//! subtree hashes are the scale path). Proofs and reads take the tree's
+//! read lock for microseconds; only the writer waits for the disk, under
+//! a lock of its own.
+//!
+//! Signed heads are kept under their size; the newest one's size is also
+//! kept on its own (`audit_head_latest`), so neither start-up nor a proof
+//! against the newest head reads them all, and heads are served a page at
+//! a time.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use lattice_shared::chunk;
 use lattice_shared::merkle::{self, Hash};
 use lattice_shared::policy::sign::PolicySigner;
 use lattice_shared::proto as pb;
-use lattice_shared::store::SharedStore;
+use lattice_shared::store::{SharedStore, Write};
 use prost::Message;
 
 use crate::Error;
 
 const T_LEAVES: &str = "audit_leaves";
 const T_HEADS: &str = "audit_heads";
+/// The size of the newest signed head, under [`LATEST`].
+const T_HEAD_LATEST: &str = "audit_head_latest";
+const LATEST: &[u8] = b"latest";
 /// Domain separation of tree-head signatures.
 pub const HEAD_CONTEXT: &[u8] = b"lattice audit tree head v1\0";
 /// A head is signed at least every this many entries.
 pub const HEAD_EVERY: u64 = 64;
-/// Largest page of entries served.
+/// Largest page of entries, or of heads, served.
 pub const MAX_PAGE: u32 = 1000;
 
+/// What readers see: changed only by the writer, after its write is durable.
 #[derive(Debug, Default)]
-struct Inner {
-    leaves: Vec<Hash>,
+struct Tree {
+    leaves: merkle::Tree,
     /// Index of the first entry of each stored chunk, ascending.
     chunks: Vec<u64>,
-    /// The root in O(log n) per append (heads are frequent).
-    frontier: merkle::Frontier,
+    /// Size of the newest signed head.
     last_head: u64,
 }
 
 #[derive(Debug)]
 pub struct AuditLog {
     store: SharedStore,
-    inner: Mutex<Inner>,
+    /// Held by whoever writes (appends, heads) across its durable write.
+    writer: Mutex<()>,
+    tree: RwLock<Tree>,
 }
 
 fn key(i: u64) -> [u8; 8] {
     i.to_be_bytes()
 }
 
+fn size_of_key(k: &[u8]) -> Result<u64, Error> {
+    <[u8; 8]>::try_from(k)
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Corrupt("tree head key".into()))
+}
+
+fn decode_head(v: &[u8]) -> Result<pb::SignedTreeHead, Error> {
+    pb::SignedTreeHead::decode(v).map_err(|e| Error::Corrupt(format!("tree head: {e}")))
+}
+
 impl AuditLog {
-    /// Loads the leaves (they must run from 0 without a gap).
+    /// Loads the leaves (they must run from 0 without a gap) and the size
+    /// of the newest head.
     pub fn open(store: SharedStore) -> Result<Self, Error> {
-        let mut leaves = Vec::new();
+        let mut leaves = merkle::Tree::default();
         let mut chunks = Vec::new();
-        let mut frontier = merkle::Frontier::default();
         loop {
             let batch = store.scan_from(T_LEAVES, &key(leaves.len() as u64), 256)?;
             if batch.is_empty() {
@@ -78,49 +100,56 @@ impl AuditLog {
                 let records = chunk::decode(&v)
                     .map_err(|e| Error::Corrupt(format!("audit entry {}: {e}", leaves.len())))?;
                 for r in records {
-                    let h = merkle::leaf_hash(r);
-                    frontier.push(h);
-                    leaves.push(h);
+                    leaves.push(merkle::leaf_hash(r));
                 }
             }
         }
-        let last_head = store
-            .scan_prefix(T_HEADS, b"", usize::MAX)?
-            .last()
-            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_slice()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0);
+        let last_head = match store.get(T_HEAD_LATEST, LATEST)? {
+            Some(v) => size_of_key(&v)?,
+            // Data from before the newest head was kept on its own: found
+            // once by reading them all; kept on its own from the next head.
+            None => match store.scan_prefix(T_HEADS, b"", usize::MAX)?.last() {
+                Some((k, _)) => size_of_key(k)?,
+                None => 0,
+            },
+        };
+        if last_head > leaves.len() as u64 {
+            return Err(Error::Corrupt(format!(
+                "the newest signed audit head covers {last_head} entries; {} are stored",
+                leaves.len()
+            )));
+        }
         Ok(Self {
             store,
-            inner: Mutex::new(Inner {
+            writer: Mutex::new(()),
+            tree: RwLock::new(Tree {
                 leaves,
                 chunks,
-                frontier,
                 last_head,
             }),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut Tree)) {
+        f(&mut self.tree.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn size(&self) -> u64 {
-        self.lock().leaves.len() as u64
+        self.read().leaves.len() as u64
     }
 
     /// Appends one record durably; returns its index and whether a head is
     /// due.
     pub fn append(&self, record: &[u8]) -> Result<(u64, bool), Error> {
-        let mut g = self.lock();
-        let index = g.leaves.len() as u64;
-        self.store
-            .put(T_LEAVES, &key(index), &chunk::encode(&[record]))?;
-        g.chunks.push(index);
-        let h = merkle::leaf_hash(record);
-        g.frontier.push(h);
-        g.leaves.push(h);
-        Ok((index, index + 1 - g.last_head >= HEAD_EVERY))
+        self.append_batch(&[record.to_vec()], Vec::new())
     }
 
     /// Appends several records and `extra` writes in one durable batch;
@@ -128,15 +157,15 @@ impl AuditLog {
     pub fn append_batch(
         &self,
         records: &[Vec<u8>],
-        extra: Vec<lattice_shared::store::Write>,
+        extra: Vec<Write>,
     ) -> Result<(u64, bool), Error> {
-        let mut g = self.lock();
-        let first = g.leaves.len() as u64;
+        let _writing = self.write_lock();
+        let first = self.size();
         let mut writes = Vec::new();
         let mut starts = Vec::new();
         let mut at = first;
         for run in chunk::split(records) {
-            writes.push(lattice_shared::store::Write {
+            writes.push(Write {
                 tree: T_LEAVES,
                 key: key(at).to_vec(),
                 value: Some(chunk::encode(run)),
@@ -146,14 +175,16 @@ impl AuditLog {
         }
         writes.extend(extra);
         self.store.apply(writes)?;
-        g.chunks.extend(starts);
-        for r in records {
-            let h = merkle::leaf_hash(r);
-            g.frontier.push(h);
-            g.leaves.push(h);
-        }
-        let size = g.leaves.len() as u64;
-        Ok((first, size - g.last_head >= HEAD_EVERY))
+        let hashes: Vec<Hash> = records.iter().map(|r| merkle::leaf_hash(r)).collect();
+        let mut due = false;
+        self.publish(|t| {
+            t.chunks.extend(starts);
+            for h in hashes {
+                t.leaves.push(h);
+            }
+            due = t.leaves.len() as u64 - t.last_head >= HEAD_EVERY;
+        });
+        Ok((first, due))
     }
 
     /// Signs and keeps a head of the whole log, unless the newest head
@@ -163,14 +194,21 @@ impl AuditLog {
         signer: &PolicySigner,
         now_ms: i64,
     ) -> Result<Option<pb::SignedTreeHead>, Error> {
-        let mut g = self.lock();
-        let size = g.leaves.len() as u64;
-        if size == g.last_head && size != 0 {
-            return Ok(None);
-        }
+        let _writing = self.write_lock();
+        let (size, root) = {
+            let t = self.read();
+            let size = t.leaves.len();
+            if size as u64 == t.last_head && size != 0 {
+                return Ok(None);
+            }
+            (
+                size as u64,
+                t.leaves.root(size).unwrap_or_else(merkle::empty_root),
+            )
+        };
         let head = pb::TreeHead {
             tree_size: size,
-            root_hash: g.frontier.root().to_vec(),
+            root_hash: root.to_vec(),
             timestamp_unix_ms: now_ms,
         }
         .encode_to_vec();
@@ -182,43 +220,56 @@ impl AuditLog {
             signature,
             signer_cert: signer.cert_der().to_vec(),
         };
-        self.store
-            .put(T_HEADS, &key(size), &signed.encode_to_vec())?;
-        g.last_head = size;
+        self.store.apply(vec![
+            Write {
+                tree: T_HEADS,
+                key: key(size).to_vec(),
+                value: Some(signed.encode_to_vec()),
+            },
+            Write {
+                tree: T_HEAD_LATEST,
+                key: LATEST.to_vec(),
+                value: Some(key(size).to_vec()),
+            },
+        ])?;
+        self.publish(|t| t.last_head = size);
         metrics::gauge!("lattice_cp_audit_tree_size").set(size as f64);
         Ok(Some(signed))
     }
 
-    /// Every signed head, oldest first.
-    pub fn heads(&self) -> Result<Vec<pb::SignedTreeHead>, Error> {
-        self.store
-            .scan_prefix(T_HEADS, b"", usize::MAX)?
-            .into_iter()
-            .map(|(_, v)| {
-                pb::SignedTreeHead::decode(v.as_slice())
-                    .map_err(|e| Error::Corrupt(format!("tree head: {e}")))
-            })
-            .collect()
+    /// Signed heads of at least `start_size` entries, oldest first, at
+    /// most `limit` (1..=[`MAX_PAGE`]), and the size to ask from for the
+    /// next page (`None`: no more).
+    pub fn heads(
+        &self,
+        start_size: u64,
+        limit: u32,
+    ) -> Result<(Vec<pb::SignedTreeHead>, Option<u64>), Error> {
+        let limit = limit.clamp(1, MAX_PAGE) as usize;
+        let mut page = self.store.scan_from(T_HEADS, &key(start_size), limit + 1)?;
+        let next = if page.len() > limit {
+            page.pop().map(|(k, _)| size_of_key(&k)).transpose()?
+        } else {
+            None
+        };
+        let heads = page
+            .iter()
+            .map(|(_, v)| decode_head(v))
+            .collect::<Result<_, _>>()?;
+        Ok((heads, next))
     }
 
     /// The head of `size` entries (0: the newest).
     pub fn head(&self, size: u64) -> Result<Option<(u64, pb::SignedTreeHead)>, Error> {
-        let found = if size == 0 {
-            self.store.scan_prefix(T_HEADS, b"", usize::MAX)?.pop()
+        let size = if size == 0 {
+            self.read().last_head
         } else {
-            self.store
-                .get(T_HEADS, &key(size))?
-                .map(|v| (key(size).to_vec(), v))
+            size
         };
-        found
-            .map(|(k, v)| {
-                let size = <[u8; 8]>::try_from(k.as_slice())
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| Error::Corrupt("tree head key".into()))?;
-                let head = pb::SignedTreeHead::decode(v.as_slice())
-                    .map_err(|e| Error::Corrupt(format!("tree head: {e}")))?;
-                Ok((size, head))
-            })
+        // Size 0 after that: an empty log's head, if one was signed.
+        self.store
+            .get(T_HEADS, &key(size))?
+            .map(|v| decode_head(&v).map(|h| (size, h)))
             .transpose()
     }
 
@@ -226,10 +277,10 @@ impl AuditLog {
         let limit = limit.clamp(1, MAX_PAGE) as u64;
         // The chunks holding [start, end), read outside the lock.
         let (end, starts) = {
-            let g = self.lock();
-            let end = start.saturating_add(limit).min(g.leaves.len() as u64);
-            let i = g.chunks.partition_point(|&c| c <= start).saturating_sub(1);
-            let starts: Vec<u64> = g.chunks[i.min(g.chunks.len())..]
+            let t = self.read();
+            let end = start.saturating_add(limit).min(t.leaves.len() as u64);
+            let i = t.chunks.partition_point(|&c| c <= start).saturating_sub(1);
+            let starts: Vec<u64> = t.chunks[i.min(t.chunks.len())..]
                 .iter()
                 .copied()
                 .take_while(|&c| c < end)
@@ -258,22 +309,16 @@ impl AuditLog {
 
     /// The audit path of entry `index` in the tree of `size` entries.
     pub fn inclusion(&self, index: u64, size: u64) -> Option<Vec<Hash>> {
-        let g = self.lock();
-        let size = usize::try_from(size).ok()?;
-        if size > g.leaves.len() {
-            return None;
-        }
-        merkle::inclusion_proof(&g.leaves[..size], usize::try_from(index).ok()?)
+        self.read()
+            .leaves
+            .inclusion_proof(usize::try_from(size).ok()?, usize::try_from(index).ok()?)
     }
 
     /// That the tree of `first` entries is a prefix of the tree of `size`.
     pub fn consistency(&self, first: u64, size: u64) -> Option<Vec<Hash>> {
-        let g = self.lock();
-        let size = usize::try_from(size).ok()?;
-        if size > g.leaves.len() {
-            return None;
-        }
-        merkle::consistency_proof(&g.leaves[..size], usize::try_from(first).ok()?)
+        self.read()
+            .leaves
+            .consistency_proof(usize::try_from(size).ok()?, usize::try_from(first).ok()?)
     }
 }
 
@@ -496,13 +541,13 @@ mod tests {
             .expect("scan")
             .len();
         assert!(stored < 2502 / 10, "entries share store values: {stored}");
-        let root = log.lock().frontier.root();
+        let root = log.read().leaves.root(2502).expect("root");
 
         let log = AuditLog::open(store).expect("reopen");
         assert_eq!(log.size(), 2502);
         assert_eq!(
-            log.lock().frontier.root(),
-            root,
+            log.read().leaves.root(2502),
+            Some(root),
             "same tree after reopening"
         );
         for (start, limit) in [(0u64, 3u32), (997, 10), (1500, 1000), (2499, 50)] {
@@ -518,5 +563,176 @@ mod tests {
         let proof = log.inclusion(1234, 2502).expect("proof");
         let leaf = merkle::leaf_hash(&log.entries(1234, 1).expect("entry")[0].record);
         assert!(merkle::verify_inclusion(1234, 2502, &leaf, &proof, &root));
+    }
+
+    fn test_signer() -> PolicySigner {
+        use lattice_shared::id::{SpiffeId, TrustDomain};
+        use lattice_shared::pki::{Authority, PrivateKey, Profile};
+        use std::time::{Duration, SystemTime};
+        let td = TrustDomain::new("t").expect("td");
+        let now = SystemTime::now();
+        let root = Authority::new_root(
+            &td,
+            PrivateKey::generate_p256().expect("key"),
+            now,
+            Duration::from_secs(86400),
+        )
+        .expect("root");
+        let key = PrivateKey::generate_ed25519().expect("key");
+        let id = SpiffeId::parse("spiffe://t/cp/main").expect("id");
+        let cert = root
+            .issue(
+                &key.csr_der().expect("csr"),
+                &id,
+                Profile::JwtSigning,
+                now,
+                Duration::from_secs(3600),
+            )
+            .expect("signer");
+        PolicySigner::new(key, cert)
+    }
+
+    fn size_of(h: &pb::SignedTreeHead) -> u64 {
+        pb::TreeHead::decode(h.tree_head.as_slice())
+            .expect("head")
+            .tree_size
+    }
+
+    #[test]
+    fn heads_are_served_a_page_at_a_time_and_the_newest_is_kept_on_its_own() {
+        let store: SharedStore = lattice_shared::store::MemStore::shared();
+        let signer = test_signer();
+        let log = AuditLog::open(store.clone()).expect("open");
+        for n in 1..=7u64 {
+            log.append(b"{}").expect("append");
+            log.sign_head(&signer, 1000).expect("sign").expect("head");
+            assert_eq!(log.head(0).expect("newest").map(|h| h.0), Some(n));
+        }
+        let mut sizes = Vec::new();
+        let mut start = 0;
+        loop {
+            let (page, next) = log.heads(start, 3).expect("page");
+            assert!(page.len() <= 3);
+            sizes.extend(page.iter().map(size_of));
+            match next {
+                Some(n) => start = n,
+                None => break,
+            }
+        }
+        assert_eq!(sizes, (1..=7).collect::<Vec<_>>());
+        assert_eq!(
+            log.heads(5, 0)
+                .expect("page")
+                .0
+                .iter()
+                .map(size_of)
+                .collect::<Vec<_>>(),
+            vec![5],
+            "a limit of 0 is 1 here; the API turns 0 into the full page"
+        );
+
+        let log = AuditLog::open(store.clone()).expect("reopen");
+        assert_eq!(log.head(0).expect("newest").map(|h| h.0), Some(7));
+        // Data from before the newest head was kept on its own.
+        store.delete(T_HEAD_LATEST, LATEST).expect("delete");
+        let log = AuditLog::open(store.clone()).expect("reopen old data");
+        assert_eq!(log.head(0).expect("newest").map(|h| h.0), Some(7));
+        // A newest head past the stored entries is corruption, not a guess.
+        store.put(T_HEAD_LATEST, LATEST, &key(99)).expect("put");
+        assert!(matches!(AuditLog::open(store), Err(Error::Corrupt(_))));
+    }
+
+    /// A store whose writes wait until the test lets them through.
+    #[derive(Debug)]
+    struct Gated {
+        inner: std::sync::Arc<lattice_shared::store::MemStore>,
+        entered: std::sync::mpsc::SyncSender<()>,
+        open: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl lattice_shared::store::Store for Gated {
+        fn get(
+            &self,
+            t: &str,
+            k: &[u8],
+        ) -> Result<Option<Vec<u8>>, lattice_shared::store::StoreError> {
+            self.inner.get(t, k)
+        }
+        fn apply(
+            &self,
+            w: Vec<lattice_shared::store::Write>,
+        ) -> Result<(), lattice_shared::store::StoreError> {
+            let _ = self.entered.send(());
+            let _ = self.open.lock().expect("gate").recv();
+            self.inner.apply(w)
+        }
+        fn compare_and_swap(
+            &self,
+            t: &'static str,
+            k: &[u8],
+            e: Option<&[u8]>,
+            n: Option<&[u8]>,
+        ) -> Result<bool, lattice_shared::store::StoreError> {
+            self.inner.compare_and_swap(t, k, e, n)
+        }
+        fn scan_prefix(
+            &self,
+            t: &str,
+            p: &[u8],
+            l: usize,
+        ) -> Result<lattice_shared::store::Entries, lattice_shared::store::StoreError> {
+            self.inner.scan_prefix(t, p, l)
+        }
+        fn scan_from(
+            &self,
+            t: &str,
+            s: &[u8],
+            l: usize,
+        ) -> Result<lattice_shared::store::Entries, lattice_shared::store::StoreError> {
+            self.inner.scan_from(t, s, l)
+        }
+    }
+
+    #[test]
+    fn proofs_and_reads_do_not_wait_for_a_write_on_disk() {
+        let mem = lattice_shared::store::MemStore::shared();
+        let seed = AuditLog::open(mem.clone()).expect("open");
+        for i in 0..100u32 {
+            seed.append(format!("{{\"n\":{i}}}").as_bytes())
+                .expect("append");
+        }
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release, gate) = std::sync::mpsc::channel();
+        let store: SharedStore = std::sync::Arc::new(Gated {
+            inner: mem,
+            entered: entered_tx,
+            open: std::sync::Mutex::new(gate),
+        });
+        let log = std::sync::Arc::new(AuditLog::open(store).expect("open"));
+        let writer = {
+            let log = log.clone();
+            std::thread::spawn(move || log.append(b"{\"n\":100}").expect("append"))
+        };
+        entered.recv().expect("the write reached the disk");
+        // The write is on its way to the disk: readers go on.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let proof = log.inclusion(42, 100).is_some();
+                let cons = log.consistency(10, 100).is_some();
+                let page = log.entries(0, 5).map(|e| e.len()).unwrap_or(0);
+                let _ = done_tx.send((proof, cons, page, log.size()));
+            });
+        }
+        let seen = done.recv_timeout(std::time::Duration::from_secs(10));
+        release.send(()).expect("release");
+        assert_eq!(
+            seen,
+            Ok((true, true, 5, 100)),
+            "readers waited for the disk"
+        );
+        assert_eq!(writer.join().expect("writer"), (100, true));
+        assert_eq!(log.size(), 101);
     }
 }

@@ -87,28 +87,67 @@ impl Frontier {
     }
 }
 
+/// MTH over a range of leaves: what the proofs need from a tree.
+trait Subtrees {
+    fn mth(&self, lo: usize, hi: usize) -> Hash;
+}
+
+impl Subtrees for [Hash] {
+    fn mth(&self, lo: usize, hi: usize) -> Hash {
+        root(&self[lo..hi])
+    }
+}
+
+/// PATH(m, D[lo..hi]) from the leaf up, into `out`.
+fn path(t: &(impl Subtrees + ?Sized), lo: usize, hi: usize, m: usize, out: &mut Vec<Hash>) {
+    let n = hi - lo;
+    if n <= 1 {
+        return;
+    }
+    let k = split(n);
+    if m < k {
+        path(t, lo, lo + k, m, out);
+        out.push(t.mth(lo + k, hi));
+    } else {
+        path(t, lo + k, hi, m - k, out);
+        out.push(t.mth(lo, lo + k));
+    }
+}
+
+/// SUBPROOF(m, D[lo..hi], complete) into `out`.
+fn subproof(
+    t: &(impl Subtrees + ?Sized),
+    lo: usize,
+    hi: usize,
+    m: usize,
+    complete: bool,
+    out: &mut Vec<Hash>,
+) {
+    let n = hi - lo;
+    if m == n {
+        if !complete {
+            out.push(t.mth(lo, hi));
+        }
+        return;
+    }
+    let k = split(n);
+    if m <= k {
+        subproof(t, lo, lo + k, m, complete, out);
+        out.push(t.mth(lo + k, hi));
+    } else {
+        subproof(t, lo + k, hi, m - k, false, out);
+        out.push(t.mth(lo, lo + k));
+    }
+}
+
 /// PATH(m, D[n]): the audit path of leaf `m`, from the leaf up.
 /// `None` when `m` is not a leaf of the tree.
 pub fn inclusion_proof(leaves: &[Hash], m: usize) -> Option<Vec<Hash>> {
     if m >= leaves.len() {
         return None;
     }
-    fn path(leaves: &[Hash], m: usize, out: &mut Vec<Hash>) {
-        let n = leaves.len();
-        if n <= 1 {
-            return;
-        }
-        let k = split(n);
-        if m < k {
-            path(&leaves[..k], m, out);
-            out.push(root(&leaves[k..]));
-        } else {
-            path(&leaves[k..], m - k, out);
-            out.push(root(&leaves[..k]));
-        }
-    }
     let mut out = Vec::new();
-    path(leaves, m, &mut out);
+    path(leaves, 0, leaves.len(), m, &mut out);
     Some(out)
 }
 
@@ -118,26 +157,86 @@ pub fn consistency_proof(leaves: &[Hash], m: usize) -> Option<Vec<Hash>> {
     if m == 0 || m > leaves.len() {
         return None;
     }
-    fn sub(leaves: &[Hash], m: usize, complete: bool, out: &mut Vec<Hash>) {
-        let n = leaves.len();
-        if m == n {
-            if !complete {
-                out.push(root(leaves));
+    let mut out = Vec::new();
+    subproof(leaves, 0, leaves.len(), m, true, &mut out);
+    Some(out)
+}
+
+/// A growing tree that keeps the hash of every perfect, aligned subtree
+/// (two hashes per leaf in all), so that the root of any prefix and every
+/// proof take O(log² n) hash lookups and O(log n) hashing, not O(n).
+#[derive(Debug, Clone, Default)]
+pub struct Tree {
+    /// `levels[k][i]`: the root of leaves `[i·2^k, (i+1)·2^k)`.
+    levels: Vec<Vec<Hash>>,
+}
+
+impl Tree {
+    pub fn push(&mut self, leaf: Hash) {
+        let mut item = leaf;
+        let mut k = 0;
+        loop {
+            if self.levels.len() == k {
+                self.levels.push(Vec::new());
             }
-            return;
-        }
-        let k = split(n);
-        if m <= k {
-            sub(&leaves[..k], m, complete, out);
-            out.push(root(&leaves[k..]));
-        } else {
-            sub(&leaves[k..], m - k, false, out);
-            out.push(root(&leaves[..k]));
+            let level = &mut self.levels[k];
+            level.push(item);
+            let n = level.len();
+            if n % 2 == 1 {
+                return;
+            }
+            item = node_hash(&level[n - 2], &level[n - 1]);
+            k += 1;
         }
     }
-    let mut out = Vec::new();
-    sub(leaves, m, true, &mut out);
-    Some(out)
+
+    pub fn len(&self) -> usize {
+        self.levels.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// MTH of the first `size` leaves (`None` past the end).
+    pub fn root(&self, size: usize) -> Option<Hash> {
+        (size <= self.len()).then(|| self.mth(0, size))
+    }
+
+    /// PATH(m, D[size]); `None` unless `m < size ≤ len`.
+    pub fn inclusion_proof(&self, size: usize, m: usize) -> Option<Vec<Hash>> {
+        if m >= size || size > self.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        path(self, 0, size, m, &mut out);
+        Some(out)
+    }
+
+    /// PROOF(m, D[size]); `None` unless `0 < m ≤ size ≤ len`.
+    pub fn consistency_proof(&self, size: usize, m: usize) -> Option<Vec<Hash>> {
+        if m == 0 || m > size || size > self.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        subproof(self, 0, size, m, true, &mut out);
+        Some(out)
+    }
+}
+
+impl Subtrees for Tree {
+    fn mth(&self, lo: usize, hi: usize) -> Hash {
+        let n = hi - lo;
+        if n == 0 {
+            return empty_root();
+        }
+        if n.is_power_of_two() && lo.is_multiple_of(n) {
+            let k = n.trailing_zeros() as usize;
+            return self.levels[k][lo >> k];
+        }
+        let k = split(n);
+        node_hash(&self.mth(lo, lo + k), &self.mth(lo + k, hi))
+    }
 }
 
 /// RFC 9162 §2.1.3.2: does `proof` put `leaf` at `index` of the tree of
@@ -386,6 +485,34 @@ mod tests {
             assert_eq!(f.root(), root(&leaves[..=i]));
         }
         assert_eq!(f.size(), 300);
+    }
+
+    #[test]
+    fn the_kept_tree_gives_the_same_roots_and_proofs_as_the_leaves() {
+        let leaves: Vec<Hash> = (0u32..70).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut tree = Tree::default();
+        assert_eq!(tree.root(0), Some(empty_root()));
+        for (i, l) in leaves.iter().enumerate() {
+            tree.push(*l);
+            assert_eq!(tree.len(), i + 1);
+        }
+        for n in 0..=leaves.len() {
+            assert_eq!(tree.root(n), Some(root(&leaves[..n])), "root of {n}");
+            for m in 0..=n {
+                assert_eq!(
+                    tree.inclusion_proof(n, m),
+                    inclusion_proof(&leaves[..n], m),
+                    "path {m} of {n}"
+                );
+                assert_eq!(
+                    tree.consistency_proof(n, m),
+                    consistency_proof(&leaves[..n], m),
+                    "consistency {m} of {n}"
+                );
+            }
+        }
+        assert_eq!(tree.root(71), None);
+        assert_eq!(tree.inclusion_proof(71, 0), None);
     }
 
     #[test]

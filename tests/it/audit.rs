@@ -33,13 +33,30 @@ async fn records(auditor: &mut AdminClient<Channel>) -> Vec<Vec<u8>> {
     }
 }
 
+/// Every head, a page of 2 at a time (so that paging is exercised).
 async fn heads(auditor: &mut AdminClient<Channel>) -> Vec<pb::SignedTreeHead> {
-    auditor
-        .audit_tree_heads(pb::AuditTreeHeadsRequest {})
-        .await
-        .expect("heads")
-        .into_inner()
-        .heads
+    let mut out = Vec::new();
+    let mut start_size = 0;
+    loop {
+        let page = auditor
+            .audit_tree_heads(pb::AuditTreeHeadsRequest {
+                start_size,
+                limit: 2,
+            })
+            .await
+            .expect("heads")
+            .into_inner();
+        assert!(
+            page.heads.len() <= 2,
+            "{} heads in a page of 2",
+            page.heads.len()
+        );
+        out.extend(page.heads);
+        if page.next_start_size == 0 {
+            return out;
+        }
+        start_size = page.next_start_size;
+    }
 }
 
 fn root_der(l: &Lattice) -> Vec<u8> {

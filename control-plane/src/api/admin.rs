@@ -502,9 +502,18 @@ impl Admin for Service {
     ) -> Result<Response<pb::AuditTreeHeadsResponse>, Status> {
         let c = self.caller(&req)?;
         self.gate_read(&c, AdminAction::ReadAudit).await?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 {
+            crate::audit_log::MAX_PAGE
+        } else {
+            r.limit
+        };
         let state = self.state.clone();
-        let heads = blocking(move || state.audit_log.heads()).await?;
-        Ok(Response::new(pb::AuditTreeHeadsResponse { heads }))
+        let (heads, next) = blocking(move || state.audit_log.heads(r.start_size, limit)).await?;
+        Ok(Response::new(pb::AuditTreeHeadsResponse {
+            heads,
+            next_start_size: next.unwrap_or(0),
+        }))
     }
 
     async fn audit_proof(
