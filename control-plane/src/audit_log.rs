@@ -475,30 +475,8 @@ mod tests {
     /// offline, though its signature and chain are good.
     #[test]
     fn a_head_signed_outside_its_signer_certificates_validity_is_refused() {
-        use lattice_shared::id::{SpiffeId, TrustDomain};
-        use lattice_shared::pki::{Authority, PrivateKey, Profile};
         use std::time::{Duration, UNIX_EPOCH};
-        let td = TrustDomain::new("t").expect("td");
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let root = Authority::new_root(
-            &td,
-            PrivateKey::generate_p256().expect("key"),
-            t0,
-            Duration::from_secs(86400 * 365),
-        )
-        .expect("root");
-        let key = PrivateKey::generate_ed25519().expect("key");
-        let id = SpiffeId::parse("spiffe://t/cp/main").expect("id");
-        let cert = root
-            .issue(
-                &key.csr_der().expect("csr"),
-                &id,
-                Profile::JwtSigning,
-                t0,
-                Duration::from_secs(3600),
-            )
-            .expect("signer");
-        let signer = PolicySigner::new(key, cert);
+        let (td, root, signer) = test_signer(UNIX_EPOCH + Duration::from_secs(1_800_000_000));
         let log = AuditLog::open(lattice_shared::store::MemStore::shared()).expect("open");
         log.append(b"{}").expect("append");
         let t0_ms = 1_800_000_000_000;
@@ -565,17 +543,24 @@ mod tests {
         assert!(merkle::verify_inclusion(1234, 2502, &leaf, &proof, &root));
     }
 
-    fn test_signer() -> PolicySigner {
+    /// A root valid for a year from `t0` and a head signer certified from
+    /// `t0` for an hour.
+    fn test_signer(
+        t0: std::time::SystemTime,
+    ) -> (
+        lattice_shared::id::TrustDomain,
+        lattice_shared::pki::Authority,
+        PolicySigner,
+    ) {
         use lattice_shared::id::{SpiffeId, TrustDomain};
         use lattice_shared::pki::{Authority, PrivateKey, Profile};
-        use std::time::{Duration, SystemTime};
+        use std::time::Duration;
         let td = TrustDomain::new("t").expect("td");
-        let now = SystemTime::now();
         let root = Authority::new_root(
             &td,
             PrivateKey::generate_p256().expect("key"),
-            now,
-            Duration::from_secs(86400),
+            t0,
+            Duration::from_secs(86400 * 365),
         )
         .expect("root");
         let key = PrivateKey::generate_ed25519().expect("key");
@@ -585,11 +570,11 @@ mod tests {
                 &key.csr_der().expect("csr"),
                 &id,
                 Profile::JwtSigning,
-                now,
+                t0,
                 Duration::from_secs(3600),
             )
             .expect("signer");
-        PolicySigner::new(key, cert)
+        (td, root, PolicySigner::new(key, cert))
     }
 
     fn size_of(h: &pb::SignedTreeHead) -> u64 {
@@ -601,7 +586,7 @@ mod tests {
     #[test]
     fn heads_are_served_a_page_at_a_time_and_the_newest_is_kept_on_its_own() {
         let store: SharedStore = lattice_shared::store::MemStore::shared();
-        let signer = test_signer();
+        let (_, _, signer) = test_signer(std::time::SystemTime::now());
         let log = AuditLog::open(store.clone()).expect("open");
         for n in 1..=7u64 {
             log.append(b"{}").expect("append");
