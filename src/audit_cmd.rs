@@ -119,10 +119,18 @@ pub(crate) async fn tree_heads(
             .await
             .map_err(crate::admin_refused)?
             .into_inner();
-        out.extend(page.heads);
         if page.next_start_size == 0 {
+            out.extend(page.heads);
             return Ok(out);
         }
+        // A server that does not move forward is not followed round.
+        if page.heads.is_empty() || page.next_start_size <= start_size {
+            return Err(anyhow!(
+                "the control plane's tree-head pages do not advance (from {start_size} to {})",
+                page.next_start_size
+            ));
+        }
+        out.extend(page.heads);
         start_size = page.next_start_size;
     }
 }
