@@ -152,19 +152,9 @@ impl cache::AuditSink for AuditLog {
 }
 
 fn open_store(dir: &Path) -> anyhow::Result<(Arc<SledStore>, Arc<LocalKeyFile>)> {
-    // sled releases its file lock from a background thread shortly after the
-    // last handle drops: a restart may have to wait for it.
-    let mut tries = 0;
-    let store = loop {
-        match SledStore::open(&dir.join("db")) {
-            Ok(s) => break s,
-            Err(e) if tries < 250 && e.to_string().contains("could not acquire lock") => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e).with_context(|| format!("opening {}", dir.display())),
-        }
-    };
+    // A restart's wait for sled's lock is the store's own (`SledStore::open`).
+    let store =
+        SledStore::open(&dir.join("db")).with_context(|| format!("opening {}", dir.display()))?;
     let vault = Arc::new(LocalKeyFile::open_or_create(&dir.join("kek.key"))?);
     Ok((store, vault))
 }

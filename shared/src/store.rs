@@ -171,6 +171,9 @@ pub struct SledStore {
 /// reported failed.
 const OPEN_RETRY_FOR: Duration = Duration::from_secs(5);
 
+/// How long `open` waits for sled's lock on the directory.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
 #[derive(Debug)]
 struct Synced {
     upto: u64,
@@ -198,13 +201,33 @@ impl std::fmt::Debug for SledStore {
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             // Every write is flushed and fsynced before it returns; sled's
             // own periodic flusher would only add background work.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        // sled's background threads let go of the directory's lock a moment
+        // after the last handle is dropped, so a store reopened in the same
+        // process (a restart, a test) may briefly find it held. A lock still
+        // held after LOCK_WAIT belongs to someone else: say so.
+        let started = Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                // sled reports it only as text (ErrorKind::Other).
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if started.elapsed() >= LOCK_WAIT {
+                        return Err(StoreError::Backend(format!(
+                            "the store at {} is in use by another process (its lock is held)",
+                            dir.display()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let files = DirSync::open(dir)?;
         Ok(Arc::new(Self {
             db,
@@ -766,6 +789,28 @@ mod tests {
         let s = SledStore::open(dir.path()).expect("reopen");
         assert_eq!(s.get("u", b"b").expect("get"), Some(b"4".to_vec()));
         assert_eq!(s.get("t", b"new").expect("get"), Some(b"n".to_vec()));
+    }
+
+    #[test]
+    fn a_store_reopened_right_after_it_was_dropped_opens() {
+        // sled's background threads hold the directory's lock a moment
+        // after the last handle goes (CI saw a reopen fail on it).
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..40u32 {
+            let s = SledStore::open(dir.path()).expect("reopen at once");
+            s.put("t", b"k", &i.to_be_bytes()).expect("put");
+        }
+    }
+
+    #[test]
+    fn a_store_held_by_someone_else_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _held = SledStore::open(dir.path()).expect("open");
+        let err = SledStore::open(dir.path()).expect_err("a second open must fail");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
     }
 
     #[test]
