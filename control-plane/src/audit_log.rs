@@ -340,6 +340,18 @@ pub(crate) async fn run_committer(
     state: std::sync::Weak<crate::State>,
     mut rx: tokio::sync::mpsc::Receiver<Job>,
 ) {
+    // The disk work on a thread of its own, not the blocking pool that
+    // admin and request work share.
+    let worker = match lattice_shared::persist::Worker::start("cp-audit-commit") {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "starting the audit committer's thread failed");
+            while let Some(j) = rx.recv().await {
+                let _ = j.reply.send(Err("audit committer unavailable".into()));
+            }
+            return;
+        }
+    };
     while let Some(first) = rx.recv().await {
         let Some(state) = state.upgrade() else {
             return;
@@ -360,15 +372,16 @@ pub(crate) async fn run_committer(
             replies.push(j.reply);
         }
         let st = state.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            let (_, head_due) = st.audit_log.append_batch(&records, extra)?;
-            if head_due {
-                st.audit_log
-                    .sign_head(&st.policy.signer(), st.clock.now_unix_ms())?;
-            }
-            Ok::<(), Error>(())
-        })
-        .await;
+        let done = worker
+            .run(move || {
+                let (_, head_due) = st.audit_log.append_batch(&records, extra)?;
+                if head_due {
+                    st.audit_log
+                        .sign_head(&st.policy.signer(), st.clock.now_unix_ms())?;
+                }
+                Ok::<(), Error>(())
+            })
+            .await;
         let result = match done {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

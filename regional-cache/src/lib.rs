@@ -129,6 +129,9 @@ pub(crate) struct State {
     pub audit: Option<Arc<dyn AuditSink>>,
     /// Audit records on their way to the control plane (durable).
     pub outbox: Arc<outbox::Outbox>,
+    /// The replica's persister and outbox acks run here, never on the
+    /// blocking pool that request work shares.
+    pub persist: lattice_shared::persist::Worker,
     /// Live tokens issued, for re-evaluation when an agent's claims change.
     pub issued: issued::Issued,
     /// Events each agent reported in the current window (`ReportAudit`).
@@ -243,9 +246,12 @@ impl App {
         let outbox_writer = outbox
             .start_writer()
             .map_err(|e| Error::Unavailable(format!("starting the audit writer: {e}")))?;
+        let persist = lattice_shared::persist::Worker::start("cache-persist")
+            .map_err(|e| Error::Unavailable(format!("starting the persister: {e}")))?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
         let state = Arc::new(State {
             outbox: outbox.clone(),
+            persist,
             watchers: watch::Watchers::default(),
             report_quota: moka::sync::Cache::builder()
                 .max_capacity(100_000)

@@ -125,10 +125,11 @@ async fn session(
                     events.extend(e);
                 }
                 let st = state.clone();
-                let last =
-                    tokio::task::spawn_blocking(move || st.replica.persist(&st.store, &events))
-                        .await
-                        .map_err(|_| Error::Corrupt("worker failed".into()))??;
+                let last = state
+                    .persist
+                    .run(move || st.replica.persist(&st.store, &events))
+                    .await
+                    .map_err(|e| Error::Unavailable(e.to_string()))??;
                 metrics::gauge!("lattice_cache_applied_seq", "cache" => state.id.to_string())
                     .set(last as f64);
                 // Persisted whether or not the ack still goes out: a session
@@ -274,9 +275,11 @@ async fn stream_loop(state: &Arc<State>, rng: &SystemRandom, link: &mut Link) ->
                     Some(Down::Pong(p)) => sync.on_pong(&p),
                     Some(Down::AuditAck(a)) => {
                         let outbox = state.outbox.clone();
-                        tokio::task::spawn_blocking(move || outbox.ack(a.upto))
+                        state
+                            .persist
+                            .run(move || outbox.ack(a.upto))
                             .await
-                            .map_err(|_| Error::Corrupt("worker failed".into()))??;
+                            .map_err(|e| Error::Unavailable(e.to_string()))??;
                         audit_sent = audit_sent.max(a.upto);
                         audit_known = true;
                         send_audit(state, up, &mut audit_sent).await?;

@@ -64,6 +64,7 @@ pub mod limits;
 pub mod merkle;
 pub mod net;
 pub mod pem;
+pub mod persist;
 pub mod pki;
 pub mod policy;
 pub mod posture;

@@ -941,3 +941,47 @@ async fn an_fsync_failure_at_the_control_plane_leaves_no_phantom_commit_after_re
     .await;
     l.shutdown().await;
 }
+
+/// Request work that fills tokio's blocking pool (a burst of enrolments, of
+/// admin calls) must not hold back the cache's persistence: a revocation
+/// still becomes durable at the cache and is acknowledged.
+#[test]
+fn a_full_blocking_pool_does_not_hold_back_the_caches_persistence() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (l, _clock) = lattice().await;
+        let cache = &l.caches[0];
+        // Both blocking threads taken, and known to be.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(held));
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let hogs: Vec<_> = (0..2)
+            .map(|_| {
+                let (held, started_tx) = (held.clone(), started_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let _ = started_tx.send(());
+                    // One waits on the lock, the other on the channel.
+                    let _ = held.lock().map(|rx| rx.recv());
+                })
+            })
+            .collect();
+        for _ in 0..2 {
+            started.recv().await.expect("a hog started");
+        }
+        let ev = tokio::task::block_in_place(|| l.revoke(Target::Jti("during-the-burst".into())))
+            .expect("revoke");
+        let applied = cache.wait_applied(ev.seq).await;
+        let _ = release.send(());
+        let _ = release.send(());
+        for h in hogs {
+            let _ = h.await;
+        }
+        applied.expect("the revocation is durable at the cache while the blocking pool is full");
+        l.shutdown().await;
+    });
+}
