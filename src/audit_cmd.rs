@@ -319,8 +319,11 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { admin } => {
             let mut client = crate::connect(&admin)?;
-            let records = all_records(&mut client).await?;
+            // Heads first: the log only grows, so every head fetched then
+            // covers records fetched after it (the other order races a head
+            // signed in between, which covers records we never read).
             let heads = tree_heads(&mut client).await?;
+            let records = all_records(&mut client).await?;
             let (root, td) = root_and_td(&admin.admin_dir.join("root.crt"))?;
             let v = lattice_control_plane::audit_log::verify(&records, &heads, &root, &td)
                 .map_err(|e| anyhow!("audit log verification FAILED: {e}"))?;

@@ -113,6 +113,25 @@ impl AuditLog {
                 None => 0,
             },
         };
+        // The newest head's size is kept on its own; it must name a stored
+        // head that nothing follows, or the latest key is damaged.
+        let newest_stored = match store.scan_from(T_HEADS, &key(last_head), 2)?.as_slice() {
+            [] => None,
+            [(k, _)] => Some(size_of_key(k)?),
+            [_, (k, _), ..] => Some(size_of_key(k)?),
+        };
+        if newest_stored.is_some_and(|s| s != last_head)
+            || (newest_stored.is_none() && last_head != 0)
+        {
+            return Err(Error::Corrupt(format!(
+                "the newest signed audit head is recorded as covering {last_head} entries, \
+                 but the stored heads {}",
+                match newest_stored {
+                    Some(s) => format!("go on to {s}"),
+                    None => "do not include it".to_string(),
+                }
+            )));
+        }
         if last_head > leaves.len() as u64 {
             return Err(Error::Corrupt(format!(
                 "the newest signed audit head covers {last_head} entries; {} are stored",
@@ -246,7 +265,18 @@ impl AuditLog {
         limit: u32,
     ) -> Result<(Vec<pb::SignedTreeHead>, Option<u64>), Error> {
         let limit = limit.clamp(1, MAX_PAGE) as usize;
+        // Only heads that are durable: one being written may already be
+        // visible in the store before its fsync.
+        let durable = self.read().last_head;
         let mut page = self.store.scan_from(T_HEADS, &key(start_size), limit + 1)?;
+        let mut cut = page.len();
+        for (i, (k, _)) in page.iter().enumerate() {
+            if size_of_key(k)? > durable {
+                cut = i;
+                break;
+            }
+        }
+        page.truncate(cut);
         let next = if page.len() > limit {
             page.pop().map(|(k, _)| size_of_key(&k)).transpose()?
         } else {
@@ -261,11 +291,12 @@ impl AuditLog {
 
     /// The head of `size` entries (0: the newest).
     pub fn head(&self, size: u64) -> Result<Option<(u64, pb::SignedTreeHead)>, Error> {
-        let size = if size == 0 {
-            self.read().last_head
-        } else {
-            size
-        };
+        let durable = self.read().last_head;
+        let size = if size == 0 { durable } else { size };
+        if size > durable {
+            // Not signed yet, or being written and not yet durable.
+            return Ok(None);
+        }
         // Size 0 after that: an empty log's head, if one was signed.
         self.store
             .get(T_HEADS, &key(size))?
@@ -646,6 +677,9 @@ mod tests {
         inner: std::sync::Arc<lattice_shared::store::MemStore>,
         entered: std::sync::mpsc::SyncSender<()>,
         open: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        /// Applies first and then waits, as sled does (a write is visible
+        /// before its fsync).
+        visible_early: bool,
     }
 
     impl lattice_shared::store::Store for Gated {
@@ -660,9 +694,15 @@ mod tests {
             &self,
             w: Vec<lattice_shared::store::Write>,
         ) -> Result<(), lattice_shared::store::StoreError> {
+            let pending = if self.visible_early {
+                self.inner.apply(w)?;
+                None
+            } else {
+                Some(w)
+            };
             let _ = self.entered.send(());
             let _ = self.open.lock().expect("gate").recv();
-            self.inner.apply(w)
+            pending.map_or(Ok(()), |w| self.inner.apply(w))
         }
         fn compare_and_swap(
             &self,
@@ -705,6 +745,7 @@ mod tests {
             inner: mem,
             entered: entered_tx,
             open: std::sync::Mutex::new(gate),
+            visible_early: false,
         });
         let log = std::sync::Arc::new(AuditLog::open(store).expect("open"));
         let writer = {
@@ -732,5 +773,68 @@ mod tests {
         );
         assert_eq!(writer.join().expect("writer"), (100, true));
         assert_eq!(log.size(), 101);
+    }
+
+    #[test]
+    fn a_head_visible_in_the_store_before_it_is_durable_is_not_served() {
+        let mem = lattice_shared::store::MemStore::shared();
+        let (_, _, signer) = test_signer(std::time::SystemTime::now());
+        let seed = AuditLog::open(mem.clone()).expect("open");
+        seed.append(b"{}").expect("append");
+        seed.sign_head(&signer, 1000).expect("sign").expect("head");
+        seed.append(b"{}").expect("append");
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release, gate) = std::sync::mpsc::channel();
+        let store: SharedStore = std::sync::Arc::new(Gated {
+            inner: mem,
+            entered: entered_tx,
+            open: std::sync::Mutex::new(gate),
+            visible_early: true,
+        });
+        let log = std::sync::Arc::new(AuditLog::open(store).expect("open"));
+        let signing = {
+            let log = log.clone();
+            std::thread::spawn(move || log.sign_head(&signer, 2000).expect("sign").is_some())
+        };
+        entered.recv().expect("the head reached the disk");
+        // Applied, not yet durable: a crash now could lose it.
+        let page: Vec<u64> = log
+            .heads(0, 10)
+            .expect("heads")
+            .0
+            .iter()
+            .map(size_of)
+            .collect();
+        let newest = log.head(0).expect("newest").map(|h| h.0);
+        let by_size = log.head(2).expect("head 2").map(|h| h.0);
+        release.send(()).expect("release");
+        assert!(signing.join().expect("signer"));
+        assert_eq!((page, newest, by_size), (vec![1], Some(1), None));
+        assert_eq!(
+            log.head(2).expect("head 2").map(|h| h.0),
+            Some(2),
+            "durable now"
+        );
+    }
+
+    #[test]
+    fn a_damaged_record_of_the_newest_head_is_corruption() {
+        let store: SharedStore = lattice_shared::store::MemStore::shared();
+        let (_, _, signer) = test_signer(std::time::SystemTime::now());
+        let log = AuditLog::open(store.clone()).expect("open");
+        for _ in 0..3 {
+            log.append(b"{}").expect("append");
+            log.sign_head(&signer, 1000).expect("sign").expect("head");
+        }
+        // Smaller than the real newest head: would hide heads 3 and 2.
+        store.put(T_HEAD_LATEST, LATEST, &key(1)).expect("put");
+        assert!(matches!(
+            AuditLog::open(store.clone()),
+            Err(Error::Corrupt(_))
+        ));
+        // Naming a head that is not stored.
+        store.delete(T_HEADS, &key(3)).expect("delete");
+        store.put(T_HEAD_LATEST, LATEST, &key(3)).expect("put");
+        assert!(matches!(AuditLog::open(store), Err(Error::Corrupt(_))));
     }
 }
