@@ -42,10 +42,10 @@ fn decode(bytes: &[u8]) -> Result<pb::LatticeEvent, Error> {
 
 impl EventLog {
     /// Opens the log and replays it; refuses a log with a gap. Also returns
-    /// the policy releases found.
-    pub fn open(store: SharedStore) -> Result<(Self, Vec<(u64, pb::SignedPolicy)>), Error> {
+    /// the sequence numbers of the policy releases found ([`Self::policy_at`]).
+    pub fn open(store: SharedStore) -> Result<(Self, Vec<u64>), Error> {
         let head = eventlog::read_seq(&*store, T_META, HEAD_KEY)?;
-        let replayed = eventlog::replay(&*store, T_EVENTS, head)?;
+        let replayed = eventlog::replay(&*store, T_EVENTS, head, |_, _| {})?;
         let revocations = replayed.revocations;
         let log = Self {
             store,
@@ -60,6 +60,11 @@ impl EventLog {
 
     pub fn head(&self) -> u64 {
         *self.head.borrow()
+    }
+
+    /// The policy release stored at `seq`.
+    pub fn policy_at(&self, seq: u64) -> Result<pb::SignedPolicy, Error> {
+        Ok(eventlog::read_policy(&*self.store, T_EVENTS, seq)?)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

@@ -156,15 +156,17 @@ impl Policies {
         store: &SharedStore,
         vault: &Arc<dyn KeyVault>,
         log: &EventLog,
-        released: Vec<(u64, pb::SignedPolicy)>,
+        released: Vec<u64>,
     ) -> Result<Self, Error> {
         let signer = load_or_create_signer(root, id, clock, store, vault, false)?;
         let mut versions = Vec::with_capacity(released.len());
+        // One release in memory at a time; the newest is kept.
         let mut last: Option<pb::PolicyRelease> = None;
-        for (seq, signed) in &released {
+        for &seq in &released {
+            let signed = log.policy_at(seq)?;
             let release = pb::PolicyRelease::decode(signed.release.as_slice())
                 .map_err(|e| Error::Corrupt(format!("policy release at {seq}: {e}")))?;
-            versions.push(version_info(*seq, &release, None, 0));
+            versions.push(version_info(seq, &release, None, 0));
             last = Some(release);
         }
         let engine = match &last {

@@ -87,16 +87,18 @@ impl Replica {
         policy: Option<PolicyTrust>,
     ) -> Result<Self, Error> {
         let applied = lattice_shared::eventlog::read_seq(&**store, T_META, APPLIED_KEY)?;
-        let replayed = lattice_shared::eventlog::replay(&**store, T_EVENTS, applied)?;
-        let revocations = replayed.revocations;
         let secrets = crate::secrets::SecretIndex::default();
         let me = cache_id.to_string();
-        for (_, ev) in &replayed.secrets {
-            secrets.apply(&me, ev);
-        }
+        let replayed = lattice_shared::eventlog::replay(&**store, T_EVENTS, applied, |_, ev| {
+            secrets.apply(&me, ev)
+        })?;
+        let revocations = replayed.revocations;
         if let Some(trust) = &policy {
-            for (seq, signed) in replayed.policies.iter().rev() {
-                match accept_release(trust, &revocations, 0, signed) {
+            // The newest release that verifies; older ones are read only if
+            // a newer one is refused.
+            for &seq in replayed.policies.iter().rev() {
+                let signed = lattice_shared::eventlog::read_policy(&**store, T_EVENTS, seq)?;
+                match accept_release(trust, &revocations, 0, &signed) {
                     Ok(engine) => {
                         tracing::info!(seq, version = engine.version(), "policy release restored");
                         trust.authorizer.install(engine);

@@ -28,25 +28,46 @@ pub fn decode(bytes: &[u8]) -> Result<pb::LatticeEvent, StoreError> {
     pb::LatticeEvent::decode(bytes).map_err(|e| StoreError::Corrupt(format!("event: {e}")))
 }
 
-/// What replaying a log yields.
+/// What replaying a log yields. Nothing large is kept: policy releases (up
+/// to a MiB each) are remembered by sequence number and read when needed
+/// ([`read_policy`]); secret events go to the caller as they are met.
 #[derive(Debug, Default)]
 pub struct Replayed {
     pub revocations: RevocationSet,
-    /// Every policy release, in order, with its sequence number (not verified
+    /// The sequence number of every policy release, in order (not verified
     /// here: whoever enforces a release verifies it).
-    pub policies: Vec<(u64, pb::SignedPolicy)>,
-    /// Every secret event, in order (sealed: replaying opens nothing).
-    pub secrets: Vec<(u64, pb::SecretEvent)>,
+    pub policies: Vec<u64>,
     /// The revocation chain at the head ([`crate::freshness`]).
     pub revocation_chain: crate::freshness::Link,
 }
 
+/// The policy release stored at `seq` of `tree`.
+pub fn read_policy(
+    store: &dyn Store,
+    tree: &str,
+    seq: u64,
+) -> Result<pb::SignedPolicy, StoreError> {
+    let bytes = store
+        .get(tree, &seq_key(seq))?
+        .ok_or_else(|| StoreError::Corrupt(format!("the policy release at {seq} is missing")))?;
+    match decode(&bytes)?.body {
+        Some(pb::lattice_event::Body::Policy(p)) => Ok(p),
+        _ => Err(StoreError::Corrupt(format!(
+            "event {seq} is not a policy release"
+        ))),
+    }
+}
+
 /// Replays the events of `tree`: they must run from 1 to exactly `head`
-/// without a gap.
-pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, StoreError> {
+/// without a gap. Each secret event is handed to `on_secret` in order.
+pub fn replay(
+    store: &dyn Store,
+    tree: &str,
+    head: u64,
+    mut on_secret: impl FnMut(u64, &pb::SecretEvent),
+) -> Result<Replayed, StoreError> {
     let mut revocations = RevocationSet::default();
     let mut policies = Vec::new();
-    let mut secrets = Vec::new();
     let mut chain = crate::freshness::GENESIS;
     let mut next = 1u64;
     loop {
@@ -68,8 +89,8 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, Stor
                         revocations.apply(&r);
                     }
                 }
-                Some(pb::lattice_event::Body::Policy(p)) => policies.push((ev.seq, p)),
-                Some(pb::lattice_event::Body::Secret(e)) => secrets.push((ev.seq, e)),
+                Some(pb::lattice_event::Body::Policy(_)) => policies.push(ev.seq),
+                Some(pb::lattice_event::Body::Secret(e)) => on_secret(ev.seq, &e),
                 None => {}
             }
             next += 1;
@@ -84,7 +105,6 @@ pub fn replay(store: &dyn Store, tree: &str, head: u64) -> Result<Replayed, Stor
     Ok(Replayed {
         revocations,
         policies,
-        secrets,
         revocation_chain: chain,
     })
 }
