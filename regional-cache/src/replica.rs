@@ -27,6 +27,11 @@ use crate::{Error, Refused};
 const T_EVENTS: &str = "events";
 const T_META: &str = "meta";
 const APPLIED_KEY: &[u8] = b"applied_seq";
+/// Revocations on their own, by sequence number, so that a follower's
+/// backlog is read without decoding whole events (policy bundles are large).
+const T_REVOCATIONS: &str = "revocations";
+/// The highest sequence number the revocation index covers.
+const REV_INDEXED_KEY: &[u8] = b"revocations_indexed";
 const MAX_PENDING: usize = 64;
 
 #[derive(Debug, Default)]
@@ -93,6 +98,7 @@ impl Replica {
             secrets.apply(&me, ev)
         })?;
         let revocations = replayed.revocations;
+        index_revocations(store, applied)?;
         if let Some(trust) = &policy {
             // The newest release that verifies; older ones are read only if
             // a newer one is refused.
@@ -423,9 +429,15 @@ impl Replica {
                 value: Some(e.encode_to_vec()),
             })
             .collect();
+        writes.extend(events.iter().filter_map(index_write));
         writes.push(Write {
             tree: T_META,
             key: APPLIED_KEY.to_vec(),
+            value: Some(last.to_be_bytes().to_vec()),
+        });
+        writes.push(Write {
+            tree: T_META,
+            key: REV_INDEXED_KEY.to_vec(),
             value: Some(last.to_be_bytes().to_vec()),
         });
         store.apply(writes)?;
@@ -448,29 +460,80 @@ impl Replica {
 }
 
 /// Stored revocations after `after`, in order (for `WatchRevocations`).
-/// (revocations with their sequence, events scanned, last sequence scanned)
+/// (revocations with their sequence, entries read, sequence read up to)
 pub type Backlog = (Vec<(u64, pb::Revocation)>, usize, u64);
 
-/// Also returns how many events were scanned and the last one's sequence
-/// (events of other kinds may come between revocations).
+/// The index entry of a revocation event.
+fn index_write(e: &pb::LatticeEvent) -> Option<Write> {
+    match &e.body {
+        Some(pb::lattice_event::Body::Revocation(r)) => Some(Write {
+            tree: T_REVOCATIONS,
+            key: seq_key(e.seq).to_vec(),
+            value: Some(r.encode_to_vec()),
+        }),
+        _ => None,
+    }
+}
+
+/// Brings the revocation index up to `applied` (a store written before the
+/// index existed, once).
+fn index_revocations(store: &SharedStore, applied: u64) -> Result<(), Error> {
+    let mut indexed =
+        lattice_shared::eventlog::read_seq(&**store, T_META, REV_INDEXED_KEY)?.min(applied);
+    while indexed < applied {
+        let batch = store.scan_from(T_EVENTS, &seq_key(indexed + 1), 1024)?;
+        let mut writes = Vec::new();
+        let mut upto = indexed;
+        for (_, v) in &batch {
+            let ev = lattice_shared::eventlog::decode(v)?;
+            if ev.seq > applied {
+                break;
+            }
+            upto = ev.seq;
+            writes.extend(index_write(&ev));
+        }
+        if upto == indexed {
+            return Err(Error::Corrupt(format!(
+                "stored events end at {indexed} but {applied} are recorded as applied"
+            )));
+        }
+        writes.push(Write {
+            tree: T_META,
+            key: REV_INDEXED_KEY.to_vec(),
+            value: Some(upto.to_be_bytes().to_vec()),
+        });
+        store.apply(writes)?;
+        indexed = upto;
+    }
+    Ok(())
+}
+
+/// Reads the revocation index: returns how many entries were read and the
+/// sequence the answer is complete up to (revocations only: other events
+/// between them are never read).
 pub(crate) fn revocations_after(
     store: &SharedStore,
     after: u64,
     limit: usize,
 ) -> Result<Backlog, Error> {
-    let mut out = Vec::new();
-    let scanned = store.scan_from(T_EVENTS, &seq_key(after.saturating_add(1)), limit)?;
-    let n = scanned.len();
-    let mut last = after;
-    for (_, v) in scanned {
-        let ev =
-            pb::LatticeEvent::decode(v.as_slice()).map_err(|e| Error::Corrupt(e.to_string()))?;
-        last = ev.seq;
-        if let Some(pb::lattice_event::Body::Revocation(r)) = ev.body {
-            out.push((ev.seq, r));
-        }
+    // Read first: what the index holds then is complete up to it.
+    let indexed = lattice_shared::eventlog::read_seq(&**store, T_META, REV_INDEXED_KEY)?;
+    let entries = store.scan_from(T_REVOCATIONS, &seq_key(after.saturating_add(1)), limit)?;
+    let n = entries.len();
+    let mut out = Vec::with_capacity(n);
+    for (k, v) in entries {
+        let seq = u64::from_be_bytes(
+            k.as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("revocation index: bad key".into()))?,
+        );
+        let r = pb::Revocation::decode(v.as_slice())
+            .map_err(|e| Error::Corrupt(format!("revocation index at {seq}: {e}")))?;
+        out.push((seq, r));
     }
-    Ok((out, n, last))
+    let last = out.last().map_or(after, |(s, _)| *s);
+    let upto = if n < limit { last.max(indexed) } else { last };
+    Ok((out, n, upto))
 }
 
 /// Verifies a release (signature, signer chain, signer not revoked, newer
@@ -617,6 +680,78 @@ mod tests {
             committed_at_unix_ms: 0,
             body: Some(pb::lattice_event::Body::Revocation((&r).into())),
         }
+    }
+
+    fn other(seq: u64) -> pb::LatticeEvent {
+        pb::LatticeEvent {
+            seq,
+            committed_at_unix_ms: 0,
+            body: None,
+        }
+    }
+
+    fn load(store: &SharedStore) -> Replica {
+        Replica::load(
+            lattice_shared::id::SpiffeId::parse("spiffe://t/cache/eu/c").expect("id"),
+            store,
+            FakeClock::new().shared(),
+            Duration::from_secs(5),
+            None,
+        )
+        .expect("load")
+    }
+
+    #[test]
+    fn a_followers_backlog_reads_revocations_only() {
+        let store: SharedStore = MemStore::shared();
+        let s = load(&store);
+        // Two revocations among 600 events.
+        let events: Vec<_> = (1..=600)
+            .map(|q| if q == 5 || q == 590 { rev(q) } else { other(q) })
+            .collect();
+        s.apply_batch(&store, &events).expect("apply");
+        let (revs, read, upto) = revocations_after(&store, 0, 256).expect("backlog");
+        assert_eq!(
+            (revs.iter().map(|r| r.0).collect::<Vec<_>>(), read, upto),
+            (vec![5, 590], 2, 600),
+            "one read, two entries, complete to the head"
+        );
+        let (revs, _, upto) = revocations_after(&store, 5, 1).expect("page");
+        assert_eq!(
+            (revs[0].0, upto),
+            (590, 590),
+            "a full page ends at its last entry"
+        );
+    }
+
+    #[test]
+    fn a_store_from_before_the_index_is_indexed_at_load() {
+        let store: SharedStore = MemStore::shared();
+        // Written as a cache without the index wrote it.
+        let mut writes: Vec<Write> = [rev(1), other(2), rev(3)]
+            .iter()
+            .map(|e| Write {
+                tree: T_EVENTS,
+                key: seq_key(e.seq).to_vec(),
+                value: Some(e.encode_to_vec()),
+            })
+            .collect();
+        writes.push(Write {
+            tree: T_META,
+            key: APPLIED_KEY.to_vec(),
+            value: Some(3u64.to_be_bytes().to_vec()),
+        });
+        store.apply(writes).expect("write");
+        assert_eq!(
+            revocations_after(&store, 0, 256).expect("before").0.len(),
+            0
+        );
+        let _ = load(&store);
+        let (revs, _, upto) = revocations_after(&store, 0, 256).expect("after");
+        assert_eq!(
+            (revs.iter().map(|r| r.0).collect::<Vec<_>>(), upto),
+            (vec![1, 3], 3)
+        );
     }
 
     #[test]
