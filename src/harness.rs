@@ -417,6 +417,18 @@ impl Lattice {
         name: &str,
         token: String,
     ) -> anyhow::Result<usize> {
+        self.add_cache_named(region, name, token, Vec::new()).await
+    }
+
+    /// [`Lattice::add_cache_with_token`] for a cache that advertises `names`
+    /// (its TLS certificate's DNS and IP names).
+    pub async fn add_cache_named(
+        &mut self,
+        region: &str,
+        name: &str,
+        token: String,
+        names: Vec<lattice_shared::id::HostName>,
+    ) -> anyhow::Result<usize> {
         let id = Self::cache_id(region, name);
         let link = FaultProxy::start(self.cp_cfg.listen).await?;
         let cfg = cache::Config {
@@ -428,6 +440,7 @@ impl Lattice {
             join_token: Some(lattice_shared::secret::Secret::new(token)),
             max_staleness_ms: u64::try_from(self.spec.max_staleness.as_millis())
                 .unwrap_or(u64::MAX),
+            advertise: names,
             ..cache::Config::default()
         };
         let mut node = CacheNode {

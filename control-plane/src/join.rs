@@ -163,6 +163,28 @@ pub(crate) fn redeem(state: &State, r: Redemption<'_>) -> Result<SpiffeId, Error
     Ok(record.id)
 }
 
+/// Gives a redeemed token back when what it was redeemed for failed
+/// afterwards (a name another cache holds, say): the one-time token is not
+/// burned by a refusal. Only a token marked used is changed.
+pub(crate) fn unredeem(state: &State, token_hash: &[u8; 32]) -> Result<(), Error> {
+    let Some(old) = state.store.get(T_JOIN, token_hash)? else {
+        return Ok(());
+    };
+    let mut record: JoinTokenRecord =
+        serde_json::from_slice(&old).map_err(|e| Error::Corrupt(e.to_string()))?;
+    if record.used_at_unix.take().is_none() {
+        return Ok(());
+    }
+    let new = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
+    if state
+        .store
+        .compare_and_swap(T_JOIN, token_hash, Some(&old), Some(&new))?
+    {
+        tracing::info!(id = %record.id, "join token given back: what it was redeemed for failed");
+    }
+    Ok(())
+}
+
 /// Tokens neither used nor expired.
 pub(crate) fn outstanding(state: &State) -> Result<u64, Error> {
     let now = unix_secs(state.clock.now());

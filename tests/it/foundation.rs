@@ -770,3 +770,33 @@ async fn a_malformed_csr_does_not_burn_the_join_token() {
     .expect("the token is still good");
     l.shutdown().await;
 }
+
+/// A cache whose enrolment is refused after its join token was redeemed
+/// (it asks for a name another cache holds) keeps its one-time token: the
+/// operator fixes the config and enrols with the same token.
+#[tokio::test]
+async fn a_cache_enrolment_refused_after_redemption_does_not_burn_the_token() {
+    let (mut l, _clock) = lattice().await;
+    let name = |n: &str| lattice_shared::id::HostName::parse(n).expect("name");
+    l.add_cache_named(
+        "eu",
+        "a",
+        l.join_token(&Lattice::cache_id("eu", "a"), None)
+            .expect("token"),
+        vec![name("cache-a.example.net")],
+    )
+    .await
+    .expect("cache a");
+    let token = l
+        .join_token(&Lattice::cache_id("eu", "b"), None)
+        .expect("token");
+    let e = l
+        .add_cache_named("eu", "b", token.clone(), vec![name("cache-a.example.net")])
+        .await
+        .expect_err("a name cache a holds");
+    assert!(format!("{e:#}").contains("holds that name"), "{e:#}");
+    l.add_cache_named("eu", "b", token, vec![name("cache-b.example.net")])
+        .await
+        .expect("the same token enrols once the name is fixed");
+    l.shutdown().await;
+}

@@ -94,7 +94,16 @@ impl ControlPlane for Service {
                     requested_id: requested.as_ref(),
                 },
             )?;
-            let record = state.certify_cache(&id, &csrs, &hpke, Certify::Enrolment)?;
+            let record = match state.certify_cache(&id, &csrs, &hpke, Certify::Enrolment) {
+                Ok(r) => r,
+                Err(e) => {
+                    // A refusal after redemption does not burn the token.
+                    if let Err(u) = join::unredeem(&state, &token_hash) {
+                        tracing::error!(cache_id = %id, error = %u, "giving the join token back failed");
+                    }
+                    return Err(e);
+                }
+            };
             tracing::info!(cache_id = %id, "cache enrolled; it holds no secret until a custodian grants custody (lattice grant-custody)");
             // Not a holder yet (custody is a custodian's decision); a cache
             // enrolled again under an id that held secrets stops holding
