@@ -340,7 +340,8 @@ impl Lattice {
     }
 
     async fn start_cp(&mut self) -> anyhow::Result<()> {
-        let (store, vault) = open_store(&self.cp_cfg.data_dir)?;
+        let data = cp::install::open_data_dir(&self.cp_cfg.data_dir)?;
+        let store = data.store;
         let l = listener(self.cp_cfg.listen).await?;
         // Keep the port across restarts.
         self.cp_cfg.listen = l.local_addr()?;
@@ -349,8 +350,9 @@ impl Lattice {
             cp::Deps {
                 clock: self.clock.clone(),
                 store: store.clone(),
-                vault,
+                vault: data.vault,
                 listener: l,
+                install: data.install,
             },
         )
         .await?;

@@ -47,6 +47,12 @@ impl AdminFiles {
     }
 }
 
+/// Whether the store holds a root CA (certificate or key).
+pub(crate) fn has_root(store: &SharedStore) -> Result<bool, Error> {
+    Ok(store.get(T_IDENTITY, b"root_cert")?.is_some()
+        || store.get(T_IDENTITY, b"root_key")?.is_some())
+}
+
 pub(crate) fn load_or_create_root(
     cfg: &Config,
     td: &TrustDomain,

@@ -78,11 +78,22 @@ pub enum KmsKind {
 }
 
 impl KmsConfig {
-    pub fn open(&self, data_dir: &Path) -> Result<Arc<dyn lattice_shared::kms::Kms>, Error> {
+    /// KEKs in key files the record counts (not in an HSM).
+    pub fn is_local(&self) -> bool {
+        self.kind == KmsKind::Local
+    }
+
+    /// Opens the KMS; `expected` is what the installation record vouches
+    /// for (`None`: a first start, which may create KEK version 1).
+    pub fn open(
+        &self,
+        data_dir: &Path,
+        expected: Option<u32>,
+    ) -> Result<Arc<dyn lattice_shared::kms::Kms>, Error> {
         Ok(match self.kind {
             KmsKind::Local => {
                 let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("kms"));
-                Arc::new(lattice_shared::kms::LocalKms::open_or_create(&dir)?)
+                Arc::new(lattice_shared::kms::LocalKms::open(&dir, expected)?)
             }
             KmsKind::Pkcs11 => {
                 let cfg = self.pkcs11.as_ref().ok_or_else(|| {

@@ -44,6 +44,16 @@ pub enum Error {
     Internal(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The data directory does not hold what its installation record
+    /// vouches for (a start-up refusal).
+    #[error("{0}")]
+    Install(String),
+}
+
+impl From<lattice_shared::install::InstallError> for Error {
+    fn from(e: lattice_shared::install::InstallError) -> Self {
+        Error::Install(e.to_string())
+    }
 }
 
 impl From<Error> for Status {

@@ -13,6 +13,7 @@ mod config;
 pub mod detect;
 mod error;
 pub mod event_log;
+pub mod install;
 mod join;
 mod policy;
 mod registry;
@@ -62,6 +63,9 @@ pub struct Deps {
     pub store: SharedStore,
     pub vault: Arc<dyn KeyVault>,
     pub listener: TcpListener,
+    /// What the data directory held before it was opened
+    /// ([`install::open_data_dir`]).
+    pub install: lattice_shared::install::Found,
 }
 
 /// Shared state behind every handler.
@@ -135,7 +139,11 @@ impl App {
         let td = cfg.trust_domain.clone();
         let id = cfg.id().map_err(|e| Error::Config(e.to_string()))?;
         lattice_shared::store::check_schema(&*deps.store, "control-plane", SCHEMA_VERSION)?;
+        if !deps.install.may_create() && !ca::has_root(&deps.store)? {
+            return Err(install::no_root(&deps.install, &cfg.data_dir));
+        }
         let root = ca::load_or_create_root(&cfg, &td, &deps.clock, &deps.store, &deps.vault)?;
+        install::check_root(&deps.install, td.as_str(), root.cert_der())?;
         let bundle = Arc::new(TrustBundle::new(td.clone(), root.cert_der().to_vec())?);
 
         // The control plane's own TLS certificate: issued afresh at each start
@@ -154,7 +162,20 @@ impl App {
             &log,
             released,
         )?;
-        let kms = cfg.kms.open(&cfg.data_dir)?;
+        let kms = cfg.kms.open(
+            &cfg.data_dir,
+            match &deps.install {
+                lattice_shared::install::Found::Fresh => None,
+                lattice_shared::install::Found::Unrecorded => Some(0),
+                lattice_shared::install::Found::Recorded(r) => Some(r.kek_versions),
+            },
+        )?;
+        let kek_versions = if cfg.kms.is_local() {
+            kms.current_version()
+                .map_err(|e| Error::Kms(e.to_string()))?
+        } else {
+            0
+        };
         let secrets = secrets::Secrets::open(&deps.store, &deps.vault, kms)?;
         let rotators = rotation::Rotators::from_config(&cfg.rotation)?;
         let audit_log = audit_log::AuditLog::open(deps.store.clone())?;
@@ -194,6 +215,16 @@ impl App {
         state.ensure_admin_files(
             &AdminFiles::in_dir(&state.cfg.data_dir.join("admin")),
             state.cfg.reissue_bootstrap,
+        )?;
+        // From here on this directory is an installation: nothing in it is
+        // generated again.
+        install::record(
+            &state.cfg.data_dir,
+            &deps.install,
+            state.td.as_str(),
+            state.root.cert_der(),
+            kek_versions,
+            u64::try_from(lattice_shared::clock::unix_secs(state.clock.now())).unwrap_or(0),
         )?;
         tokio::spawn(audit_log::run_committer(Arc::downgrade(&state), audit_rx));
         // Finish any distribution a crash interrupted.

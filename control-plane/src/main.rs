@@ -55,16 +55,16 @@ async fn main() -> ExitCode {
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     lattice_shared::telemetry::install_metrics(cfg.metrics_listen).map_err(anyhow::Error::msg)?;
-    let store = lattice_shared::store::SledStore::open(&cfg.data_dir.join("db"))?;
-    let vault = lattice_shared::seal::LocalKeyFile::open_or_create(&cfg.data_dir.join("kek.key"))?;
+    let data = lattice_control_plane::install::open_data_dir(&cfg.data_dir)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let app = App::build(
         cfg,
         Deps {
             clock: lattice_shared::clock::SystemClock::shared(),
-            store,
-            vault: std::sync::Arc::new(vault),
+            store: data.store,
+            vault: data.vault,
             listener,
+            install: data.install,
         },
     )
     .await?;

@@ -580,6 +580,13 @@ impl State {
         let _g = self.secrets.lock.lock().unwrap_or_else(|p| p.into_inner());
         let kms = &self.secrets.kms;
         let version = kms.rotate()?;
+        if self.cfg.kms.is_local()
+            && let Err(e) = lattice_shared::install::update(&self.cfg.data_dir, |r| {
+                r.kek_versions = r.kek_versions.max(version)
+            })
+        {
+            tracing::error!(error = %e, kek_version = version, "recording the new KEK version in the installation record failed");
+        }
         let mut rewrapped = 0u32;
         for mut rec in self.secret_records()? {
             let mut changed = false;

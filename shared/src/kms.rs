@@ -113,6 +113,14 @@ fn file_name(version: u32) -> String {
 impl LocalKms {
     /// Opens the KEK directory, creating it with version 1 when empty.
     pub fn open_or_create(dir: &Path) -> Result<Self, KmsError> {
+        Self::open(dir, None)
+    }
+
+    /// Opens the KEK directory. With `expected` (the versions an
+    /// installation record vouches for), nothing is created: every version
+    /// 1..=expected must be there. Either way the versions found must run
+    /// from 1 without a gap (a deleted KEK is reported, never replaced).
+    pub fn open(dir: &Path, expected: Option<u32>) -> Result<Self, KmsError> {
         let kms = Self {
             dir: dir.to_owned(),
             keys: RwLock::new(BTreeMap::new()),
@@ -123,9 +131,16 @@ impl LocalKms {
             path: path.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        if expected.is_none() {
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        }
         let mut found = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries.collect::<Vec<_>>(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && expected.is_some() => Vec::new(),
+            Err(e) => return Err(io(dir, e)),
+        };
+        for entry in entries {
             let entry = entry.map_err(|e| io(dir, e))?;
             let name = entry.file_name();
             let Some(v) = name
@@ -145,8 +160,31 @@ impl LocalKms {
             }
             found.insert(v, kms.key(&bytes)?);
         }
+        let present: Vec<u32> = found.keys().copied().collect();
         *kms.keys.write().unwrap_or_else(|p| p.into_inner()) = found;
-        if kms.versions()?.is_empty() {
+        let want = expected
+            .unwrap_or(0)
+            .max(present.last().copied().unwrap_or(0));
+        let missing: Vec<String> = (1..=want)
+            .filter(|v| !present.contains(v))
+            .map(file_name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(KmsError::Backend {
+                kms: kms.describe(),
+                message: format!(
+                    "KEK {} missing (versions 1..={want} are expected): every DEK wrapped by it \
+                     is unreadable without it. Restore it from a backup of the KEK directory; \
+                     it is never regenerated",
+                    if missing.len() == 1 {
+                        format!("file {} is", missing[0])
+                    } else {
+                        format!("files {} are", missing.join(", "))
+                    }
+                ),
+            });
+        }
+        if present.is_empty() && expected.is_none() {
             kms.rotate()?;
         }
         Ok(kms)

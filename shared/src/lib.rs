@@ -59,6 +59,7 @@ pub mod envelope;
 pub mod eventlog;
 pub mod freshness;
 pub mod id;
+pub mod install;
 pub mod kms;
 pub mod limits;
 pub mod merkle;

@@ -54,6 +54,16 @@ impl std::fmt::Debug for LocalKeyFile {
 impl LocalKeyFile {
     /// Opens the key file at `path`, creating it (mode 0600) if absent.
     pub fn open_or_create(path: &Path) -> Result<Self, SealError> {
+        Self::open_inner(path, true)
+    }
+
+    /// Opens the key file at `path`; never creates one (an installation that
+    /// exists must find its key, not get a new one).
+    pub fn open(path: &Path) -> Result<Self, SealError> {
+        Self::open_inner(path, false)
+    }
+
+    fn open_inner(path: &Path, create: bool) -> Result<Self, SealError> {
         let io = |source| SealError::Io {
             path: path.to_owned(),
             source,
@@ -61,7 +71,7 @@ impl LocalKeyFile {
         let rng = SystemRandom::new();
         let bytes: Zeroizing<Vec<u8>> = match std::fs::read(path) {
             Ok(b) => Zeroizing::new(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if create && e.kind() == std::io::ErrorKind::NotFound => {
                 let mut fresh = Zeroizing::new(vec![0u8; KEK_LEN]);
                 rng.fill(&mut fresh).map_err(|_| SealError::Rng)?;
                 write_private_file(path, &fresh).map_err(io)?;

@@ -213,7 +213,22 @@ impl SledStore {
         // held after LOCK_WAIT belongs to someone else: say so.
         let started = Instant::now();
         let db = loop {
-            match config.open() {
+            // sled panics on some damaged files (an index out of bounds, an
+            // uninitialised page): that is a damaged store, not a crash.
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+                .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                StoreError::Corrupt(format!(
+                    "the store at {} is damaged (sled failed reading it: {why}); restore the \
+                         data directory from a backup",
+                    dir.display()
+                ))
+            })?;
+            match opened {
                 Ok(db) => break db,
                 // sled reports it only as text (ErrorKind::Other).
                 Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {

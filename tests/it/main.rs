@@ -12,6 +12,7 @@ mod crash;
 mod foundation;
 mod policy;
 mod processes;
+mod recovery;
 mod revocation;
 mod runbooks;
 mod scenario;

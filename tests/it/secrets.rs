@@ -513,9 +513,21 @@ async fn another_kek_gives_a_clear_error_not_a_value() {
     l.stop_cp().await.expect("stop");
     let kms_dir = l.dir.join("cp").join("kms");
     std::fs::rename(&kms_dir, l.dir.join("kms-original")).expect("move the KEKs away");
+    // Missing KEKs are refused, never created afresh (issue #19).
+    let e = l.restart_cp().await.expect_err("the KEKs are missing");
+    assert!(
+        format!("{e:#}").contains("kek-v00000001 is missing"),
+        "{e:#}"
+    );
+    assert!(
+        !kms_dir.join("kek-v00000001").exists(),
+        "no KEK was generated"
+    );
+    // Another KEK directory of the same shape (another installation's).
+    drop(lattice_shared::kms::LocalKms::open_or_create(&kms_dir).expect("another KEK"));
     l.restart_cp()
         .await
-        .expect("a new KEK directory is created");
+        .expect("a KEK directory with the expected versions opens");
     let e = l
         .cp()
         .open_secret_version("openai", 1)
