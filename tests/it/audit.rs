@@ -652,3 +652,81 @@ async fn records_carry_the_request_id_and_the_source_address() {
             .is_some_and(|r| r.starts_with("policy:"))
     );
 }
+
+/// A control plane restored from a copy taken before its last audit acks
+/// asks a cache for records the cache has already trimmed. The gap is
+/// recorded as an `audit_gap` leaf and the stream that carries
+/// revocations stays up: the cache keeps serving and its new records
+/// arrive (the control plane used to end the stream on every batch, and
+/// the cache went stale: issue #19).
+#[tokio::test]
+async fn a_control_plane_restored_before_its_last_audit_acks_records_the_gap_and_serves_on() {
+    let (mut l, _clock) = common::lattice().await;
+    let eu = l.caches[0].id().to_string();
+    let agent = l.agents[0].clone();
+    agent.mint(common::AUDIENCE, &[], None).await.expect("mint");
+    let before = wait_records(&l, &eu, 1).await.len();
+    let dir = l.cp_cfg.data_dir.clone();
+    l.stop_cp().await.expect("stop");
+    let backup = tempfile::tempdir().expect("tempdir");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", from.display()))
+            .arg(to)
+            .status()
+            .expect("cp");
+        assert!(status.success());
+    };
+    copy(&dir, backup.path());
+    l.restart_cp().await.expect("start");
+    l.caches[0].wait_fresh().await.expect("fresh");
+    // Records the control plane acks and the cache then trims.
+    for _ in 0..20 {
+        agent.mint(common::AUDIENCE, &[], None).await.expect("mint");
+    }
+    wait_records(&l, &eu, before + 20).await;
+    let outbox = l.caches[0].app().outbox();
+    common::eventually(
+        "the cache's records are all acked",
+        lattice::harness::WAIT,
+        async || outbox.acked() >= *outbox.subscribe_durable().borrow(),
+    )
+    .await;
+
+    // The control plane comes back from the copy: it lost those 20.
+    l.stop_cp().await.expect("stop");
+    std::fs::remove_dir_all(&dir).expect("clear");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    copy(backup.path(), &dir);
+    l.restart_cp().await.expect("restored start");
+    l.caches[0]
+        .wait_fresh()
+        .await
+        .expect("fresh after the restore");
+    for _ in 0..5 {
+        agent
+            .mint(common::AUDIENCE, &[], None)
+            .await
+            .expect("the cache serves on");
+    }
+    let got = wait_records(&l, &eu, before + 6).await;
+    let gaps: Vec<_> = got.iter().filter(|v| v["kind"] == "audit_gap").collect();
+    assert_eq!(gaps.len(), 1, "one gap recorded: {gaps:?}");
+    let (from, to) = (
+        gaps[0]["from"].as_u64().expect("from"),
+        gaps[0]["to"].as_u64().expect("to"),
+    );
+    assert_eq!(
+        to - from + 1,
+        20,
+        "the gap names the 20 records the restore lost"
+    );
+    assert_eq!(
+        got.iter().filter(|v| v["kind"] == "issued").count(),
+        before + 5,
+        "every record the cache still held arrived"
+    );
+    assert!(l.caches[0].app().connected(), "the link stayed up");
+    l.shutdown().await;
+}

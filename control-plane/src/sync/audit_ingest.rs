@@ -48,6 +48,9 @@ pub struct Prepared<'a> {
     pub observed: Vec<crate::detect::Record<'a>>,
     /// Records beyond the sender's authority, not appended: (number, why).
     pub refused: Vec<(u64, String)>,
+    /// Numbers the sender skipped (first, last): recorded as an
+    /// `audit_gap` leaf, never a reason to drop the link.
+    pub gap: Option<(u64, u64)>,
     pub upto: u64,
 }
 
@@ -141,6 +144,24 @@ fn has_surrogate_escape(text: &str) -> bool {
     false
 }
 
+/// The leaf that records a gap in a cache's numbers.
+fn gap_leaf(cache: &SpiffeId, from: u64, to: u64) -> Result<Vec<u8>, Error> {
+    let mut leaf = Vec::with_capacity(300);
+    leaf.extend_from_slice(b"{\"cache\":");
+    serde_json::to_writer(&mut leaf, cache.as_str()).map_err(|e| Error::Corrupt(e.to_string()))?;
+    leaf.extend_from_slice(
+        format!(
+            ",\"cache_seq\":{to},\"kind\":\"audit_gap\",\"from\":{from},\"to\":{to},\
+             \"reason\":\"the cache sent records from {} on: the ones before were acknowledged by \
+             a control plane whose log this one does not hold (restored from an older copy?), or \
+             the cache lost them\"}}",
+            to + 1
+        )
+        .as_bytes(),
+    );
+    Ok(leaf)
+}
+
 /// Checks a batch against the mark and turns its new records into
 /// leaves (the sender is the certificate's id: a record that names a
 /// cache itself is refused).
@@ -154,15 +175,18 @@ pub fn prepare<'a>(
             "more than {MAX_RECORDS} records"
         )));
     }
-    if batch.first == 0 || batch.first > hwm + 1 {
-        return Err(Error::InvalidArgument(format!(
-            "records start at {} but {} is the next expected",
-            batch.first,
-            hwm + 1
-        )));
+    if batch.first == 0 {
+        return Err(Error::InvalidArgument("record numbers start at 1".into()));
     }
-    let skip = usize::try_from(hwm + 1 - batch.first).unwrap_or(usize::MAX);
     let mut leaves = Vec::new();
+    // Numbers after the mark that the sender no longer has (the control
+    // plane was restored from an older copy and lost records it had
+    // acked, or the cache lost them): the log says so in a leaf of its
+    // own ([`gap_leaf`]), and both sides go on. Revocations share this
+    // stream; audit never takes it down.
+    let gap = (batch.first > hwm + 1).then(|| (hwm + 1, batch.first - 1));
+    let hwm = hwm.max(batch.first - 1);
+    let skip = usize::try_from(hwm + 1 - batch.first).unwrap_or(usize::MAX);
     let mut observed = Vec::new();
     let mut refused = Vec::new();
     let mut upto = hwm;
@@ -210,6 +234,7 @@ pub fn prepare<'a>(
         leaves,
         observed,
         refused,
+        gap,
         upto,
     })
 }
@@ -257,6 +282,12 @@ pub async fn commit(
     let mut observed = Vec::new();
     let mut refused = Vec::new();
     for p in prepared {
+        if let Some((from, to)) = p.gap {
+            tracing::warn!(cache_id = %cache, from, to, "audit records missing from a cache's numbers: recorded as an audit_gap, the link goes on");
+            metrics::counter!("lattice_cp_audit_gaps_total", "cache" => cache.to_string())
+                .increment(1);
+            leaves.push(gap_leaf(cache, from, to)?);
+        }
         leaves.extend(p.leaves);
         observed.extend(p.observed);
         refused.extend(p.refused);
@@ -490,11 +521,41 @@ mod tests {
         let p = prepare(&c, 0, &b).expect("a cache's own pressure record");
         assert_eq!((p.observed[0].held, p.observed[0].max), (80, 100));
         let ok = r#"{"kind":"issued"}"#;
-        assert!(prepare(&c, 0, &batch(3, &[ok])).is_err(), "a gap");
+
         assert!(
             prepare(&c, 0, &batch(0, &[ok])).is_err(),
             "numbers start at 1"
         );
+    }
+
+    /// A control plane restored from an older copy asks for records the
+    /// cache has already trimmed: the gap is recorded and the batch taken
+    /// (it used to end the stream that carries revocations, again and
+    /// again: issue #19).
+    #[test]
+    fn a_gap_in_a_caches_numbers_is_recorded_and_the_batch_taken() {
+        let c = SpiffeId::parse("spiffe://t/cache/eu/c1").expect("id");
+        let ok = r#"{"kind":"issued"}"#;
+        let b = batch(116_185, &[ok, ok]);
+        let p = prepare(&c, 116_180, &b).expect("a gap is no error");
+        assert_eq!(
+            (p.gap, p.upto, p.leaves.len()),
+            (Some((116_181, 116_184)), 116_186, 2)
+        );
+        let leaf: serde_json::Value =
+            serde_json::from_slice(&gap_leaf(&c, 116_181, 116_184).expect("leaf")).expect("json");
+        assert_eq!(
+            (&leaf["kind"], &leaf["cache"], &leaf["from"], &leaf["to"]),
+            (
+                &"audit_gap".into(),
+                &c.as_str().into(),
+                &116_181.into(),
+                &116_184.into()
+            )
+        );
+        let overlap = batch(2, &[ok, ok]);
+        let none = prepare(&c, 3, &overlap).expect("an overlap");
+        assert_eq!((none.gap, none.upto, none.leaves.len()), (None, 3, 0));
     }
 
     /// Found by the `sync_up` fuzz target: serde skips an unknown field's
