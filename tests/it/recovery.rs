@@ -8,7 +8,6 @@ use crate::common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use lattice::harness::Lattice;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
