@@ -731,6 +731,31 @@ mod tests {
         }
     }
 
+    /// A log over a [`Gated`] store: the signal that a write reached the
+    /// store, and the sender that lets it through.
+    fn gated(
+        mem: std::sync::Arc<lattice_shared::store::MemStore>,
+        visible_early: bool,
+    ) -> (
+        std::sync::Arc<AuditLog>,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release, gate) = std::sync::mpsc::channel();
+        let store: SharedStore = std::sync::Arc::new(Gated {
+            inner: mem,
+            entered: entered_tx,
+            open: std::sync::Mutex::new(gate),
+            visible_early,
+        });
+        (
+            std::sync::Arc::new(AuditLog::open(store).expect("open")),
+            entered,
+            release,
+        )
+    }
+
     #[test]
     fn proofs_and_reads_do_not_wait_for_a_write_on_disk() {
         let mem = lattice_shared::store::MemStore::shared();
@@ -739,15 +764,7 @@ mod tests {
             seed.append(format!("{{\"n\":{i}}}").as_bytes())
                 .expect("append");
         }
-        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
-        let (release, gate) = std::sync::mpsc::channel();
-        let store: SharedStore = std::sync::Arc::new(Gated {
-            inner: mem,
-            entered: entered_tx,
-            open: std::sync::Mutex::new(gate),
-            visible_early: false,
-        });
-        let log = std::sync::Arc::new(AuditLog::open(store).expect("open"));
+        let (log, entered, release) = gated(mem, false);
         let writer = {
             let log = log.clone();
             std::thread::spawn(move || log.append(b"{\"n\":100}").expect("append"))
@@ -783,15 +800,7 @@ mod tests {
         seed.append(b"{}").expect("append");
         seed.sign_head(&signer, 1000).expect("sign").expect("head");
         seed.append(b"{}").expect("append");
-        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
-        let (release, gate) = std::sync::mpsc::channel();
-        let store: SharedStore = std::sync::Arc::new(Gated {
-            inner: mem,
-            entered: entered_tx,
-            open: std::sync::Mutex::new(gate),
-            visible_early: true,
-        });
-        let log = std::sync::Arc::new(AuditLog::open(store).expect("open"));
+        let (log, entered, release) = gated(mem, true);
         let signing = {
             let log = log.clone();
             std::thread::spawn(move || log.sign_head(&signer, 2000).expect("sign").is_some())
