@@ -421,14 +421,7 @@ impl Replica {
         let Some(last) = events.last().map(|e| e.seq) else {
             return Ok(self.applied());
         };
-        let mut writes: Vec<Write> = events
-            .iter()
-            .map(|e| Write {
-                tree: T_EVENTS,
-                key: seq_key(e.seq).to_vec(),
-                value: Some(e.encode_to_vec()),
-            })
-            .collect();
+        let mut writes: Vec<Write> = events.iter().map(event_write).collect();
         writes.extend(events.iter().filter_map(index_write));
         writes.push(Write {
             tree: T_META,
@@ -462,6 +455,15 @@ impl Replica {
 /// Stored revocations after `after`, in order (for `WatchRevocations`).
 /// (revocations with their sequence, entries read, sequence read up to)
 pub type Backlog = (Vec<(u64, pb::Revocation)>, usize, u64);
+
+/// The stored form of an event.
+fn event_write(e: &pb::LatticeEvent) -> Write {
+    Write {
+        tree: T_EVENTS,
+        key: seq_key(e.seq).to_vec(),
+        value: Some(e.encode_to_vec()),
+    }
+}
 
 /// The index entry of a revocation event.
 fn index_write(e: &pb::LatticeEvent) -> Option<Write> {
@@ -728,14 +730,7 @@ mod tests {
     fn a_store_from_before_the_index_is_indexed_at_load() {
         let store: SharedStore = MemStore::shared();
         // Written as a cache without the index wrote it.
-        let mut writes: Vec<Write> = [rev(1), other(2), rev(3)]
-            .iter()
-            .map(|e| Write {
-                tree: T_EVENTS,
-                key: seq_key(e.seq).to_vec(),
-                value: Some(e.encode_to_vec()),
-            })
-            .collect();
+        let mut writes: Vec<Write> = [rev(1), other(2), rev(3)].iter().map(event_write).collect();
         writes.push(Write {
             tree: T_META,
             key: APPLIED_KEY.to_vec(),
